@@ -1,0 +1,31 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-slow test-gpu lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[onnx,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/recede run -c configs/demo.yaml --out runs/demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+test-slow: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m 'gpu or trt'
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline kernels tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info
