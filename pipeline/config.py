@@ -1,0 +1,279 @@
+"""Run configuration: frozen dataclasses that map one-to-one onto the YAML files in configs/.
+
+Precedence is defaults, then YAML, then ``--set a.b=v`` overrides. Unknown keys are rejected with
+an error that lists the valid ones. Every dataclass validates itself in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message says how to fix it."""
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset: ``digits`` (embedded), ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagefolder``."""
+
+    name: str = "digits"
+    root: str | None = None
+    image_size: int = 32
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    train_limit: int | None = None  # use only the first N training samples (quick runs)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.name", self.name, ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"))
+        _check_positive("data.image_size", self.image_size)
+        _check_positive("data.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model: ``vgg``, ``resnet20``, ``resnet56``, ``torchvision:<name>`` or ``module.path:factory``."""
+
+    name: str = "vgg"
+    width: float = 1.0
+    depth: int = 11  # VGG depth: 11, 13, 16 or 19
+
+    def __post_init__(self) -> None:
+        _check_positive("model.width", self.width)
+        if self.name in ("vgg",):
+            _check_choice("model.depth", self.depth, (11, 13, 16, 19))
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """Sparsity penalty on BN scales during training.
+
+    ``receding``: sum s(1 - log s), s = sigmoid(w + bias), on bounded BN.
+    ``l1``: Network Slimming, sum |gamma| on plain BN.
+    ``polarization``: t*sum|gamma| - sum|gamma - mean gamma| (Zhuang et al. 2020) on plain BN.
+    ``none``: no penalty (bounded BN is still used).
+    """
+
+    method: str = "receding"
+    strength: float = 1e-4
+    bias: float = 3.0
+    t: float = 1.2
+
+    def __post_init__(self) -> None:
+        _check_choice("train.penalty.method", self.method, ("receding", "l1", "polarization", "none"))
+        _check_positive("train.penalty.strength", self.strength, allow_zero=True)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether this method trains bounded BN (otherwise plain BN gamma)."""
+        return self.method in ("receding", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD training. BN parameters get ``bn_lr_mult`` x the learning rate and no weight decay."""
+
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bn_lr_mult: float = 10.0
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive("train.epochs", self.epochs, allow_zero=True)
+        _check_positive("train.lr", self.lr)
+        _check_choice("train.schedule", self.schedule, ("cosine", "step", "constant"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Which channels to remove, and the fine-tune afterwards.
+
+    ``threshold``: ``ratio`` prunes the ``ratio`` least important channel groups; ``auto`` cuts at
+    the valley of the bimodal importance distribution; a float prunes groups below that value.
+    """
+
+    threshold: str | float = "auto"
+    ratio: float = 0.5
+    aggregate: str = "max"
+    min_channels: int = 4
+    max_layer_ratio: float = 0.95
+    round_to: int = 1
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
+            _check_choice("prune.threshold", self.threshold, ("auto", "ratio"))
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"prune.ratio must be in [0, 1), got {self.ratio!r}")
+        _check_choice("prune.aggregate", self.aggregate, ("max", "mean", "sum"))
+        if self.min_channels < 1:
+            raise ConfigError(f"prune.min_channels must be >= 1, got {self.min_channels!r}")
+        if not 0.0 < self.max_layer_ratio <= 1.0:
+            raise ConfigError(f"prune.max_layer_ratio must be in (0, 1], got {self.max_layer_ratio!r}")
+        _check_positive("prune.round_to", self.round_to)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export and verification; TensorRT when a GPU and tensorrt are present."""
+
+    opset: int = 17
+    atol: float = 1e-4
+    tensorrt: bool = False
+    fp16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ConfigError(f"export.opset must be >= 17, got {self.opset!r}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Latency measurement: p50/p90/p99 over ``runs`` timed runs after ``warmup``."""
+
+    batches: tuple[int, ...] = (1, 32)
+    threads: int = 2
+    runs: int = 50
+    warmup: int = 10
+
+    def __post_init__(self) -> None:
+        if self.runs < 50:
+            raise ConfigError(f"bench.runs must be >= 50 for stable p99, got {self.runs!r}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ConfigError(f"bench.batches must be positive integers, got {self.batches!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the annotated field type, or raise ConfigError."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=path)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: {value!r} does not fit {tp}; " + "; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(path, v, args[0]) for v in value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{path} expects {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, *, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        valid = ", ".join(f"{where}{k}" for k in types_)
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys: {valid}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, types_[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (tuples become lists), for YAML/JSON."""
+    raw = dataclasses.asdict(config)
+
+    def listify(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: listify(x) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return [listify(x) for x in v]
+        return v
+
+    return listify(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b=v`` overrides (v parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE such as prune.ratio=0.6, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a path such as configs/demo.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    return from_dict(RunConfig, apply_overrides(data, overrides))
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
