@@ -3,4 +3,10 @@
 Each file holds ``<op>_ref`` (pure torch, the truth), the Triton kernel built lazily, its
 launcher, and the public ``<op>(..., backend="auto")`` that picks Triton on CUDA when Triton is
 importable and the reference otherwise. Importing this package never imports triton.
+
+Ops: ``bounded_bn`` (fused bounded BN + ReLU, forward and backward), ``receding_penalty``,
+``l1_penalty`` and ``polarization_penalty`` (value plus gradient added into ``.grad``, one
+launch for all layers), ``ista_shrink`` (proximal step, one launch for all layers). Shared:
+``_packing`` (the flat buffer the one-launch ops work on) and ``_dispatch`` (backend choice).
+``python -m kernels.bench`` times them.
 """
