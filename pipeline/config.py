@@ -98,6 +98,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     bn_lr_mult: float = 10.0
+    bn_shift: bool = False  # learn a shift beta in bounded BN (off, as in the reference code)
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"

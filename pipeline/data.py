@@ -1,0 +1,129 @@
+"""Datasets: real data through scikit-learn and torchvision, never hand-written file parsing.
+
+``digits`` is scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits shipped inside
+scikit-learn, so it works offline) split 80/20 with a fixed seed and resized bilinearly.
+``fashion_mnist`` reads through ``torchvision.datasets.FashionMNIST``; Debian's
+``dataset-fashion-mnist`` files are used when present (decompressed once into a cache folder in
+torchvision's layout), otherwise torchvision downloads. ``cifar10``/``cifar100``/``imagefolder``
+need ``data.root``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from pipeline.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or read; the message names the path and how to get it."""
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """Train and test loaders plus the facts a model needs."""
+
+    train: DataLoader
+    test: DataLoader
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+
+def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=digits.target)
+    return TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 10, 1
+
+
+def _fashion_root() -> Path:
+    """torchvision-layout folder holding Debian's Fashion-MNIST files, decompressed once."""
+    cache = Path(os.environ.get("RECEDE_CACHE", Path.home() / ".cache" / "recede")) / "fashion_mnist"
+    raw = cache / "FashionMNIST" / "raw"
+    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        target = raw / gz.name[:-3]
+        if not target.exists():
+            raw.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(target)
+    return cache
+
+
+def _torchvision(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
+    import torchvision.datasets as D
+    import torchvision.transforms as T
+
+    size = [T.Resize(cfg.image_size)]
+    if cfg.name == "fashion_mnist":
+        root, download = (_fashion_root(), False) if DEBIAN_FASHION_MNIST.is_dir() else (_root(cfg), True)
+        tf = T.Compose([*size, T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
+        return D.FashionMNIST(root, True, tf, download=download), D.FashionMNIST(root, False, tf, download=download), 10, 1
+    root = _root(cfg)
+    tf = T.Compose([*size, T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
+    if cfg.name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if cfg.name == "cifar10" else D.CIFAR100
+        return cls(root, True, tf), cls(root, False, tf), 10 if cfg.name == "cifar10" else 100, 3
+    tf = T.Compose([T.Resize((cfg.image_size, cfg.image_size)), T.ToTensor()])
+    train, test = D.ImageFolder(root / "train", tf), D.ImageFolder(root / "val", tf)
+    return train, test, len(train.classes), 3
+
+
+def _root(cfg: DataConfig) -> Path:
+    hint = {
+        "fashion_mnist": "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
+        "or set data.root to a folder where torchvision may download it",
+        "cifar10": "download CIFAR-10 with torchvision.datasets.CIFAR10(root, download=True) on a machine with network",
+        "cifar100": "download CIFAR-100 with torchvision.datasets.CIFAR100(root, download=True)",
+        "imagefolder": "point data.root at a folder with train/<class>/*.jpg and val/<class>/*.jpg",
+    }[cfg.name]
+    if cfg.root is None:
+        raise DataError(f"data.name={cfg.name} needs data.root; {hint}")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root {str(root)!r} does not exist; {hint}")
+    if cfg.name == "imagefolder" and not ((root / "train").is_dir() and (root / "val").is_dir()):
+        raise DataError(f"data.root {str(root)!r} lacks train/ and val/ subfolders; {hint}")
+    return root
+
+
+def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
+    """Build train/test loaders for ``cfg``."""
+    train, test, num_classes, in_channels = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+    if cfg.train_limit is not None:
+        train = Subset(train, range(min(cfg.train_limit, len(train))))
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"num_workers": cfg.num_workers}
+    logger.info("data %s: %d train / %d test samples, %d classes", cfg.name, len(train), len(test), num_classes)
+    return DataBundle(
+        DataLoader(train, cfg.batch_size, shuffle=True, generator=gen, drop_last=len(train) > cfg.batch_size, **kw),
+        DataLoader(test, cfg.eval_batch_size, shuffle=False, **kw),
+        num_classes,
+        in_channels,
+        cfg.image_size,
+    )

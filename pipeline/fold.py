@@ -1,0 +1,112 @@
+"""Fold (bounded) BatchNorm into the preceding conv's weights and bias.
+
+Modelled on ``torch.nn.utils.fusion``: a module-level wrapper that copies the model, refuses
+training mode, finds conv -> BN pairs in the fx graph (the conv's output must feed only that BN),
+and calls a pure-tensor core. Every fold is checked against the unfolded model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.channel_graph import trace
+
+logger = logging.getLogger(__name__)
+
+
+class FoldError(RuntimeError):
+    """Folding changed the model's outputs beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class FoldReport:
+    """Which BNs were folded into which convs, which stayed, and the verified error."""
+
+    folded: tuple[tuple[str, str], ...]  # (conv, bn)
+    kept: tuple[str, ...]
+    max_abs_err: float
+    max_rel_err: float
+
+
+def fold_conv_bn_weights(
+    conv_w: torch.Tensor,
+    conv_b: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure core: W' = W * k, b' = (b - mean) * k + shift with k = scale / sqrt(var + eps)."""
+    k = scale / torch.sqrt(var + eps)  # (C_out,)
+    w = conv_w * k.view(-1, *([1] * (conv_w.dim() - 1)))
+    b = conv_b if conv_b is not None else torch.zeros_like(mean)
+    b = (b - mean) * k
+    return w, (b + shift) if shift is not None else b
+
+
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    if isinstance(bn, BoundedBatchNorm2d):
+        return torch.sigmoid(bn.weight)
+    return bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) qualified names where the conv's only consumer is that BN."""
+    gm = trace(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.BatchNorm2d, BoundedBatchNorm2d)):
+            continue
+        src = node.args[0]
+        if (getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.Conv2d)
+                and len(src.users) == 1 and len(node.args) == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def fold_bn_(model: nn.Module) -> FoldReport:
+    """Fold every foldable BN into its conv in place; BN modules become ``nn.Identity``."""
+    if model.training:
+        raise FoldError("fold_bn_ needs an eval-mode model (batch statistics cannot be folded); call model.eval()")
+    modules = dict(model.named_modules())
+    pairs = conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                    _bn_scale(bn), bn.bias)
+        conv.weight = nn.Parameter(w)
+        conv.bias = nn.Parameter(b)
+        parent, _, leaf = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    folded_bns = {bn for _, bn in pairs}
+    kept = tuple(n for n, m in modules.items()
+                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d)) and n not in folded_bns)
+    return FoldReport(tuple(pairs), kept, 0.0, 0.0)
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-5) -> tuple[nn.Module, FoldReport]:
+    """Folded copy of ``model``, verified on ``example`` to ``rtol`` of the output scale.
+
+    Raises:
+        FoldError: the folded model disagrees with the original beyond tolerance.
+    """
+    folded = copy.deepcopy(model).eval()
+    report = fold_bn_(folded)
+    ref, out = model.eval()(example), folded(example)
+    abs_err = float((ref - out).abs().max())
+    rel_err = abs_err / max(float(ref.abs().max()), 1e-12)
+    if rel_err > rtol:
+        raise FoldError(f"folded model differs by {rel_err:.2e} of the output scale (> {rtol:.0e})")
+    logger.info("folded %d BN layers into convs, %d kept; max rel err %.2e", len(report.folded),
+                len(report.kept), rel_err)
+    return folded, FoldReport(report.folded, report.kept, abs_err, rel_err)

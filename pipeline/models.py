@@ -1,0 +1,141 @@
+"""Model zoo: a VGG-style CNN, CIFAR-style ResNets (20/56), any torchvision classifier, or a
+user factory given as ``module.path:function``. All are built from constructor arguments so a
+pruned model can be rebuilt from its spec plus a shape manifest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_VGG_CFG = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
+}
+
+
+class ModelError(ValueError):
+    """A model spec cannot be built; the message lists what is accepted."""
+
+
+class VGG(nn.Module):
+    """Network-Slimming-style VGG: conv-BN-ReLU stacks, global average pool, linear head."""
+
+    def __init__(self, depth: int = 11, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in _VGG_CFG[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            out = max(1, round(v * width))
+            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet block; a 1x1 projection shortcut when shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-20/56 for 32x32 inputs: three stages of 6n+2 layers, widths 16/32/64 x width."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (20, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        widths = [max(1, round(w * width)) for w in (16, 32, 64)]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks, c = [], widths[0]
+        for stage, w in enumerate(widths):
+            for i in range(n):
+                blocks.append(BasicBlock(c, w, 2 if stage > 0 and i == 0 else 1))
+                c = w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ModelError(f"unknown torchvision model {name!r}; choose one of: {', '.join(available)}")
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if name in ("inception_v3", "googlenet"):
+        kwargs.update(init_weights=False, aux_logits=False)
+    model = torchvision.models.get_model(name, **kwargs)
+    if in_channels != 3:
+        raise ModelError(f"torchvision:{name} takes 3 input channels, the data has {in_channels}; "
+                         "use an RGB dataset or a model spec that accepts in_channels")
+    return model
+
+
+def _factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"cannot import model factory {spec!r} ({err}); expected 'package.module:function' "
+                         "importable from the current environment") from err
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the model named by ``cfg.name`` (see module docstring for accepted specs)."""
+    name = cfg.name
+    if name == "vgg":
+        return VGG(cfg.depth, num_classes, in_channels, cfg.width)
+    if name in ("resnet20", "resnet56"):
+        return CifarResNet(int(name[6:]), num_classes, in_channels, cfg.width)
+    if name.startswith("torchvision:"):
+        return _torchvision(name.split(":", 1)[1], num_classes, in_channels)
+    if ":" in name:
+        factory = _factory(name)
+        params = inspect.signature(factory).parameters
+        kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params}
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"factory {name!r} returned {type(model).__name__}, expected an nn.Module")
+        return model
+    raise ModelError(f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name> "
+                     "or package.module:factory")

@@ -1,0 +1,70 @@
+"""Sparsity penalties on BN scales, all behind one interface so training never branches.
+
+A penalty is applied after ``loss.backward()``: its gradient is added straight into ``.grad``
+(like decoupled weight decay) by a fused kernel from ``kernels/`` and no autograd graph is built.
+``after_step_`` runs after ``optimizer.step()`` for methods that constrain the weights
+(polarization clamps gamma to [0, 1]).
+
+- ``receding``: strength * sum s(1 - log s), s = sigmoid(w + bias), on bounded-BN logits w.
+- ``l1``: strength * sum |gamma| on plain BN (Network Slimming).
+- ``polarization``: strength * (t * sum|gamma| - sum|gamma - mean gamma|) on plain BN.
+- ``none``: nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.config import PenaltyConfig
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """A configured penalty bound to the BN scale parameters of one model."""
+
+    config: PenaltyConfig
+    params: tuple[nn.Parameter, ...]
+    backend: str = "auto"
+
+    def apply_(self) -> torch.Tensor:
+        """Add the penalty gradient into ``.grad``; return the penalty value (detached)."""
+        cfg = self.config
+        if cfg.method == "none" or cfg.strength == 0 or not self.params:
+            return torch.zeros(())
+        if cfg.method == "receding":
+            from kernels.receding_penalty import receding_penalty_
+
+            return receding_penalty_(self.params, strength=cfg.strength, bias=cfg.bias, backend=self.backend)
+        if cfg.method == "l1":
+            from kernels.l1_penalty import l1_penalty_
+
+            return l1_penalty_(self.params, strength=cfg.strength, backend=self.backend)
+        from kernels.polarization_penalty import polarization_penalty_
+
+        return polarization_penalty_(self.params, strength=cfg.strength, t=cfg.t, backend=self.backend)
+
+    @torch.no_grad()
+    def after_step_(self) -> None:
+        """Project weights back onto the method's domain after the optimizer step."""
+        if self.config.method == "polarization":
+            for p in self.params:
+                p.clamp_(0.0, 1.0)
+
+
+def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, ...]:
+    """The per-channel scale parameters of every bounded (or plain affine) BN in ``model``."""
+    if bounded:
+        return tuple(m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d))
+    return tuple(
+        m.weight for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+    )
+
+
+def make_penalty(config: PenaltyConfig, model: nn.Module, *, backend: str = "auto") -> Penalty:
+    """Bind ``config`` to ``model``'s BN scales."""
+    return Penalty(config, scale_parameters(model, bounded=config.bounded), backend)

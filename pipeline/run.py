@@ -1,0 +1,169 @@
+"""The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench -> report.
+
+Each step is a call into its stage module; this file only wires them and writes the run folder:
+``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``pruned/`` (state dict + shape
+manifest), ``dense.onnx``/``pruned.onnx``, PNG plots and the release ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.bounded_bn import convert_to_bounded_bn_
+from pipeline.channel_graph import ChannelGraph, build_channel_graph
+from pipeline.checkpoint import save_pruned
+from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
+from pipeline.data import DataBundle, load_data
+from pipeline.models import build_model
+from pipeline.penalties import make_penalty
+from pipeline.prune import PrunePlan, SelectionRules, apply_plan_, group_importance, layer_widths, make_plan, select_groups
+from pipeline.threshold import auto_threshold
+from pipeline.train import evaluate, resolve_device, seed_everything, train_
+
+logger = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """An exported artefact disagrees with PyTorch beyond tolerance (CLI exit code 1)."""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Result of the prune step."""
+
+    model: nn.Module
+    plan: PrunePlan
+    graph: ChannelGraph
+    importances: dict[int, float]
+
+
+def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
+    """Everything needed to rebuild the model from its constructor."""
+    return {"model": to_dict(cfg.model), "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "bounded_bn": cfg.train.penalty.bounded, "bn_shift": cfg.train.bn_shift, "input_shape": list(data.input_shape)}
+
+
+def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pruned:
+    """Plan and apply a prune of a copy of ``model`` according to ``cfg``."""
+    graph = build_channel_graph(model, example)
+    importance = group_importance(model, graph, cfg.aggregate)
+    rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
+    if cfg.threshold == "ratio":
+        dropped, mode, value = select_groups(importance, graph, ratio=cfg.ratio, rules=rules), "ratio", cfg.ratio
+    else:
+        value = auto_threshold(list(importance.values())).value if cfg.threshold == "auto" else float(cfg.threshold)
+        mode = "auto" if cfg.threshold == "auto" else "value"
+        dropped = select_groups(importance, graph, threshold=value, rules=rules)
+    plan = make_plan(graph, dropped, mode=mode, value=value)
+    pruned = apply_plan_(copy.deepcopy(model).cpu(), plan)
+    logger.info("pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
+                len(dropped), len(importance), mode, value, plan.channels_total, plan.channels_kept)
+    return Pruned(pruned, plan, graph, importance)
+
+
+def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
+    return next(iter(data.test))[0][:n].cpu()
+
+
+def _export_and_verify(models: dict[str, nn.Module], batch: torch.Tensor, out: Path, cfg: RunConfig) -> dict[str, Any]:
+    from pipeline.export.onnx import export_onnx, verify_onnx
+    from pipeline.fold import fold_bn
+
+    folded, paths, checks = {}, {}, {}
+    for label, model in models.items():
+        folded[label], fold = fold_bn(model.cpu().eval(), batch)
+        paths[label] = export_onnx(folded[label], batch[:2], out / f"{label}.onnx", opset=cfg.export.opset)
+        checks[label] = verify_onnx(paths[label], model, batch, atol=cfg.export.atol)
+        logger.info("%s: folded %d BNs (err %.2e); ONNX max abs err %.2e", label, len(fold.folded),
+                    fold.max_abs_err, checks[label].max_abs_err)
+    return {"folded": folded, "paths": paths, "checks": checks}
+
+
+def _plots(out: Path, importances: np.ndarray, threshold: float | None, widths: dict, rows: list) -> dict[str, Path]:
+    from pipeline.report import plot_importance_histogram, plot_kept_channels, plot_latency
+
+    plots = {
+        "importance_hist": plot_importance_histogram(importances, out / "importance_hist.png", threshold=threshold,
+                                                     title="Channel-group importance before pruning"),
+        "kept_channels": plot_kept_channels(widths, out / "kept_channels.png"),
+    }
+    if rows:
+        plots["latency"] = plot_latency(rows, out / "latency.png")
+    return plots
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """Run every stage and write the run folder; returns the report dict.
+
+    Raises:
+        VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
+    """
+    from pipeline.bench import count_macs, count_params, environment, latency_table
+    from pipeline.export.manifest import write_manifest
+    from pipeline.report import render_markdown
+
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    seed_everything(cfg.train.seed)
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
+    if cfg.train.penalty.bounded:
+        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift)
+    train_(model, data, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
+           penalty=make_penalty(cfg.train.penalty, model), checkpoint_dir=out / "checkpoints", tag="train")
+    model.cpu().eval()
+    device = resolve_device(cfg.train.device)
+    dense_acc = evaluate(model, data.test, torch.device("cpu"))
+    batch = _fixed_batch(data)
+    pruned = prune_model(model, batch, cfg.prune)
+    write_text_atomic(out / "plan.json", pruned.plan.to_json())
+    acc_before = evaluate(pruned.model, data.test, torch.device("cpu"))
+    train_(pruned.model, data, cfg.train, epochs=cfg.prune.finetune_epochs, lr=cfg.prune.finetune_lr,
+           penalty=None, tag="finetune")
+    pruned.model.cpu().eval()
+    acc_after = evaluate(pruned.model, data.test, torch.device("cpu"))
+    save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
+    exported = _export_and_verify({"dense": model, "pruned": pruned.model}, batch, out, cfg)
+    rows = latency_table(exported["folded"], exported["paths"], data.input_shape, batches=cfg.bench.batches,
+                         threads=cfg.bench.threads, runs=cfg.bench.runs, warmup=cfg.bench.warmup)
+    check = exported["checks"]["pruned"]
+    report = {
+        "dense": {"params": count_params(model), "macs": count_macs(model, data.input_shape), "accuracy": dense_acc},
+        "pruned": {"params": count_params(pruned.model), "macs": count_macs(pruned.model, data.input_shape),
+                   "accuracy_before_finetune": acc_before, "accuracy": acc_after,
+                   "channels_kept": pruned.plan.channels_kept, "channels_total": pruned.plan.channels_total},
+        "threshold": {"mode": pruned.plan.threshold_mode, "value": pruned.plan.threshold_value},
+        "export": {"onnx_path": str(exported["paths"]["pruned"]), "max_abs_err": check.max_abs_err,
+                   "max_rel_err": check.max_rel_err, "opset": check.opset, "passed": check.passed},
+        "latency": [r.to_dict() for r in rows],
+        "groups": {"total": len(pruned.graph.groups), "prunable": len(pruned.importances),
+                   "dropped": len(pruned.plan.dropped_groups),
+                   "barriers": [b.__dict__ for b in pruned.graph.barriers]},
+        "environment": {**environment(), "python": platform.python_version(), "device": str(device)},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    imps = np.array(list(pruned.importances.values()))
+    plots = _plots(out, imps, pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None,
+                   layer_widths(pruned.graph, pruned.plan), rows)
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", render_markdown(report))
+    write_manifest(out, {"dense_onnx": exported["paths"]["dense"], "pruned_onnx": exported["paths"]["pruned"],
+                         "pruned_weights": out / "pruned" / "model.pt", "report": out / "report.json", **plots},
+                   config=to_dict(cfg), metrics={k: report[k] for k in ("dense", "pruned", "export")})
+    if not check.passed:
+        raise VerificationError(f"pruned ONNX differs from PyTorch by {check.max_abs_err:.2e} > atol "
+                                f"{cfg.export.atol:.0e}; see {out / 'report.json'}")
+    return report

@@ -1,0 +1,178 @@
+"""Training: a plain SGD loop with a BN-scale penalty, one eval and one checkpoint per epoch.
+
+BN parameters (bounded-BN logits and shifts, or plain gamma/beta) get ``bn_lr_mult`` x the
+learning rate and no weight decay, as in the receding-importance reference code. After each
+epoch the importance distribution is logged: fraction below 0.05, fraction above 0.5, and
+Ashman's D (see ``pipeline.threshold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.atomic import save_torch_atomic
+from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, channel_importance
+from pipeline.config import TrainConfig
+from pipeline.data import DataBundle
+from pipeline.penalties import Penalty
+from pipeline.threshold import importance_summary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """What one epoch did."""
+
+    epoch: int
+    loss: float
+    penalty: float
+    accuracy: float
+    below_005: float
+    above_05: float
+    bimodality: float
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
+    """SGD with BN parameters at ``bn_lr_mult`` x lr and no weight decay."""
+    bn_ids = {id(p) for m in model.modules()
+              if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm)) for p in m.parameters()}
+    bn = [p for p in model.parameters() if id(p) in bn_ids]
+    rest = [p for p in model.parameters() if id(p) not in bn_ids]
+    return torch.optim.SGD(
+        [{"params": rest, "weight_decay": cfg.weight_decay, "lr": lr},
+         {"params": bn, "weight_decay": 0.0, "lr": lr * cfg.bn_lr_mult}],
+        lr=lr, momentum=cfg.momentum,
+    )
+
+
+def _schedule(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
+    if cfg.schedule == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, epochs)))
+    if cfg.schedule == "step":
+        return lambda e: 0.1 ** sum(e >= m for m in (epochs // 2, 3 * epochs // 4))
+    return lambda e: 1.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(1, total)
+
+
+def all_importances(model: nn.Module) -> np.ndarray:
+    """Every BN channel's importance, concatenated in module order."""
+    values = [channel_importance(m).cpu() for m in bn_modules(model).values()]
+    return torch.cat(values).numpy() if values else np.zeros(0)
+
+
+@torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                    max_batches: int = 50) -> None:
+    """Re-estimate BN running statistics with a cumulative average over training batches.
+
+    BN scales move fast (they get ``bn_lr_mult`` x the learning rate), so exponential running
+    statistics lag behind the weights; eval accuracy then understates the model.
+    """
+    norms = [m for m in model.modules() if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        m.num_batches_tracked.zero_()
+        m.momentum = None
+    was = model.training
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        model(x.to(device))
+    model.train(was)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
+def _run_epoch(model, loader, opt, penalty: Penalty | None, device, desc: str) -> tuple[float, float]:
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss = total_pen = 0.0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for x, y in bar:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        loss.backward()
+        pen = penalty.apply_() if penalty is not None else torch.zeros(())
+        opt.step()
+        if penalty is not None:
+            penalty.after_step_()
+        total_loss += float(loss.detach())
+        total_pen += float(pen)
+    return total_loss / max(1, len(loader)), total_pen / max(1, len(loader))
+
+
+def train_(
+    model: nn.Module,
+    data: DataBundle,
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    lr: float,
+    penalty: Penalty | None,
+    checkpoint_dir: Path | None = None,
+    tag: str = "train",
+) -> list[EpochLog]:
+    """Train ``model`` in place for ``epochs``; return one log per epoch."""
+    device = resolve_device(cfg.device)
+    model.to(device)
+    opt = make_optimizer(model, cfg, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, epochs))
+    logs = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        loss, pen = _run_epoch(model, data.train, opt, penalty, device, f"{tag} {epoch + 1}/{epochs}")
+        sched.step()
+        recalibrate_bn_(model, data.train, device)
+        acc = evaluate(model, data.test, device)
+        stats = importance_summary(all_importances(model))
+        logs.append(EpochLog(epoch + 1, loss, pen, acc, stats["below_0.05"], stats["above_0.5"],
+                             stats["bimodality"], time.perf_counter() - start))
+        logger.info("%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f (%.1fs)",
+                    tag, epoch + 1, epochs, loss, pen, acc, stats["below_0.05"], stats["above_0.5"],
+                    stats["bimodality"], logs[-1].seconds)
+        if checkpoint_dir is not None:
+            save_torch_atomic(model.state_dict(), Path(checkpoint_dir) / f"{tag}_epoch{epoch + 1:03d}.pt")
+    return logs

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny CNN with a residual add, a concat, a depthwise conv, a grouped conv,
+an SE gate and a linear head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.bounded_bn import BoundedBatchNorm2d
+
+
+class TinyNet(nn.Module):
+    def __init__(self, bounded: bool = False) -> None:
+        super().__init__()
+        bn = BoundedBatchNorm2d if bounded else nn.BatchNorm2d
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), bn(8), nn.ReLU())
+        self.branch_a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), bn(8), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), bn(4), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), bn(12), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False), bn(8))
+        self.se_reduce = nn.Conv2d(8, 4, 1)
+        self.se_expand = nn.Conv2d(4, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.branch_a(x)  # residual add
+        x = torch.cat([x, self.branch_b(x)], dim=1)  # concat
+        x = self.grouped(self.dw(x))
+        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        x = torch.relu(x * gate)  # SE gate
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def randomise_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial affine terms and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, BoundedBatchNorm2d)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 - 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    return randomise_bn_(TinyNet()).eval()
+
+
+@pytest.fixture
+def tiny_bounded_net() -> nn.Module:
+    return randomise_bn_(TinyNet(bounded=True)).eval()
