@@ -95,8 +95,9 @@ class ChannelGroup:
     id: int
     bn_channels: tuple[tuple[str, int], ...]
     size: int  # channel positions across all layers
-    prunable: bool
+    prunable: bool  # removal equals zeroing the group's BN scale and shift
     reason: str = ""
+    absorbable: bool = False  # removal equals zeroing only the scale, once act(beta) is absorbed
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,19 @@ class ChannelGraph:
 
     @property
     def prunable_groups(self) -> tuple[ChannelGroup, ...]:
+        """Groups whose removal equals zeroing their BN scale and shift (``apply_plan_``)."""
         return tuple(g for g in self.groups if g.prunable)
+
+    @property
+    def removable_groups(self) -> tuple[ChannelGroup, ...]:
+        """Prunable groups plus those removable exactly with constant absorption (``remove_groups``)."""
+        return tuple(g for g in self.groups if g.prunable or g.absorbable)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, BoundedBatchNorm2d) or super().is_leaf_module(m, qualname)
+        # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases.
+        return isinstance(m, (BoundedBatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -134,7 +142,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 @dataclass
 class _Slots:
     ids: torch.Tensor  # int64, same shape as the value
-    zero: torch.Tensor  # bool, same shape
+    zero: torch.Tensor  # bool: exactly zero once its group's BN scale and shift are zeroed
+    const: torch.Tensor  # bool: input-independent once its group's BN scale is zeroed
 
 
 @dataclass
@@ -213,8 +222,8 @@ class _SlotInterpreter(fx.Interpreter):
     def _pinned_like(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             pid = self.uf.new(1, pinned=True)
-            return _Slots(pid.view([1] * value.dim()).expand(value.shape) if value.dim() else pid[0],
-                          torch.zeros((), dtype=torch.bool).expand(value.shape))
+            false = torch.zeros((), dtype=torch.bool).expand(value.shape)
+            return _Slots(pid.view([1] * value.dim()).expand(value.shape) if value.dim() else pid[0], false, false)
         if _is_tensors(value):
             items = [self._pinned_like(v) for v in value]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
@@ -258,18 +267,19 @@ class _SlotInterpreter(fx.Interpreter):
             self.barriers.append(Barrier(op + (f" ({why})" if why else ""), n.name, self._location(n)))
         return self._pinned_like(value)
 
-    def _channels_of(self, s: _Slots, dim: int, n: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    def _channels_of(self, s: _Slots, dim: int, n: fx.Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-channel ids along ``dim``; channels whose ids vary by position are pinned."""
         ids = s.ids.movedim(dim, 0).reshape(s.ids.shape[dim], -1)
         lo, hi = ids.amin(1), ids.amax(1)
         zero = s.zero.movedim(dim, 0).reshape(s.ids.shape[dim], -1).all(1)
+        const = s.const.movedim(dim, 0).reshape(s.ids.shape[dim], -1).all(1)
         mixed = lo != hi
         if bool(mixed.any()):
             self.uf.pin(ids[mixed])
             lo = lo.clone()
             lo[mixed] = self.uf.new(1, pinned=True)
             self.barriers.append(Barrier("channel axis mixed with other axes", n.name, self._location(n)))
-        return lo, zero
+        return lo, zero, const
 
     # -- dispatch ---------------------------------------------------------------------------
     def _propagate(self, n: fx.Node, value: Any) -> Any:
@@ -303,7 +313,7 @@ class _SlotInterpreter(fx.Interpreter):
             if not isinstance(value, torch.Tensor) or value.shape != x.ids.shape:
                 return self._barrier(n, op, value, "changes shape")
             zero = x.zero if op in _ZERO_KEEPING else torch.zeros_like(x.zero)
-            return _Slots(x.ids, zero)
+            return _Slots(x.ids, zero, x.const)  # any function of a constant is constant
         if op in _PER_CHANNEL:
             return self._per_channel(n, op, x, value)
         if op in _INDEX or op == "flatten":
@@ -318,7 +328,7 @@ class _SlotInterpreter(fx.Interpreter):
     def _index(self, n: fx.Node, module: nn.Module | None, value: Any) -> Any:
         """Apply the same index-moving op to the slot and zero tensors."""
         results = []
-        for pick in ("ids", "zero"):
+        for pick in ("ids", "zero", "const"):
             args, kwargs = self._substituted(n, pick)
             if n.op == "call_function":
                 results.append(n.target(*args, **kwargs))
@@ -326,13 +336,13 @@ class _SlotInterpreter(fx.Interpreter):
                 results.append(getattr(args[0], n.target)(*args[1:], **kwargs))
             else:  # nn.Flatten
                 results.append(torch.flatten(args[0], module.start_dim, module.end_dim))
-        ids, zero = results
+        ids, zero, const = results
         problem = self._channel_split(n, ids)
         if problem:
             return self._barrier(n, _op_name(n, module), value, problem)
         if isinstance(ids, torch.Tensor):
-            return _Slots(ids, zero)
-        return type(ids)(_Slots(i, z) for i, z in zip(ids, zero))
+            return _Slots(ids, zero, const)
+        return type(ids)(_Slots(i, z, c) for i, z, c in zip(ids, zero, const))
 
     def _channel_split(self, n: fx.Node, out: Any) -> str:
         """Tie or refuse index ops that cut the channel axis into pieces.
@@ -370,10 +380,10 @@ class _SlotInterpreter(fx.Interpreter):
         """Spatial ops that keep channel c in channel c (pooling, resize, spatial pad)."""
         if value.dim() != x.ids.dim() or value.dim() < 2 or value.shape[1] != x.ids.shape[1]:
             return self._barrier(n, op, value, "does not keep the channel axis")
-        ids, zero = self._channels_of(x, 1, n)
+        ids, zero, const = self._channels_of(x, 1, n)
         if op == "pad" and (n.kwargs.get("value") or (len(n.args) > 3 and n.args[3])):
             zero = torch.zeros_like(zero)
-        return _Slots(_expand_channels(ids, value.shape, 1), _expand_channels(zero, value.shape, 1))
+        return _Slots(*(_expand_channels(t, value.shape, 1) for t in (ids, zero, const)))
 
     def _operands(self, n: fx.Node) -> list[tuple[_Slots | None, float | None]]:
         """(slots, None) for tensor operands, (None, scalar) for numbers and 1-element tensors."""
@@ -405,7 +415,8 @@ class _SlotInterpreter(fx.Interpreter):
             zero = (first.zero if first is not None else torch.tensor(operands[0][1] == 0)).expand(value.shape)
         else:  # product: zero if any factor is zero
             zero = torch.stack(torch.broadcast_tensors(*zeros)).any(0) | any(c == 0 for c in scalars)
-        return _Slots(ids, zero.expand(value.shape))
+        const = torch.stack(torch.broadcast_tensors(*[s.const for s in tensors])).all(0)
+        return _Slots(ids, zero.expand(value.shape), const.expand(value.shape))
 
     def _reduce(self, n: fx.Node, op: str, x: _Slots, value: torch.Tensor) -> Any:
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
@@ -416,7 +427,8 @@ class _SlotInterpreter(fx.Interpreter):
         if not torch.equal(lo, x.ids.amax(dim=dim, keepdim=keep)):
             return self._barrier(n, op, value, "reduces over the channel axis")
         zero = x.zero.to(torch.uint8).amin(dim=dim, keepdim=keep).bool()
-        return _Slots(lo, zero)
+        const = x.const.to(torch.uint8).amin(dim=dim, keepdim=keep).bool()
+        return _Slots(lo, zero, const)
 
     # -- layers -----------------------------------------------------------------------------
     def _record(self, name: str, kind: str, in_ids: torch.Tensor, make_out: Any, groups: int = 1) -> torch.Tensor:
@@ -430,38 +442,39 @@ class _SlotInterpreter(fx.Interpreter):
 
     def _conv(self, n: fx.Node, m: nn.Conv2d, value: torch.Tensor) -> Any:
         x = self.slots[n.args[0]]
-        p_in, z_in = self._channels_of(x, 1, n)
+        p_in, z_in, c_in = self._channels_of(x, 1, n)
         g, cin, cout = m.groups, m.in_channels, m.out_channels
         if g == cin == cout:  # depthwise: channel c stays channel c
             out = self._record(n.target, "conv", p_in, lambda: p_in, g)
-            zero = z_in & (m.bias is None)
+            zero, const = z_in & (m.bias is None), c_in
         else:
-            self.reads.append((p_in, z_in))
+            self.reads.append((n.target, p_in, z_in, c_in))
             if g > 1:  # tie in-group index j across groups so every group keeps the same count
                 grid = p_in.view(g, cin // g)
                 self.uf.union_pairs(grid, grid[:1].expand_as(grid))
                 out = self._record(n.target, "conv", p_in, lambda: self.uf.new(cout // g).repeat(g), g)
             else:
                 out = self._record(n.target, "conv", p_in, lambda: self.uf.new(cout), g)
-            zero = torch.zeros(cout, dtype=torch.bool)
-        return _Slots(_expand_channels(out, value.shape, 1), _expand_channels(zero, value.shape, 1))
+            zero = const = torch.zeros(cout, dtype=torch.bool)
+        return _Slots(*(_expand_channels(t, value.shape, 1) for t in (out, zero, const)))
 
     def _linear(self, n: fx.Node, m: nn.Linear, value: torch.Tensor) -> Any:
         x = self.slots[n.args[0]]
-        p_in, z_in = self._channels_of(x, -1, n)
-        self.reads.append((p_in, z_in))
+        p_in, z_in, c_in = self._channels_of(x, -1, n)
+        self.reads.append((n.target, p_in, z_in, c_in))
         out = self._record(n.target, "linear", p_in, lambda: self.uf.new(m.out_features))
         zero = torch.zeros(m.out_features, dtype=torch.bool)
-        return _Slots(_expand_channels(out, value.shape, -1), _expand_channels(zero, value.shape, -1))
+        return _Slots(*(_expand_channels(t, value.shape, -1) for t in (out, zero, zero)))
 
     def _bn(self, n: fx.Node, m: nn.Module, value: torch.Tensor) -> Any:
         x = self.slots[n.args[0]]
-        p, _ = self._channels_of(x, 1, n)
+        p, _, c_in = self._channels_of(x, 1, n)
         self._record(n.target, "bn", p, lambda: p)
         affine = getattr(m, "weight", None) is not None
         if affine:
             self.bns.append((n.target, p))
-        return _Slots(x.ids, torch.full((), affine).expand(value.shape))
+        const = torch.full((), affine).expand(value.shape) if affine else _expand_channels(c_in, value.shape, 1)
+        return _Slots(x.ids, torch.full((), affine).expand(value.shape), const)
 
 
 def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
@@ -500,7 +513,8 @@ def _finalise(interp: _SlotInterpreter, input_shape: tuple[int, ...]) -> Channel
         for name, (kind, i, o, groups) in interp.layers.items()
     }
     pinned = {gid[r] for r in {uf.find(p) for p in uf.pinned} if r in gid}
-    bad_reads = {gid[uf.find(i)] for p, z in interp.reads for i in p[~z].tolist()}
+    bad_reads = {gid[uf.find(i)] for _, p, z, _ in interp.reads for i in p[~z].tolist()}
+    varying_reads = {gid[uf.find(i)] for _, p, _, c in interp.reads for i in p[~c].tolist()}
     bn_channels: dict[int, list[tuple[str, int]]] = {}
     for name, ids in interp.bns:
         for c, g in enumerate(group_ids(ids)):
@@ -514,7 +528,8 @@ def _finalise(interp: _SlotInterpreter, input_shape: tuple[int, ...]) -> Channel
         reason = ("touches a graph input/output or a barrier" if g in pinned
                   else "no affine BatchNorm gates it" if g not in bn_channels
                   else "a conv/linear reads it before its BN" if g in bad_reads else "")
-        groups.append(ChannelGroup(g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason))
+        absorbable = g not in pinned and g in bn_channels and g not in varying_reads
+        groups.append(ChannelGroup(g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable))
     graph = ChannelGraph(layers, tuple(groups), tuple(interp.barriers), input_shape)
     logger.info("channel graph: %d layers, %d groups (%d prunable), %d barriers",
                 len(layers), len(groups), len(graph.prunable_groups), len(graph.barriers))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.absorb import make_corrected_
 from pipeline.atomic import save_torch_atomic, write_json_atomic
 from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
 from pipeline.config import ModelConfig, from_dict
@@ -29,7 +30,9 @@ def shape_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             shapes[name] = {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
-                            "groups": m.groups}
+                            "groups": m.groups, "bias": m.bias is not None,
+                            "corrections": {k: list(v.shape) for k in ("const_kernel", "const_map")
+                                            if (v := getattr(m, k, None)) is not None}}
         elif isinstance(m, nn.Linear):
             shapes[name] = {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
         elif isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d)):
@@ -53,7 +56,12 @@ def reshape_to_manifest_(model: nn.Module, shapes: dict[str, dict[str, Any]]) ->
         if s["type"] == "Conv2d":
             k = m.kernel_size
             m.in_channels, m.out_channels, m.groups = s["in_channels"], s["out_channels"], s["groups"]
+            if s.get("bias") and m.bias is None:  # constant absorption may have added a bias
+                m.bias = nn.Parameter(torch.zeros(m.out_channels))
             _reshape(m, ("weight", "bias"), [(m.out_channels, m.in_channels // m.groups, *k), (m.out_channels,)])
+            corr = {key: torch.zeros(shape) for key, shape in s.get("corrections", {}).items()}
+            if corr:
+                make_corrected_(m, kernel=corr.get("const_kernel"), map_=corr.get("const_map"))
         elif s["type"] == "Linear":
             m.in_features, m.out_features = s["in_features"], s["out_features"]
             _reshape(m, ("weight", "bias"), [(m.out_features, m.in_features), (m.out_features,)])

@@ -126,6 +126,7 @@ class PruneConfig:
     max_layer_ratio: float = 0.95
     round_to: int = 1
     finetune_epochs: int = 3
+    exact_borders: bool = True  # absorb constant channels exactly at zero-padded borders
     finetune_lr: float = 0.01
 
     def __post_init__(self) -> None:

@@ -85,6 +85,10 @@ def fold_bn_(model: nn.Module) -> FoldReport:
                                     _bn_scale(bn), bn.bias)
         conv.weight = nn.Parameter(w)
         conv.bias = nn.Parameter(b)
+        k = _bn_scale(bn) / torch.sqrt(bn.running_var + bn.eps)
+        for name in ("const_kernel", "const_map"):  # constant-channel corrections scale like outputs
+            if getattr(conv, name, None) is not None:
+                setattr(conv, name, getattr(conv, name) * k.view(-1, *([1] * (getattr(conv, name).dim() - 1))))
         parent, _, leaf = bn_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     folded_bns = {bn for _, bn in pairs}

@@ -86,12 +86,12 @@ class SelectionRules:
 def group_importance(model: nn.Module, graph: ChannelGraph, aggregate: str = "max") -> dict[int, float]:
     """Importance of each prunable group, aggregated over its BN channels."""
     modules = dict(model.named_modules())
-    per_bn = {name: channel_importance(modules[name]) for name in {n for g in graph.prunable_groups
-                                                                    for n, _ in g.bn_channels}}
+    groups = graph.removable_groups
+    per_bn = {name: channel_importance(modules[name]) for name in {n for g in groups for n, _ in g.bn_channels}}
     reduce = {"max": max, "sum": sum, "mean": lambda v: sum(v) / len(v)}[aggregate]
     return {
         g.id: float(reduce([float(per_bn[name][c]) for name, c in g.bn_channels]))
-        for g in graph.prunable_groups
+        for g in groups
     }
 
 
@@ -161,10 +161,10 @@ def make_plan(graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio
               value: float | None = None) -> PrunePlan:
     """Turn a set of dropped groups into per-layer kept indices."""
     dropped = frozenset(dropped)
-    prunable = {g.id for g in graph.prunable_groups}
-    if not dropped <= prunable:
-        raise PruneError(f"groups {sorted(dropped - prunable)[:10]} are not prunable; "
-                         "drop only ids from graph.prunable_groups")
+    removable = {g.id for g in graph.removable_groups}
+    if not dropped <= removable:
+        raise PruneError(f"groups {sorted(dropped - removable)[:10]} are not removable; "
+                         "drop only ids from graph.removable_groups")
     layers, total, kept = [], 0, 0
     for layer in graph.layers.values():
         keep_in = tuple(i for i, g in enumerate(layer.in_groups) if g not in dropped)
@@ -225,7 +225,11 @@ def _prune_bn(m: nn.Module, plan: LayerPlan) -> None:
 
 
 def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Physically remove the planned channels from ``model``, in place. Returns ``model``."""
+    """Physically remove the planned channels from ``model``, in place. Returns ``model``.
+
+    Exact (equal to ``mask_groups_``) for ``graph.prunable_groups``. Groups that are only
+    absorbable need ``pipeline.absorb.remove_groups``, which also restores their constants.
+    """
     modules = dict(model.named_modules())
     for layer in plan.layers:
         m = modules.get(layer.name)

@@ -7,7 +7,6 @@ manifest), ``dense.onnx``/``pruned.onnx``, PNG plots and the release ``manifest.
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.absorb import RemovalReport, remove_groups
 from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.bounded_bn import convert_to_bounded_bn_
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
@@ -27,7 +27,14 @@ from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.models import build_model
 from pipeline.penalties import make_penalty
-from pipeline.prune import PrunePlan, SelectionRules, apply_plan_, group_importance, layer_widths, make_plan, select_groups
+from pipeline.prune import (
+    PrunePlan,
+    SelectionRules,
+    group_importance,
+    layer_widths,
+    make_plan,
+    select_groups,
+)
 from pipeline.threshold import auto_threshold
 from pipeline.train import evaluate, resolve_device, seed_everything, train_
 
@@ -46,6 +53,7 @@ class Pruned:
     plan: PrunePlan
     graph: ChannelGraph
     importances: dict[int, float]
+    removal: RemovalReport
 
 
 def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
@@ -66,10 +74,11 @@ def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pr
         mode = "auto" if cfg.threshold == "auto" else "value"
         dropped = select_groups(importance, graph, threshold=value, rules=rules)
     plan = make_plan(graph, dropped, mode=mode, value=value)
-    pruned = apply_plan_(copy.deepcopy(model).cpu(), plan)
+    pruned, plan, removal = remove_groups(model.cpu(), graph, dropped, example, exact_borders=cfg.exact_borders,
+                                          plan=plan)
     logger.info("pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
                 len(dropped), len(importance), mode, value, plan.channels_total, plan.channels_kept)
-    return Pruned(pruned, plan, graph, importance)
+    return Pruned(pruned, plan, graph, importance, removal)
 
 
 def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
@@ -151,6 +160,11 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "latency": [r.to_dict() for r in rows],
         "groups": {"total": len(pruned.graph.groups), "prunable": len(pruned.importances),
                    "dropped": len(pruned.plan.dropped_groups),
+                   "absorbed_exactly": pruned.removal.absorbed_groups,
+                   "approximate": pruned.removal.approximate_groups,
+                   "corrections": [list(c) for c in pruned.removal.corrections],
+                   "removal_rel_err": pruned.removal.max_rel_err,
+                   "zeroing_rel_err": pruned.removal.zeroing_err,
                    "barriers": [b.__dict__ for b in pruned.graph.barriers]},
         "environment": {**environment(), "python": platform.python_version(), "device": str(device)},
         "seconds": round(time.perf_counter() - start, 1),
