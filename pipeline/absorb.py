@@ -94,8 +94,11 @@ def zero_scales_(model: nn.Module, graph: ChannelGraph, groups: set[int], *, shi
 
 def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     modules, seen = dict(model.named_modules()), {}
-    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach()))
-             for n in names]
+
+    def record(name: str, args: tuple) -> None:  # a pre-hook must return None or it replaces the input
+        seen.setdefault(name, args[0].detach())
+
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: record(n, a)) for n in names]
     try:
         with torch.no_grad():
             model(x)

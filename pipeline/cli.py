@@ -47,23 +47,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + manifest."""
-    from pipeline.bounded_bn import convert_to_bounded_bn_
     from pipeline.checkpoint import save_pruned
+    from pipeline.config import dump_config
     from pipeline.data import load_data
-    from pipeline.models import build_model
-    from pipeline.penalties import make_penalty
-    from pipeline.run import model_spec
-    from pipeline.train import seed_everything, train_
+    from pipeline.run import build_and_train, model_spec
+    from pipeline.train import seed_everything
 
     cfg = _config(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.train.seed)
     data = load_data(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    if cfg.train.penalty.bounded:
-        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift)
-    logs = train_(model, data, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
-                  penalty=make_penalty(cfg.train.penalty, model), checkpoint_dir=Path(args.out) / "checkpoints")
-    save_pruned(model.cpu(), Path(args.out) / "model", spec=model_spec(cfg, data))
+    model, logs = build_and_train(cfg, data, Path(args.out) / "checkpoints")
+    save_pruned(model, Path(args.out) / "model", spec=model_spec(cfg, data))
     print(f"trained {len(logs)} epochs, accuracy {logs[-1].accuracy if logs else float('nan'):.4f}; "
           f"model in {Path(args.out) / 'model'}")
     return EXIT_OK

@@ -71,6 +71,9 @@ class PenaltyConfig:
     ``receding``: sum s(1 - log s), s = sigmoid(w + bias), on bounded BN.
     ``l1``: Network Slimming, sum |gamma| on plain BN.
     ``polarization``: t*sum|gamma| - sum|gamma - mean gamma| (Zhuang et al. 2020) on plain BN.
+    ``ista``: proximal shrink of plain BN gamma after each step (Ye et al. 2018); ``strength`` is
+    rho, ``cost`` picks the per-layer lambda (``memory`` or ``flops``), ``rescale`` is the
+    gamma/W rescaling factor alpha (1 = off), undone after training.
     ``none``: no penalty (bounded BN is still used).
     """
 
@@ -78,9 +81,13 @@ class PenaltyConfig:
     strength: float = 1e-4
     bias: float = 3.0
     t: float = 1.2
+    cost: str = "memory"
+    rescale: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("train.penalty.method", self.method, ("receding", "l1", "polarization", "none"))
+        _check_choice("train.penalty.method", self.method, ("receding", "l1", "polarization", "ista", "none"))
+        _check_choice("train.penalty.cost", self.cost, ("memory", "flops"))
+        _check_positive("train.penalty.rescale", self.rescale)
         _check_positive("train.penalty.strength", self.strength, allow_zero=True)
 
     @property

@@ -8,6 +8,9 @@ A penalty is applied after ``loss.backward()``: its gradient is added straight i
 - ``receding``: strength * sum s(1 - log s), s = sigmoid(w + bias), on bounded-BN logits w.
 - ``l1``: strength * sum |gamma| on plain BN (Network Slimming).
 - ``polarization``: strength * (t * sum|gamma| - sum|gamma - mean gamma|) on plain BN.
+- ``ista``: no gradient; ``after_step_`` applies the proximal shrink
+  gamma <- sign(gamma) max(|gamma| - lr rho lambda_l, 0) with per-layer cost weights lambda_l
+  (``pipeline.ista.layer_costs``), producing exact zeros.
 - ``none``: nothing.
 """
 
@@ -29,11 +32,12 @@ class Penalty:
     config: PenaltyConfig
     params: tuple[nn.Parameter, ...]
     backend: str = "auto"
+    lambdas: tuple[float, ...] = ()  # ISTA per-layer cost weights, aligned with params
 
     def apply_(self) -> torch.Tensor:
         """Add the penalty gradient into ``.grad``; return the penalty value (detached)."""
         cfg = self.config
-        if cfg.method == "none" or cfg.strength == 0 or not self.params:
+        if cfg.method in ("none", "ista") or cfg.strength == 0 or not self.params:
             return torch.zeros(())
         if cfg.method == "receding":
             from kernels.receding_penalty import receding_penalty_
@@ -48,11 +52,16 @@ class Penalty:
         return polarization_penalty_(self.params, strength=cfg.strength, t=cfg.t, backend=self.backend)
 
     @torch.no_grad()
-    def after_step_(self) -> None:
-        """Project weights back onto the method's domain after the optimizer step."""
+    def after_step_(self, lr: float) -> None:
+        """Project or shrink weights after the optimizer step (``lr``: the BN group's rate)."""
         if self.config.method == "polarization":
             for p in self.params:
                 p.clamp_(0.0, 1.0)
+        elif self.config.method == "ista" and self.params:
+            from kernels.ista_shrink import ista_shrink_
+
+            ista_shrink_(self.params, lrs=[lr] * len(self.params), lambdas=self.lambdas,
+                         rho=self.config.strength, backend=self.backend)
 
 
 def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, ...]:
@@ -65,6 +74,16 @@ def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, 
     )
 
 
-def make_penalty(config: PenaltyConfig, model: nn.Module, *, backend: str = "auto") -> Penalty:
-    """Bind ``config`` to ``model``'s BN scales."""
-    return Penalty(config, scale_parameters(model, bounded=config.bounded), backend)
+def make_penalty(config: PenaltyConfig, model: nn.Module, *, example: torch.Tensor | None = None,
+                 backend: str = "auto") -> Penalty:
+    """Bind ``config`` to ``model``'s BN scales (ISTA also needs an ``example`` input for its costs)."""
+    if config.method != "ista":
+        return Penalty(config, scale_parameters(model, bounded=config.bounded), backend)
+    if example is None:
+        raise ValueError("the ista penalty needs an example input to weigh layers by cost")
+    from pipeline.channel_graph import build_channel_graph
+    from pipeline.ista import layer_costs
+
+    costs = layer_costs(model, build_channel_graph(model, example), example, config.cost)
+    modules = dict(model.named_modules())
+    return Penalty(config, tuple(modules[n].weight for n in costs), backend, tuple(costs.values()))

@@ -169,6 +169,9 @@ def make_plan(graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio
     for layer in graph.layers.values():
         keep_in = tuple(i for i, g in enumerate(layer.in_groups) if g not in dropped)
         keep_out = tuple(i for i, g in enumerate(layer.out_groups) if g not in dropped)
+        if not keep_out or not keep_in:
+            raise PruneError(f"dropping groups would remove every channel of {describe(layer)}; keep at "
+                             "least one (raise prune.min_channels or drop fewer groups)")
         if layer.kind == "bn":
             total, kept = total + len(layer.out_groups), kept + len(keep_out)
         if len(keep_in) < len(layer.in_groups) or len(keep_out) < len(layer.out_groups):
@@ -177,7 +180,7 @@ def make_plan(graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio
 
 
 def _index(t: torch.Tensor | None, keep: list[int], dim: int = 0) -> torch.Tensor | None:
-    return None if t is None else t.detach().index_select(dim, torch.tensor(keep, device=t.device)).clone()
+    return None if t is None else t.detach().index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device)).clone()
 
 
 def _set_param(m: nn.Module, name: str, value: torch.Tensor | None) -> None:

@@ -62,6 +62,31 @@ def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
             "bounded_bn": cfg.train.penalty.bounded, "bn_shift": cfg.train.bn_shift, "input_shape": list(data.input_shape)}
 
 
+def build_and_train(cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None) -> tuple[nn.Module, list]:
+    """Build the model (bounded BN when the penalty wants it) and train it with the penalty.
+
+    For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
+    after, so the saved model has the original parameterisation.
+    """
+    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
+    if cfg.train.penalty.bounded:
+        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift)
+    pen_cfg = cfg.train.penalty
+    example = _fixed_batch(data, 2)
+    rescaled: list[str] = []
+    if pen_cfg.method == "ista" and pen_cfg.rescale != 1.0:
+        from pipeline.ista import rescale_gamma_
+
+        graph = build_channel_graph(model, example)
+        rescaled = rescale_gamma_(model, graph, example, pen_cfg.rescale)
+    penalty = make_penalty(pen_cfg, model, example=example)
+    logs = train_(model, data, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr, penalty=penalty,
+                  checkpoint_dir=checkpoint_dir, tag="train")
+    if rescaled:
+        rescale_gamma_(model.cpu(), graph, example, 1.0 / pen_cfg.rescale, only=rescaled)
+    return model.cpu().eval(), logs
+
+
 def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pruned:
     """Plan and apply a prune of a copy of ``model`` according to ``cfg``."""
     graph = build_channel_graph(model, example)
@@ -128,12 +153,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     seed_everything(cfg.train.seed)
     data = load_data(cfg.data, seed=cfg.train.seed)
-    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    if cfg.train.penalty.bounded:
-        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift)
-    train_(model, data, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr,
-           penalty=make_penalty(cfg.train.penalty, model), checkpoint_dir=out / "checkpoints", tag="train")
-    model.cpu().eval()
+    model, _ = build_and_train(cfg, data, out / "checkpoints")
     device = resolve_device(cfg.train.device)
     dense_acc = evaluate(model, data.test, torch.device("cpu"))
     batch = _fixed_batch(data)

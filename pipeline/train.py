@@ -138,7 +138,7 @@ def _run_epoch(model, loader, opt, penalty: Penalty | None, device, desc: str) -
         pen = penalty.apply_() if penalty is not None else torch.zeros(())
         opt.step()
         if penalty is not None:
-            penalty.after_step_()
+            penalty.after_step_(opt.param_groups[1]["lr"])
         total_loss += float(loss.detach())
         total_pen += float(pen)
     return total_loss / max(1, len(loader)), total_pen / max(1, len(loader))

@@ -33,5 +33,5 @@ def test_polarization_clamps_gamma(tiny_net):
     penalty = make_penalty(PenaltyConfig(method="polarization", strength=1e-3), tiny_net, backend="torch")
     with torch.no_grad():
         penalty.params[0].fill_(2.0)
-    penalty.after_step_()
+    penalty.after_step_(0.1)
     assert penalty.params[0].max() == 1.0
