@@ -106,6 +106,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     bn_lr_mult: float = 10.0
     bn_shift: bool = False  # learn a shift beta in bounded BN (off, as in the reference code)
+    bn_init_logit: float = 0.0  # initial bounded-BN logit; 0 gives importance 0.5
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"

@@ -70,7 +70,7 @@ def build_and_train(cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | Non
     """
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     if cfg.train.penalty.bounded:
-        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift)
+        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift, init_logit=cfg.train.bn_init_logit)
     pen_cfg = cfg.train.penalty
     example = _fixed_batch(data, 2)
     rescaled: list[str] = []

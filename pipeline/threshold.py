@@ -12,7 +12,9 @@ Bimodality is Sarle's bimodality coefficient of the log importances,
 distribution, 5/9 for a uniform one, towards 1 for two separated modes. Below
 ``min_bimodality`` (0.6, just above uniform) the distribution is refused with advice to use a
 ratio. Ashman's D of the two Otsu classes is reported as ``separation`` (it alone cannot refuse:
-any hard split of a unimodal sample has a large D).
+any hard split of a unimodal sample has a large D). A split is also refused when the two modes'
+log-means are less than ``min_decades`` apart (default 1: weak channels at least 10x weaker):
+two close bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Threshold:
     value: float
     bimodality: float  # Sarle's coefficient of log10 importances
     separation: float  # Ashman's D of the two classes in log10 space
+    decades: float  # distance between the two classes' log10 means
     gap: float  # empty interval around the cut, in importance units
     below: int
     above: int
@@ -83,12 +86,21 @@ def split(values: Sequence[float] | np.ndarray) -> Threshold:
     k = _otsu(logs)
     low, high = logs[:k], logs[k:]
     cut = 10 ** ((low[-1] + high[0]) / 2)
-    return Threshold(float(cut), sarle_bc(logs), ashman_d(low, high), float(v[k] - v[k - 1]), k, int(v.size - k))
+    decades = float(high.mean() - low.mean())
+    return Threshold(float(cut), sarle_bc(logs), ashman_d(low, high), decades, float(v[k] - v[k - 1]), k,
+                     int(v.size - k))
 
 
-def auto_threshold(values: Sequence[float] | np.ndarray, *, min_bimodality: float = 0.6) -> Threshold:
+def auto_threshold(values: Sequence[float] | np.ndarray, *, min_bimodality: float = 0.6,
+                   min_decades: float = 1.0) -> Threshold:
     """The valley between the two modes, or ``NotBimodalError`` with advice."""
     result = split(values)
+    if result.bimodality >= min_bimodality and result.decades < min_decades:
+        raise NotBimodalError(
+            f"the two importance modes are only {result.decades:.2f} decades apart (needs >= {min_decades}): "
+            "the weak channels are not weak enough to drop; train longer or with a stronger penalty, or set "
+            "prune.threshold=ratio with prune.ratio=0.5 (or another fraction)"
+        )
     if result.bimodality < min_bimodality:
         raise NotBimodalError(
             f"importance distribution is not bimodal (Sarle's coefficient {result.bimodality:.2f}, needs >= "

@@ -26,3 +26,10 @@ def test_unimodal_is_refused_with_advice():
 def test_summary_fractions():
     s = importance_summary([0.01, 0.02, 0.6, 0.7])
     assert s["below_0.05"] == 0.5 and s["above_0.5"] == 0.5
+
+
+def test_close_modes_are_refused():
+    rng = np.random.default_rng(2)
+    close = np.concatenate([rng.normal(0.50, 0.002, 400), rng.normal(0.515, 0.003, 200)])
+    with pytest.raises(NotBimodalError, match="decades apart"):
+        auto_threshold(close)
