@@ -46,7 +46,9 @@ class CorrectedConv2d(nn.Conv2d):
         y = super().forward(x)
         if self.const_kernel is not None:
             ones = torch.ones_like(x[:1, :1])  # (1, 1, H, W): zero padding shapes the borders
-            y = y + F.conv2d(ones, self.const_kernel, None, self.stride, self.padding, self.dilation)
+            y = y + F.conv2d(
+                ones, self.const_kernel, None, self.stride, self.padding, self.dilation
+            )
         if self.const_map is not None:
             if y.shape[-2:] != self.const_map.shape[-2:]:
                 raise RuntimeError(
@@ -57,7 +59,9 @@ class CorrectedConv2d(nn.Conv2d):
         return y
 
 
-def make_corrected_(conv: nn.Conv2d, *, kernel: torch.Tensor | None = None, map_: torch.Tensor | None = None) -> None:
+def make_corrected_(
+    conv: nn.Conv2d, *, kernel: torch.Tensor | None = None, map_: torch.Tensor | None = None
+) -> None:
     """Turn ``conv`` into a ``CorrectedConv2d`` in place (parameters and name are kept)."""
     conv.__class__ = CorrectedConv2d
     for name, value in (("const_kernel", kernel), ("const_map", map_)):
@@ -78,7 +82,9 @@ class RemovalReport:
     max_rel_err: float  # pruned vs the zeroed reference
 
 
-def zero_scales_(model: nn.Module, graph: ChannelGraph, groups: set[int], *, shifts: set[int] = frozenset()) -> None:
+def zero_scales_(
+    model: nn.Module, graph: ChannelGraph, groups: set[int], *, shifts: set[int] = frozenset()
+) -> None:
     """Set the BN scale of every channel in ``groups`` to exactly zero (and shift, for ``shifts``)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -95,7 +101,9 @@ def zero_scales_(model: nn.Module, graph: ChannelGraph, groups: set[int], *, shi
 def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     modules, seen = dict(model.named_modules()), {}
 
-    def record(name: str, args: tuple) -> None:  # a pre-hook must return None or it replaces the input
+    def record(
+        name: str, args: tuple
+    ) -> None:  # a pre-hook must return None or it replaces the input
         seen.setdefault(name, args[0].detach())
 
     hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: record(n, a)) for n in names]
@@ -108,13 +116,17 @@ def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict
     return seen
 
 
-def _correction(layer: nn.Module, xin: torch.Tensor, idx: list[int], exact: bool) -> tuple[str, torch.Tensor, float]:
+def _correction(
+    layer: nn.Module, xin: torch.Tensor, idx: list[int], exact: bool
+) -> tuple[str, torch.Tensor, float]:
     """(form, tensor, border error) for the removed input channels ``idx`` of ``layer``."""
     masked = torch.zeros_like(xin)
     masked[:, idx] = xin[:, idx]
     if isinstance(layer, nn.Linear):
         return "bias", F.linear(masked, layer.weight)[0], 0.0
-    full = F.conv2d(masked, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)[0]
+    full = F.conv2d(
+        masked, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups
+    )[0]
     centre = full[:, full.shape[1] // 2, full.shape[2] // 2]
     border = float((full - centre[:, None, None]).abs().max())
     if border == 0.0 or not exact:
@@ -132,7 +144,9 @@ def _readers(graph: ChannelGraph, dropped: set[int]) -> dict[str, list[int]]:
     """Conv/linear layers (not depthwise) -> input positions that belong to dropped groups."""
     out = {}
     for name, layer in graph.layers.items():
-        depthwise = layer.kind == "conv" and layer.conv_groups == len(layer.in_groups) == len(layer.out_groups)
+        depthwise = layer.kind == "conv" and layer.conv_groups == len(layer.in_groups) == len(
+            layer.out_groups
+        )
         if layer.kind == "bn" or depthwise:
             continue
         idx = [i for i, g in enumerate(layer.in_groups) if g in dropped]
@@ -185,7 +199,10 @@ def remove_groups(
     zero_scales_(reference, graph, set(dropped), shifts=approximate)
     readers = _readers(graph, set(dropped))
     a, b = example[:1], torch.flip(example[:1], dims=(-1,)) * 0.5 + 0.3
-    inputs, other = _capture_inputs(reference, list(readers), a), _capture_inputs(reference, list(readers), b)
+    inputs, other = (
+        _capture_inputs(reference, list(readers), a),
+        _capture_inputs(reference, list(readers), b),
+    )
     plan = plan or make_plan(graph, dropped)
     pruned = apply_plan_(copy.deepcopy(reference), plan)
     keep_out = {l.name: list(l.keep_out) for l in plan.layers}
@@ -193,8 +210,10 @@ def remove_groups(
     corrections, border = [], 0.0
     for name, idx in readers.items():
         if not torch.allclose(inputs[name][:, idx], other[name][:, idx], atol=1e-6):
-            raise PruneError(f"{name} reads removed channels whose value depends on the input; "
-                             "the channel graph marked them absorbable wrongly (please report)")
+            raise PruneError(
+                f"{name} reads removed channels whose value depends on the input; "
+                "the channel graph marked them absorbable wrongly (please report)"
+            )
         original = dict(reference.named_modules())[name]
         form, value, err = _correction(original, inputs[name], idx, exact_borders)
         border = max(border, err)
@@ -202,12 +221,27 @@ def remove_groups(
             _attach(modules[name], form, value, keep_out.get(name))
             corrections.append((name, form))
     ref_out, out = reference(example), pruned(example)
-    report = RemovalReport(len(dropped) - len(approximate), len(approximate), tuple(corrections), border,
-                           _rel_err(reference(example), model(example)), _rel_err(out, ref_out))
+    report = RemovalReport(
+        len(dropped) - len(approximate),
+        len(approximate),
+        tuple(corrections),
+        border,
+        _rel_err(reference(example), model(example)),
+        _rel_err(out, ref_out),
+    )
     if exact_borders and report.max_rel_err > 1e-4:
-        raise PruneError(f"pruned model differs from the zeroed reference by {report.max_rel_err:.2e} of the "
-                         "output scale; this is a bug in constant absorption, please report it")
-    logger.info("removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e, "
-                "zeroing changed outputs by %.2e", len(dropped), report.absorbed_groups, len(approximate),
-                len(corrections), report.max_rel_err, report.zeroing_err)
+        raise PruneError(
+            f"pruned model differs from the zeroed reference by {report.max_rel_err:.2e} of the "
+            "output scale; this is a bug in constant absorption, please report it"
+        )
+    logger.info(
+        "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e, "
+        "zeroing changed outputs by %.2e",
+        len(dropped),
+        report.absorbed_groups,
+        len(approximate),
+        len(corrections),
+        report.max_rel_err,
+        report.zeroing_err,
+    )
     return pruned, plan, report

@@ -72,7 +72,9 @@ class BoundedBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f"BoundedBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"BoundedBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}"
+            )
         return bn_kernel.bounded_batch_norm(
             x,
             self.weight,
@@ -89,7 +91,9 @@ class BoundedBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, shift={self.bias is not None}"
 
 
-def convert_to_bounded_bn_(model: nn.Module, *, shift: bool = False, init_logit: float = 0.0) -> int:
+def convert_to_bounded_bn_(
+    model: nn.Module, *, shift: bool = False, init_logit: float = 0.0
+) -> int:
     """Replace every ``nn.BatchNorm2d`` in ``model`` with a fresh ``BoundedBatchNorm2d``, in place.
 
     Returns:
@@ -101,7 +105,9 @@ def convert_to_bounded_bn_(model: nn.Module, *, shift: bool = False, init_logit:
             bounded = BoundedBatchNorm2d(
                 child.num_features, child.eps, child.momentum, shift=shift, init_logit=init_logit
             )
-            setattr(model, name, bounded.to(child.weight.device if child.weight is not None else "cpu"))
+            setattr(
+                model, name, bounded.to(child.weight.device if child.weight is not None else "cpu")
+            )
             replaced += 1
         else:
             replaced += convert_to_bounded_bn_(child, shift=shift, init_logit=init_logit)
@@ -113,7 +119,8 @@ def bn_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, BoundedBatchNorm2d) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine)
+        if isinstance(m, BoundedBatchNorm2d)
+        or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine)
     }
 
 

@@ -38,29 +38,125 @@ from pipeline.bounded_bn import BoundedBatchNorm2d
 logger = logging.getLogger(__name__)
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, BoundedBatchNorm2d)
-_ZERO_KEEPING = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu",
-                 "mish", "hardswish", "hardtanh", "tanh", "dropout", "dropout2d", "neg", "abs",
-                 "identity", "contiguous", "clone", "detach", "float", "half", "double", "to",
-                 "type", "type_as", "softsign", "tanhshrink",
-                 "stochastic_depth"}  # torchvision's stochastic depth scales whole samples
+_ZERO_KEEPING = {
+    "relu",
+    "relu_",
+    "relu6",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "celu",
+    "gelu",
+    "silu",
+    "mish",
+    "hardswish",
+    "hardtanh",
+    "tanh",
+    "dropout",
+    "dropout2d",
+    "neg",
+    "abs",
+    "identity",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "half",
+    "double",
+    "to",
+    "type",
+    "type_as",
+    "softsign",
+    "tanhshrink",
+    "stochastic_depth",
+}  # torchvision's stochastic depth scales whole samples
 _ZERO_BREAKING = {"sigmoid", "hardsigmoid", "exp", "softplus", "cos", "sigmoid_"}
-_PER_CHANNEL = {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-                "interpolate", "upsample", "pad", "max_pool1d", "avg_pool1d",
-                "adaptive_avg_pool1d"}
-_INDEX = {"view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze",
-          "unsqueeze", "expand", "expand_as", "cat", "concat", "stack", "split", "chunk",
-          "unbind", "narrow", "t", "movedim", "getitem", "__getitem__", "roll", "flip", "repeat"}
-_ADD = {"add", "add_", "iadd", "__add__", "__radd__", "__iadd__", "sub", "sub_", "isub", "__sub__", "__rsub__"}
-_MUL = {"mul", "mul_", "imul", "__mul__", "__rmul__", "__imul__", "truediv", "div", "div_",
-        "__truediv__"}
+_PER_CHANNEL = {
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "interpolate",
+    "upsample",
+    "pad",
+    "max_pool1d",
+    "avg_pool1d",
+    "adaptive_avg_pool1d",
+}
+_INDEX = {
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "cat",
+    "concat",
+    "stack",
+    "split",
+    "chunk",
+    "unbind",
+    "narrow",
+    "t",
+    "movedim",
+    "getitem",
+    "__getitem__",
+    "roll",
+    "flip",
+    "repeat",
+}
+_ADD = {
+    "add",
+    "add_",
+    "iadd",
+    "__add__",
+    "__radd__",
+    "__iadd__",
+    "sub",
+    "sub_",
+    "isub",
+    "__sub__",
+    "__rsub__",
+}
+_MUL = {
+    "mul",
+    "mul_",
+    "imul",
+    "__mul__",
+    "__rmul__",
+    "__imul__",
+    "truediv",
+    "div",
+    "div_",
+    "__truediv__",
+}
 _REDUCE = {"mean", "sum", "amax", "amin"}
 _MODULE_OPS = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardswish: "hardswish",
-    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Tanh: "tanh", nn.Mish: "mish", nn.Identity: "identity",
-    nn.Dropout: "dropout", nn.Dropout2d: "dropout", nn.Hardtanh: "hardtanh", nn.Sigmoid: "sigmoid",
-    nn.Hardsigmoid: "hardsigmoid", nn.MaxPool2d: "max_pool2d", nn.AvgPool2d: "avg_pool2d",
-    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d", nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
-    nn.Upsample: "interpolate", nn.Flatten: "flatten",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Hardswish: "hardswish",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.Tanh: "tanh",
+    nn.Mish: "mish",
+    nn.Identity: "identity",
+    nn.Dropout: "dropout",
+    nn.Dropout2d: "dropout",
+    nn.Hardtanh: "hardtanh",
+    nn.Sigmoid: "sigmoid",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.MaxPool2d: "max_pool2d",
+    nn.AvgPool2d: "avg_pool2d",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+    nn.AdaptiveMaxPool2d: "adaptive_max_pool2d",
+    nn.Upsample: "interpolate",
+    nn.Flatten: "flatten",
 }
 
 
@@ -123,7 +219,9 @@ class ChannelGraph:
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases.
-        return isinstance(m, (BoundedBatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (BoundedBatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(
+            m, qualname
+        )
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -192,7 +290,11 @@ def _op_name(node: fx.Node, module: nn.Module | None) -> str:
 def _is_tensors(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
-    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+    return (
+        isinstance(value, (tuple, list))
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value)
+    )
 
 
 def _expand_channels(per_channel: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
@@ -223,7 +325,11 @@ class _SlotInterpreter(fx.Interpreter):
         if isinstance(value, torch.Tensor):
             pid = self.uf.new(1, pinned=True)
             false = torch.zeros((), dtype=torch.bool).expand(value.shape)
-            return _Slots(pid.view([1] * value.dim()).expand(value.shape) if value.dim() else pid[0], false, false)
+            return _Slots(
+                pid.view([1] * value.dim()).expand(value.shape) if value.dim() else pid[0],
+                false,
+                false,
+            )
         if _is_tensors(value):
             items = [self._pinned_like(v) for v in value]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
@@ -252,8 +358,9 @@ class _SlotInterpreter(fx.Interpreter):
 
         # Only the data operand (first argument) is substituted; index tensors stay real.
         first = fx.node.map_arg(n.args[:1], sub) if n.args else ()
-        return tuple(first) + tuple(n.args[1:] and fx.node.map_arg(n.args[1:], self.env.__getitem__)), \
-            dict(fx.node.map_arg(n.kwargs, self.env.__getitem__))
+        return tuple(first) + tuple(
+            n.args[1:] and fx.node.map_arg(n.args[1:], self.env.__getitem__)
+        ), dict(fx.node.map_arg(n.kwargs, self.env.__getitem__))
 
     def _location(self, n: fx.Node) -> str:
         stack = n.meta.get("nn_module_stack") or {}
@@ -264,10 +371,14 @@ class _SlotInterpreter(fx.Interpreter):
         for s in inputs:
             self.uf.pin(s.ids)
         if inputs:
-            self.barriers.append(Barrier(op + (f" ({why})" if why else ""), n.name, self._location(n)))
+            self.barriers.append(
+                Barrier(op + (f" ({why})" if why else ""), n.name, self._location(n))
+            )
         return self._pinned_like(value)
 
-    def _channels_of(self, s: _Slots, dim: int, n: fx.Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _channels_of(
+        self, s: _Slots, dim: int, n: fx.Node
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-channel ids along ``dim``; channels whose ids vary by position are pinned."""
         ids = s.ids.movedim(dim, 0).reshape(s.ids.shape[dim], -1)
         lo, hi = ids.amin(1), ids.amax(1)
@@ -278,7 +389,9 @@ class _SlotInterpreter(fx.Interpreter):
             self.uf.pin(ids[mixed])
             lo = lo.clone()
             lo[mixed] = self.uf.new(1, pinned=True)
-            self.barriers.append(Barrier("channel axis mixed with other axes", n.name, self._location(n)))
+            self.barriers.append(
+                Barrier("channel axis mixed with other axes", n.name, self._location(n))
+            )
         return lo, zero, const
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -342,7 +455,7 @@ class _SlotInterpreter(fx.Interpreter):
             return self._barrier(n, _op_name(n, module), value, problem)
         if isinstance(ids, torch.Tensor):
             return _Slots(ids, zero, const)
-        return type(ids)(_Slots(i, z, c) for i, z, c in zip(ids, zero, const))
+        return type(ids)(_Slots(i, z, c) for i, z, c in zip(ids, zero, const, strict=False))
 
     def _channel_split(self, n: fx.Node, out: Any) -> str:
         """Tie or refuse index ops that cut the channel axis into pieces.
@@ -371,8 +484,12 @@ class _SlotInterpreter(fx.Interpreter):
                 return "slices the channel axis"
         elif name in ("view", "reshape", "unflatten") and isinstance(out, torch.Tensor):
             c = x.shape[1]
-            if out.dim() == x.dim() + 1 and out.shape[0] == x.shape[0] and out.shape[1] * out.shape[2] == c \
-                    and out.shape[1] > 1:
+            if (
+                out.dim() == x.dim() + 1
+                and out.shape[0] == x.shape[0]
+                and out.shape[1] * out.shape[2] == c
+                and out.shape[1] > 1
+            ):
                 self.uf.union_pairs(out, out[:, :1].expand_as(out))
         return ""
 
@@ -405,16 +522,27 @@ class _SlotInterpreter(fx.Interpreter):
             return self._pinned_like(value)
         for other in tensors[1:]:
             self.uf.union_pairs(tensors[0].ids, other.ids)
-        ids = tensors[0].ids.expand(value.shape) if tensors[0].ids.shape != value.shape else tensors[0].ids
+        ids = (
+            tensors[0].ids.expand(value.shape)
+            if tensors[0].ids.shape != value.shape
+            else tensors[0].ids
+        )
         zeros = [s.zero for s in tensors]
         if op in _ADD:  # zero iff every operand is zero
-            zero = torch.zeros_like(ids, dtype=torch.bool) if any(c != 0 for c in scalars) else \
-                torch.stack(torch.broadcast_tensors(*zeros)).all(0)
+            zero = (
+                torch.zeros_like(ids, dtype=torch.bool)
+                if any(c != 0 for c in scalars)
+                else torch.stack(torch.broadcast_tensors(*zeros)).all(0)
+            )
         elif op in ("truediv", "div", "div_", "__truediv__"):
             first = operands[0][0]
-            zero = (first.zero if first is not None else torch.tensor(operands[0][1] == 0)).expand(value.shape)
+            zero = (first.zero if first is not None else torch.tensor(operands[0][1] == 0)).expand(
+                value.shape
+            )
         else:  # product: zero if any factor is zero
-            zero = torch.stack(torch.broadcast_tensors(*zeros)).any(0) | any(c == 0 for c in scalars)
+            zero = torch.stack(torch.broadcast_tensors(*zeros)).any(0) | any(
+                c == 0 for c in scalars
+            )
         const = torch.stack(torch.broadcast_tensors(*[s.const for s in tensors])).all(0)
         return _Slots(ids, zero.expand(value.shape), const.expand(value.shape))
 
@@ -431,7 +559,9 @@ class _SlotInterpreter(fx.Interpreter):
         return _Slots(lo, zero, const)
 
     # -- layers -----------------------------------------------------------------------------
-    def _record(self, name: str, kind: str, in_ids: torch.Tensor, make_out: Any, groups: int = 1) -> torch.Tensor:
+    def _record(
+        self, name: str, kind: str, in_ids: torch.Tensor, make_out: Any, groups: int = 1
+    ) -> torch.Tensor:
         """Store a layer's channel ids; a layer called twice shares its ids across calls."""
         if name in self.layers:
             self.uf.union_pairs(self.layers[name][1], in_ids)
@@ -452,7 +582,9 @@ class _SlotInterpreter(fx.Interpreter):
             if g > 1:  # tie in-group index j across groups so every group keeps the same count
                 grid = p_in.view(g, cin // g)
                 self.uf.union_pairs(grid, grid[:1].expand_as(grid))
-                out = self._record(n.target, "conv", p_in, lambda: self.uf.new(cout // g).repeat(g), g)
+                out = self._record(
+                    n.target, "conv", p_in, lambda: self.uf.new(cout // g).repeat(g), g
+                )
             else:
                 out = self._record(n.target, "conv", p_in, lambda: self.uf.new(cout), g)
             zero = const = torch.zeros(cout, dtype=torch.bool)
@@ -473,7 +605,11 @@ class _SlotInterpreter(fx.Interpreter):
         affine = getattr(m, "weight", None) is not None
         if affine:
             self.bns.append((n.target, p))
-        const = torch.full((), affine).expand(value.shape) if affine else _expand_channels(c_in, value.shape, 1)
+        const = (
+            torch.full((), affine).expand(value.shape)
+            if affine
+            else _expand_channels(c_in, value.shape, 1)
+        )
         return _Slots(x.ids, torch.full((), affine).expand(value.shape), const)
 
 
@@ -525,12 +661,27 @@ def _finalise(interp: _SlotInterpreter, input_shape: tuple[int, ...]) -> Channel
         sizes.update(layer.out_groups)
     groups = []
     for g in range(len(gid)):
-        reason = ("touches a graph input/output or a barrier" if g in pinned
-                  else "no affine BatchNorm gates it" if g not in bn_channels
-                  else "a conv/linear reads it before its BN" if g in bad_reads else "")
+        reason = (
+            "touches a graph input/output or a barrier"
+            if g in pinned
+            else "no affine BatchNorm gates it"
+            if g not in bn_channels
+            else "a conv/linear reads it before its BN"
+            if g in bad_reads
+            else ""
+        )
         absorbable = g not in pinned and g in bn_channels and g not in varying_reads
-        groups.append(ChannelGroup(g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable))
+        groups.append(
+            ChannelGroup(
+                g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable
+            )
+        )
     graph = ChannelGraph(layers, tuple(groups), tuple(interp.barriers), input_shape)
-    logger.info("channel graph: %d layers, %d groups (%d prunable), %d barriers",
-                len(layers), len(groups), len(graph.prunable_groups), len(graph.barriers))
+    logger.info(
+        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
+        len(layers),
+        len(groups),
+        len(graph.prunable_groups),
+        len(graph.barriers),
+    )
     return graph

@@ -30,7 +30,9 @@ def _input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"--input-shape expects N,C,H,W such as 1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--input-shape expects N,C,H,W such as 1,3,224,224, got {text!r}"
+        )
     return shape
 
 
@@ -60,8 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_data(cfg.data, seed=cfg.train.seed)
     model, logs = build_and_train(cfg, data, Path(args.out) / "checkpoints")
     save_pruned(model, Path(args.out) / "model", spec=model_spec(cfg, data))
-    print(f"trained {len(logs)} epochs, accuracy {logs[-1].accuracy if logs else float('nan'):.4f}; "
-          f"model in {Path(args.out) / 'model'}")
+    print(
+        f"trained {len(logs)} epochs, accuracy {logs[-1].accuracy if logs else float('nan'):.4f}; "
+        f"model in {Path(args.out) / 'model'}"
+    )
     return EXIT_OK
 
 
@@ -78,12 +82,19 @@ def _load_for_prune(args: argparse.Namespace):
         shape = (1, *spec["input_shape"])
     else:
         if not args.model or not args.input_shape:
-            raise ValueError("recede prune needs --from DIR (a trained model) or --model SPEC with --input-shape N,C,H,W")
+            raise ValueError(
+                "recede prune needs --from DIR (a trained model) or --model SPEC with --input-shape N,C,H,W"
+            )
         shape = args.input_shape
         mcfg = ModelConfig(name=args.model)
         model = build_model(mcfg, num_classes=args.num_classes, in_channels=shape[1]).eval()
-        spec = {"model": {"name": args.model, "width": mcfg.width, "depth": mcfg.depth}, "num_classes": args.num_classes,
-                "in_channels": shape[1], "bounded_bn": False, "input_shape": list(shape[1:])}
+        spec = {
+            "model": {"name": args.model, "width": mcfg.width, "depth": mcfg.depth},
+            "num_classes": args.num_classes,
+            "in_channels": shape[1],
+            "bounded_bn": False,
+            "input_shape": list(shape[1:]),
+        }
     return model.eval(), spec, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
 
 
@@ -97,18 +108,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     model, spec, example = _load_for_prune(args)
     threshold = "ratio" if args.threshold is None else args.threshold
-    cfg = PruneConfig(threshold=threshold if threshold in ("auto", "ratio") else float(threshold),
-                      ratio=args.ratio, min_channels=args.min_channels, round_to=args.round_to)
+    cfg = PruneConfig(
+        threshold=threshold if threshold in ("auto", "ratio") else float(threshold),
+        ratio=args.ratio,
+        min_channels=args.min_channels,
+        round_to=args.round_to,
+    )
     result = prune_model(model, example, cfg)
     out = Path(args.out)
     save_pruned(result.model, out, spec=spec)
     shape = tuple(example.shape[1:])
     report = {
-        "model": spec["model"]["name"], "input_shape": list(example.shape),
+        "model": spec["model"]["name"],
+        "input_shape": list(example.shape),
         "params": {"before": count_params(model), "after": count_params(result.model)},
         "macs": {"before": count_macs(model, shape), "after": count_macs(result.model, shape)},
-        "groups": {"total": len(result.graph.groups), "prunable": len(result.importances),
-                   "dropped": len(result.plan.dropped_groups)},
+        "groups": {
+            "total": len(result.graph.groups),
+            "prunable": len(result.importances),
+            "dropped": len(result.plan.dropped_groups),
+        },
         "threshold": {"mode": result.plan.threshold_mode, "value": result.plan.threshold_value},
         "barriers": [b.__dict__ for b in result.graph.barriers],
     }
@@ -133,8 +152,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     folded, fold = fold_bn(model, batch)
     path = export_onnx(folded, batch[:2], Path(args.dir) / "model.onnx", opset=args.opset)
     check = verify_onnx(path, model, batch, atol=args.atol)
-    print(f"{path}: opset {check.opset}, folded {len(fold.folded)} BNs, ONNX Runtime max abs err "
-          f"{check.max_abs_err:.2e} (rel {check.max_rel_err:.2e}) -> {'ok' if check.passed else 'FAILED'}")
+    print(
+        f"{path}: opset {check.opset}, folded {len(fold.folded)} BNs, ONNX Runtime max abs err "
+        f"{check.max_abs_err:.2e} (rel {check.max_rel_err:.2e}) -> {'ok' if check.passed else 'FAILED'}"
+    )
     if args.format == "tensorrt":
         from pipeline.export.tensorrt import build_engine
 
@@ -153,25 +174,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     folded, _ = fold_bn(model, torch.randn(2, *spec["input_shape"]))
     onnx = Path(args.dir) / "model.onnx"
-    rows = latency_table({"pruned": folded}, {"pruned": onnx} if onnx.exists() else {}, tuple(spec["input_shape"]),
-                         batches=args.batches, threads=args.threads, runs=args.runs)
+    rows = latency_table(
+        {"pruned": folded},
+        {"pruned": onnx} if onnx.exists() else {},
+        tuple(spec["input_shape"]),
+        batches=args.batches,
+        threads=args.threads,
+        runs=args.runs,
+    )
     for r in rows:
-        print(f"{r.backend:12s} {r.device:5s} batch {r.batch:3d} threads {r.threads}: p50 {r.p50_ms:.3f} ms "
-              f"p90 {r.p90_ms:.3f} ms p99 {r.p99_ms:.3f} ms")
+        print(
+            f"{r.backend:12s} {r.device:5s} batch {r.batch:3d} threads {r.threads}: p50 {r.p50_ms:.3f} ms "
+            f"p90 {r.p90_ms:.3f} ms p99 {r.p99_ms:.3f} ms"
+        )
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's channel groups and barriers, or a run folder's report."""
     if args.dir:
-        print(Path(args.dir, "report.md").read_text() if Path(args.dir, "report.md").exists()
-              else Path(args.dir, "report.json").read_text())
+        print(
+            Path(args.dir, "report.md").read_text()
+            if Path(args.dir, "report.md").exists()
+            else Path(args.dir, "report.json").read_text()
+        )
         return EXIT_OK
     from pipeline.channel_graph import build_channel_graph
 
     model, _, example = _load_for_prune(args)
     graph = build_channel_graph(model, example)
-    print(f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, {len(graph.prunable_groups)} prunable")
+    print(
+        f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, {len(graph.prunable_groups)} prunable"
+    )
     reasons: dict[str, int] = {}
     for g in graph.groups:
         if not g.prunable:
@@ -185,14 +219,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. prune.ratio=0.6")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. prune.ratio=0.6",
+    )
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="source", metavar="DIR", help="a saved model folder (from `recede train`)")
-    p.add_argument("--model", help="torchvision:<name>, vgg, resnet20/56, or package.module:factory")
-    p.add_argument("--input-shape", type=_input_shape, help="example input N,C,H,W, e.g. 1,3,224,224")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes for a freshly built model")
+    p.add_argument(
+        "--from", dest="source", metavar="DIR", help="a saved model folder (from `recede train`)"
+    )
+    p.add_argument(
+        "--model", help="torchvision:<name>, vgg, resnet20/56, or package.module:factory"
+    )
+    p.add_argument(
+        "--input-shape", type=_input_shape, help="example input N,C,H,W, e.g. 1,3,224,224"
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=1000, help="classes for a freshly built model"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,10 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "run": cmd_run, "train": cmd_train, "prune": cmd_prune, "export": cmd_export,
-        "bench": cmd_bench, "inspect": cmd_inspect,
+        "run": cmd_run,
+        "train": cmd_train,
+        "prune": cmd_prune,
+        "export": cmd_export,
+        "bench": cmd_bench,
+        "inspect": cmd_inspect,
     }
-    parsers = {name: sub.add_parser(name, help=fn.__doc__, description=fn.__doc__) for name, fn in commands.items()}
+    parsers = {
+        name: sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        for name, fn in commands.items()
+    }
     for name, p in parsers.items():
         p.set_defaults(handler=commands[name])
     for name in ("run", "train"):
@@ -211,10 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].add_argument("--out", default=f"runs/{name}", help="output folder")
     p = parsers["prune"]
     _add_model_source(p)
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable channel groups to drop")
+    p.add_argument(
+        "--ratio", type=float, default=0.5, help="fraction of prunable channel groups to drop"
+    )
     p.add_argument("--threshold", help="'auto' (valley of the importance distribution) or a number")
     p.add_argument("--min-channels", type=int, default=4)
-    p.add_argument("--round-to", type=int, default=1, help="round kept widths to a multiple (e.g. 8)")
+    p.add_argument(
+        "--round-to", type=int, default=1, help="round kept widths to a multiple (e.g. 8)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p = parsers["export"]
     p.add_argument("dir", help="a folder written by `recede prune` or `recede train`")
@@ -241,15 +299,27 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from pipeline.prune import PruneError
     from pipeline.threshold import NotBimodalError
 
-    return (ConfigError, DataError, ModelError, GraphError, PruneError, NotBimodalError, FileNotFoundError,
-            ValueError, ImportError)
+    return (
+        ConfigError,
+        DataError,
+        ModelError,
+        GraphError,
+        PruneError,
+        NotBimodalError,
+        FileNotFoundError,
+        ValueError,
+        ImportError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recede`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from pipeline.fold import FoldError
     from pipeline.run import VerificationError
 

@@ -45,7 +45,11 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training samples (quick runs)
 
     def __post_init__(self) -> None:
-        _check_choice("data.name", self.name, ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"))
+        _check_choice(
+            "data.name",
+            self.name,
+            ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"),
+        )
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.batch_size", self.batch_size)
 
@@ -85,7 +89,9 @@ class PenaltyConfig:
     rescale: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_choice("train.penalty.method", self.method, ("receding", "l1", "polarization", "ista", "none"))
+        _check_choice(
+            "train.penalty.method", self.method, ("receding", "l1", "polarization", "ista", "none")
+        )
         _check_choice("train.penalty.cost", self.cost, ("memory", "flops"))
         _check_positive("train.penalty.rescale", self.rescale)
         _check_positive("train.penalty.strength", self.strength, allow_zero=True)
@@ -146,7 +152,9 @@ class PruneConfig:
         if self.min_channels < 1:
             raise ConfigError(f"prune.min_channels must be >= 1, got {self.min_channels!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:
-            raise ConfigError(f"prune.max_layer_ratio must be in (0, 1], got {self.max_layer_ratio!r}")
+            raise ConfigError(
+                f"prune.max_layer_ratio must be in (0, 1], got {self.max_layer_ratio!r}"
+            )
         _check_positive("prune.round_to", self.round_to)
 
 
@@ -219,9 +227,15 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         return tuple(_coerce(path, v, args[0]) for v in value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if tp is Any or (isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    if tp is Any or (
+        isinstance(tp, type)
+        and isinstance(value, tp)
+        and not (tp is int and isinstance(value, bool))
+    ):
         return value
-    raise ConfigError(f"{path} expects {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{path} expects {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def from_dict(cls: type, data: Mapping[str, Any] | None, *, prefix: str = "") -> Any:
@@ -234,7 +248,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, *, prefix: str = "") ->
     if unknown:
         where = f"{prefix}." if prefix else ""
         valid = ", ".join(f"{where}{k}" for k in types_)
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys: {valid}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; valid keys: {valid}"
+        )
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, types_[k]) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -276,7 +292,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunCo
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a path such as configs/demo.yaml")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass a path such as configs/demo.yaml"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -48,7 +48,9 @@ class ConversionReport:
     max_rel_err: float
 
 
-def _bounded_from(bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, var: torch.Tensor) -> BoundedBatchNorm2d:
+def _bounded_from(
+    bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, var: torch.Tensor
+) -> BoundedBatchNorm2d:
     out = BoundedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, shift=True)
     with torch.no_grad():
         out.weight.copy_(torch.logit(scale.clamp(0, 1)))  # logit(0) = -inf: scale exactly 0
@@ -59,13 +61,17 @@ def _bounded_from(bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor, 
     return out.train(bn.training)
 
 
-def _flip_negative_(model: nn.Module, conv_of: dict[str, str], name: str, bn: nn.BatchNorm2d) -> int:
+def _flip_negative_(
+    model: nn.Module, conv_of: dict[str, str], name: str, bn: nn.BatchNorm2d
+) -> int:
     neg = bn.weight < 0
     if not bool(neg.any()):
         return 0
     if name not in conv_of:
-        raise ConversionError(f"{name}: {int(neg.sum())} negative gammas, and no conv feeds only this BN to take "
-                              "the sign; bounded BN cannot represent a negative scale here")
+        raise ConversionError(
+            f"{name}: {int(neg.sum())} negative gammas, and no conv feeds only this BN to take "
+            "the sign; bounded BN cannot represent a negative scale here"
+        )
     conv = model.get_submodule(conv_of[name])
     with torch.no_grad():
         conv.weight[neg] *= -1
@@ -85,7 +91,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     return float((a - b).abs().max()) <= rtol * max(float(b.abs().max()), 1e-12)
 
 
-def _reader_factors(graph, name: str, alpha: torch.Tensor) -> list[tuple[str, list[int], torch.Tensor]]:
+def _reader_factors(
+    graph, name: str, alpha: torch.Tensor
+) -> list[tuple[str, list[int], torch.Tensor]]:
     """(reader, input positions, alpha of the BN channel at each position) for a BN's readers."""
     channel_of = {g: c for c, g in enumerate(graph.layers[name].out_groups)}
     out = []
@@ -116,8 +124,9 @@ def _move_into_readers_(model, graph, name, bn, alpha, scale, reference, example
 
 
 @torch.no_grad()
-def convert_trained_to_bounded_(model: nn.Module, example: torch.Tensor, *, max_scale: float = 0.99,
-                                rtol: float = 1e-5) -> ConversionReport:
+def convert_trained_to_bounded_(
+    model: nn.Module, example: torch.Tensor, *, max_scale: float = 0.99, rtol: float = 1e-5
+) -> ConversionReport:
     """Replace every affine ``nn.BatchNorm2d`` of an eval-mode ``model`` by an equivalent bounded BN.
 
     Raises:
@@ -128,7 +137,9 @@ def convert_trained_to_bounded_(model: nn.Module, example: torch.Tensor, *, max_
     graph = build_channel_graph(model, example)
     conv_of = {bn: conv for conv, bn in conv_bn_pairs(model)}
     by_readers, by_variance, flipped = [], [], 0
-    for name, bn in [(n, m) for n, m in model.named_modules() if type(m) is nn.BatchNorm2d and m.affine]:
+    for name, bn in [
+        (n, m) for n, m in model.named_modules() if type(m) is nn.BatchNorm2d and m.affine
+    ]:
         flipped += _flip_negative_(model, conv_of, name, bn)
         gamma, beta, var = bn.weight.detach(), bn.bias.detach(), bn.running_var.detach()
         alpha = torch.where(gamma > max_scale, gamma / max_scale, torch.ones_like(gamma))
@@ -138,13 +149,24 @@ def convert_trained_to_bounded_(model: nn.Module, example: torch.Tensor, *, max_
             continue
         new_var = (var + bn.eps) / alpha**2 - bn.eps
         if bool((new_var < 0).any()):
-            raise ConversionError(f"{name}: gamma up to {float(gamma.max()):.3g} is too large to move into the "
-                                  f"variance (eps={bn.eps}); lower max_scale or retrain with smaller gamma")
+            raise ConversionError(
+                f"{name}: gamma up to {float(gamma.max()):.3g} is too large to move into the "
+                f"variance (eps={bn.eps}); lower max_scale or retrain with smaller gamma"
+            )
         _set(model, name, _bounded_from(bn, scale, beta, new_var))
         by_variance.append(name)
     err = float((model(example) - reference).abs().max()) / max(float(reference.abs().max()), 1e-12)
     if err > rtol:
-        raise ConversionError(f"converted model differs by {err:.2e} of the output scale (> {rtol:.0e})")
-    logger.info("converted %d BNs to bounded BN (%d via readers, %d via variance, %d channels sign-flipped); "
-                "rel err %.2e", len(by_readers) + len(by_variance), len(by_readers), len(by_variance), flipped, err)
+        raise ConversionError(
+            f"converted model differs by {err:.2e} of the output scale (> {rtol:.0e})"
+        )
+    logger.info(
+        "converted %d BNs to bounded BN (%d via readers, %d via variance, %d channels sign-flipped); "
+        "rel err %.2e",
+        len(by_readers) + len(by_variance),
+        len(by_readers),
+        len(by_variance),
+        flipped,
+        err,
+    )
     return ConversionReport(tuple(by_readers), tuple(by_variance), flipped, err)

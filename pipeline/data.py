@@ -53,7 +53,9 @@ def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False
+    )
     x = (x - 0.5) / 0.5
     y = torch.tensor(digits.target, dtype=torch.long)
     tr, te = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=digits.target)
@@ -62,7 +64,9 @@ def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
 
 def _fashion_root() -> Path:
     """torchvision-layout folder holding Debian's Fashion-MNIST files, decompressed once."""
-    cache = Path(os.environ.get("RECEDE_CACHE", Path.home() / ".cache" / "recede")) / "fashion_mnist"
+    cache = (
+        Path(os.environ.get("RECEDE_CACHE", Path.home() / ".cache" / "recede")) / "fashion_mnist"
+    )
     raw = cache / "FashionMNIST" / "raw"
     for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
         target = raw / gz.name[:-3]
@@ -81,9 +85,16 @@ def _torchvision(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
 
     size = [T.Resize(cfg.image_size)]
     if cfg.name == "fashion_mnist":
-        root, download = (_fashion_root(), False) if DEBIAN_FASHION_MNIST.is_dir() else (_root(cfg), True)
+        root, download = (
+            (_fashion_root(), False) if DEBIAN_FASHION_MNIST.is_dir() else (_root(cfg), True)
+        )
         tf = T.Compose([*size, T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
-        return D.FashionMNIST(root, True, tf, download=download), D.FashionMNIST(root, False, tf, download=download), 10, 1
+        return (
+            D.FashionMNIST(root, True, tf, download=download),
+            D.FashionMNIST(root, False, tf, download=download),
+            10,
+            1,
+        )
     root = _root(cfg)
     tf = T.Compose([*size, T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
     if cfg.name in ("cifar10", "cifar100"):
@@ -114,14 +125,29 @@ def _root(cfg: DataConfig) -> Path:
 
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     """Build train/test loaders for ``cfg``."""
-    train, test, num_classes, in_channels = _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+    train, test, num_classes, in_channels = (
+        _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+    )
     if cfg.train_limit is not None:
         train = Subset(train, range(min(cfg.train_limit, len(train))))
     gen = torch.Generator().manual_seed(seed)
     kw = {"num_workers": cfg.num_workers}
-    logger.info("data %s: %d train / %d test samples, %d classes", cfg.name, len(train), len(test), num_classes)
+    logger.info(
+        "data %s: %d train / %d test samples, %d classes",
+        cfg.name,
+        len(train),
+        len(test),
+        num_classes,
+    )
     return DataBundle(
-        DataLoader(train, cfg.batch_size, shuffle=True, generator=gen, drop_last=len(train) > cfg.batch_size, **kw),
+        DataLoader(
+            train,
+            cfg.batch_size,
+            shuffle=True,
+            generator=gen,
+            drop_last=len(train) > cfg.batch_size,
+            **kw,
+        ),
         DataLoader(test, cfg.eval_batch_size, shuffle=False, **kw),
         num_classes,
         in_channels,

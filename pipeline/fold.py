@@ -63,11 +63,17 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), (nn.BatchNorm2d, BoundedBatchNorm2d)):
+        if node.op != "call_module" or not isinstance(
+            modules.get(node.target), (nn.BatchNorm2d, BoundedBatchNorm2d)
+        ):
             continue
         src = node.args[0]
-        if (getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.Conv2d)
-                and len(src.users) == 1 and len(node.args) == 1):
+        if (
+            getattr(src, "op", None) == "call_module"
+            and isinstance(modules.get(src.target), nn.Conv2d)
+            and len(src.users) == 1
+            and len(node.args) == 1
+        ):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -76,29 +82,45 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def fold_bn_(model: nn.Module) -> FoldReport:
     """Fold every foldable BN into its conv in place; BN modules become ``nn.Identity``."""
     if model.training:
-        raise FoldError("fold_bn_ needs an eval-mode model (batch statistics cannot be folded); call model.eval()")
+        raise FoldError(
+            "fold_bn_ needs an eval-mode model (batch statistics cannot be folded); call model.eval()"
+        )
     modules = dict(model.named_modules())
     pairs = conv_bn_pairs(model)
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
-        w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                    _bn_scale(bn), bn.bias)
+        w, b = fold_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, _bn_scale(bn), bn.bias
+        )
         conv.weight = nn.Parameter(w)
         conv.bias = nn.Parameter(b)
         k = _bn_scale(bn) / torch.sqrt(bn.running_var + bn.eps)
-        for name in ("const_kernel", "const_map"):  # constant-channel corrections scale like outputs
+        for name in (
+            "const_kernel",
+            "const_map",
+        ):  # constant-channel corrections scale like outputs
             if getattr(conv, name, None) is not None:
-                setattr(conv, name, getattr(conv, name) * k.view(-1, *([1] * (getattr(conv, name).dim() - 1))))
+                setattr(
+                    conv,
+                    name,
+                    getattr(conv, name) * k.view(-1, *([1] * (getattr(conv, name).dim() - 1))),
+                )
         parent, _, leaf = bn_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     folded_bns = {bn for _, bn in pairs}
-    kept = tuple(n for n, m in modules.items()
-                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d)) and n not in folded_bns)
+    kept = tuple(
+        n
+        for n, m in modules.items()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d))
+        and n not in folded_bns
+    )
     return FoldReport(tuple(pairs), kept, 0.0, 0.0)
 
 
 @torch.no_grad()
-def fold_bn(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-5) -> tuple[nn.Module, FoldReport]:
+def fold_bn(
+    model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-5
+) -> tuple[nn.Module, FoldReport]:
     """Folded copy of ``model``, verified on ``example`` to ``rtol`` of the output scale.
 
     Raises:
@@ -111,6 +133,10 @@ def fold_bn(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-5) -> t
     rel_err = abs_err / max(float(ref.abs().max()), 1e-12)
     if rel_err > rtol:
         raise FoldError(f"folded model differs by {rel_err:.2e} of the output scale (> {rtol:.0e})")
-    logger.info("folded %d BN layers into convs, %d kept; max rel err %.2e", len(report.folded),
-                len(report.kept), rel_err)
+    logger.info(
+        "folded %d BN layers into convs, %d kept; max rel err %.2e",
+        len(report.folded),
+        len(report.kept),
+        rel_err,
+    )
     return folded, FoldReport(report.folded, report.kept, abs_err, rel_err)

@@ -54,12 +54,18 @@ def _feature_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 def _readers_of(graph: ChannelGraph, bn: str) -> list[str]:
     groups = set(graph.layers[bn].out_groups)
-    return [n for n, l in graph.layers.items()
-            if l.kind in ("conv", "linear") and groups & set(l.in_groups)
-            and not (l.kind == "conv" and l.conv_groups == len(l.in_groups) == len(l.out_groups))]
+    return [
+        n
+        for n, l in graph.layers.items()
+        if l.kind in ("conv", "linear")
+        and groups & set(l.in_groups)
+        and not (l.kind == "conv" and l.conv_groups == len(l.in_groups) == len(l.out_groups))
+    ]
 
 
-def layer_costs(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory") -> dict[str, float]:
+def layer_costs(
+    model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
+) -> dict[str, float]:
     """Normalised lambda_l for every BN that follows a conv."""
     if form not in ("memory", "flops"):
         raise ValueError(f"cost form must be 'memory' or 'flops', got {form!r}")
@@ -72,19 +78,26 @@ def layer_costs(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, fo
         conv = modules[conv_name]
         own = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels // conv.groups
         readers = [modules[r] for r in _readers_of(graph, bn)]
-        per_reader = [(m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1) * m.weight.shape[0]
-                      for m in readers]
+        per_reader = [
+            (m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1)
+            * m.weight.shape[0]
+            for m in readers
+        ]
         if form == "memory":
             raw[bn] = (own + sum(per_reader)) / area + sizes[conv_name]
         else:
             reader_sizes = [sizes[r] for r in _readers_of(graph, bn)]
-            raw[bn] = own * sizes[conv_name] + sum(p * s for p, s in zip(per_reader, reader_sizes, strict=True))
+            raw[bn] = own * sizes[conv_name] + sum(
+                p * s for p, s in zip(per_reader, reader_sizes, strict=True)
+            )
     mean = sum(raw.values()) / max(1, len(raw))
     return {k: v / mean for k, v in raw.items()}
 
 
 @torch.no_grad()
-def _scale_bn_(bn: nn.Module, readers: list[nn.Module], idx: Mapping[int, list[int]], alpha: float) -> None:
+def _scale_bn_(
+    bn: nn.Module, readers: list[nn.Module], idx: Mapping[int, list[int]], alpha: float
+) -> None:
     bn.weight.mul_(alpha)
     bn.bias.mul_(alpha)
     for reader, positions in zip(readers, idx.values(), strict=True):
@@ -92,8 +105,14 @@ def _scale_bn_(bn: nn.Module, readers: list[nn.Module], idx: Mapping[int, list[i
 
 
 @torch.no_grad()
-def rescale_gamma_(model: nn.Module, graph: ChannelGraph, example: torch.Tensor, alpha: float,
-                   *, only: Collection[str] | None = None) -> list[str]:
+def rescale_gamma_(
+    model: nn.Module,
+    graph: ChannelGraph,
+    example: torch.Tensor,
+    alpha: float,
+    *,
+    only: Collection[str] | None = None,
+) -> list[str]:
     """Scale gamma, beta by ``alpha`` and readers' weights by 1/alpha where that preserves the function.
 
     Returns the BN names rescaled; undo with ``alpha=1/alpha, only=<that list>``.
@@ -104,16 +123,27 @@ def rescale_gamma_(model: nn.Module, graph: ChannelGraph, example: torch.Tensor,
     done = []
     for bn_name, layer in graph.layers.items():
         bn = modules[bn_name]
-        if layer.kind != "bn" or not isinstance(bn, nn.BatchNorm2d) or bn.weight is None or \
-                (only is not None and bn_name not in only):
+        if (
+            layer.kind != "bn"
+            or not isinstance(bn, nn.BatchNorm2d)
+            or bn.weight is None
+            or (only is not None and bn_name not in only)
+        ):
             continue
         groups = set(layer.out_groups)
         readers = _readers_of(graph, bn_name)
-        idx = {i: [p for p, g in enumerate(graph.layers[r].in_groups) if g in groups] for i, r in enumerate(readers)}
-        if not readers or any(modules[r].weight.dim() == 4 and modules[r].groups > 1 for r in readers):
+        idx = {
+            i: [p for p, g in enumerate(graph.layers[r].in_groups) if g in groups]
+            for i, r in enumerate(readers)
+        }
+        if not readers or any(
+            modules[r].weight.dim() == 4 and modules[r].groups > 1 for r in readers
+        ):
             continue
         _scale_bn_(bn, [modules[r] for r in readers], idx, alpha)
-        if torch.allclose(model(example), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+        if torch.allclose(
+            model(example), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())
+        ):
             done.append(bn_name)
         else:  # a non-homogeneous op or a second path: undo
             _scale_bn_(bn, [modules[r] for r in readers], idx, 1.0 / alpha)

@@ -20,7 +20,28 @@ _VGG_CFG = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
+    19: [
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+    ],
 }
 
 
@@ -31,7 +52,9 @@ class ModelError(ValueError):
 class VGG(nn.Module):
     """Network-Slimming-style VGG: conv-BN-ReLU stacks, global average pool, linear head."""
 
-    def __init__(self, depth: int = 11, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(
+        self, depth: int = 11, num_classes: int = 10, in_channels: int = 3, width: float = 1.0
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -40,7 +63,11 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 continue
             out = max(1, round(v * width))
-            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             c = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -62,7 +89,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -72,7 +101,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-20/56 for 32x32 inputs: three stages of 6n+2 layers, widths 16/32/64 x width."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: float = 1.0
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ModelError(f"CIFAR ResNet depth must be 6n+2 (20, 56, 110), got {depth}")
@@ -100,14 +131,18 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ModelError(f"unknown torchvision model {name!r}; choose one of: {', '.join(available)}")
+        raise ModelError(
+            f"unknown torchvision model {name!r}; choose one of: {', '.join(available)}"
+        )
     kwargs = {"weights": None, "num_classes": num_classes}
     if name in ("inception_v3", "googlenet"):
         kwargs.update(init_weights=False, aux_logits=False)
     model = torchvision.models.get_model(name, **kwargs)
     if in_channels != 3:
-        raise ModelError(f"torchvision:{name} takes 3 input channels, the data has {in_channels}; "
-                         "use an RGB dataset or a model spec that accepts in_channels")
+        raise ModelError(
+            f"torchvision:{name} takes 3 input channels, the data has {in_channels}; "
+            "use an RGB dataset or a model spec that accepts in_channels"
+        )
     return model
 
 
@@ -116,8 +151,10 @@ def _factory(spec: str) -> Callable[..., nn.Module]:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ModelError(f"cannot import model factory {spec!r} ({err}); expected 'package.module:function' "
-                         "importable from the current environment") from err
+        raise ModelError(
+            f"cannot import model factory {spec!r} ({err}); expected 'package.module:function' "
+            "importable from the current environment"
+        ) from err
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.Module:
@@ -132,10 +169,18 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.M
     if ":" in name:
         factory = _factory(name)
         params = inspect.signature(factory).parameters
-        kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in params}
+        kwargs = {
+            k: v
+            for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+            if k in params
+        }
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
-            raise ModelError(f"factory {name!r} returned {type(model).__name__}, expected an nn.Module")
+            raise ModelError(
+                f"factory {name!r} returned {type(model).__name__}, expected an nn.Module"
+            )
         return model
-    raise ModelError(f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name> "
-                     "or package.module:factory")
+    raise ModelError(
+        f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name> "
+        "or package.module:factory"
+    )

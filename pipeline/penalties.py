@@ -42,14 +42,18 @@ class Penalty:
         if cfg.method == "receding":
             from kernels.receding_penalty import receding_penalty_
 
-            return receding_penalty_(self.params, strength=cfg.strength, bias=cfg.bias, backend=self.backend)
+            return receding_penalty_(
+                self.params, strength=cfg.strength, bias=cfg.bias, backend=self.backend
+            )
         if cfg.method == "l1":
             from kernels.l1_penalty import l1_penalty_
 
             return l1_penalty_(self.params, strength=cfg.strength, backend=self.backend)
         from kernels.polarization_penalty import polarization_penalty_
 
-        return polarization_penalty_(self.params, strength=cfg.strength, t=cfg.t, backend=self.backend)
+        return polarization_penalty_(
+            self.params, strength=cfg.strength, t=cfg.t, backend=self.backend
+        )
 
     @torch.no_grad()
     def after_step_(self, lr: float) -> None:
@@ -60,8 +64,13 @@ class Penalty:
         elif self.config.method == "ista" and self.params:
             from kernels.ista_shrink import ista_shrink_
 
-            ista_shrink_(self.params, lrs=[lr] * len(self.params), lambdas=self.lambdas,
-                         rho=self.config.strength, backend=self.backend)
+            ista_shrink_(
+                self.params,
+                lrs=[lr] * len(self.params),
+                lambdas=self.lambdas,
+                rho=self.config.strength,
+                backend=self.backend,
+            )
 
 
 def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, ...]:
@@ -69,13 +78,19 @@ def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, 
     if bounded:
         return tuple(m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d))
     return tuple(
-        m.weight for m in model.modules()
+        m.weight
+        for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
     )
 
 
-def make_penalty(config: PenaltyConfig, model: nn.Module, *, example: torch.Tensor | None = None,
-                 backend: str = "auto") -> Penalty:
+def make_penalty(
+    config: PenaltyConfig,
+    model: nn.Module,
+    *,
+    example: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> Penalty:
     """Bind ``config`` to ``model``'s BN scales (ISTA also needs an ``example`` input for its costs)."""
     if config.method != "ista":
         return Penalty(config, scale_parameters(model, bounded=config.bounded), backend)

@@ -62,7 +62,9 @@ class PrunePlan:
     def from_json(cls, text: str) -> PrunePlan:
         raw = json.loads(text)
         layers = tuple(
-            LayerPlan(l["name"], l["kind"], tuple(l["keep_in"]), tuple(l["keep_out"]), l["conv_groups"])
+            LayerPlan(
+                l["name"], l["kind"], tuple(l["keep_in"]), tuple(l["keep_out"]), l["conv_groups"]
+            )
             for l in raw.pop("layers")
         )
         return cls(layers=layers, dropped_groups=tuple(raw.pop("dropped_groups")), **raw)
@@ -83,15 +85,19 @@ class SelectionRules:
     round_to: int = 1
 
 
-def group_importance(model: nn.Module, graph: ChannelGraph, aggregate: str = "max") -> dict[int, float]:
+def group_importance(
+    model: nn.Module, graph: ChannelGraph, aggregate: str = "max"
+) -> dict[int, float]:
     """Importance of each prunable group, aggregated over its BN channels."""
     modules = dict(model.named_modules())
     groups = graph.removable_groups
-    per_bn = {name: channel_importance(modules[name]) for name in {n for g in groups for n, _ in g.bn_channels}}
+    per_bn = {
+        name: channel_importance(modules[name])
+        for name in {n for g in groups for n, _ in g.bn_channels}
+    }
     reduce = {"max": max, "sum": sum, "mean": lambda v: sum(v) / len(v)}[aggregate]
     return {
-        g.id: float(reduce([float(per_bn[name][c]) for name, c in g.bn_channels]))
-        for g in groups
+        g.id: float(reduce([float(per_bn[name][c]) for name, c in g.bn_channels])) for g in groups
     }
 
 
@@ -138,8 +144,13 @@ def select_groups(
     return dropped
 
 
-def _round_kept(dropped: set[int], importance: Mapping[int, float], graph: ChannelGraph,
-                floors: dict[str, tuple[Counter, int]], multiple: int) -> None:
+def _round_kept(
+    dropped: set[int],
+    importance: Mapping[int, float],
+    graph: ChannelGraph,
+    floors: dict[str, tuple[Counter, int]],
+    multiple: int,
+) -> None:
     """Restore the most important dropped groups until kept counts are multiples."""
     for _ in range(len(graph.layers) + 1):
         changed = False
@@ -147,7 +158,9 @@ def _round_kept(dropped: set[int], importance: Mapping[int, float], graph: Chann
             if layer.kind == "bn":
                 continue
             kept = sum(1 for g in layer.out_groups if g not in dropped)
-            candidates = sorted((g for g in floors[name][0] if g in dropped), key=lambda g: -importance[g])
+            candidates = sorted(
+                (g for g in floors[name][0] if g in dropped), key=lambda g: -importance[g]
+            )
             while kept % multiple and candidates:
                 g = candidates.pop(0)
                 dropped.discard(g)
@@ -157,21 +170,26 @@ def _round_kept(dropped: set[int], importance: Mapping[int, float], graph: Chann
             return
 
 
-def make_plan(graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio",
-              value: float | None = None) -> PrunePlan:
+def make_plan(
+    graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio", value: float | None = None
+) -> PrunePlan:
     """Turn a set of dropped groups into per-layer kept indices."""
     dropped = frozenset(dropped)
     removable = {g.id for g in graph.removable_groups}
     if not dropped <= removable:
-        raise PruneError(f"groups {sorted(dropped - removable)[:10]} are not removable; "
-                         "drop only ids from graph.removable_groups")
+        raise PruneError(
+            f"groups {sorted(dropped - removable)[:10]} are not removable; "
+            "drop only ids from graph.removable_groups"
+        )
     layers, total, kept = [], 0, 0
     for layer in graph.layers.values():
         keep_in = tuple(i for i, g in enumerate(layer.in_groups) if g not in dropped)
         keep_out = tuple(i for i, g in enumerate(layer.out_groups) if g not in dropped)
         if not keep_out or not keep_in:
-            raise PruneError(f"dropping groups would remove every channel of {describe(layer)}; keep at "
-                             "least one (raise prune.min_channels or drop fewer groups)")
+            raise PruneError(
+                f"dropping groups would remove every channel of {describe(layer)}; keep at "
+                "least one (raise prune.min_channels or drop fewer groups)"
+            )
         if layer.kind == "bn":
             total, kept = total + len(layer.out_groups), kept + len(keep_out)
         if len(keep_in) < len(layer.in_groups) or len(keep_out) < len(layer.out_groups):
@@ -180,7 +198,13 @@ def make_plan(graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio
 
 
 def _index(t: torch.Tensor | None, keep: list[int], dim: int = 0) -> torch.Tensor | None:
-    return None if t is None else t.detach().index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device)).clone()
+    return (
+        None
+        if t is None
+        else t.detach()
+        .index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
+        .clone()
+    )
 
 
 def _set_param(m: nn.Module, name: str, value: torch.Tensor | None) -> None:
@@ -215,7 +239,9 @@ def _prune_conv(m: nn.Conv2d, plan: LayerPlan) -> None:
 
 
 def _prune_linear(m: nn.Linear, plan: LayerPlan) -> None:
-    _set_param(m, "weight", _index(_index(m.weight, list(plan.keep_out)), list(plan.keep_in), dim=1))
+    _set_param(
+        m, "weight", _index(_index(m.weight, list(plan.keep_out)), list(plan.keep_in), dim=1)
+    )
     _set_param(m, "bias", _index(m.bias, list(plan.keep_out)))
     m.in_features, m.out_features = len(plan.keep_in), len(plan.keep_out)
 
@@ -237,8 +263,10 @@ def apply_plan_(model: nn.Module, plan: PrunePlan) -> nn.Module:
     for layer in plan.layers:
         m = modules.get(layer.name)
         if m is None:
-            raise PruneError(f"plan names layer {layer.name!r}, which {type(model).__name__} lacks; "
-                             "apply a plan only to the architecture it was made for")
+            raise PruneError(
+                f"plan names layer {layer.name!r}, which {type(model).__name__} lacks; "
+                "apply a plan only to the architecture it was made for"
+            )
         if layer.kind == "conv":
             _prune_conv(m, layer)
         elif layer.kind == "linear":
@@ -268,8 +296,11 @@ def mask_groups_(model: nn.Module, graph: ChannelGraph, dropped: Iterable[int]) 
 def layer_widths(graph: ChannelGraph, plan: PrunePlan | None = None) -> dict[str, tuple[int, int]]:
     """Kept and total output channels of each conv/linear layer (for reports and plots)."""
     changed = {l.name: len(l.keep_out) for l in (plan.layers if plan else ())}
-    return {name: (changed.get(name, len(l.out_groups)), len(l.out_groups))
-            for name, l in graph.layers.items() if l.kind == "conv"}
+    return {
+        name: (changed.get(name, len(l.out_groups)), len(l.out_groups))
+        for name, l in graph.layers.items()
+        if l.kind == "conv"
+    }
 
 
 def describe(layer: LayerChannels) -> str:

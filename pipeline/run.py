@@ -58,11 +58,19 @@ class Pruned:
 
 def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
     """Everything needed to rebuild the model from its constructor."""
-    return {"model": to_dict(cfg.model), "num_classes": data.num_classes, "in_channels": data.in_channels,
-            "bounded_bn": cfg.train.penalty.bounded, "bn_shift": cfg.train.bn_shift, "input_shape": list(data.input_shape)}
+    return {
+        "model": to_dict(cfg.model),
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "bounded_bn": cfg.train.penalty.bounded,
+        "bn_shift": cfg.train.bn_shift,
+        "input_shape": list(data.input_shape),
+    }
 
 
-def build_and_train(cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None) -> tuple[nn.Module, list]:
+def build_and_train(
+    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None
+) -> tuple[nn.Module, list]:
     """Build the model (bounded BN when the penalty wants it) and train it with the penalty.
 
     For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
@@ -80,8 +88,16 @@ def build_and_train(cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | Non
         graph = build_channel_graph(model, example)
         rescaled = rescale_gamma_(model, graph, example, pen_cfg.rescale)
     penalty = make_penalty(pen_cfg, model, example=example)
-    logs = train_(model, data, cfg.train, epochs=cfg.train.epochs, lr=cfg.train.lr, penalty=penalty,
-                  checkpoint_dir=checkpoint_dir, tag="train")
+    logs = train_(
+        model,
+        data,
+        cfg.train,
+        epochs=cfg.train.epochs,
+        lr=cfg.train.lr,
+        penalty=penalty,
+        checkpoint_dir=checkpoint_dir,
+        tag="train",
+    )
     if rescaled:
         rescale_gamma_(model.cpu(), graph, example, 1.0 / pen_cfg.rescale, only=rescaled)
     return model.cpu().eval(), logs
@@ -93,16 +109,32 @@ def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pr
     importance = group_importance(model, graph, cfg.aggregate)
     rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
     if cfg.threshold == "ratio":
-        dropped, mode, value = select_groups(importance, graph, ratio=cfg.ratio, rules=rules), "ratio", cfg.ratio
+        dropped, mode, value = (
+            select_groups(importance, graph, ratio=cfg.ratio, rules=rules),
+            "ratio",
+            cfg.ratio,
+        )
     else:
-        value = auto_threshold(list(importance.values())).value if cfg.threshold == "auto" else float(cfg.threshold)
+        value = (
+            auto_threshold(list(importance.values())).value
+            if cfg.threshold == "auto"
+            else float(cfg.threshold)
+        )
         mode = "auto" if cfg.threshold == "auto" else "value"
         dropped = select_groups(importance, graph, threshold=value, rules=rules)
     plan = make_plan(graph, dropped, mode=mode, value=value)
-    pruned, plan, removal = remove_groups(model.cpu(), graph, dropped, example, exact_borders=cfg.exact_borders,
-                                          plan=plan)
-    logger.info("pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
-                len(dropped), len(importance), mode, value, plan.channels_total, plan.channels_kept)
+    pruned, plan, removal = remove_groups(
+        model.cpu(), graph, dropped, example, exact_borders=cfg.exact_borders, plan=plan
+    )
+    logger.info(
+        "pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
+        len(dropped),
+        len(importance),
+        mode,
+        value,
+        plan.channels_total,
+        plan.channels_kept,
+    )
     return Pruned(pruned, plan, graph, importance, removal)
 
 
@@ -110,26 +142,41 @@ def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
     return next(iter(data.test))[0][:n].cpu()
 
 
-def _export_and_verify(models: dict[str, nn.Module], batch: torch.Tensor, out: Path, cfg: RunConfig) -> dict[str, Any]:
+def _export_and_verify(
+    models: dict[str, nn.Module], batch: torch.Tensor, out: Path, cfg: RunConfig
+) -> dict[str, Any]:
     from pipeline.export.onnx import export_onnx, verify_onnx
     from pipeline.fold import fold_bn
 
     folded, paths, checks = {}, {}, {}
     for label, model in models.items():
         folded[label], fold = fold_bn(model.cpu().eval(), batch)
-        paths[label] = export_onnx(folded[label], batch[:2], out / f"{label}.onnx", opset=cfg.export.opset)
+        paths[label] = export_onnx(
+            folded[label], batch[:2], out / f"{label}.onnx", opset=cfg.export.opset
+        )
         checks[label] = verify_onnx(paths[label], model, batch, atol=cfg.export.atol)
-        logger.info("%s: folded %d BNs (err %.2e); ONNX max abs err %.2e", label, len(fold.folded),
-                    fold.max_abs_err, checks[label].max_abs_err)
+        logger.info(
+            "%s: folded %d BNs (err %.2e); ONNX max abs err %.2e",
+            label,
+            len(fold.folded),
+            fold.max_abs_err,
+            checks[label].max_abs_err,
+        )
     return {"folded": folded, "paths": paths, "checks": checks}
 
 
-def _plots(out: Path, importances: np.ndarray, threshold: float | None, widths: dict, rows: list) -> dict[str, Path]:
+def _plots(
+    out: Path, importances: np.ndarray, threshold: float | None, widths: dict, rows: list
+) -> dict[str, Path]:
     from pipeline.report import plot_importance_histogram, plot_kept_channels, plot_latency
 
     plots = {
-        "importance_hist": plot_importance_histogram(importances, out / "importance_hist.png", threshold=threshold,
-                                                     title="Channel-group importance before pruning"),
+        "importance_hist": plot_importance_histogram(
+            importances,
+            out / "importance_hist.png",
+            threshold=threshold,
+            title="Channel-group importance before pruning",
+        ),
         "kept_channels": plot_kept_channels(widths, out / "kept_channels.png"),
     }
     if rows:
@@ -160,44 +207,95 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     pruned = prune_model(model, batch, cfg.prune)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
     acc_before = evaluate(pruned.model, data.test, torch.device("cpu"))
-    train_(pruned.model, data, cfg.train, epochs=cfg.prune.finetune_epochs, lr=cfg.prune.finetune_lr,
-           penalty=None, tag="finetune")
+    train_(
+        pruned.model,
+        data,
+        cfg.train,
+        epochs=cfg.prune.finetune_epochs,
+        lr=cfg.prune.finetune_lr,
+        penalty=None,
+        tag="finetune",
+    )
     pruned.model.cpu().eval()
     acc_after = evaluate(pruned.model, data.test, torch.device("cpu"))
     save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
     exported = _export_and_verify({"dense": model, "pruned": pruned.model}, batch, out, cfg)
-    rows = latency_table(exported["folded"], exported["paths"], data.input_shape, batches=cfg.bench.batches,
-                         threads=cfg.bench.threads, runs=cfg.bench.runs, warmup=cfg.bench.warmup)
+    rows = latency_table(
+        exported["folded"],
+        exported["paths"],
+        data.input_shape,
+        batches=cfg.bench.batches,
+        threads=cfg.bench.threads,
+        runs=cfg.bench.runs,
+        warmup=cfg.bench.warmup,
+    )
     check = exported["checks"]["pruned"]
     report = {
-        "dense": {"params": count_params(model), "macs": count_macs(model, data.input_shape), "accuracy": dense_acc},
-        "pruned": {"params": count_params(pruned.model), "macs": count_macs(pruned.model, data.input_shape),
-                   "accuracy_before_finetune": acc_before, "accuracy": acc_after,
-                   "channels_kept": pruned.plan.channels_kept, "channels_total": pruned.plan.channels_total},
+        "dense": {
+            "params": count_params(model),
+            "macs": count_macs(model, data.input_shape),
+            "accuracy": dense_acc,
+        },
+        "pruned": {
+            "params": count_params(pruned.model),
+            "macs": count_macs(pruned.model, data.input_shape),
+            "accuracy_before_finetune": acc_before,
+            "accuracy": acc_after,
+            "channels_kept": pruned.plan.channels_kept,
+            "channels_total": pruned.plan.channels_total,
+        },
         "threshold": {"mode": pruned.plan.threshold_mode, "value": pruned.plan.threshold_value},
-        "export": {"onnx_path": str(exported["paths"]["pruned"]), "max_abs_err": check.max_abs_err,
-                   "max_rel_err": check.max_rel_err, "opset": check.opset, "passed": check.passed},
+        "export": {
+            "onnx_path": str(exported["paths"]["pruned"]),
+            "max_abs_err": check.max_abs_err,
+            "max_rel_err": check.max_rel_err,
+            "opset": check.opset,
+            "passed": check.passed,
+        },
         "latency": [r.to_dict() for r in rows],
-        "groups": {"total": len(pruned.graph.groups), "prunable": len(pruned.importances),
-                   "dropped": len(pruned.plan.dropped_groups),
-                   "absorbed_exactly": pruned.removal.absorbed_groups,
-                   "approximate": pruned.removal.approximate_groups,
-                   "corrections": [list(c) for c in pruned.removal.corrections],
-                   "removal_rel_err": pruned.removal.max_rel_err,
-                   "zeroing_rel_err": pruned.removal.zeroing_err,
-                   "barriers": [b.__dict__ for b in pruned.graph.barriers]},
-        "environment": {**environment(), "python": platform.python_version(), "device": str(device)},
+        "groups": {
+            "total": len(pruned.graph.groups),
+            "prunable": len(pruned.importances),
+            "dropped": len(pruned.plan.dropped_groups),
+            "absorbed_exactly": pruned.removal.absorbed_groups,
+            "approximate": pruned.removal.approximate_groups,
+            "corrections": [list(c) for c in pruned.removal.corrections],
+            "removal_rel_err": pruned.removal.max_rel_err,
+            "zeroing_rel_err": pruned.removal.zeroing_err,
+            "barriers": [b.__dict__ for b in pruned.graph.barriers],
+        },
+        "environment": {
+            **environment(),
+            "python": platform.python_version(),
+            "device": str(device),
+        },
         "seconds": round(time.perf_counter() - start, 1),
     }
     imps = np.array(list(pruned.importances.values()))
-    plots = _plots(out, imps, pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None,
-                   layer_widths(pruned.graph, pruned.plan), rows)
+    plots = _plots(
+        out,
+        imps,
+        pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None,
+        layer_widths(pruned.graph, pruned.plan),
+        rows,
+    )
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report))
-    write_manifest(out, {"dense_onnx": exported["paths"]["dense"], "pruned_onnx": exported["paths"]["pruned"],
-                         "pruned_weights": out / "pruned" / "model.pt", "report": out / "report.json", **plots},
-                   config=to_dict(cfg), metrics={k: report[k] for k in ("dense", "pruned", "export")})
+    write_manifest(
+        out,
+        {
+            "dense_onnx": exported["paths"]["dense"],
+            "pruned_onnx": exported["paths"]["pruned"],
+            "pruned_weights": out / "pruned" / "model.pt",
+            "report": out / "report.json",
+            **plots,
+        },
+        config=to_dict(cfg),
+        metrics={k: report[k] for k in ("dense", "pruned", "export")},
+    )
     if not check.passed:
-        raise VerificationError(f"pruned ONNX differs from PyTorch by {check.max_abs_err:.2e} > atol "
-                                f"{cfg.export.atol:.0e}; see {out / 'report.json'}")
+        raise VerificationError(
+            f"pruned ONNX differs from PyTorch by {check.max_abs_err:.2e} > atol "
+            f"{cfg.export.atol:.0e}; see {out / 'report.json'}"
+        )
     return report

@@ -87,12 +87,20 @@ def split(values: Sequence[float] | np.ndarray) -> Threshold:
     low, high = logs[:k], logs[k:]
     cut = 10 ** ((low[-1] + high[0]) / 2)
     decades = float(high.mean() - low.mean())
-    return Threshold(float(cut), sarle_bc(logs), ashman_d(low, high), decades, float(v[k] - v[k - 1]), k,
-                     int(v.size - k))
+    return Threshold(
+        float(cut),
+        sarle_bc(logs),
+        ashman_d(low, high),
+        decades,
+        float(v[k] - v[k - 1]),
+        k,
+        int(v.size - k),
+    )
 
 
-def auto_threshold(values: Sequence[float] | np.ndarray, *, min_bimodality: float = 0.6,
-                   min_decades: float = 1.0) -> Threshold:
+def auto_threshold(
+    values: Sequence[float] | np.ndarray, *, min_bimodality: float = 0.6, min_decades: float = 1.0
+) -> Threshold:
     """The valley between the two modes, or ``NotBimodalError`` with advice."""
     result = split(values)
     if result.bimodality >= min_bimodality and result.decades < min_decades:
@@ -114,4 +122,8 @@ def importance_summary(values: Sequence[float] | np.ndarray) -> dict[str, float]
     """Per-epoch log line: fraction below 0.05, above 0.5, and Sarle's bimodality coefficient."""
     v = np.asarray(values, dtype=np.float64).ravel()
     d = split(v).bimodality if v.size >= 4 else 0.0
-    return {"below_0.05": float((v < 0.05).mean()), "above_0.5": float((v > 0.5).mean()), "bimodality": d}
+    return {
+        "below_0.05": float((v < 0.05).mean()),
+        "above_0.5": float((v > 0.5).mean()),
+        "bimodality": d,
+    }

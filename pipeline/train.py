@@ -56,20 +56,29 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+        raise ValueError(
+            "train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto"
+        )
     return torch.device(name)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
     """SGD with BN parameters at ``bn_lr_mult`` x lr and no weight decay."""
-    bn_ids = {id(p) for m in model.modules()
-              if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm)) for p in m.parameters()}
+    bn_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))
+        for p in m.parameters()
+    }
     bn = [p for p in model.parameters() if id(p) in bn_ids]
     rest = [p for p in model.parameters() if id(p) not in bn_ids]
     return torch.optim.SGD(
-        [{"params": rest, "weight_decay": cfg.weight_decay, "lr": lr},
-         {"params": bn, "weight_decay": 0.0, "lr": lr * cfg.bn_lr_mult}],
-        lr=lr, momentum=cfg.momentum,
+        [
+            {"params": rest, "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": bn, "weight_decay": 0.0, "lr": lr * cfg.bn_lr_mult},
+        ],
+        lr=lr,
+        momentum=cfg.momentum,
     )
 
 
@@ -101,14 +110,22 @@ def all_importances(model: nn.Module) -> np.ndarray:
 
 
 @torch.no_grad()
-def recalibrate_bn_(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-                    max_batches: int = 50) -> None:
+def recalibrate_bn_(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    max_batches: int = 50,
+) -> None:
     """Re-estimate BN running statistics with a cumulative average over training batches.
 
     BN scales move fast (they get ``bn_lr_mult`` x the learning rate), so exponential running
     statistics lag behind the weights; eval accuracy then understates the model.
     """
-    norms = [m for m in model.modules() if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))
+    ]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.running_mean.zero_()
@@ -122,11 +139,13 @@ def recalibrate_bn_(model: nn.Module, loader: torch.utils.data.DataLoader, devic
             break
         model(x.to(device))
     model.train(was)
-    for m, momentum in zip(norms, saved):
+    for m, momentum in zip(norms, saved, strict=False):
         m.momentum = momentum
 
 
-def _run_epoch(model, loader, opt, penalty: Penalty | None, device, desc: str) -> tuple[float, float]:
+def _run_epoch(
+    model, loader, opt, penalty: Penalty | None, device, desc: str
+) -> tuple[float, float]:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss = total_pen = 0.0
@@ -163,16 +182,40 @@ def train_(
     logs = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        loss, pen = _run_epoch(model, data.train, opt, penalty, device, f"{tag} {epoch + 1}/{epochs}")
+        loss, pen = _run_epoch(
+            model, data.train, opt, penalty, device, f"{tag} {epoch + 1}/{epochs}"
+        )
         sched.step()
         recalibrate_bn_(model, data.train, device)
         acc = evaluate(model, data.test, device)
         stats = importance_summary(all_importances(model))
-        logs.append(EpochLog(epoch + 1, loss, pen, acc, stats["below_0.05"], stats["above_0.5"],
-                             stats["bimodality"], time.perf_counter() - start))
-        logger.info("%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f (%.1fs)",
-                    tag, epoch + 1, epochs, loss, pen, acc, stats["below_0.05"], stats["above_0.5"],
-                    stats["bimodality"], logs[-1].seconds)
+        logs.append(
+            EpochLog(
+                epoch + 1,
+                loss,
+                pen,
+                acc,
+                stats["below_0.05"],
+                stats["above_0.5"],
+                stats["bimodality"],
+                time.perf_counter() - start,
+            )
+        )
+        logger.info(
+            "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f (%.1fs)",
+            tag,
+            epoch + 1,
+            epochs,
+            loss,
+            pen,
+            acc,
+            stats["below_0.05"],
+            stats["above_0.5"],
+            stats["bimodality"],
+            logs[-1].seconds,
+        )
         if checkpoint_dir is not None:
-            save_torch_atomic(model.state_dict(), Path(checkpoint_dir) / f"{tag}_epoch{epoch + 1:03d}.pt")
+            save_torch_atomic(
+                model.state_dict(), Path(checkpoint_dir) / f"{tag}_epoch{epoch + 1:03d}.pt"
+            )
     return logs

@@ -17,7 +17,9 @@ class TinyNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), bn(8), nn.ReLU())
         self.branch_a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), bn(8), nn.ReLU())
         self.branch_b = nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), bn(4), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), bn(12), nn.ReLU())
+        self.dw = nn.Sequential(
+            nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), bn(12), nn.ReLU()
+        )
         self.grouped = nn.Sequential(nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False), bn(8))
         self.se_reduce = nn.Conv2d(8, 4, 1)
         self.se_expand = nn.Conv2d(4, 8, 1)
@@ -28,7 +30,9 @@ class TinyNet(nn.Module):
         x = x + self.branch_a(x)  # residual add
         x = torch.cat([x, self.branch_b(x)], dim=1)  # concat
         x = self.grouped(self.dw(x))
-        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        gate = torch.sigmoid(
+            self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True))))
+        )
         x = torch.relu(x * gate)  # SE gate
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 

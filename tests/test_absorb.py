@@ -40,8 +40,13 @@ def _shifted(model):
 
 
 CASES = {
-    "padding1": {}, "padding2": {"pad": 2}, "stride2": {"stride": 2}, "dilation2": {"dilation": 2, "pad": 2},
-    "grouped": {"groups": 2}, "avgpool": {"avgpool": True}, "sigmoid": {"act": nn.Sigmoid},
+    "padding1": {},
+    "padding2": {"pad": 2},
+    "stride2": {"stride": 2},
+    "dilation2": {"dilation": 2, "pad": 2},
+    "grouped": {"groups": 2},
+    "avgpool": {"avgpool": True},
+    "sigmoid": {"act": nn.Sigmoid},
 }
 
 
@@ -97,7 +102,9 @@ def test_corrected_model_exports_to_onnx(tmp_path):
     model = _shifted(Chain(avgpool=True))
     x = torch.randn(4, 3, 11, 11)
     graph = build_channel_graph(model, x)
-    pruned, _, _ = remove_groups(model, graph, set([g.id for g in graph.groups if g.absorbable][::2]), x)
+    pruned, _, _ = remove_groups(
+        model, graph, set([g.id for g in graph.groups if g.absorbable][::2]), x
+    )
     folded, _ = fold_bn(pruned, x)
     path = export_onnx(folded, x[:2], tmp_path / "m.onnx")
     assert verify_onnx(path, pruned, x, atol=1e-4).passed
@@ -115,8 +122,12 @@ def test_ista_zeros_are_removed_exactly():
     assert int((model.b1.weight == 0).sum()) >= 2  # exact zeros
     x = torch.randn(2, 3, 11, 11)
     graph = build_channel_graph(model, x)
-    zero = {g.id for g in graph.groups if g.absorbable and all(float(model.get_submodule(n).weight[c]) == 0
-                                                              for n, c in g.bn_channels)}
+    zero = {
+        g.id
+        for g in graph.groups
+        if g.absorbable
+        and all(float(model.get_submodule(n).weight[c]) == 0 for n, c in g.bn_channels)
+    }
     assert zero
     pruned, _, report = remove_groups(model, graph, zero, x)
     ref = model(x)  # the ORIGINAL model: its zero-gamma channels were already constant

@@ -15,8 +15,24 @@ def test_unknown_config_key_exits_2_and_writes_nothing(tmp_path, capsys):
 
 def test_prune_then_export_a_torchvision_model(tmp_path, capsys):
     out = tmp_path / "r18"
-    assert main(["prune", "--model", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--ratio", "0.5",
-                 "--num-classes", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "torchvision:resnet18",
+                "--input-shape",
+                "1,3,64,64",
+                "--ratio",
+                "0.5",
+                "--num-classes",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["params"]["after"] < 0.6 * report["params"]["before"]
     assert report["macs"]["after"] < report["macs"]["before"]
@@ -26,14 +42,34 @@ def test_prune_then_export_a_torchvision_model(tmp_path, capsys):
 
 
 def test_model_without_batchnorm_exits_2(tmp_path, capsys):
-    code = main(["prune", "--model", "torchvision:alexnet", "--input-shape", "1,3,64,64", "--out", str(tmp_path)])
+    code = main(
+        [
+            "prune",
+            "--model",
+            "torchvision:alexnet",
+            "--input-shape",
+            "1,3,64,64",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "no BatchNorm" in capsys.readouterr().err
 
 
 def test_bad_input_shape_exits_2(tmp_path):
     try:
-        main(["prune", "--model", "torchvision:resnet18", "--input-shape", "3,64", "--out", str(tmp_path)])
+        main(
+            [
+                "prune",
+                "--model",
+                "torchvision:resnet18",
+                "--input-shape",
+                "3,64",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     except SystemExit as err:
         assert err.code == 2
     else:
@@ -41,6 +77,16 @@ def test_bad_input_shape_exits_2(tmp_path):
 
 
 def test_user_factory(tmp_path):
-    code = main(["prune", "--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16", "--out", str(tmp_path)])
+    code = main(
+        [
+            "prune",
+            "--model",
+            "tests.conftest:TinyNet",
+            "--input-shape",
+            "1,3,16,16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     assert torch.load(tmp_path / "model.pt", weights_only=True)

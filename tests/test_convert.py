@@ -12,7 +12,9 @@ def _trained_like(model, seed=0):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 3 - 0.8)  # negatives and > 1
+                m.weight.copy_(
+                    torch.rand(m.weight.shape, generator=g) * 3 - 0.8
+                )  # negatives and > 1
                 m.weight[0] = 0.0
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)

@@ -21,7 +21,9 @@ def test_missing_root_names_the_path(tmp_path):
         load_data(DataConfig(name="imagefolder"))
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
 def test_fashion_mnist_from_debian_package():
     data = load_data(DataConfig(name="fashion_mnist", image_size=28))
     assert len(data.train.dataset) == 60000 and len(data.test.dataset) == 10000

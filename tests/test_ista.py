@@ -18,7 +18,9 @@ def test_costs_are_normalised_and_favour_big_layers():
         costs = layer_costs(model, graph, x, form)
         assert len(costs) == 8 and abs(sum(costs.values()) / len(costs) - 1) < 1e-9
         first, last = costs["features.1"], costs["features.26"]
-        assert first > last  # the 32x32 layer costs more activation memory/MACs per channel than a 2x2 one
+        assert (
+            first > last
+        )  # the 32x32 layer costs more activation memory/MACs per channel than a 2x2 one
 
 
 def test_rescaling_preserves_function_and_undoes():
@@ -36,8 +38,12 @@ def test_rescaling_preserves_function_and_undoes():
 
 def test_ista_penalty_shrinks_to_exact_zeros_after_step():
     model, x = _vgg(), torch.randn(2, 3, 32, 32)
-    penalty = make_penalty(PenaltyConfig(method="ista", strength=1.0), model, example=x, backend="torch")
+    penalty = make_penalty(
+        PenaltyConfig(method="ista", strength=1.0), model, example=x, backend="torch"
+    )
     assert len(penalty.params) == len(penalty.lambdas) == 8
     assert float(penalty.apply_()) == 0.0  # no gradient term
     penalty.after_step_(lr=1e4)
-    assert all(int((p == 0).sum()) == p.numel() for p in penalty.params)  # gamma=1 shrunk by lr*rho*lambda_l >= 1 in every layer
+    assert all(
+        int((p == 0).sum()) == p.numel() for p in penalty.params
+    )  # gamma=1 shrunk by lr*rho*lambda_l >= 1 in every layer

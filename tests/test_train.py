@@ -13,7 +13,9 @@ def test_bn_parameters_get_lr_multiplier_and_no_decay(tiny_net):
     assert bn["lr"] == 1.0 and bn["weight_decay"] == 0.0
     assert rest["lr"] == 0.1 and rest["weight_decay"] == 5e-4
     bn_ids = {id(p) for p in bn["params"]}
-    assert all(id(m.weight) in bn_ids for m in tiny_net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(
+        id(m.weight) in bn_ids for m in tiny_net.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    )
 
 
 def test_receding_penalty_pushes_weak_channels_hardest(tiny_net):
@@ -21,7 +23,9 @@ def test_receding_penalty_pushes_weak_channels_hardest(tiny_net):
     bns = [m for m in tiny_net.modules() if isinstance(m, BoundedBatchNorm2d)]
     with torch.no_grad():
         bns[0].weight.copy_(torch.linspace(-6, 4, bns[0].num_features))
-    penalty = make_penalty(PenaltyConfig(method="receding", strength=1.0, bias=3.0), tiny_net, backend="torch")
+    penalty = make_penalty(
+        PenaltyConfig(method="receding", strength=1.0, bias=3.0), tiny_net, backend="torch"
+    )
     value = penalty.apply_()
     grad = bns[0].weight.grad
     assert value > 0
@@ -30,7 +34,9 @@ def test_receding_penalty_pushes_weak_channels_hardest(tiny_net):
 
 
 def test_polarization_clamps_gamma(tiny_net):
-    penalty = make_penalty(PenaltyConfig(method="polarization", strength=1e-3), tiny_net, backend="torch")
+    penalty = make_penalty(
+        PenaltyConfig(method="polarization", strength=1e-3), tiny_net, backend="torch"
+    )
     with torch.no_grad():
         penalty.params[0].fill_(2.0)
     penalty.after_step_(0.1)

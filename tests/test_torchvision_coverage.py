@@ -1,0 +1,285 @@
+"""Every torchvision classifier with BatchNorm prunes exactly and still exports to ONNX.
+
+For each model: build it untrained, randomise every BN (scale, shift, running stats), trace the
+channel graph, drop half of the prunable groups at random, and check (1) the pruned model equals
+the masked one and (2) ONNX Runtime equals PyTorch on the pruned model, both to ``REL_TOL`` of the
+output's scale. A fast subset spanning every family runs by default; the rest are
+``pytest.mark.slow`` (``make test-slow``). ``benchmarks/coverage_table.py`` runs the same
+:func:`check_model` over all of them and writes ``docs/torchvision_coverage.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.channel_graph import build_channel_graph
+from pipeline.prune import SelectionRules, apply_plan_, make_plan, mask_groups_, select_groups
+
+REL_TOL = 1e-4
+RATIO = 0.5
+DEFAULT_SIZE = 64
+# The smallest input each model accepts. VGG needs 224 only for ONNX: the TorchScript exporter
+# supports adaptive_avg_pool2d only when the output size (7) divides the input size.
+INPUT_SIZE = {
+    "inception_v3": 75,
+    "maxvit_t": 224,
+    **dict.fromkeys(("vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"), 224),
+}
+BN_MODELS = (
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_b4",
+    "efficientnet_b5",
+    "efficientnet_b6",
+    "efficientnet_b7",
+    "efficientnet_v2_l",
+    "efficientnet_v2_m",
+    "efficientnet_v2_s",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mnasnet0_75",
+    "mnasnet1_0",
+    "mnasnet1_3",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "regnet_x_16gf",
+    "regnet_x_1_6gf",
+    "regnet_x_32gf",
+    "regnet_x_3_2gf",
+    "regnet_x_400mf",
+    "regnet_x_800mf",
+    "regnet_x_8gf",
+    "regnet_y_128gf",
+    "regnet_y_16gf",
+    "regnet_y_1_6gf",
+    "regnet_y_32gf",
+    "regnet_y_3_2gf",
+    "regnet_y_400mf",
+    "regnet_y_800mf",
+    "regnet_y_8gf",
+    "resnet101",
+    "resnet152",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "resnext50_32x4d",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5",
+    "shufflenet_v2_x2_0",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "wide_resnet101_2",
+    "wide_resnet50_2",
+)
+NO_BN_MODELS = (
+    "alexnet",
+    "convnext_base",
+    "convnext_large",
+    "convnext_small",
+    "convnext_tiny",
+    "squeezenet1_0",
+    "squeezenet1_1",
+    "swin_b",
+    "swin_s",
+    "swin_t",
+    "swin_v2_b",
+    "swin_v2_s",
+    "swin_v2_t",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vit_b_16",
+    "vit_b_32",
+    "vit_h_14",
+    "vit_l_16",
+    "vit_l_32",
+)
+# One or two per family, chosen by measured time (see docs/torchvision_coverage.md).
+FAST = frozenset(
+    {
+        "resnet18",
+        "resnext50_32x4d",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "shufflenet_v2_x0_5",
+        "densenet121",
+        "googlenet",
+        "inception_v3",
+        "regnet_x_400mf",
+        "regnet_y_400mf",
+        "mnasnet0_5",
+    }
+)
+
+
+@dataclass(frozen=True)
+class CoverageResult:
+    """What :func:`check_model` measured for one model."""
+
+    model: str
+    input_size: int
+    params_before: int
+    params_after: int
+    groups: int
+    prunable: int
+    dropped: int
+    barriers: int
+    prune_rel_err: float
+    onnx_rel_err: float
+    seconds: float
+
+
+def build_untrained(name: str) -> nn.Module:
+    """The torchvision model in eval mode, skipping the slow init where the builder allows."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # googlenet/inception warn about the init default
+        try:
+            model = torchvision.models.get_model(name, init_weights=False)
+        except TypeError as err:
+            if "init_weights" not in str(err):
+                raise
+            model = torchvision.models.get_model(name)
+    return model.eval()
+
+
+def randomise_bn_(model: nn.Module, gen: torch.Generator) -> None:
+    """Random scale (both signs), shift and running stats, so every channel matters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                sign = torch.where(torch.rand(c, generator=gen) < 0.5, -1.0, 1.0)
+                m.weight.copy_(sign * (torch.rand(c, generator=gen) + 0.5))
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+
+
+def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> float:
+    """Export with recede's exporter and return ONNX Runtime's error relative to output scale."""
+    from pipeline.export.onnx import export_onnx, verify_onnx
+
+    with torch.no_grad():
+        scale = max(1.0, model(example).abs().max().item())
+    export_onnx(model, example, path)
+    result = verify_onnx(path, model, example, atol=REL_TOL * scale)
+    return result.max_abs_err / scale
+
+
+def check_model(name: str, workdir: Path, seed: int = 0) -> CoverageResult:
+    """Prune half of ``name``'s prunable groups at random; measure pruned-vs-masked and ONNX."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_untrained(name)
+    randomise_bn_(model, gen)
+    size = INPUT_SIZE.get(name, DEFAULT_SIZE)
+    x = torch.randn(1, 3, size, size, generator=gen)
+    graph = build_channel_graph(model, x)
+    params_before = _params(model)
+    importance = {g.id: float(torch.rand((), generator=gen)) for g in graph.prunable_groups}
+    dropped = select_groups(importance, graph, ratio=RATIO, rules=SelectionRules(min_channels=1))
+    pruned = apply_plan_(copy.deepcopy(model), make_plan(graph, dropped))
+    masked = mask_groups_(model, graph, dropped)  # the original is not needed any more
+    with torch.no_grad():
+        prune_err = _rel_err(pruned(x), masked(x))
+    del masked, model
+    example = torch.randn(2, 3, size, size, generator=gen)  # batch 2: nothing size-1 baked in
+    onnx_err = onnx_rel_err(pruned, example, workdir / f"{name}.onnx")
+    (workdir / f"{name}.onnx").unlink()
+    return CoverageResult(
+        name,
+        size,
+        params_before,
+        _params(pruned),
+        len(graph.groups),
+        len(graph.prunable_groups),
+        len(dropped),
+        len(graph.barriers),
+        prune_err,
+        onnx_err,
+        time.perf_counter() - start,
+    )
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip weight initialisation (``torch.nn.init``) while building models for their shapes."""
+    with contextlib.ExitStack() as stack:
+        for fn in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
+            stack.enter_context(mock.patch.object(nn.init, fn, lambda t, *a, **k: t))
+        yield
+
+
+def has_batchnorm(name: str) -> bool:
+    """Whether the model holds an ``nn.BatchNorm2d``, without initialising its weights."""
+    try:
+        with torch.device("meta"):
+            model = build_untrained(name)
+    except NotImplementedError:  # regnet computes its widths with tensors
+        with _no_init():
+            model = build_untrained(name)
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_model_lists_cover_torchvision() -> None:
+    """A new torchvision classifier must be sorted into BN_MODELS or NO_BN_MODELS."""
+    listed = set(torchvision.models.list_models(module=torchvision.models))
+    assert len(BN_MODELS) == 58
+    assert not set(BN_MODELS) & set(NO_BN_MODELS)
+    unsorted = listed - set(BN_MODELS) - set(NO_BN_MODELS)
+    assert not unsorted, f"new torchvision models {sorted(unsorted)}: add them to a list above"
+    assert set(BN_MODELS) | set(NO_BN_MODELS) == listed
+    assert set(BN_MODELS) >= FAST
+
+
+@pytest.mark.slow
+def test_bn_models_are_exactly_those_with_batchnorm() -> None:
+    names = torchvision.models.list_models(module=torchvision.models)
+    assert tuple(n for n in names if has_batchnorm(n)) == BN_MODELS
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in BN_MODELS]
+)
+def test_prunes_exactly_and_exports_to_onnx(name: str, tmp_path: Path) -> None:
+    result = check_model(name, tmp_path)
+    assert result.dropped >= 0.4 * result.prunable > 0
+    assert result.params_after < result.params_before
+    assert result.prune_rel_err <= REL_TOL, result
+    assert result.onnx_rel_err <= REL_TOL, result
