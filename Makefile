@@ -29,3 +29,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
+
+bench: $(STAMP)
+	$(PY) -m kernels.bench
+	$(PY) -m pip install --quiet 'torch-pruning==1.6.1'
+	$(PY) benchmarks/prune_speed.py
+	$(VENV)/bin/recede run -c configs/fashion_mnist.yaml --out runs/fashion_mnist

@@ -80,6 +80,7 @@ class RemovalReport:
     max_border_err: float  # left by exact_borders=False
     zeroing_err: float  # output change from zeroing the scales (and approximate shifts)
     max_rel_err: float  # pruned vs the zeroed reference
+    scale_bound: float  # max |scale * x_hat| of removed channels: per-channel change bound
 
 
 def zero_scales_(
@@ -171,6 +172,61 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
 
 
+def _scale_bound(
+    model: nn.Module, graph: ChannelGraph, dropped: set[int], example: torch.Tensor
+) -> float:
+    """Largest |scale_c * x_hat_c| of the removed channels on ``example``.
+
+    Zeroing a scale changes that BN channel by exactly this much, and by no more after any
+    1-Lipschitz activation (ReLU, SiLU, GELU, sigmoid...): the bound for the epsilon case of
+    bounded BN, where a scale below epsilon is treated as zero.
+    """
+    channels = [(n, c) for g in graph.groups if g.id in dropped for n, c in g.bn_channels]
+    inputs = _capture_inputs(model, sorted({n for n, _ in channels}), example)
+    modules, bound = dict(model.named_modules()), 0.0
+    for name, c in channels:
+        bn = modules[name]
+        scale = (
+            torch.sigmoid(bn.weight[c])
+            if isinstance(bn, BoundedBatchNorm2d)
+            else bn.weight[c].abs()
+        )
+        x_hat = (inputs[name][:, c] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps)
+        bound = max(bound, float(scale * x_hat.abs().max()))
+    return bound
+
+
+def _absorb_(
+    reference: nn.Module,
+    pruned: nn.Module,
+    readers: dict[str, list[int]],
+    plan: PrunePlan,
+    example: torch.Tensor,
+    exact: bool,
+) -> tuple[list[tuple[str, str]], float]:
+    """Attach each reader's correction to ``pruned``; returns (corrections, border error)."""
+    a, b = example[:1], torch.flip(example[:1], dims=(-1,)) * 0.5 + 0.3
+    inputs, other = (
+        _capture_inputs(reference, list(readers), a),
+        _capture_inputs(reference, list(readers), b),
+    )
+    keep_out = {l.name: list(l.keep_out) for l in plan.layers}
+    originals, modules = dict(reference.named_modules()), dict(pruned.named_modules())
+    corrections, border = [], 0.0
+    for name, idx in readers.items():
+        if not torch.allclose(inputs[name][:, idx], other[name][:, idx], atol=1e-6):
+            raise PruneError(
+                f"{name} reads removed channels whose value depends on the input; "
+                "the channel graph marked them absorbable wrongly (please report)"
+            )
+        form, value, err = _correction(originals[name], inputs[name], idx, exact)
+        border = max(border, err)
+        if float(value.abs().max()) > 0:
+            _attach(modules[name], form, value, keep_out.get(name))
+            corrections.append((name, form))
+    return corrections, border
+
+
 @torch.no_grad()
 def remove_groups(
     model: nn.Module,
@@ -197,37 +253,20 @@ def remove_groups(
     model = model.eval()
     reference = copy.deepcopy(model)
     zero_scales_(reference, graph, set(dropped), shifts=approximate)
-    readers = _readers(graph, set(dropped))
-    a, b = example[:1], torch.flip(example[:1], dims=(-1,)) * 0.5 + 0.3
-    inputs, other = (
-        _capture_inputs(reference, list(readers), a),
-        _capture_inputs(reference, list(readers), b),
-    )
     plan = plan or make_plan(graph, dropped)
     pruned = apply_plan_(copy.deepcopy(reference), plan)
-    keep_out = {l.name: list(l.keep_out) for l in plan.layers}
-    modules = dict(pruned.named_modules())
-    corrections, border = [], 0.0
-    for name, idx in readers.items():
-        if not torch.allclose(inputs[name][:, idx], other[name][:, idx], atol=1e-6):
-            raise PruneError(
-                f"{name} reads removed channels whose value depends on the input; "
-                "the channel graph marked them absorbable wrongly (please report)"
-            )
-        original = dict(reference.named_modules())[name]
-        form, value, err = _correction(original, inputs[name], idx, exact_borders)
-        border = max(border, err)
-        if float(value.abs().max()) > 0:
-            _attach(modules[name], form, value, keep_out.get(name))
-            corrections.append((name, form))
-    ref_out, out = reference(example), pruned(example)
+    corrections, border = _absorb_(
+        reference, pruned, _readers(graph, set(dropped)), plan, example, exact_borders
+    )
+    ref_out = reference(example)
     report = RemovalReport(
         len(dropped) - len(approximate),
         len(approximate),
         tuple(corrections),
         border,
-        _rel_err(reference(example), model(example)),
-        _rel_err(out, ref_out),
+        _rel_err(ref_out, model(example)),
+        _rel_err(pruned(example), ref_out),
+        _scale_bound(model, graph, set(dropped), example),
     )
     if exact_borders and report.max_rel_err > 1e-4:
         raise PruneError(
@@ -235,13 +274,14 @@ def remove_groups(
             "output scale; this is a bug in constant absorption, please report it"
         )
     logger.info(
-        "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e, "
-        "zeroing changed outputs by %.2e",
+        "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e; "
+        "zeroing changed outputs by %.2e (scale bound %.2e)",
         len(dropped),
         report.absorbed_groups,
         len(approximate),
         len(corrections),
         report.max_rel_err,
         report.zeroing_err,
+        report.scale_bound,
     )
     return pruned, plan, report

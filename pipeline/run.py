@@ -262,6 +262,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "corrections": [list(c) for c in pruned.removal.corrections],
             "removal_rel_err": pruned.removal.max_rel_err,
             "zeroing_rel_err": pruned.removal.zeroing_err,
+            "scale_bound": pruned.removal.scale_bound,
             "barriers": [b.__dict__ for b in pruned.graph.barriers],
         },
         "environment": {
