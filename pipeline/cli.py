@@ -49,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + manifest."""
+    from pipeline.atomic import write_text_atomic
     from pipeline.checkpoint import save_pruned
     from pipeline.config import dump_config
     from pipeline.data import load_data
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "config.yaml").write_text(dump_config(cfg))
+    write_text_atomic(Path(args.out, "config.yaml"), dump_config(cfg))
     seed_everything(cfg.train.seed)
     data = load_data(cfg.data, seed=cfg.train.seed)
     model, logs = build_and_train(cfg, data, Path(args.out) / "checkpoints")
@@ -100,7 +101,7 @@ def _load_for_prune(args: argparse.Namespace):
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model (a torchvision/factory spec, or a trained model folder) and save it."""
-    from pipeline.atomic import write_json_atomic
+    from pipeline.atomic import write_json_atomic, write_text_atomic
     from pipeline.bench import count_macs, count_params
     from pipeline.checkpoint import save_pruned
     from pipeline.config import PruneConfig
@@ -132,7 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "barriers": [b.__dict__ for b in result.graph.barriers],
     }
     write_json_atomic(out / "report.json", report)
-    (out / "plan.json").write_text(result.plan.to_json())
+    write_text_atomic(out / "plan.json", result.plan.to_json())
     print(json.dumps({k: report[k] for k in ("params", "macs", "groups")}, indent=1))
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")

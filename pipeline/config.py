@@ -141,6 +141,7 @@ class PruneConfig:
     round_to: int = 1
     finetune_epochs: int = 3
     exact_borders: bool = True  # absorb constant channels exactly at zero-padded borders
+    recalibrate: bool = True  # re-estimate BN running stats after pruning (no gradient steps)
     finetune_lr: float = 0.01
 
     def __post_init__(self) -> None:

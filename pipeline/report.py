@@ -86,6 +86,12 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
             _percent(acc_before),
             _point_change(acc, acc_before),
         ),
+        (
+            "… after BN recalibration (no gradient steps)",
+            MISSING,
+            _percent(pruned.get("accuracy_recalibrated")),
+            _point_change(acc, pruned.get("accuracy_recalibrated")),
+        ),
         ("Channels kept", _count(pruned.get("channels_total")), _channels(pruned), MISSING),
         (
             "Threshold",

@@ -36,7 +36,7 @@ from pipeline.prune import (
     select_groups,
 )
 from pipeline.threshold import auto_threshold
-from pipeline.train import evaluate, resolve_device, seed_everything, train_
+from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,10 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     pruned = prune_model(model, batch, cfg.prune)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
     acc_before = evaluate(pruned.model, data.test, torch.device("cpu"))
+    acc_recal = None
+    if cfg.prune.recalibrate:  # downstream BN statistics still describe the unpruned network
+        recalibrate_bn_(pruned.model, data.train, torch.device("cpu"))
+        acc_recal = evaluate(pruned.model, data.test, torch.device("cpu"))
     train_(
         pruned.model,
         data,
@@ -240,6 +244,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
             "params": count_params(pruned.model),
             "macs": count_macs(pruned.model, data.input_shape),
             "accuracy_before_finetune": acc_before,
+            "accuracy_recalibrated": acc_recal,
             "accuracy": acc_after,
             "channels_kept": pruned.plan.channels_kept,
             "channels_total": pruned.plan.channels_total,
