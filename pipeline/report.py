@@ -235,7 +235,13 @@ def plot_importance_histogram(
         )
     fig = _new_figure(7.0, 4.0)
     ax = fig.add_subplot()
-    ax.hist(values, bins=min(100, max(10, values.size // 5)), color=_PRUNED, log=True)
+    bins: Any = min(100, max(10, values.size // 5))
+    positive = values[values > 0]
+    if positive.size == values.size and positive.max() / positive.min() > 100:
+        # polarised importances span decades: log-spaced bins show both modes and the valley
+        bins = np.geomspace(positive.min(), positive.max(), bins + 1)
+        ax.set_xscale("log")
+    ax.hist(values, bins=bins, color=_PRUNED, log=True)
     if threshold is not None:
         below = int((values < threshold).sum())
         ax.axvline(

@@ -349,13 +349,15 @@ class _Tiny(nn.Module):
         return self.head(self.se(self.grouped(x)))
 
 
-def test_plan_json_round_trip() -> None:
-    model = _Tiny()
+@pytest.mark.parametrize("fixture", ["tiny_net", "tiny_bounded_net"])
+def test_plan_json_round_trip(fixture: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(fixture)
     graph, x = _graph(model)
     importance = {g: float(torch.rand(())) for g in _prunable_ids(graph)}
     dropped = select_groups(importance, graph, threshold=0.4, rules=SelectionRules(min_channels=1))
     plan = make_plan(graph, dropped, mode="threshold", value=0.4)
     assert plan.layers and plan.dropped_groups
+    assert {layer.kind for layer in plan.layers} == {"conv", "bn", "linear"}
 
     decoded = PrunePlan.from_json(plan.to_json())
     assert decoded == plan

@@ -324,7 +324,8 @@ def test_every_block_kind_prunes_exactly() -> None:
         x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
         graph = build_channel_graph(model, x)
         assert not graph.barriers, graph.barriers
+        assert len(graph.prunable_groups) >= 20
         for ratio in (0.3, 0.7):
             dropped, err = prune_and_compare(model, graph, ratio, x, seed=2)
-            assert len(dropped) >= 0.25 * ratio * len(graph.prunable_groups)
+            assert len(dropped) >= 0.5 * ratio * len(graph.prunable_groups)
             assert err <= REL_TOL

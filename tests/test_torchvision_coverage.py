@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -274,9 +276,20 @@ def test_bn_models_are_exactly_those_with_batchnorm() -> None:
     assert tuple(n for n in names if has_batchnorm(n)) == BN_MODELS
 
 
+@pytest.fixture
+def fair_share_of_threads() -> Iterator[None]:
+    """One worker's share of the cores: oversubscribed OpenMP spins and runs several times slower."""
+    threads = torch.get_num_threads()
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in BN_MODELS]
 )
+@pytest.mark.usefixtures("fair_share_of_threads")
 def test_prunes_exactly_and_exports_to_onnx(name: str, tmp_path: Path) -> None:
     result = check_model(name, tmp_path)
     assert result.dropped >= 0.4 * result.prunable > 0
