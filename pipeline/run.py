@@ -150,7 +150,8 @@ def _export_and_verify(
 
     folded, paths, checks = {}, {}, {}
     for label, model in models.items():
-        folded[label], fold = fold_bn(model.cpu().eval(), batch)
+        # 1e-4: polarised nets carry tiny BN scales into large weights, which amplifies fp32 rounding
+        folded[label], fold = fold_bn(model.cpu().eval(), batch, rtol=1e-4)
         paths[label] = export_onnx(
             folded[label], batch[:2], out / f"{label}.onnx", opset=cfg.export.opset
         )
