@@ -185,33 +185,20 @@ def _plots(
     return plots
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    """Run every stage and write the run folder; returns the report dict.
-
-    Raises:
-        VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
-    """
-    from pipeline.bench import count_macs, count_params, environment, latency_table
-    from pipeline.export.manifest import write_manifest
-    from pipeline.report import render_markdown
-
-    start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
-    seed_everything(cfg.train.seed)
-    data = load_data(cfg.data, seed=cfg.train.seed)
-    model, _ = build_and_train(cfg, data, out / "checkpoints")
-    device = resolve_device(cfg.train.device)
-    dense_acc = evaluate(model, data.test, torch.device("cpu"))
-    batch = _fixed_batch(data)
+def _prune_and_finetune(
+    model: nn.Module, data: DataBundle, batch: torch.Tensor, cfg: RunConfig, out: Path
+) -> tuple[Pruned, dict[str, float | None]]:
+    """Prune, recalibrate BN, fine-tune; returns the result and the pruned model's accuracies."""
+    cpu = torch.device("cpu")
     pruned = prune_model(model, batch, cfg.prune)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
-    acc_before = evaluate(pruned.model, data.test, torch.device("cpu"))
-    acc_recal = None
+    acc = {
+        "accuracy_before_finetune": evaluate(pruned.model, data.test, cpu),
+        "accuracy_recalibrated": None,
+    }
     if cfg.prune.recalibrate:  # downstream BN statistics still describe the unpruned network
-        recalibrate_bn_(pruned.model, data.train, torch.device("cpu"))
-        acc_recal = evaluate(pruned.model, data.test, torch.device("cpu"))
+        recalibrate_bn_(pruned.model, data.train, cpu)
+        acc["accuracy_recalibrated"] = evaluate(pruned.model, data.test, cpu)
     train_(
         pruned.model,
         data,
@@ -221,9 +208,93 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         penalty=None,
         tag="finetune",
     )
-    pruned.model.cpu().eval()
-    acc_after = evaluate(pruned.model, data.test, torch.device("cpu"))
+    acc["accuracy"] = evaluate(pruned.model.cpu().eval(), data.test, cpu)
     save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
+    return pruned, acc
+
+
+def _groups_section(pruned: Pruned) -> dict[str, Any]:
+    removal = pruned.removal
+    return {
+        "total": len(pruned.graph.groups),
+        "prunable": len(pruned.importances),
+        "dropped": len(pruned.plan.dropped_groups),
+        "absorbed_exactly": removal.absorbed_groups,
+        "approximate": removal.approximate_groups,
+        "corrections": [list(c) for c in removal.corrections],
+        "removal_rel_err": removal.max_rel_err,
+        "zeroing_rel_err": removal.zeroing_err,
+        "scale_bound": removal.scale_bound,
+        "barriers": [b.__dict__ for b in pruned.graph.barriers],
+    }
+
+
+def _report(
+    model: nn.Module,
+    pruned: Pruned,
+    acc: dict,
+    check: Any,
+    rows: list,
+    data: DataBundle,
+    cfg: RunConfig,
+    seconds: float,
+) -> dict[str, Any]:
+    """The report.json content (keys documented in the README)."""
+    from pipeline.bench import count_macs, count_params, environment
+
+    shape = data.input_shape
+    return {
+        "dense": {
+            "params": count_params(model),
+            "macs": count_macs(model, shape),
+            "accuracy": acc["dense"],
+        },
+        "pruned": {
+            "params": count_params(pruned.model),
+            "macs": count_macs(pruned.model, shape),
+            "accuracy_before_finetune": acc["accuracy_before_finetune"],
+            "accuracy_recalibrated": acc["accuracy_recalibrated"],
+            "accuracy": acc["accuracy"],
+            "channels_kept": pruned.plan.channels_kept,
+            "channels_total": pruned.plan.channels_total,
+        },
+        "threshold": {"mode": pruned.plan.threshold_mode, "value": pruned.plan.threshold_value},
+        "export": {
+            "onnx_path": str(check.path),
+            "max_abs_err": check.max_abs_err,
+            "max_rel_err": check.max_rel_err,
+            "opset": check.opset,
+            "passed": check.passed,
+        },
+        "latency": [r.to_dict() for r in rows],
+        "groups": _groups_section(pruned),
+        "environment": {
+            **environment(),
+            "python": platform.python_version(),
+            "device": str(resolve_device(cfg.train.device)),
+        },
+        "seconds": round(seconds, 1),
+    }
+
+
+def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
+    """Run every stage and write the run folder; returns the report dict.
+
+    Raises:
+        VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
+    """
+    from pipeline.bench import latency_table
+    from pipeline.export.manifest import write_manifest
+    from pipeline.report import render_markdown
+
+    start, out = time.perf_counter(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
+    seed_everything(cfg.train.seed)
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    model, _ = build_and_train(cfg, data, out / "checkpoints")
+    dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), _fixed_batch(data)
+    pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
     exported = _export_and_verify({"dense": model, "pruned": pruned.model}, batch, out, cfg)
     rows = latency_table(
         exported["folded"],
@@ -235,68 +306,36 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         warmup=cfg.bench.warmup,
     )
     check = exported["checks"]["pruned"]
-    report = {
-        "dense": {
-            "params": count_params(model),
-            "macs": count_macs(model, data.input_shape),
-            "accuracy": dense_acc,
-        },
-        "pruned": {
-            "params": count_params(pruned.model),
-            "macs": count_macs(pruned.model, data.input_shape),
-            "accuracy_before_finetune": acc_before,
-            "accuracy_recalibrated": acc_recal,
-            "accuracy": acc_after,
-            "channels_kept": pruned.plan.channels_kept,
-            "channels_total": pruned.plan.channels_total,
-        },
-        "threshold": {"mode": pruned.plan.threshold_mode, "value": pruned.plan.threshold_value},
-        "export": {
-            "onnx_path": str(exported["paths"]["pruned"]),
-            "max_abs_err": check.max_abs_err,
-            "max_rel_err": check.max_rel_err,
-            "opset": check.opset,
-            "passed": check.passed,
-        },
-        "latency": [r.to_dict() for r in rows],
-        "groups": {
-            "total": len(pruned.graph.groups),
-            "prunable": len(pruned.importances),
-            "dropped": len(pruned.plan.dropped_groups),
-            "absorbed_exactly": pruned.removal.absorbed_groups,
-            "approximate": pruned.removal.approximate_groups,
-            "corrections": [list(c) for c in pruned.removal.corrections],
-            "removal_rel_err": pruned.removal.max_rel_err,
-            "zeroing_rel_err": pruned.removal.zeroing_err,
-            "scale_bound": pruned.removal.scale_bound,
-            "barriers": [b.__dict__ for b in pruned.graph.barriers],
-        },
-        "environment": {
-            **environment(),
-            "python": platform.python_version(),
-            "device": str(device),
-        },
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    imps = np.array(list(pruned.importances.values()))
+    report = _report(
+        model,
+        pruned,
+        {**acc, "dense": dense_acc},
+        check,
+        rows,
+        data,
+        cfg,
+        time.perf_counter() - start,
+    )
+    cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     plots = _plots(
         out,
-        imps,
-        pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None,
+        np.array(list(pruned.importances.values())),
+        cut,
         layer_widths(pruned.graph, pruned.plan),
         rows,
     )
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report))
+    artefacts = {
+        "dense_onnx": exported["paths"]["dense"],
+        "pruned_onnx": exported["paths"]["pruned"],
+        "pruned_weights": out / "pruned" / "model.pt",
+        "report": out / "report.json",
+        **plots,
+    }
     write_manifest(
         out,
-        {
-            "dense_onnx": exported["paths"]["dense"],
-            "pruned_onnx": exported["paths"]["pruned"],
-            "pruned_weights": out / "pruned" / "model.pt",
-            "report": out / "report.json",
-            **plots,
-        },
+        artefacts,
         config=to_dict(cfg),
         metrics={k: report[k] for k in ("dense", "pruned", "export")},
     )

@@ -189,30 +189,30 @@ def train_(
         recalibrate_bn_(model, data.train, device)
         acc = evaluate(model, data.test, device)
         stats = importance_summary(all_importances(model))
-        logs.append(
-            EpochLog(
-                epoch + 1,
-                loss,
-                pen,
-                acc,
-                stats["below_0.05"],
-                stats["above_0.5"],
-                stats["bimodality"],
-                time.perf_counter() - start,
-            )
-        )
-        logger.info(
-            "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f (%.1fs)",
-            tag,
+        log = EpochLog(
             epoch + 1,
-            epochs,
             loss,
             pen,
             acc,
             stats["below_0.05"],
             stats["above_0.5"],
             stats["bimodality"],
-            logs[-1].seconds,
+            time.perf_counter() - start,
+        )
+        logs.append(log)
+        logger.info(
+            "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f "
+            "BC %.2f (%.1fs)",
+            tag,
+            log.epoch,
+            epochs,
+            log.loss,
+            log.penalty,
+            log.accuracy,
+            log.below_005,
+            log.above_05,
+            log.bimodality,
+            log.seconds,
         )
         if checkpoint_dir is not None:
             save_torch_atomic(

@@ -1,0 +1,53 @@
+"""End to end on real data (scikit-learn digits), small enough for the default suite."""
+
+import json
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.export.manifest import verify_manifest
+from pipeline.run import run_pipeline
+from pipeline.threshold import NotBimodalError
+
+SMALL = [
+    "data.image_size=16", "model.width=0.125", "train.epochs=1", "train.penalty.strength=0.01",
+    "prune.threshold=ratio", "prune.ratio=0.4", "prune.finetune_epochs=1", "bench.batches=[1, 4]",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run_pipeline(load_config("configs/demo.yaml", SMALL), out)
+    return out
+
+
+def test_report_has_every_promised_key(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["dense"]) >= {"params", "macs", "accuracy"}
+    assert set(report["pruned"]) >= {"params", "macs", "accuracy_before_finetune", "accuracy",
+                                     "channels_kept", "channels_total"}
+    assert report["threshold"] == {"mode": "ratio", "value": 0.4}
+    assert report["export"]["opset"] >= 17 and report["export"]["max_abs_err"] <= 1e-4
+    assert set(report["environment"]) >= {"torch", "onnxruntime", "python", "cpu"}
+    assert 0.0 <= report["pruned"]["accuracy"] <= 1.0
+    assert report["pruned"]["macs"] < report["dense"]["macs"]
+    assert report["pruned"]["channels_kept"] < report["pruned"]["channels_total"]
+    rows = report["latency"]
+    assert {(r["backend"], r["model"], r["batch"]) for r in rows} == {
+        (b, m, n) for b in ("torch", "onnxruntime") for m in ("dense", "pruned") for n in (1, 4)}
+    assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["threads"] == 2 for r in rows)
+
+
+def test_run_folder_is_complete_and_verifiable(run_dir):
+    for name in ("config.yaml", "report.md", "plan.json", "dense.onnx", "pruned.onnx", "importance_hist.png",
+                 "kept_channels.png", "latency.png", "pruned/model.pt", "pruned/manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert verify_manifest(run_dir / "manifest.json") == []
+    assert load_config(run_dir / "config.yaml") == load_config("configs/demo.yaml", SMALL)
+
+
+def test_auto_threshold_refuses_an_unpolarised_model(tmp_path):
+    cfg = load_config("configs/demo.yaml", SMALL[:3] + ["train.epochs=0", "prune.threshold=auto"])
+    with pytest.raises(NotBimodalError, match="prune.threshold=ratio"):
+        run_pipeline(cfg, tmp_path)
