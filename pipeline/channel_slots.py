@@ -163,6 +163,20 @@ class _Slots:
     const: torch.Tensor  # bool: input-independent once its group's BN scale is zeroed
 
 
+def _compact(*ts: torch.Tensor, keep: int | None = None) -> list[torch.Tensor]:
+    """Broadcast ``ts`` together, then keep one slice of every axis that all of them only expand.
+
+    Slot tensors are mostly expanded views (one id per channel); comparing them element by element
+    at full resolution would sort millions of equal entries for each residual add.
+    """
+    ts = list(torch.broadcast_tensors(*ts))
+    keep = None if keep is None else keep % max(1, ts[0].dim())
+    for d in range(ts[0].dim()):
+        if d != keep and ts[0].shape[d] > 1 and all(t.stride(d) == 0 for t in ts):
+            ts = [t.narrow(d, 0, 1) for t in ts]
+    return ts
+
+
 @dataclass
 class _UnionFind:
     parent: list[int] = field(default_factory=list)
@@ -189,7 +203,7 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = torch.broadcast_tensors(a, b)
+        a, b = _compact(a, b)
         key = torch.unique(a.reshape(-1) * len(self.parent) + b.reshape(-1))
         for k in key.tolist():
             self.union(k // len(self.parent), k % len(self.parent))
@@ -299,10 +313,12 @@ class SlotInterpreter(fx.Interpreter):
         self, s: _Slots, dim: int, n: fx.Node
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-channel ids along ``dim``; channels whose ids vary by position are pinned."""
-        ids = s.ids.movedim(dim, 0).reshape(s.ids.shape[dim], -1)
+        c = s.ids.shape[dim]
+        ids, zero, const = (
+            t.movedim(dim, 0).reshape(c, -1) for t in _compact(s.ids, s.zero, s.const, keep=dim)
+        )
         lo, hi = ids.amin(1), ids.amax(1)
-        zero = s.zero.movedim(dim, 0).reshape(s.ids.shape[dim], -1).all(1)
-        const = s.const.movedim(dim, 0).reshape(s.ids.shape[dim], -1).all(1)
+        zero, const = zero.all(1), const.all(1)
         mixed = lo != hi
         if bool(mixed.any()):
             self.uf.pin(ids[mixed])
@@ -377,39 +393,67 @@ class SlotInterpreter(fx.Interpreter):
         return type(ids)(_Slots(i, z, c) for i, z, c in zip(ids, zero, const, strict=False))
 
     def _channel_split(self, n: fx.Node, out: Any) -> str:
-        """Tie or refuse index ops that cut the channel axis into pieces.
+        """Tie or refuse index ops that cut or select along the channel axis.
 
-        The pruned model re-runs the same Python code on fewer channels, so pieces computed from
-        the channel count (``chunk``, equal ``split``, ``view(b, groups, c // groups, ...)`` as in
-        channel shuffle) stay aligned only if every piece loses the same in-piece indices: those
-        are tied. A cut at a fixed position (slicing, unequal split) cannot follow: barrier.
+        The pruned model re-runs the same Python code on fewer channels. Pieces whose size is
+        computed from the channel count (``chunk``, ``split`` by a traced size,
+        ``view(b, groups, c // groups, ...)`` as in channel shuffle, or ``view(b, c // k, k, ...)``)
+        stay aligned only if every piece loses the same in-piece indices: those are tied. A cut or
+        selection at a literal position (``split(4)``, ``narrow``, ``x[:, :4]``) cannot follow the
+        smaller count: barrier.
         """
-        x = self._tensor_args(n)[0].ids
+        base = self.slots.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if not isinstance(base, _Slots):  # indexing a tuple of pieces, or cat of a list
+            return ""
+        x = base.ids
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if x.dim() < 2:
             return ""
         if name in ("chunk", "split", "unbind", "tensor_split"):
-            dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
-            if dim % x.dim() != 1:
-                return ""
-            if name == "unbind" or len({p.shape[1] for p in out}) > 1:
-                return "cuts the channel axis at fixed positions"
-            for piece in out[1:]:
-                self.uf.union_pairs(out[0], piece)
-        elif name in ("getitem", "__getitem__"):
-            index = self.env[n.args[1]] if isinstance(n.args[1], fx.Node) else n.args[1]
-            index = index if isinstance(index, tuple) else (index,)
-            if len(index) > 1 and index[1] != slice(None) and index[0] is not Ellipsis:
-                return "slices the channel axis"
-        elif name in ("view", "reshape", "unflatten") and isinstance(out, torch.Tensor):
-            c = x.shape[1]
-            if (
-                out.dim() == x.dim() + 1
-                and out.shape[0] == x.shape[0]
-                and out.shape[1] * out.shape[2] == c
-                and out.shape[1] > 1
-            ):
-                self.uf.union_pairs(out, out[:, :1].expand_as(out))
+            return self._split_pieces(n, name, x, out)
+        if name in ("view", "reshape", "unflatten") and isinstance(out, torch.Tensor):
+            problem = self._split_axis(n, x, out)
+            if problem:
+                return problem
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        kept = torch.unique(torch.cat([o.reshape(-1) for o in outs]))
+        if not bool(torch.isin(torch.unique(x), kept).all()):
+            return "selects channels at fixed positions"
+        return ""
+
+    def _split_pieces(self, n: fx.Node, name: str, x: torch.Tensor, out: Any) -> str:
+        pos = 1 if name == "unbind" else 2
+        dim = n.kwargs.get("dim", n.args[pos] if len(n.args) > pos else 0)
+        if dim % x.dim() != 1:
+            return ""
+        size = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size_or_sections")
+        if name in ("unbind", "tensor_split") or len({p.shape[1] for p in out}) > 1:
+            return "cuts the channel axis at fixed positions"
+        if name == "split" and len(out) > 1 and not isinstance(size, fx.Node):
+            return "splits the channel axis at a fixed size"
+        for piece in out[1:]:
+            self.uf.union_pairs(out[0], piece)
+        return ""
+
+    def _split_axis(self, n: fx.Node, x: torch.Tensor, out: torch.Tensor) -> str:
+        """``view`` that splits channels C into (a, b): tie across the factor that is a literal."""
+        if not (
+            out.dim() == x.dim() + 1
+            and out.shape[0] == x.shape[0]
+            and out.shape[1] * out.shape[2] == x.shape[1]
+            and out.shape[1] > 1
+            and out.shape[2] > 1
+        ):
+            return ""
+        sizes = n.args[1:] if n.op == "call_method" else n.args[1:]
+        sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+        outer, inner = (sizes[1], sizes[2]) if len(sizes) > 2 else (None, None)
+        if isinstance(inner, fx.Node) and not isinstance(outer, fx.Node):  # (groups, c // groups)
+            self.uf.union_pairs(out, out[:, :1].expand_as(out))
+        elif isinstance(outer, fx.Node) and not isinstance(inner, fx.Node):  # (c // k, k)
+            self.uf.union_pairs(out, out[:, :, :1].expand_as(out))
+        else:
+            return "splits the channel axis into factors recede cannot attribute"
         return ""
 
     def _per_channel(self, n: fx.Node, op: str, x: _Slots, value: torch.Tensor) -> Any:
@@ -451,7 +495,7 @@ class SlotInterpreter(fx.Interpreter):
             zero = (
                 torch.zeros_like(ids, dtype=torch.bool)
                 if any(c != 0 for c in scalars)
-                else torch.stack(torch.broadcast_tensors(*zeros)).all(0)
+                else torch.stack(_compact(*zeros)).all(0)
             )
         elif op in ("truediv", "div", "div_", "__truediv__"):
             first = operands[0][0]
@@ -459,10 +503,8 @@ class SlotInterpreter(fx.Interpreter):
                 value.shape
             )
         else:  # product: zero if any factor is zero
-            zero = torch.stack(torch.broadcast_tensors(*zeros)).any(0) | any(
-                c == 0 for c in scalars
-            )
-        const = torch.stack(torch.broadcast_tensors(*[s.const for s in tensors])).all(0)
+            zero = torch.stack(_compact(*zeros)).any(0) | any(c == 0 for c in scalars)
+        const = torch.stack(_compact(*[s.const for s in tensors])).all(0)
         return _Slots(ids, zero.expand(value.shape), const.expand(value.shape))
 
     def _reduce(self, n: fx.Node, op: str, x: _Slots, value: torch.Tensor) -> Any:
