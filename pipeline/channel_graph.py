@@ -22,6 +22,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -123,21 +124,40 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     return _finalise(interp, tuple(example.shape[1:]))
 
 
+def _roots(parent: list[int]) -> np.ndarray:
+    """Union-find roots of every id at once, by pointer jumping (parents always point lower)."""
+    root = np.asarray(parent, dtype=np.int64)
+    while True:
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            return root
+        root = nxt
+
+
 def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
     """Resolve union-find roots into numbered groups and decide which are prunable."""
-    uf = interp.uf
-    gid: dict[int, int] = {}
+    root = _roots(interp.uf.parent)
+    # group numbers follow first appearance over the layers' (in, out) ids
+    order = [t for _, i, o, _ in interp.layers.values() for t in (i, o)]
+    seen = root[torch.cat(order).numpy()] if order else np.zeros(0, dtype=np.int64)
+    uniq, first = np.unique(seen, return_index=True)
+    number = np.full(len(root), -1, dtype=np.int64)
+    number[uniq[np.argsort(first)]] = np.arange(len(uniq))
+    gid_of = number[root]  # id -> group number (-1: never seen by a layer)
 
     def group_ids(ids: torch.Tensor) -> tuple[int, ...]:
-        return tuple(gid.setdefault(uf.find(i), len(gid)) for i in ids.tolist())
+        return tuple(gid_of[ids.numpy()].tolist())
+
+    def groups_of(ids: torch.Tensor) -> set[int]:
+        return {g for g in gid_of[ids.numpy()].tolist() if g >= 0}
 
     layers = {
         name: LayerChannels(name, kind, group_ids(i), group_ids(o), groups)
         for name, (kind, i, o, groups) in interp.layers.items()
     }
-    pinned = {gid[r] for r in {uf.find(p) for p in uf.pinned} if r in gid}
-    bad_reads = {gid[uf.find(i)] for _, p, z, _ in interp.reads for i in p[~z].tolist()}
-    varying_reads = {gid[uf.find(i)] for _, p, _, c in interp.reads for i in p[~c].tolist()}
+    pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
+    bad_reads = set().union(*(groups_of(p[~z]) for _, p, z, _ in interp.reads))
+    varying_reads = set().union(*(groups_of(p[~c]) for _, p, _, c in interp.reads))
     bn_channels: dict[int, list[tuple[str, int]]] = {}
     for name, ids in interp.bns:
         for c, g in enumerate(group_ids(ids)):
@@ -147,7 +167,7 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
         sizes.update(layer.in_groups)
         sizes.update(layer.out_groups)
     groups = []
-    for g in range(len(gid)):
+    for g in range(len(uniq)):
         reason = (
             "touches a graph input/output or a barrier"
             if g in pinned

@@ -92,12 +92,12 @@ def group_importance(
     modules = dict(model.named_modules())
     groups = graph.removable_groups
     per_bn = {
-        name: channel_importance(modules[name])
+        name: channel_importance(modules[name]).tolist()  # python floats: no per-element tensor ops
         for name in {n for g in groups for n, _ in g.bn_channels}
     }
     reduce = {"max": max, "sum": sum, "mean": lambda v: sum(v) / len(v)}[aggregate]
     return {
-        g.id: float(reduce([float(per_bn[name][c]) for name, c in g.bn_channels])) for g in groups
+        g.id: float(reduce([per_bn[name][c] for name, c in g.bn_channels])) for g in groups
     }
 
 
