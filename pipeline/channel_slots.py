@@ -441,11 +441,10 @@ class SlotInterpreter(fx.Interpreter):
             out.dim() == x.dim() + 1
             and out.shape[0] == x.shape[0]
             and out.shape[1] * out.shape[2] == x.shape[1]
-            and out.shape[1] > 1
-            and out.shape[2] > 1
+            and max(out.shape[1], out.shape[2]) > 1
         ):
             return ""
-        sizes = n.args[1:] if n.op == "call_method" else n.args[1:]
+        sizes = n.args[1:]  # x.view(n, a, b, ...) or torch.reshape(x, (n, a, b, ...))
         sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
         outer, inner = (sizes[1], sizes[2]) if len(sizes) > 2 else (None, None)
         if isinstance(inner, fx.Node) and not isinstance(outer, fx.Node):  # (groups, c // groups)
