@@ -287,7 +287,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     from pipeline.export.manifest import write_manifest
     from pipeline.report import render_markdown
 
-    start, out = time.perf_counter(), Path(out)
+    start, out = time.perf_counter(), Path(out).absolute()  # manifest paths are relative to out
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     seed_everything(cfg.train.seed)

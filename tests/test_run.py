@@ -17,9 +17,12 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    run_pipeline(load_config("configs/demo.yaml", SMALL), out)
-    return out
+    cfg = load_config("configs/demo.yaml", SMALL)
+    base = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        run_pipeline(cfg, "runs/small")  # a relative folder, as `make demo` passes
+    return base / "runs" / "small"
 
 
 def test_report_has_every_promised_key(run_dir):
@@ -45,6 +48,7 @@ def test_run_folder_is_complete_and_verifiable(run_dir):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "manifest.json") == []
     assert load_config(run_dir / "config.yaml") == load_config("configs/demo.yaml", SMALL)
+    assert (run_dir / json.loads((run_dir / "manifest.json").read_text())["artefacts"]["pruned_onnx"]["path"]).is_file()
 
 
 def test_auto_threshold_refuses_an_unpolarised_model(tmp_path):
