@@ -141,21 +141,6 @@ def _correction(
     return "map", full, 0.0
 
 
-def _readers(graph: ChannelGraph, dropped: set[int]) -> dict[str, list[int]]:
-    """Conv/linear layers (not depthwise) -> input positions that belong to dropped groups."""
-    out = {}
-    for name, layer in graph.layers.items():
-        depthwise = layer.kind == "conv" and layer.conv_groups == len(layer.in_groups) == len(
-            layer.out_groups
-        )
-        if layer.kind == "bn" or depthwise:
-            continue
-        idx = [i for i, g in enumerate(layer.in_groups) if g in dropped]
-        if idx:
-            out[name] = idx
-    return out
-
-
 def _attach(layer: nn.Module, form: str, value: torch.Tensor, keep_out: list[int] | None) -> None:
     if keep_out is not None:
         value = value[keep_out]
@@ -256,7 +241,7 @@ def remove_groups(
     plan = plan or make_plan(graph, dropped)
     pruned = apply_plan_(copy.deepcopy(reference), plan)
     corrections, border = _absorb_(
-        reference, pruned, _readers(graph, set(dropped)), plan, example, exact_borders
+        reference, pruned, graph.readers(set(dropped)), plan, example, exact_borders
     )
     ref_out = reference(example)
     report = RemovalReport(

@@ -47,6 +47,13 @@ class LayerChannels:
     out_groups: tuple[int, ...]
     conv_groups: int = 1
 
+    @property
+    def depthwise(self) -> bool:
+        """A depthwise conv passes channels through: it reads nothing across channels."""
+        return self.kind == "conv" and self.conv_groups == len(self.in_groups) == len(
+            self.out_groups
+        )
+
 
 @dataclass(frozen=True)
 class ChannelGroup:
@@ -78,6 +85,16 @@ class ChannelGraph:
     def removable_groups(self) -> tuple[ChannelGroup, ...]:
         """Prunable groups plus those removable exactly with constant absorption (``remove_groups``)."""
         return tuple(g for g in self.groups if g.prunable or g.absorbable)
+
+    def readers(self, groups: set[int]) -> dict[str, list[int]]:
+        """Conv/linear layers (not depthwise) that read ``groups`` -> their input positions."""
+        out = {}
+        for name, layer in self.layers.items():
+            if layer.kind != "bn" and not layer.depthwise:
+                idx = [i for i, g in enumerate(layer.in_groups) if g in groups]
+                if idx:
+                    out[name] = idx
+        return out
 
 
 class _Tracer(fx.Tracer):

@@ -29,7 +29,6 @@ from torch import nn
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import build_channel_graph
 from pipeline.fold import conv_bn_pairs
-from pipeline.ista import _readers_of
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +96,7 @@ def _reader_factors(
     """(reader, input positions, alpha of the BN channel at each position) for a BN's readers."""
     channel_of = {g: c for c, g in enumerate(graph.layers[name].out_groups)}
     out = []
-    for r in _readers_of(graph, name):
-        pos = [p for p, g in enumerate(graph.layers[r].in_groups) if g in channel_of]
+    for r, pos in graph.readers(set(channel_of)).items():
         out.append((r, pos, alpha[[channel_of[graph.layers[r].in_groups[p]] for p in pos]]))
     return out
 

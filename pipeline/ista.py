@@ -52,17 +52,6 @@ def _feature_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return sizes
 
 
-def _readers_of(graph: ChannelGraph, bn: str) -> list[str]:
-    groups = set(graph.layers[bn].out_groups)
-    return [
-        n
-        for n, l in graph.layers.items()
-        if l.kind in ("conv", "linear")
-        and groups & set(l.in_groups)
-        and not (l.kind == "conv" and l.conv_groups == len(l.in_groups) == len(l.out_groups))
-    ]
-
-
 def layer_costs(
     model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
 ) -> dict[str, float]:
@@ -77,7 +66,8 @@ def layer_costs(
             continue
         conv = modules[conv_name]
         own = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels // conv.groups
-        readers = [modules[r] for r in _readers_of(graph, bn)]
+        reader_names = list(graph.readers(set(graph.layers[bn].out_groups)))
+        readers = [modules[r] for r in reader_names]
         per_reader = [
             (m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1)
             * m.weight.shape[0]
@@ -86,7 +76,7 @@ def layer_costs(
         if form == "memory":
             raw[bn] = (own + sum(per_reader)) / area + sizes[conv_name]
         else:
-            reader_sizes = [sizes[r] for r in _readers_of(graph, bn)]
+            reader_sizes = [sizes[r] for r in reader_names]
             raw[bn] = own * sizes[conv_name] + sum(
                 p * s for p, s in zip(per_reader, reader_sizes, strict=True)
             )
@@ -130,12 +120,9 @@ def rescale_gamma_(
             or (only is not None and bn_name not in only)
         ):
             continue
-        groups = set(layer.out_groups)
-        readers = _readers_of(graph, bn_name)
-        idx = {
-            i: [p for p, g in enumerate(graph.layers[r].in_groups) if g in groups]
-            for i, r in enumerate(readers)
-        }
+        positions = graph.readers(set(layer.out_groups))
+        readers = list(positions)
+        idx = dict(enumerate(positions.values()))
         if not readers or any(
             modules[r].weight.dim() == 4 and modules[r].groups > 1 for r in readers
         ):

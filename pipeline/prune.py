@@ -96,9 +96,7 @@ def group_importance(
         for name in {n for g in groups for n, _ in g.bn_channels}
     }
     reduce = {"max": max, "sum": sum, "mean": lambda v: sum(v) / len(v)}[aggregate]
-    return {
-        g.id: float(reduce([per_bn[name][c] for name, c in g.bn_channels])) for g in groups
-    }
+    return {g.id: float(reduce([per_bn[name][c] for name, c in g.bn_channels])) for g in groups}
 
 
 def _layer_floors(graph: ChannelGraph, rules: SelectionRules) -> dict[str, tuple[Counter, int]]:
