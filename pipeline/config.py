@@ -113,16 +113,34 @@ class TrainConfig:
     bn_lr_mult: float = 10.0
     bn_shift: bool = False  # learn a shift beta in bounded BN (off, as in the reference code)
     bn_init_logit: float = 0.0  # initial bounded-BN logit; 0 gives importance 0.5
+    bn_init: str = "constant"  # "constant" (logit bn_init_logit, plain gamma 0.5) or "normal"
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    target: float | None = None  # fraction of prunable groups (or MACs) to recede; None: fixed λ
+    target_cost: str = "groups"  # what `target` counts: "groups" or "macs"
+    target_ramp: float = 0.6  # share of training over which the receded share ramps to target
+    receded_below: float = 0.01  # a group has receded when its importance is below this
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs, allow_zero=True)
         _check_positive("train.lr", self.lr)
         _check_choice("train.schedule", self.schedule, ("cosine", "step", "constant"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train.bn_init", self.bn_init, ("constant", "normal"))
+        _check_choice("train.target_cost", self.target_cost, ("groups", "macs"))
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            raise ConfigError(
+                f"train.target must be a fraction in (0, 1) such as 0.5, or null for a fixed "
+                f"penalty strength; got {self.target!r}"
+            )
+        if not 0.0 < self.target_ramp <= 1.0:
+            raise ConfigError(f"train.target_ramp must be in (0, 1], got {self.target_ramp!r}")
+        if not 0.0 < self.receded_below < 1.0:
+            raise ConfigError(
+                f"train.receded_below must be in (0, 1), got {self.receded_below!r}"
+            )
 
 
 @dataclass(frozen=True)
