@@ -28,6 +28,20 @@ from pipeline.channel_graph import ChannelGraph, LayerChannels
 
 logger = logging.getLogger(__name__)
 
+ZERO_SCALE_LOGIT = -1000.0
+"""Bounded-BN logit of a channel whose scale must be exactly zero.
+
+``sigmoid(-1000)`` is exactly 0 in fp16, bf16, fp32 and fp64 (``exp(1000)`` overflows all of
+them), so a zeroed channel emits exactly its shift and removing it stays exact. Unlike ``-inf``
+the logit is finite: the receding penalty ``s(1 - log s)`` uses ``log s = -softplus(-w)``, which
+is -1000 here, so its value and gradient are 0 instead of ``0 * inf = NaN``.
+"""
+
+
+def zero_scale_(bn: nn.Module, channel: int) -> None:
+    """Make the scale of one BN channel exactly zero (a finite logit for bounded BN)."""
+    bn.weight[channel] = ZERO_SCALE_LOGIT if isinstance(bn, BoundedBatchNorm2d) else 0.0
+
 
 class PruneError(ValueError):
     """A plan cannot be made or applied; the message says why and what to change."""
@@ -233,6 +247,12 @@ def _prune_conv(m: nn.Conv2d, plan: LayerPlan) -> None:
         weight = _index(weight, keep_in, dim=1)
     _set_param(m, "weight", weight)
     _set_param(m, "bias", _index(m.bias, keep_out))
+    for name in (
+        "const_kernel",
+        "const_map",
+    ):  # constant corrections (CorrectedConv2d) are per output
+        if getattr(m, name, None) is not None:
+            setattr(m, name, _index(getattr(m, name), keep_out))
     m.in_channels, m.out_channels = len(keep_in), len(keep_out)
 
 
@@ -285,7 +305,7 @@ def mask_groups_(model: nn.Module, graph: ChannelGraph, dropped: Iterable[int]) 
         for gid in dropped:
             for name, c in by_id[gid].bn_channels:
                 bn = modules[name]
-                bn.weight[c] = float("-inf") if isinstance(bn, BoundedBatchNorm2d) else 0.0
+                zero_scale_(bn, c)
                 if bn.bias is not None:
                     bn.bias[c] = 0.0
     return model
