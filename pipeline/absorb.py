@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import ChannelGraph
-from pipeline.prune import PruneError, PrunePlan, apply_plan_, make_plan
+from pipeline.prune import PruneError, PrunePlan, apply_plan_, make_plan, zero_scale_
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def zero_scales_(
                 continue
             for name, c in g.bn_channels:
                 bn = modules[name]
-                bn.weight[c] = float("-inf") if isinstance(bn, BoundedBatchNorm2d) else 0.0
+                zero_scale_(bn, c)
                 if g.id in shifts and bn.bias is not None:
                     bn.bias[c] = 0.0
 

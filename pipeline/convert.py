@@ -14,7 +14,8 @@ somewhere else. Per BN channel c with gamma_c:
    - ``variance``: running_var' = (var + eps) / alpha^2 - eps, so the normalisation itself
      carries alpha. Always exact in eval mode (and used under residual adds), but in training
      mode batch statistics replace it, so the first fine-tuning steps see the bounded scale.
-A gamma of exactly 0 becomes a logit of -inf (scale exactly 0).
+A gamma of exactly 0 becomes the finite logit ``ZERO_SCALE_LOGIT`` (scale exactly 0, no NaN in
+the receding penalty, which a logit of -inf would give).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import build_channel_graph
 from pipeline.fold import conv_bn_pairs
+from pipeline.prune import ZERO_SCALE_LOGIT
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ def _bounded_from(
 ) -> BoundedBatchNorm2d:
     out = BoundedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, shift=True)
     with torch.no_grad():
-        out.weight.copy_(torch.logit(scale.clamp(0, 1)))  # logit(0) = -inf: scale exactly 0
+        logit = torch.logit(scale.clamp(0, 1))
+        out.weight.copy_(torch.where(scale > 0, logit, ZERO_SCALE_LOGIT))  # finite: no NaN penalty
         out.bias.copy_(shift)
         out.running_mean.copy_(bn.running_mean)
         out.running_var.copy_(var)
