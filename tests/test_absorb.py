@@ -1,24 +1,33 @@
 """Constant-channel removal is exact on every output element, zero-padded borders included."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from pipeline.absorb import CorrectedConv2d, remove_groups
 from pipeline.channel_graph import build_channel_graph
+from pipeline.config import ModelConfig
 from pipeline.fold import fold_bn
+from pipeline.models import build_model
 
 REL = 1e-5  # relative to the output scale
+_IO = {"num_classes": 10, "in_channels": 3}
 
 
 class Chain(nn.Module):
     """conv-BN-ReLU -> [pool] -> conv (the reader) -> BN -> depthwise -> BN -> linear head."""
 
-    def __init__(self, pad=1, stride=1, dilation=1, groups=1, avgpool=False, act=nn.ReLU):
+    def __init__(
+        self, pad=1, stride=1, dilation=1, groups=1, avgpool=False, act=nn.ReLU, mode="zeros"
+    ):
         super().__init__()
         self.c1, self.b1, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act()
         self.pool = nn.AvgPool2d(3, 1, 1) if avgpool else nn.Identity()
-        self.c2 = nn.Conv2d(8, 8, 3, stride=stride, padding=pad, dilation=dilation, groups=groups)
+        self.c2 = nn.Conv2d(
+            8, 8, 3, stride=stride, padding=pad, dilation=dilation, groups=groups, padding_mode=mode
+        )
         self.b2 = nn.BatchNorm2d(8)
         self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, 4)
@@ -47,6 +56,10 @@ CASES = {
     "grouped": {"groups": 2},
     "avgpool": {"avgpool": True},
     "sigmoid": {"act": nn.Sigmoid},
+    "reflect": {"mode": "reflect"},
+    "replicate": {"mode": "replicate"},
+    "circular": {"mode": "circular"},
+    "same": {"pad": "same"},
 }
 
 
@@ -133,3 +146,90 @@ def test_ista_zeros_are_removed_exactly():
     ref = model(x)  # the ORIGINAL model: its zero-gamma channels were already constant
     assert (pruned(x) - ref).abs().max() <= REL * ref.abs().max()
     assert report.zeroing_err == 0.0
+
+
+def _b1_groups(graph):
+    return [g.id for g in graph.groups if g.absorbable and any(n == "b1" for n, _ in g.bn_channels)]
+
+
+def _exact_at_sizes(model, graph, dropped, pruned, sizes):
+    from pipeline.absorb import zero_scales_
+
+    reference = copy.deepcopy(model)
+    zero_scales_(reference, graph, dropped)
+    errs = []
+    for size in sizes:
+        y = torch.randn(2, 3, size, size)
+        ref = reference(y)
+        errs.append(float((pruned(y) - ref).abs().max() / ref.abs().max()))
+    return errs
+
+
+def test_a_1x1_example_output_stays_exact_at_every_size():
+    """At 1x1 the reader's output has no border, yet its zero padding still shapes it."""
+    model = _shifted(Chain())
+    x = torch.randn(2, 3, 1, 1)  # c2 (3x3, padding 1) reads and writes 1x1 maps
+    graph = build_channel_graph(model, x)
+    dropped = set(_b1_groups(graph)[::2])
+    pruned, _, report = remove_groups(model, graph, dropped, x)
+    assert ("c2", "kernel") in report.corrections  # not the 1x1 map's value as a bias
+    assert report.max_rel_err <= REL and report.other_size_rel_err <= REL
+    assert max(_exact_at_sizes(model, graph, dropped, pruned, (1, 2, 3, 9))) <= REL
+
+
+def test_vgg11_at_28px_stays_exact_at_twice_the_size():
+    """VGG-11 at 28 px runs its last convs at 1x1; the pruned model must hold at 56 px."""
+    model = _shifted(build_model(ModelConfig(name="vgg", depth=11, width=0.125), **_IO))
+    x = torch.randn(2, 3, 28, 28)
+    graph = build_channel_graph(model, x)
+    dropped = {g.id for g in graph.groups if g.absorbable}
+    dropped = set(sorted(dropped)[::2])
+    pruned, _, report = remove_groups(model, graph, dropped, x)
+    assert ("features.25", "kernel") in report.corrections  # the 3x3 conv at 1x1
+    from pipeline.absorb import zero_scales_
+
+    reference = copy.deepcopy(model)
+    zero_scales_(reference, graph, dropped)
+    for size in (28, 56, 84):
+        y = torch.randn(2, 3, size, size)
+        ref = reference(y)
+        assert (pruned(y) - ref).abs().max() <= REL * ref.abs().max(), size
+
+
+def test_interior_bias_at_1x1_reports_its_border_error():
+    model = _shifted(Chain())
+    x = torch.randn(2, 3, 1, 1)
+    graph = build_channel_graph(model, x)
+    dropped = set(_b1_groups(graph)[::2])
+    pruned, _, report = remove_groups(model, graph, dropped, x, exact_borders=False)
+    assert report.corrections and all(form == "bias" for _, form in report.corrections)
+    assert report.max_border_err > 0.01  # a 1x1 map is all border
+    # the bias is the interior value: exact far from the borders of a large input
+    errs = _exact_at_sizes(model, graph, dropped, pruned, (1, 64))
+    assert errs[0] > 10 * REL and report.max_rel_err > 10 * REL
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_non_zero_padding_keeps_a_constant_constant(mode):
+    """Reflect/replicate/circular padding of a constant map is that constant: the bias is exact."""
+    model = _shifted(Chain(mode=mode))
+    x = torch.randn(2, 3, 11, 11)
+    graph = build_channel_graph(model, x)
+    dropped = set(_b1_groups(graph)[::2])
+    for exact in (True, False):  # exact mode used to call this a bug; interior mode reported 0.35
+        pruned, _, report = remove_groups(model, graph, dropped, x, exact_borders=exact)
+        assert ("c2", "bias") in report.corrections
+        assert report.max_border_err == 0.0 and report.max_rel_err <= REL
+        assert max(_exact_at_sizes(model, graph, dropped, pruned, (5, 11, 16))) <= REL
+
+
+def test_position_dependent_constants_refuse_other_sizes():
+    """After a zero-padded average pool the constant varies by position: exact here, refused elsewhere."""
+    model = _shifted(Chain(avgpool=True))
+    x = torch.randn(2, 3, 1, 1)  # 1x1: the pool's padding is invisible in one position
+    graph = build_channel_graph(model, x)
+    dropped = set(_b1_groups(graph)[::2])
+    pruned, _, report = remove_groups(model, graph, dropped, x)
+    assert ("c2", "map") in report.corrections and report.max_rel_err <= REL
+    with pytest.raises(RuntimeError, match="deployment input size"):
+        pruned(torch.randn(1, 3, 8, 8))
