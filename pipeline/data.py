@@ -10,10 +10,13 @@ need ``data.root``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from pipeline.atomic import atomic_path
 from pipeline.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -62,20 +66,79 @@ def _digits(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[te], y[te]), 10, 1
 
 
+def _idx_size(path: Path) -> tuple[int, int] | None:
+    """(actual, expected) byte length of IDX file ``path``, or None if no IDX header is there.
+
+    The header is a 4-byte magic (0, 0, 0x08 for uint8, ndim) and ndim big-endian sizes, so the
+    expected length is the header plus the product of the sizes.
+    """
+    try:
+        with open(path, "rb") as f:
+            head, actual = f.read(16), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None
+    ndim = head[3] if len(head) >= 4 else 0
+    if head[:3] != b"\x00\x00\x08" or not 1 <= ndim <= 3 or len(head) < 4 + 4 * ndim:
+        return None
+    dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return actual, 4 + 4 * ndim + math.prod(dims)
+
+
+def _idx_complete(path: Path) -> bool:
+    size = _idx_size(path)
+    return size is not None and size[0] == size[1]
+
+
+def _decompress_once(gz: Path, target: Path) -> None:
+    """Decompress ``gz`` to ``target`` unless a complete copy is there; replace a truncated one.
+
+    The copy is written to a unique temporary file, checked against its IDX header, fsynced and
+    renamed onto ``target`` (:func:`pipeline.atomic.atomic_path`), so a reader never sees a
+    partial file and a bad archive never reaches the cache.
+    """
+    if _idx_complete(target):
+        return
+    if target.exists():
+        logger.warning("%s is truncated or not an IDX file; rebuilding it from %s", target, gz)
+    with atomic_path(target) as tmp:
+        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        if not _idx_complete(tmp):
+            actual, expected = _idx_size(tmp) or (tmp.stat().st_size, "an IDX header and more")
+            raise DataError(
+                f"{gz} decompresses to {actual} bytes, expected {expected}; the archive is "
+                "damaged: reinstall it with apt-get install --reinstall dataset-fashion-mnist"
+            )
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_file``; the OS drops it if the process dies."""
+    import fcntl  # POSIX only, as is Debian's dataset package
+
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _fashion_root() -> Path:
-    """torchvision-layout folder holding Debian's Fashion-MNIST files, decompressed once."""
+    """torchvision-layout folder holding Debian's Fashion-MNIST files, decompressed once.
+
+    Any number of processes may call this at once on the same cache (``RECEDE_CACHE`` or
+    ``~/.cache/recede``): one decompresses under a file lock while the others wait, and a
+    truncated file left in the cache is detected by its size and rebuilt.
+    """
     cache = (
         Path(os.environ.get("RECEDE_CACHE", Path.home() / ".cache" / "recede")) / "fashion_mnist"
     )
     raw = cache / "FashionMNIST" / "raw"
-    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-        target = raw / gz.name[:-3]
-        if not target.exists():
-            raw.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            tmp.replace(target)
+    raw.mkdir(parents=True, exist_ok=True)
+    with _locked(raw / ".lock"):
+        for gz in sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
+            _decompress_once(gz, raw / gz.name[:-3])
     return cache
 
 
