@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter
+from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +209,80 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
         len(graph.barriers),
     )
     return graph
+
+
+# f(a x) = a f(x) for every a > 0 and every x: scale passes through exactly. Clipping
+# activations (ReLU6, Hardtanh) are absent on purpose: they are homogeneous only below the clip.
+_POSITIVELY_HOMOGENEOUS = {
+    "relu",
+    "relu_",
+    "leaky_relu",
+    "PReLU",
+    "identity",
+    "dropout",
+    "dropout2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "max_pool1d",
+    "avg_pool1d",
+    "adaptive_avg_pool1d",
+    "interpolate",
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "flatten",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "contiguous",
+    "clone",
+    "squeeze",
+    "unsqueeze",
+    "cat",
+    "concat",
+    "getitem",
+    "split",
+    "chunk",
+}
+
+
+def positively_homogeneous_bns(model: nn.Module) -> set[str]:
+    """BN layers whose every path to its conv/linear readers is positively homogeneous.
+
+    Scaling such a BN's output channel by ``a > 0`` scales what its readers see by exactly
+    ``a`` on every input, so the factor can move into the readers' weights (BN conversion, the
+    ISTA gamma/W rescaling). Decided from the fx graph's op types, never from one example's
+    numbers. A path may not reach a graph output, an unknown op, a residual add or a gate, and
+    its readers must be ungrouped convs or linears (grouped readers index inputs per group).
+    """
+    gm = trace(model)
+    modules = dict(model.named_modules())
+    return {
+        node.target
+        for node in gm.graph.nodes
+        if node.op == "call_module"
+        and isinstance(modules.get(node.target), _BN_TYPES)
+        and _homogeneous_to_readers(node, modules)
+    }
+
+
+def _homogeneous_to_readers(start: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    stack, seen = list(start.users), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if getattr(module, "groups", 1) > 1:
+                return False
+            continue  # a reader: the scale ends in its weights
+        if node.op == "output" or _op_name(node, module) not in _POSITIVELY_HOMOGENEOUS:
+            return False
+        stack.extend(node.users)
+    return bool(seen)
