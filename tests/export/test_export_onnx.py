@@ -135,3 +135,28 @@ def test_missing_onnx_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path)
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)
     with pytest.raises(ImportError, match=r"pip install 'recede\[onnx\]'"):
         export_onnx(_trained_net(), torch.randn(2, 3, 8, 8), tmp_path / "x.onnx")
+
+
+def test_slimming_is_not_trusted_without_onnxruntime(monkeypatch, caplog):
+    """With onnxruntime missing, a simplified graph cannot be checked, so it must not be used."""
+    import types
+
+    import pipeline.export.onnx as onnx_export
+
+    def missing():
+        raise ImportError("ONNX verification needs the 'onnxruntime' package (test)")
+
+    wrong = onnx.ModelProto()  # what a faulty simplifier might return
+    monkeypatch.setitem(
+        __import__("sys").modules, "onnxslim", types.SimpleNamespace(slim=lambda p: wrong)
+    )
+    monkeypatch.setattr(onnx_export, "_import_onnxruntime", missing)
+    proto = onnx.ModelProto()
+    proto.graph.name = "original"
+    example = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ImportError, match="onnxruntime"):
+        onnx_export._same_outputs(proto, wrong, example)
+    with caplog.at_level("WARNING"):
+        kept = onnx_export._slimmed_or_original(proto, example)
+    assert kept is proto and kept.graph.name == "original"
+    assert "onnxruntime" in caplog.text
