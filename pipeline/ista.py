@@ -2,17 +2,25 @@
 gamma/W rescaling trick. The proximal shrink itself is the fused kernel
 ``kernels.ista_shrink.ista_shrink_``, run after every optimizer step.
 
-Per-layer penalty weight lambda_l for the channels of BN layer l, which follows conv l:
+Per-layer penalty weight lambda_l for the channels of BN layer l (every affine BN, wherever it
+sits: after a conv, after a concat, pre-activation):
 
-- ``memory`` (default, the paper's memory footprint):
-  ``lambda_l = (k_l^2 c_{l-1} + sum_{l' in T(l)} k_{l'}^2 c_{l'}) / (I_w I_h) + H_l W_l``
-  where ``c_{l-1}`` is the input channels per group of conv l, ``T(l)`` the convs/linears that read
-  layer l, ``c_{l'}`` their output channels, ``I_w I_h`` the input image area and ``H_l W_l`` the
-  size of layer l's feature map: the parameters plus the activation one channel of l costs.
-- ``flops``: ``k_l^2 c_{l-1} H_l W_l + sum_{l'} k_{l'}^2 c_{l'} H_{l'} W_{l'}``, the MACs one
-  channel of l accounts for in its own conv and in its readers.
+- ``memory`` (default): the "memory cost per channel" of Ye et al.'s reference code,
+  ``lambda_l = (k_w k_h c_{l-1} + sum_{l' reading l} k'_w k'_h c' + H_l W_l) / (I_w I_h)``:
+  the weights of the filter producing a channel, the weights of every reader's slice that reads
+  it (grouped, depthwise and flatten->Linear readers counted exactly), and the channel's feature
+  map area, all over the input image area. Computed per channel group by
+  ``pipeline.costs.group_costs`` and averaged over the BN's channels (equal to the formula when
+  each channel is its own group, as in a VGG).
+- ``flops``: the multiply-accumulates per sample one channel accounts for in its producer and
+  its readers (``group_costs(..., "macs")``).
 
-Both are normalised to a mean of 1 over layers, so ``rho`` keeps its meaning across models.
+Deliberate difference from the reference: both are normalised to a mean of 1 over layers, so
+``rho`` keeps its meaning across models and input sizes.
+
+The optimiser: the reference code runs plain SGD (no momentum) on gamma, because a momentum
+buffer keeps pushing a zeroed gamma off zero after the shrink. ``pipeline.train.make_optimizer``
+therefore puts ISTA's gammas in a param group of their own with momentum 0.
 
 Rescaling: multiplying a BN's gamma and beta by alpha and every reader's weights by 1/alpha
 preserves the function when only positively homogeneous ops (ReLU, max/avg pooling) sit between
@@ -27,59 +35,35 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
+from pipeline.bounded_bn import bn_modules
 from pipeline.channel_graph import ChannelGraph
-from pipeline.fold import conv_bn_pairs
+from pipeline.costs import group_costs
 
 logger = logging.getLogger(__name__)
 
 
-def _feature_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Output spatial area of every conv (1 for linear)."""
-    sizes, hooks = {}, []
-
-    def record(name: str, out: torch.Tensor) -> None:  # a hook must return None
-        sizes.setdefault(name, out[0, 0].numel() if out.dim() == 4 else 1)
-
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(lambda mod, a, out, name=name: record(name, out)))
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
+def _channel_groups(graph: ChannelGraph) -> dict[str, tuple[int, ...]]:
+    """BN name -> the group id of each of its channels."""
+    return {name: layer.out_groups for name, layer in graph.layers.items() if layer.kind == "bn"}
 
 
 def layer_costs(
     model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
 ) -> dict[str, float]:
-    """Normalised lambda_l for every BN that follows a conv."""
+    """Normalised lambda_l for every affine BN in ``model`` (module order)."""
     if form not in ("memory", "flops"):
         raise ValueError(f"cost form must be 'memory' or 'flops', got {form!r}")
-    modules, area = dict(model.named_modules()), example.shape[-1] * example.shape[-2]
-    sizes = _feature_sizes(model, example)
+    per_group = group_costs(model, graph, example, "memory" if form == "memory" else "macs")
+    channels = _channel_groups(graph)
     raw = {}
-    for conv_name, bn in conv_bn_pairs(model):
-        if bn not in graph.layers:
-            continue
-        conv = modules[conv_name]
-        own = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels // conv.groups
-        reader_names = list(graph.readers(set(graph.layers[bn].out_groups)))
-        readers = [modules[r] for r in reader_names]
-        per_reader = [
-            (m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1)
-            * m.weight.shape[0]
-            for m in readers
-        ]
-        if form == "memory":
-            raw[bn] = (own + sum(per_reader)) / area + sizes[conv_name]
-        else:
-            reader_sizes = [sizes[r] for r in reader_names]
-            raw[bn] = own * sizes[conv_name] + sum(
-                p * s for p, s in zip(per_reader, reader_sizes, strict=True)
+    for name in bn_modules(model):
+        if name not in channels:
+            raise ValueError(
+                f"BN {name!r} was not traced into the channel graph, so ISTA cannot weigh it; "
+                "check `recede inspect` for barriers around it"
             )
+        groups = channels[name]
+        raw[name] = sum(per_group[g] for g in groups) / len(groups)
     mean = sum(raw.values()) / max(1, len(raw))
     return {k: v / mean for k, v in raw.items()}
 

@@ -3,7 +3,8 @@
 A penalty is applied after ``loss.backward()``: its gradient is added straight into ``.grad``
 (like decoupled weight decay) by a fused kernel from ``kernels/`` and no autograd graph is built.
 ``after_step_`` runs after ``optimizer.step()`` for methods that constrain the weights
-(polarization clamps gamma to [0, 1]).
+(polarization clamps gamma to [0, 1]). Both take the current ``strength`` when a controller
+(``pipeline.budget``) drives it; ``None`` means the configured ``strength``.
 
 - ``receding``: strength * sum s(1 - log s), s = sigmoid(w + bias), on bounded-BN logits w.
 - ``l1``: strength * sum |gamma| on plain BN (Network Slimming).
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.channel_graph import ChannelGraph
 from pipeline.config import PenaltyConfig
 
 
@@ -34,30 +36,29 @@ class Penalty:
     backend: str = "auto"
     lambdas: tuple[float, ...] = ()  # ISTA per-layer cost weights, aligned with params
 
-    def apply_(self) -> torch.Tensor:
+    def apply_(self, strength: float | None = None) -> torch.Tensor:
         """Add the penalty gradient into ``.grad``; return the penalty value (detached)."""
         cfg = self.config
-        if cfg.method in ("none", "ista") or cfg.strength == 0 or not self.params:
+        strength = cfg.strength if strength is None else strength
+        if cfg.method in ("none", "ista") or strength == 0 or not self.params:
             return torch.zeros(())
         if cfg.method == "receding":
             from kernels.receding_penalty import receding_penalty_
 
             return receding_penalty_(
-                self.params, strength=cfg.strength, bias=cfg.bias, backend=self.backend
+                self.params, strength=strength, bias=cfg.bias, backend=self.backend
             )
         if cfg.method == "l1":
             from kernels.l1_penalty import l1_penalty_
 
-            return l1_penalty_(self.params, strength=cfg.strength, backend=self.backend)
+            return l1_penalty_(self.params, strength=strength, backend=self.backend)
         from kernels.polarization_penalty import polarization_penalty_
 
-        return polarization_penalty_(
-            self.params, strength=cfg.strength, t=cfg.t, backend=self.backend
-        )
+        return polarization_penalty_(self.params, strength=strength, t=cfg.t, backend=self.backend)
 
     @torch.no_grad()
-    def after_step_(self, lr: float) -> None:
-        """Project or shrink weights after the optimizer step (``lr``: the BN group's rate)."""
+    def after_step_(self, lr: float, strength: float | None = None) -> None:
+        """Project or shrink weights after the optimizer step (``lr``: the BN scales' rate)."""
         if self.config.method == "polarization":
             for p in self.params:
                 p.clamp_(0.0, 1.0)
@@ -68,7 +69,7 @@ class Penalty:
                 self.params,
                 lrs=[lr] * len(self.params),
                 lambdas=self.lambdas,
-                rho=self.config.strength,
+                rho=self.config.strength if strength is None else strength,
                 backend=self.backend,
             )
 
@@ -90,6 +91,7 @@ def make_penalty(
     *,
     example: torch.Tensor | None = None,
     backend: str = "auto",
+    graph: ChannelGraph | None = None,
 ) -> Penalty:
     """Bind ``config`` to ``model``'s BN scales (ISTA also needs an ``example`` input for its costs)."""
     if config.method != "ista":
@@ -99,6 +101,7 @@ def make_penalty(
     from pipeline.channel_graph import build_channel_graph
     from pipeline.ista import layer_costs
 
-    costs = layer_costs(model, build_channel_graph(model, example), example, config.cost)
+    graph = graph if graph is not None else build_channel_graph(model, example)
+    costs = layer_costs(model, graph, example, config.cost)
     modules = dict(model.named_modules())
     return Penalty(config, tuple(modules[n].weight for n in costs), backend, tuple(costs.values()))

@@ -20,13 +20,12 @@ from torch import nn
 
 from pipeline.absorb import RemovalReport, remove_groups
 from pipeline.atomic import write_json_atomic, write_text_atomic
-from pipeline.bounded_bn import convert_to_bounded_bn_
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
 from pipeline.checkpoint import save_pruned
 from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.models import build_model
-from pipeline.penalties import make_penalty
+from pipeline.polarise import Polariser
 from pipeline.prune import (
     PrunePlan,
     SelectionRules,
@@ -71,30 +70,32 @@ def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
 def build_and_train(
     cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None
 ) -> tuple[nn.Module, list]:
-    """Build the model (bounded BN when the penalty wants it) and train it with the penalty.
+    """Build the model, ready it for the penalty (``Polariser.prepare``) and train it.
 
     For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
     after, so the saved model has the original parameterisation.
     """
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    if cfg.train.penalty.bounded:
-        convert_to_bounded_bn_(model, shift=cfg.train.bn_shift, init_logit=cfg.train.bn_init_logit)
     pen_cfg = cfg.train.penalty
     example = _fixed_batch(data, 2)
+    steps = cfg.train.epochs * len(data.train)
+    floors = (cfg.prune.min_channels, cfg.prune.max_layer_ratio)
+    polariser = Polariser.prepare(
+        model, example, cfg.train, total_steps=max(1, steps), floors=floors
+    )
     rescaled: list[str] = []
     if pen_cfg.method == "ista" and pen_cfg.rescale != 1.0:
         from pipeline.ista import rescale_gamma_
 
         graph = build_channel_graph(model, example)
         rescaled = rescale_gamma_(model, graph, example, pen_cfg.rescale)
-    penalty = make_penalty(pen_cfg, model, example=example)
     logs = train_(
         model,
         data,
         cfg.train,
         epochs=cfg.train.epochs,
         lr=cfg.train.lr,
-        penalty=penalty,
+        polariser=polariser,
         checkpoint_dir=checkpoint_dir,
         tag="train",
     )
@@ -205,7 +206,7 @@ def _prune_and_finetune(
         cfg.train,
         epochs=cfg.prune.finetune_epochs,
         lr=cfg.prune.finetune_lr,
-        penalty=None,
+        polariser=None,
         tag="finetune",
     )
     acc["accuracy"] = evaluate(pruned.model.cpu().eval(), data.test, cpu)

@@ -1,9 +1,11 @@
 """Training: a plain SGD loop with a BN-scale penalty, one eval and one checkpoint per epoch.
 
 BN parameters (bounded-BN logits and shifts, or plain gamma/beta) get ``bn_lr_mult`` x the
-learning rate and no weight decay, as in the receding-importance reference code. After each
-epoch the importance distribution is logged: fraction below 0.05, fraction above 0.5, and
-Ashman's D (see ``pipeline.threshold``).
+learning rate and no weight decay, as in the receding-importance reference code. The penalty,
+its budget controller and the post-step projection come from a ``pipeline.polarise.Polariser``,
+the same object a user's own loop calls. After each epoch the importance distribution is logged:
+fraction below 0.05, fraction above 0.5, Sarle's bimodality coefficient (``pipeline.threshold``),
+the penalty strength in force and the receded share against the budget's schedule.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.atomic import save_torch_atomic
 from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, channel_importance
 from pipeline.config import TrainConfig
 from pipeline.data import DataBundle
-from pipeline.penalties import Penalty
+from pipeline.polarise import Polariser, bn_param_groups
 from pipeline.threshold import importance_summary
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class EpochLog:
     above_05: float
     bimodality: float
     seconds: float
+    strength: float | None = None  # penalty strength at the end of the epoch
+    receded: float | None = None  # receded share (as the budget counts it)
+    wanted: float | None = None  # the budget schedule's share at the end of the epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -62,24 +67,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD with BN parameters at ``bn_lr_mult`` x lr and no weight decay."""
-    bn_ids = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))
-        for p in m.parameters()
-    }
-    bn = [p for p in model.parameters() if id(p) in bn_ids]
-    rest = [p for p in model.parameters() if id(p) not in bn_ids]
-    return torch.optim.SGD(
-        [
-            {"params": rest, "weight_decay": cfg.weight_decay, "lr": lr},
-            {"params": bn, "weight_decay": 0.0, "lr": lr * cfg.bn_lr_mult},
-        ],
-        lr=lr,
-        momentum=cfg.momentum,
-    )
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr: float, polariser: Polariser | None = None
+) -> torch.optim.SGD:
+    """SGD with BN parameters at ``bn_lr_mult`` x lr and no weight decay (ISTA: see polarise)."""
+    if polariser is not None:
+        groups = polariser.param_groups(lr, cfg.weight_decay)
+    else:
+        groups = bn_param_groups(model, lr, cfg.weight_decay, cfg.bn_lr_mult)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
 def _schedule(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
@@ -144,7 +140,7 @@ def recalibrate_bn_(
 
 
 def _run_epoch(
-    model, loader, opt, penalty: Penalty | None, device, desc: str
+    model, loader, opt, polariser: Polariser | None, device, desc: str
 ) -> tuple[float, float]:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -154,10 +150,10 @@ def _run_epoch(
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x.to(device)), y.to(device))
         loss.backward()
-        pen = penalty.apply_() if penalty is not None else torch.zeros(())
+        pen = polariser.before_step() if polariser is not None else torch.zeros(())
         opt.step()
-        if penalty is not None:
-            penalty.after_step_(opt.param_groups[1]["lr"])
+        if polariser is not None:
+            polariser.after_step(opt)
         total_loss += float(loss.detach())
         total_pen += float(pen)
     return total_loss / max(1, len(loader)), total_pen / max(1, len(loader))
@@ -170,25 +166,26 @@ def train_(
     *,
     epochs: int,
     lr: float,
-    penalty: Penalty | None,
+    polariser: Polariser | None,
     checkpoint_dir: Path | None = None,
     tag: str = "train",
 ) -> list[EpochLog]:
     """Train ``model`` in place for ``epochs``; return one log per epoch."""
     device = resolve_device(cfg.device)
     model.to(device)
-    opt = make_optimizer(model, cfg, lr)
+    opt = make_optimizer(model, cfg, lr, polariser)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, epochs))
     logs = []
     for epoch in range(epochs):
         start = time.perf_counter()
         loss, pen = _run_epoch(
-            model, data.train, opt, penalty, device, f"{tag} {epoch + 1}/{epochs}"
+            model, data.train, opt, polariser, device, f"{tag} {epoch + 1}/{epochs}"
         )
         sched.step()
         recalibrate_bn_(model, data.train, device)
         acc = evaluate(model, data.test, device)
         stats = importance_summary(all_importances(model))
+        progress = polariser.progress() if polariser is not None else None
         log = EpochLog(
             epoch + 1,
             loss,
@@ -198,24 +195,35 @@ def train_(
             stats["above_0.5"],
             stats["bimodality"],
             time.perf_counter() - start,
+            progress.strength if progress else None,
+            progress.receded if progress else None,
+            progress.wanted if progress else None,
         )
         logs.append(log)
-        logger.info(
-            "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f "
-            "BC %.2f (%.1fs)",
-            tag,
-            log.epoch,
-            epochs,
-            log.loss,
-            log.penalty,
-            log.accuracy,
-            log.below_005,
-            log.above_05,
-            log.bimodality,
-            log.seconds,
-        )
+        _log_epoch(tag, log, epochs)
         if checkpoint_dir is not None:
             save_torch_atomic(
                 model.state_dict(), Path(checkpoint_dir) / f"{tag}_epoch{epoch + 1:03d}.pt"
             )
     return logs
+
+
+def _log_epoch(tag: str, log: EpochLog, epochs: int) -> None:
+    budget = ""
+    if log.strength is not None:
+        wanted = "-" if log.wanted is None else f"{log.wanted:.3f}"
+        budget = f" | lambda {log.strength:.3g} receded {log.receded:.3f} (wanted {wanted})"
+    logger.info(
+        "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f%s (%.1fs)",
+        tag,
+        log.epoch,
+        epochs,
+        log.loss,
+        log.penalty,
+        log.accuracy,
+        log.below_005,
+        log.above_05,
+        log.bimodality,
+        budget,
+        log.seconds,
+    )

@@ -1,0 +1,214 @@
+"""Budget-driven polarisation: adapt the penalty strength until the stated share has receded.
+
+The user states what must go (``train.target``: a fraction of the prunable channel groups, or of
+the MACs they hold with ``train.target_cost: macs``), not a penalty strength. Every step the
+controller measures the *receded share*: the cost-weighted fraction of prunable groups whose
+importance (the max over the group's BN channels, as pruning aggregates it) is below
+``train.receded_below``. The same rule holds for every method: sigmoid(w) for bounded BN,
+|gamma| for plain BN.
+
+The schedule ramps the wanted share from 0 to the target over the first ``target_ramp`` of the
+steps (a smoothstep, so the push starts and ends gently) and then holds it. The controller moves
+the strength multiplicatively: ``log lambda += gain * error``, where the error compares the
+schedule with the measured share. The gain lets lambda cross three decades within a tenth of
+training, so the outcome does not depend on the starting strength. Two terms keep it from
+overshooting into the cliff that a fixed strength shows (the receding push grows as a channel
+weakens, so channels that start to fall keep falling):
+
+- a lead: groups already on their way (below ``lead`` x the level) count half, so lambda stops
+  rising as soon as enough groups are moving, not only once they have arrived;
+- over the target the error is doubled, so a surplus is met by a fast cut of lambda.
+
+Deliberate difference from the seed paper: it trains with one fixed lambda per architecture
+(``../shared/REFERENCE.md``); here lambda is an output of the budget. ``train.target: null``
+keeps the paper's fixed lambda.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.bounded_bn import bn_modules, channel_importance
+from pipeline.channel_graph import ChannelGraph
+from pipeline.costs import group_costs
+
+_LAG = 0.25  # a group must have receded within this share of the ramp after it joins the set
+_STRENGTH_RANGE = (1e-8, 1e3)
+
+
+class ReceededShare:
+    """Cost-weighted share of prunable groups below an importance level, measured in one pass."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: ChannelGraph,
+        weights: dict[int, float] | None = None,
+        floors: tuple[int, float] = (1, 1.0),
+    ) -> None:
+        self.modules = list(bn_modules(model).items())
+        offsets, start = {}, 0
+        for name, m in self.modules:
+            offsets[name] = start
+            start += m.weight.numel()
+        groups = graph.removable_groups
+        if not groups:
+            raise ValueError("the model has no prunable channel group, so no budget can be set")
+        members = [(j, offsets[n] + c) for j, g in enumerate(groups) for n, c in g.bn_channels]
+        self.group_ids = tuple(g.id for g in groups)
+        self._member = torch.tensor([p for _, p in members], dtype=torch.long)
+        self._group = torch.tensor([j for j, _ in members], dtype=torch.long)
+        w = torch.tensor([1.0 if weights is None else weights[g] for g in self.group_ids])
+        self.weights = (w / w.sum()).double()
+        self._layers = _layer_limits(graph, self.group_ids, *floors)
+
+    def select(self, importance: torch.Tensor, share: float) -> torch.Tensor:
+        """The weakest groups up to ``share`` (cost-weighted) that pruning could remove together:
+        each layer keeps ``min_channels`` and ``1 - max_layer_ratio`` of its channels."""
+        chosen = torch.zeros(len(self.group_ids), dtype=torch.bool)
+        room = dict(self._layers[1])
+        taken = 0.0
+        for j in torch.argsort(importance).tolist():
+            if taken >= share:
+                break
+            uses = self._layers[0][j]
+            if all(room[name] >= n for name, n in uses):
+                chosen[j] = True
+                taken += float(self.weights[j])
+                for name, n in uses:
+                    room[name] -= n
+        return chosen
+
+    def channel_masks(self, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BN name -> bool mask of its channels that belong to a chosen group."""
+        flat = torch.zeros(sum(m.weight.numel() for _, m in self.modules), dtype=torch.bool)
+        flat[self._member[chosen[self._group]]] = True
+        sizes = [m.weight.numel() for _, m in self.modules]
+        return {n: part for (n, _), part in zip(self.modules, flat.split(sizes), strict=True)}
+
+    @torch.no_grad()
+    def group_importance(self) -> torch.Tensor:
+        """Importance of every prunable group (max over its BN channels), on the CPU."""
+        flat = torch.cat([channel_importance(m).float().cpu() for _, m in self.modules])
+        out = torch.zeros(len(self.group_ids))
+        return out.scatter_reduce_(0, self._group, flat[self._member], "amax", include_self=False)
+
+    def quantile(self, fraction: float, importance: torch.Tensor | None = None) -> float:
+        """Importance of the group at cost-weighted ``fraction`` from the weakest end."""
+        imp = self.group_importance() if importance is None else importance
+        order = torch.argsort(imp)
+        cum = torch.cumsum(self.weights[order], 0)
+        k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype)))
+        return float(imp[order[min(k, len(order) - 1)]])
+
+    def share(self, level: float, importance: torch.Tensor | None = None) -> float:
+        """Weighted fraction of groups whose importance is below ``level``."""
+        imp = self.group_importance() if importance is None else importance
+        return float(self.weights[imp < level].sum())
+
+
+def _layer_limits(
+    graph: ChannelGraph, group_ids: tuple[int, ...], min_channels: int, max_layer_ratio: float
+) -> tuple[list[list[tuple[str, int]]], dict[str, int]]:
+    """Per group, the (layer, channels) it takes; per layer, how many channels may go."""
+    index = {g: j for j, g in enumerate(group_ids)}
+    uses: list[list[tuple[str, int]]] = [[] for _ in group_ids]
+    room = {}
+    for name, layer in graph.layers.items():
+        total = len(layer.out_groups)
+        room[name] = total - min(total, max(min_channels, math.ceil((1 - max_layer_ratio) * total)))
+        for g, n in Counter(layer.out_groups).items():
+            if g in index:
+                uses[index[g]].append((name, n))
+    return uses, room
+
+
+def budget_weights(
+    model: nn.Module, graph: ChannelGraph, example: torch.Tensor, cost: str
+) -> dict[int, float] | None:
+    """Per-group weights for ``train.target_cost``: ``None`` (every group 1) or MACs held."""
+    if cost == "groups":
+        return None
+    macs = group_costs(model, graph, example, "macs")
+    return {g.id: max(macs[g.id], 1e-12) for g in graph.removable_groups}
+
+
+def smoothstep(x: float) -> float:
+    x = min(1.0, max(0.0, x))
+    return x * x * (3.0 - 2.0 * x)
+
+
+@dataclass
+class BudgetController:
+    """Adapts a penalty strength so the receded share follows a ramp to ``target``.
+
+    Args:
+        target: share of prunable groups (or MACs) that must have receded by the end.
+        total_steps: optimizer steps in the whole training run.
+        strength: the starting strength (any value within three decades of a good one).
+        level: importance under which a group counts as receded.
+        ramp: share of ``total_steps`` over which the wanted share ramps up.
+    """
+
+    target: float
+    total_steps: int
+    strength: float
+    level: float = 0.01
+    ramp: float = 0.6
+    step: int = 0
+    history: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"target must be in (0, 1), got {self.target!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps!r}")
+        if not self.strength > 0:
+            raise ValueError(f"the starting strength must be > 0, got {self.strength!r}")
+
+    @property
+    def gain(self) -> float:
+        """Per-step change of log lambda at full error: 3 decades in a tenth of training."""
+        return math.log(1e3) / max(1.0, 0.1 * self.total_steps)
+
+    def scheduled(self, step: int | None = None) -> float:
+        """Wanted receded share at ``step`` (default: the current one)."""
+        step = self.step if step is None else step
+        return self.target * smoothstep(step / self._ramp_steps)
+
+    def update_(self, tracker: ReceededShare) -> torch.Tensor:
+        """Measure, move the strength, advance one step.
+
+        Returns:
+            The groups the penalty acts on this step (bool, aligned with ``tracker.group_ids``):
+            the weakest ones up to the scheduled share.
+        """
+        imp = tracker.group_importance()
+        wanted = self.scheduled(self.step + 1)
+        chosen = tracker.select(imp, wanted)
+        receded = tracker.share(self.level, imp)
+        due = self.scheduled(self.step + 1 - _LAG * self._ramp_steps)
+        if wanted > 0:
+            error = max(-1.0, min(1.0, (due - receded) / self.target))
+            low, high = (math.log(v) for v in _STRENGTH_RANGE)
+            log_strength = math.log(self.strength) + self.gain * error
+            self.strength = math.exp(min(high, max(low, log_strength)))
+        self.history.append((self.step, wanted, receded, self.strength))
+        self.step += 1
+        return chosen
+
+    @property
+    def _ramp_steps(self) -> float:
+        return max(1.0, self.ramp * self.total_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strength": self.strength, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strength, self.step = float(state["strength"]), int(state["step"])

@@ -1,0 +1,88 @@
+"""What removing one channel group saves: memory (Ye et al. 2018) or MACs, per group.
+
+Both walk the traced channel graph, so grouped, depthwise and flatten->Linear readers count
+exactly the weights they hold per channel (a Linear reading a flattened ``C x H x W`` map holds
+``H * W`` input positions per channel, each with ``out_features`` weights).
+
+For a group ``g``, over every conv/linear layer ``L`` with ``g`` among its channels:
+
+- ``memory`` (the "memory cost per channel" of Ye et al.'s reference code):
+  ``(sum_out k_w k_h c_in/groups + sum_in k'_w k'_h c'_out/groups' + sum_bn H_l W_l) / (I_w I_h)``:
+  the weights of the filters ``g`` produces, the weights of every reader's slice that reads ``g``,
+  and the area of ``g``'s feature map at each BN that gates it, over the input image area. A
+  depthwise conv holds one filter per channel, counted once (as an output).
+- ``macs``: the same weights, each multiplied by its layer's output area ``H_L W_L`` (1 for a
+  Linear): the multiply-accumulates per sample that disappear with the group.
+
+Both are first-order: removing two groups that meet in one layer saves a little less than the sum
+(the weights between them are counted twice). They weigh groups against each other; exact MACs of
+a pruned model come from ``pipeline.bench.count_macs``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from pipeline.channel_graph import ChannelGraph, LayerChannels
+
+COST_FORMS = ("memory", "macs")
+
+
+def output_areas(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Output spatial area (``H * W``; 1 for 2-d outputs) of every module, from one forward."""
+    areas, hooks = {}, []
+
+    def record(name: str, out: torch.Tensor) -> None:  # a hook must return None
+        if isinstance(out, torch.Tensor):
+            areas.setdefault(name, out[0, 0].numel() if out.dim() == 4 else 1)
+
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_hook(lambda mod, a, out, name=name: record(name, out)))
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return areas
+
+
+def _weights_per_channel(m: nn.Module, layer: LayerChannels) -> tuple[int, int]:
+    """Weights one output channel and one input position of ``m`` hold."""
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    k = m.kernel_size[0] * m.kernel_size[1]
+    per_out = k * m.in_channels // m.groups
+    per_in = 0 if layer.depthwise else k * m.out_channels // m.groups
+    return per_out, per_in
+
+
+def group_costs(
+    model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
+) -> dict[int, float]:
+    """Raw cost of every group in ``graph`` (all groups, prunable or not), in ``form`` units."""
+    if form not in COST_FORMS:
+        raise ValueError(f"cost form must be one of {COST_FORMS}, got {form!r}")
+    modules, areas = dict(model.named_modules()), output_areas(model, example)
+    image_area = example.shape[-1] * example.shape[-2]
+    cost: Counter[int] = Counter()
+    for name, layer in graph.layers.items():
+        area = areas.get(name, 1)
+        if layer.kind == "bn":
+            if form == "memory":
+                for g, n in Counter(layer.out_groups).items():
+                    cost[g] += n * area
+            continue
+        per_out, per_in = _weights_per_channel(modules[name], layer)
+        scale = area if form == "macs" else 1
+        for g, n in Counter(layer.out_groups).items():
+            cost[g] += n * per_out * scale
+        for g, n in Counter(layer.in_groups).items():
+            cost[g] += n * per_in * scale
+    norm = image_area if form == "memory" else 1
+    return {g.id: cost[g.id] / norm for g in graph.groups}

@@ -1,0 +1,212 @@
+"""Polarised training inside any training loop: the penalty, the budget controller and the
+post-step projection or shrink behind three calls.
+
+recede's own trainer (``pipeline.train``) uses exactly this object, so a user's plain PyTorch or
+Lightning loop trains the same way::
+
+    pol = Polariser.prepare(model, example, TrainConfig(target=0.5), total_steps=len(loader) * epochs)
+    opt = torch.optim.SGD(pol.param_groups(lr=0.05, weight_decay=5e-4), lr=0.05, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pol.before_step()   # penalty gradient into .grad; the controller sets its strength
+        opt.step()
+        pol.after_step(opt) # polarization clamp / ISTA shrink
+    pol.progress()          # step, strength, wanted and receded share
+
+``prepare`` readies the model for the method: receding and ``none`` train bounded BN (a fresh
+``BoundedBatchNorm2d`` per ``nn.BatchNorm2d``, logits from ``train.bn_init``: the constant
+``bn_init_logit`` or N(0, 1) as in the reference code); L1, polarization and ISTA train plain BN
+with gamma initialised to 0.5 (Network Slimming, polarization and the reference code all do).
+Pass ``convert=False`` for a model that is already prepared or pretrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, convert_to_bounded_bn_
+from pipeline.budget import BudgetController, ReceededShare, budget_weights
+from pipeline.channel_graph import build_channel_graph
+from pipeline.config import TrainConfig
+from pipeline.penalties import Penalty, make_penalty
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where polarisation stands after ``step`` optimizer steps."""
+
+    step: int
+    strength: float
+    wanted: float | None  # scheduled receded share (None without a target)
+    receded: float  # measured receded share (cost-weighted as the target)
+
+
+@torch.no_grad()
+def init_bn_(model: nn.Module, cfg: TrainConfig, *, bounded: bool) -> None:
+    """Initialise BN scales as ``cfg.bn_init`` says (see module docstring)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for m in bn_modules(model).values():
+        if bounded and cfg.bn_init == "normal":
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+        elif bounded:
+            m.weight.fill_(cfg.bn_init_logit)
+        else:
+            m.weight.fill_(0.5)
+
+
+def bn_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bn_lr_mult: float, plain_sgd: tuple = ()
+) -> list[dict]:
+    """Conv/linear weights; BN parameters at ``bn_lr_mult`` x lr without weight decay; and
+    ``plain_sgd`` parameters (ISTA's gammas) in a BN-rate group with momentum 0."""
+    bn_ids = {id(p) for m in bn_modules(model).values() for p in m.parameters()}
+    plain_ids = {id(p) for p in plain_sgd}
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if id(p) not in bn_ids], "weight_decay": weight_decay, "lr": lr},
+        {
+            "params": [p for p in params if id(p) in bn_ids and id(p) not in plain_ids],
+            "weight_decay": 0.0,
+            "lr": lr * bn_lr_mult,
+        },
+    ]
+    if plain_ids:
+        groups.append(
+            {"params": list(plain_sgd), "weight_decay": 0.0, "lr": lr * bn_lr_mult, "momentum": 0.0}
+        )
+    return groups
+
+
+class Polariser:
+    """A penalty bound to one model, with an optional budget controller; see module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        penalty: Penalty,
+        tracker: ReceededShare,
+        cfg: TrainConfig,
+        total_steps: int,
+    ) -> None:
+        self.model, self.penalty, self.tracker, self.cfg = model, penalty, tracker, cfg
+        self.controller = None
+        if cfg.target is not None:
+            self.controller = BudgetController(
+                cfg.target,
+                total_steps,
+                penalty.config.strength,
+                level=cfg.receded_below,
+                ramp=cfg.target_ramp,
+            )
+        self.step = 0
+        self._masks: list[torch.Tensor] = []
+
+    @classmethod
+    def prepare(
+        cls,
+        model: nn.Module,
+        example: torch.Tensor,
+        cfg: TrainConfig,
+        *,
+        total_steps: int,
+        convert: bool = True,
+        backend: str = "auto",
+        floors: tuple[int, float] = (1, 1.0),
+    ) -> Polariser:
+        """Ready ``model`` in place for ``cfg.penalty`` and bind the penalty and controller.
+
+        ``floors`` is ``(min_channels, max_layer_ratio)`` of the pruning to come: the budget
+        never asks a layer to recede channels that pruning would have to keep.
+        """
+        bounded = cfg.penalty.bounded
+        if convert and bounded:
+            convert_to_bounded_bn_(model, shift=cfg.bn_shift, init_logit=cfg.bn_init_logit)
+        if convert:
+            init_bn_(model, cfg, bounded=bounded)
+        if bounded and not any(isinstance(m, BoundedBatchNorm2d) for m in model.modules()):
+            raise ValueError(
+                f"train.penalty.method={cfg.penalty.method} trains bounded BN, but the model has "
+                "none; pass convert=True or convert with pipeline.convert first"
+            )
+        example = example.to(next(model.parameters()).device)
+        graph = build_channel_graph(model, example)
+        penalty = make_penalty(cfg.penalty, model, example=example, backend=backend, graph=graph)
+        weights = budget_weights(model, graph, example, cfg.target_cost)
+        tracker = ReceededShare(model, graph, weights, floors)
+        return cls(model, penalty, tracker, cfg, total_steps)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer param groups for the model (see ``bn_param_groups``)."""
+        plain = self.penalty.params if self.penalty.config.method == "ista" else ()
+        return bn_param_groups(self.model, lr, weight_decay, self.cfg.bn_lr_mult, plain)
+
+    @property
+    def strength(self) -> float:
+        """The penalty strength in force (the controller's, or the configured one)."""
+        return self.controller.strength if self.controller else self.penalty.config.strength
+
+    def before_step(self) -> torch.Tensor:
+        """After ``backward()``: update the controller and add the penalty gradient.
+
+        With a target, only the channels of the groups the controller chose get the gradient.
+        """
+        self.step += 1
+        if self.controller is None:
+            return self.penalty.apply_(self.strength)
+        self._masks = self._param_masks(self.controller.update_(self.tracker))
+        saved = [_grad_of(p).clone() for p in self.penalty.params]
+        value = self.penalty.apply_(self.strength)
+        with torch.no_grad():
+            for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=True):
+                p.grad.copy_(torch.where(mask, p.grad, before))
+        return value
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After ``optimizer.step()``: clamp (polarization) or shrink (ISTA) the BN scales."""
+        if not self.penalty.params:
+            return
+        lr = _lr_of(optimizer, self.penalty.params[0])
+        masked = self.controller is not None and self.penalty.config.method == "ista"
+        saved = [p.detach().clone() for p in self.penalty.params] if masked else []
+        self.penalty.after_step_(lr, self.strength)
+        with torch.no_grad():
+            for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=False):
+                p.copy_(torch.where(mask, p, before))
+
+    def _param_masks(self, chosen: torch.Tensor) -> list[torch.Tensor]:
+        by_name = self.tracker.channel_masks(chosen)
+        by_param = {id(m.weight): by_name[n] for n, m in self.tracker.modules}
+        return [by_param[id(p)].to(p.device) for p in self.penalty.params]
+
+    def progress(self) -> Progress:
+        """Step, strength, wanted and measured receded share."""
+        wanted = self.controller.scheduled() if self.controller else None
+        return Progress(self.step, self.strength, wanted, self.tracker.share(self.cfg.receded_below))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "controller": self.controller.state_dict() if self.controller else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
+
+
+def _grad_of(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return float(group["lr"])
+    raise ValueError(
+        "the optimizer does not hold the BN scale parameters the penalty acts on; build it "
+        "from Polariser.param_groups(...) or include the model's BN parameters"
+    )
