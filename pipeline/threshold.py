@@ -1,20 +1,27 @@
 """Where to cut: the valley of the bimodal importance distribution, or a refusal.
 
-Method: Otsu's threshold on log10(importance). Polarised training pushes weak channels towards 0
-over several orders of magnitude while strong ones cluster near their plateau, so the two modes
-separate in log space, not in linear space. Otsu maximises the between-class variance, which for
-two modes lands in the valley between them; it has no bandwidth to tune (unlike a histogram
-valley) and no iterative fit that can collapse (unlike a two-component mixture). The cut is then
-placed at the geometric middle of the empty gap around Otsu's split.
+Method: a Gaussian kernel density of log10(importance) on a fine grid. Polarised training pushes
+weak channels towards 0 over several orders of magnitude while strong ones cluster near their
+plateau, so the two modes separate in log space, not in linear space. The two main modes are the
+highest peak and the peak that stands out most against it (its prominence: its height over the
+lowest density between the two); the cut is the lowest point of the density between them, moved
+to the middle (in log space) of the empty gap between the samples around it.
 
-Bimodality is Sarle's bimodality coefficient of the log importances,
-``BC = (skew^2 + 1) / (excess_kurtosis + 3 (n-1)^2 / ((n-2)(n-3)))``: 1/3 for a normal
-distribution, 5/9 for a uniform one, towards 1 for two separated modes. Below
-``min_bimodality`` (0.6, just above uniform) the distribution is refused with advice to use a
-ratio. Ashman's D of the two Otsu classes is reported as ``separation`` (it alone cannot refuse:
-any hard split of a unimodal sample has a large D). A split is also refused when the two modes'
-log-means are less than ``min_decades`` apart (default 1: weak channels at least 10x weaker):
-two close bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
+Why not Otsu (the previous method): it maximises the between-class variance, so when the weak
+mode spans several decades (what a receding avalanche produces) its best split lands inside the
+weak mode, not in the valley.
+
+Refusals (``NotBimodalError``, with advice to use a ratio):
+
+- one mode: no second peak whose dip (the density between the peaks) falls to at most
+  ``max_dip`` (0.5) of its height, or a second mode holding fewer than 1% of the groups. A
+  skewed single mode, such as ``sigmoid(N(0, 3))``, has a long tail but no dip;
+- modes too close: the two sides' log-means are less than ``min_decades`` (1) apart. Two close
+  bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
+
+The bandwidth is Silverman's rule on the log values, clipped to [0.02, 0.25] decades, so a mode
+that spans many decades is not smoothed into its neighbour. Sarle's bimodality coefficient and
+Ashman's D of the two sides are reported as evidence; they do not decide.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_FLOOR = 1e-12
+_FLOOR = 1e-30
+_GRID = 1024
+_MIN_MODE_SHARE = 0.01
 
 
 class NotBimodalError(ValueError):
@@ -38,23 +47,12 @@ class Threshold:
 
     value: float
     bimodality: float  # Sarle's coefficient of log10 importances
-    separation: float  # Ashman's D of the two classes in log10 space
-    decades: float  # distance between the two classes' log10 means
+    separation: float  # Ashman's D of the two sides in log10 space
+    decades: float  # distance between the two sides' log10 means
     gap: float  # empty interval around the cut, in importance units
     below: int
     above: int
-
-
-def _otsu(logs: np.ndarray) -> int:
-    """Index k such that sorted logs[:k] / logs[k:] is Otsu's split."""
-    n = len(logs)
-    csum = np.cumsum(logs)
-    k = np.arange(1, n)
-    w0, w1 = k / n, (n - k) / n
-    m0 = csum[:-1] / k
-    m1 = (csum[-1] - csum[:-1]) / (n - k)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return int(np.argmax(between)) + 1
+    dip: float = 0.0  # density at the cut over the smaller mode's peak (0: an empty valley)
 
 
 def ashman_d(low: np.ndarray, high: np.ndarray) -> float:
@@ -77,43 +75,91 @@ def sarle_bc(x: np.ndarray) -> float:
     return (skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
 
 
-def split(values: Sequence[float] | np.ndarray) -> Threshold:
-    """Otsu split in log space, without judging whether it is bimodal."""
+def log_density(logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian kernel density of sorted ``logs`` on a grid: ``(grid, density)``."""
+    iqr = float(np.subtract(*np.percentile(logs, [75, 25])))
+    spread = min(float(logs.std()), iqr / 1.34) or float(logs.std()) or 1.0
+    h = float(np.clip(0.9 * spread * logs.size ** (-0.2), 0.02, 0.25))
+    grid = np.linspace(logs[0] - 3 * h, logs[-1] + 3 * h, _GRID)
+    density = np.zeros_like(grid)
+    for chunk in np.array_split(logs, max(1, logs.size // 4096)):
+        density += np.exp(-0.5 * ((grid[:, None] - chunk[None, :]) / h) ** 2).sum(1)
+    return grid, density / (logs.size * h * math.sqrt(2 * math.pi))
+
+
+def _peaks(density: np.ndarray) -> np.ndarray:
+    inner = (density[1:-1] > density[:-2]) & (density[1:-1] >= density[2:])
+    return np.flatnonzero(inner) + 1
+
+
+def _two_modes(density: np.ndarray) -> tuple[int, int, int] | None:
+    """``(low_peak, valley, high_peak)`` grid indices of the two main modes, or None."""
+    peaks = _peaks(density)
+    if peaks.size < 2:
+        return None
+    top = int(peaks[np.argmax(density[peaks])])
+    best, best_prominence = None, 0.0
+    for p in (int(p) for p in peaks if p != top):
+        lo, hi = sorted((p, top))
+        valley = lo + int(np.argmin(density[lo : hi + 1]))
+        prominence = density[p] - density[valley]
+        if prominence > best_prominence:
+            best, best_prominence = (lo, valley, hi), prominence
+    return best
+
+
+def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
+    """The valley between the two main modes, without judging it; or None and why not."""
     v = np.sort(np.asarray(values, dtype=np.float64).ravel())
     if v.size < 4:
-        raise NotBimodalError(f"need at least 4 importances to find a valley, got {v.size}")
+        return None, f"need at least 4 importances to find a valley, got {v.size}"
     logs = np.log10(np.clip(v, _FLOOR, None))
-    k = _otsu(logs)
+    if logs[-1] - logs[0] < 1e-9:
+        return None, "every importance is the same"
+    grid, density = log_density(logs)
+    modes = _two_modes(density)
+    if modes is None:
+        return None, "the importance density has a single peak"
+    lo, valley, hi = modes
+    k = int(np.searchsorted(logs, grid[valley]))
+    k = min(max(k, 1), v.size - 1)
     low, high = logs[:k], logs[k:]
-    cut = 10 ** ((low[-1] + high[0]) / 2)
-    decades = float(high.mean() - low.mean())
     return Threshold(
-        float(cut),
-        sarle_bc(logs),
-        ashman_d(low, high),
-        decades,
-        float(v[k] - v[k - 1]),
-        k,
-        int(v.size - k),
-    )
+        value=float(10 ** ((low[-1] + high[0]) / 2)),
+        bimodality=sarle_bc(logs),
+        separation=ashman_d(low, high),
+        decades=float(high.mean() - low.mean()),
+        gap=float(v[k] - v[k - 1]),
+        below=k,
+        above=int(v.size - k),
+        dip=float(density[valley] / min(density[lo], density[hi])),
+    ), ""
+
+
+_ADVICE = (
+    "train longer or set train.target (the share of channel groups to recede), or set "
+    "prune.threshold=ratio with prune.ratio=0.5 (or another fraction)"
+)
 
 
 def auto_threshold(
-    values: Sequence[float] | np.ndarray, *, min_bimodality: float = 0.6, min_decades: float = 1.0
+    values: Sequence[float] | np.ndarray, *, max_dip: float = 0.5, min_decades: float = 1.0
 ) -> Threshold:
     """The valley between the two modes, or ``NotBimodalError`` with advice."""
-    result = split(values)
-    if result.bimodality >= min_bimodality and result.decades < min_decades:
+    result, why = split(values)
+    if result is None:
+        raise NotBimodalError(f"importance distribution is not bimodal ({why}); {_ADVICE}")
+    smaller = min(result.below, result.above)
+    if result.dip > max_dip or smaller < max(1, _MIN_MODE_SHARE * (result.below + result.above)):
         raise NotBimodalError(
-            f"the two importance modes are only {result.decades:.2f} decades apart (needs >= {min_decades}): "
-            "the weak channels are not weak enough to drop; train longer or with a stronger penalty, or set "
-            "prune.threshold=ratio with prune.ratio=0.5 (or another fraction)"
+            f"importance distribution is not bimodal: the deepest valley between two peaks "
+            f"only dips to {result.dip:.2f} of the smaller peak (needs <= {max_dip}) with "
+            f"{smaller} groups on its smaller side; {_ADVICE}"
         )
-    if result.bimodality < min_bimodality:
+    if result.decades < min_decades:
         raise NotBimodalError(
-            f"importance distribution is not bimodal (Sarle's coefficient {result.bimodality:.2f}, needs >= "
-            f"{min_bimodality}; 0.56 is a uniform spread); train longer or with a stronger penalty, or set prune.threshold=ratio "
-            "with prune.ratio=0.5 (or another fraction)"
+            f"the two importance modes are only {result.decades:.2f} decades apart (needs >= "
+            f"{min_decades}): the weak channels are not weak enough to drop; {_ADVICE}"
         )
     return result
 
@@ -121,9 +167,9 @@ def auto_threshold(
 def importance_summary(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     """Per-epoch log line: fraction below 0.05, above 0.5, and Sarle's bimodality coefficient."""
     v = np.asarray(values, dtype=np.float64).ravel()
-    d = split(v).bimodality if v.size >= 4 else 0.0
+    bc = sarle_bc(np.log10(np.clip(v, _FLOOR, None))) if v.size >= 4 else 0.0
     return {
         "below_0.05": float((v < 0.05).mean()),
         "above_0.5": float((v > 0.5).mean()),
-        "bimodality": d,
+        "bimodality": bc,
     }
