@@ -7,6 +7,8 @@ an error that lists the valid ones. Every dataclass validates itself in ``__post
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -32,6 +34,19 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check(name: str, ok: bool, expected: str, value: Any) -> None:
+    """Raise unless ``ok``; ``expected`` reads after "must be", e.g. "in [0, 1) such as 0.9"."""
+    if not ok:
+        raise ConfigError(f"{name} must be {expected}, got {value!r}; set it with --set {name}=...")
+
+
+def _check_types(config: Any, section: str) -> None:
+    """Type-check every plain field as the YAML loader would: no bools for numbers, no nan/inf."""
+    for name, tp in _field_types(type(config)).items():
+        if not dataclasses.is_dataclass(tp):
+            _coerce(f"{section}.{name}", getattr(config, name), tp)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset: ``digits`` (embedded), ``fashion_mnist``, ``cifar10``, ``cifar100``, ``imagefolder``."""
@@ -45,6 +60,7 @@ class DataConfig:
     train_limit: int | None = None  # use only the first N training samples (quick runs)
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         _check_choice(
             "data.name",
             self.name,
@@ -52,6 +68,15 @@ class DataConfig:
         )
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.batch_size", self.batch_size)
+        _check("data.eval_batch_size", self.eval_batch_size >= 1, ">= 1", self.eval_batch_size)
+        _check(
+            "data.num_workers",
+            self.num_workers >= 0,
+            ">= 0 (0 loads in the main process)",
+            self.num_workers,
+        )
+        limit = self.train_limit
+        _check("data.train_limit", limit is None or limit >= 1, "null (all) or >= 1", limit)
 
 
 @dataclass(frozen=True)
@@ -63,7 +88,9 @@ class ModelConfig:
     depth: int = 11  # VGG depth: 11, 13, 16 or 19
 
     def __post_init__(self) -> None:
+        _check_types(self, "model")
         _check_positive("model.width", self.width)
+        _check("model.depth", self.depth >= 1, ">= 1", self.depth)
         if self.name in ("vgg",):
             _check_choice("model.depth", self.depth, (11, 13, 16, 19))
 
@@ -89,9 +116,11 @@ class PenaltyConfig:
     rescale: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "train.penalty")
         _check_choice(
             "train.penalty.method", self.method, ("receding", "l1", "polarization", "ista", "none")
         )
+        _check("train.penalty.t", self.t > 0, "> 0 (polarization uses 1.2-1.5)", self.t)
         _check_choice("train.penalty.cost", self.cost, ("memory", "flops"))
         _check_positive("train.penalty.rescale", self.rescale)
         _check_positive("train.penalty.strength", self.strength, allow_zero=True)
@@ -124,8 +153,14 @@ class TrainConfig:
     receded_below: float = 0.01  # a group has receded when its importance is below this
 
     def __post_init__(self) -> None:
+        _check_types(self, "train")
         _check_positive("train.epochs", self.epochs, allow_zero=True)
         _check_positive("train.lr", self.lr)
+        _check("train.momentum", 0.0 <= self.momentum < 1.0, "in [0, 1) such as 0.9", self.momentum)
+        _check("train.weight_decay", self.weight_decay >= 0, ">= 0 such as 5e-4", self.weight_decay)
+        _check("train.bn_lr_mult", self.bn_lr_mult > 0, "> 0 such as 10", self.bn_lr_mult)
+        # numpy's seed is 32-bit; torch's would accept more.
+        _check("train.seed", 0 <= self.seed < 2**32, "in [0, 2**32)", self.seed)
         _check_choice("train.schedule", self.schedule, ("cosine", "step", "constant"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train.bn_init", self.bn_init, ("constant", "normal"))
@@ -138,9 +173,7 @@ class TrainConfig:
         if not 0.0 < self.target_ramp <= 1.0:
             raise ConfigError(f"train.target_ramp must be in (0, 1], got {self.target_ramp!r}")
         if not 0.0 < self.receded_below < 1.0:
-            raise ConfigError(
-                f"train.receded_below must be in (0, 1), got {self.receded_below!r}"
-            )
+            raise ConfigError(f"train.receded_below must be in (0, 1), got {self.receded_below!r}")
 
 
 @dataclass(frozen=True)
@@ -163,8 +196,14 @@ class PruneConfig:
     finetune_lr: float = 0.01
 
     def __post_init__(self) -> None:
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
-            _check_choice("prune.threshold", self.threshold, ("auto", "ratio"))
+        _check_types(self, "prune")
+        expected = "'auto', 'ratio' or a finite number > 0 such as 0.05"
+        if isinstance(self.threshold, str):
+            _check("prune.threshold", self.threshold in ("auto", "ratio"), expected, self.threshold)
+        else:
+            _check("prune.threshold", self.threshold > 0, expected, self.threshold)
+        _check("prune.finetune_epochs", self.finetune_epochs >= 0, ">= 0", self.finetune_epochs)
+        _check("prune.finetune_lr", self.finetune_lr > 0, "> 0 such as 0.01", self.finetune_lr)
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"prune.ratio must be in [0, 1), got {self.ratio!r}")
         _check_choice("prune.aggregate", self.aggregate, ("max", "mean", "sum"))
@@ -187,8 +226,10 @@ class ExportConfig:
     fp16: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self, "export")
         if self.opset < 17:
             raise ConfigError(f"export.opset must be >= 17, got {self.opset!r}")
+        _check("export.atol", self.atol > 0, "> 0 such as 1e-4", self.atol)
 
 
 @dataclass(frozen=True)
@@ -201,6 +242,9 @@ class BenchConfig:
     warmup: int = 10
 
     def __post_init__(self) -> None:
+        _check_types(self, "bench")
+        _check("bench.threads", self.threads >= 1, ">= 1", self.threads)
+        _check("bench.warmup", self.warmup >= 0, ">= 0", self.warmup)
         if self.runs < 50:
             raise ConfigError(f"bench.runs must be >= 50 for stable p99, got {self.runs!r}")
         if not self.batches or any(b < 1 for b in self.batches):
@@ -224,6 +268,26 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# YAML 1.1 (PyYAML) reads 1e-2, 1E-3 and 5e3 as strings (it wants a dot and a signed exponent).
+_DECIMAL = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _to_float(path: str, value: Any) -> float:
+    """A finite float from a number or a decimal string such as "1e-2"; bools and nan/inf fail."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number or (isinstance(value, str) and _DECIMAL.fullmatch(value.strip())):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise ConfigError(
+        f"{path} expects a finite number such as 0.05 or 1e-2, got {value!r} "
+        f"({type(value).__name__})"
+    )
+
+
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Convert a YAML value to the annotated field type, or raise ConfigError."""
     if dataclasses.is_dataclass(tp):
@@ -234,7 +298,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        # str last, so that "1e-2" becomes a number where a number is allowed.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
             try:
                 return _coerce(path, value, arg)
             except ConfigError as err:
@@ -244,8 +309,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return tuple(_coerce(path, v, args[0]) for v in value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        return _to_float(path, value)
     if tp is Any or (
         isinstance(tp, type)
         and isinstance(value, tp)
@@ -259,16 +324,16 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
 
 def from_dict(cls: type, data: Mapping[str, Any] | None, *, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys."""
-    data = data or {}
+    data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted(set(data) - set(types_), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
         valid = ", ".join(f"{where}{k}" for k in types_)
         raise ConfigError(
-            f"unknown config key(s) {[where + k for k in unknown]}; valid keys: {valid}"
+            f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; valid keys: {valid}"
         )
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, types_[k]) for k, v in data.items()}
     return cls(**kwargs)
@@ -291,6 +356,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``a.b=v`` overrides (v parsed as YAML) to a nested dict, returning a new dict."""
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    if not isinstance(out, dict):
+        raise ConfigError(f"a config must be a mapping of sections such as train:, got {out!r}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -298,11 +365,23 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_value(key, raw)
     return out
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--set {key}: {raw!r} is not a YAML value; quote strings and write lists as [1, 8] "
+            f"({err})"
+        ) from err
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:

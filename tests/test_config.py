@@ -1,6 +1,19 @@
-import pytest
+import math
 
-from pipeline.config import ConfigError, RunConfig, dump_config, load_config
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import (
+    ConfigError,
+    PruneConfig,
+    RunConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+    to_dict,
+)
 
 
 def test_defaults_yaml_then_overrides(tmp_path):
@@ -37,3 +50,225 @@ def test_dump_round_trips(tmp_path):
 def test_demo_config_loads():
     cfg = load_config("configs/demo.yaml")
     assert cfg.train.penalty.method == "receding"
+
+
+# --- numbers YAML 1.1 reads as strings, ranges, and a fuzz of the loader -------------------------
+
+
+def test_scientific_notation_is_a_number_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "train:\n  lr: 1E-3\n  weight_decay: 5e3\n  penalty:\n    strength: 1e-2\n"
+        "prune:\n  threshold: 5e-2\nexport:\n  atol: .5\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.penalty.strength) == (1e-3, 5e3, 1e-2)
+    assert (cfg.prune.threshold, cfg.export.atol) == (5e-2, 0.5)
+
+
+def test_scientific_notation_is_a_number_in_set():
+    cfg = load_config(
+        None, ["train.penalty.strength=1e-2", "train.lr=1E-3", "prune.threshold=5e-2"]
+    )
+    assert (cfg.train.penalty.strength, cfg.train.lr, cfg.prune.threshold) == (1e-2, 1e-3, 5e-2)
+    assert isinstance(cfg.prune.threshold, float)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=nan",
+        "train.lr=inf",
+        "train.lr=.nan",
+        "train.lr=1e999",
+        "train.penalty.bias=.inf",
+        "train.penalty.bias=-.inf",
+        "model.width=.nan",
+        "prune.threshold=.nan",
+        "prune.threshold=nan",
+        "prune.threshold=-.inf",
+    ],
+)
+def test_non_finite_numbers_are_rejected(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}.*(finite|number)"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.momentum=1", "in [0, 1)"),
+        ("train.momentum=-0.1", "in [0, 1)"),
+        ("train.bn_lr_mult=0", "> 0"),
+        ("train.weight_decay=-1e-4", ">= 0"),
+        ("train.seed=-1", "in [0, 2**32)"),
+        ("train.penalty.t=0", "> 0"),
+        ("export.atol=0", "> 0"),
+        ("bench.warmup=-1", ">= 0"),
+        ("bench.threads=0", ">= 1"),
+        ("data.eval_batch_size=0", ">= 1"),
+        ("data.num_workers=-1", ">= 0"),
+        ("data.train_limit=0", "null (all) or >= 1"),
+        ("prune.finetune_epochs=-1", ">= 0"),
+        ("prune.finetune_lr=0", "> 0"),
+        ("prune.threshold=0", "'auto', 'ratio' or a finite number > 0"),
+        ("prune.threshold=-1e-2", "'auto', 'ratio' or a finite number > 0"),
+        ("model.depth=0", ">= 1"),
+    ],
+)
+def test_out_of_range_names_key_range_and_value(override, expected):
+    key, _, raw = override.partition("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert key in message and expected in message, message
+    value = float(raw)  # int fields report an int, float fields a float
+    assert f"got {value!r}" in message or f"got {int(value)!r}" in message, message
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=true", "bench.threads=false", "prune.threshold=true"]
+)
+def test_bool_is_not_a_number(override):
+    with pytest.raises(ConfigError, match=override.partition("=")[0]):
+        load_config(None, [override])
+
+
+def test_direct_construction_validates_too():
+    with pytest.raises(ConfigError, match="train.momentum"):
+        TrainConfig(momentum=float("nan"))
+    with pytest.raises(ConfigError, match="prune.threshold"):
+        PruneConfig(threshold=float("nan"))
+    with pytest.raises(ConfigError, match="train.epochs expects int"):
+        TrainConfig(epochs=True)
+
+
+def test_set_fills_an_empty_yaml_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n")
+    assert load_config(path, ["train.lr=1e-3"]).train.lr == 1e-3
+
+
+def test_bad_yaml_in_set_and_non_mapping_file_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="--set bench.batches"):
+        load_config(None, ["bench.batches=[1, 8"])
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+DOTTED = _dotted_keys(to_dict(RunConfig()))
+NAMES = sorted({k.rsplit(".", 1)[-1] for k in DOTTED})
+# Each leaf key with its default written as a --set value, e.g. "train.lr" -> "0.05".
+DEFAULTS = {
+    key: yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    for key, value in _flat(to_dict(RunConfig())).items()
+}
+NUMBERISH = ["1e-2", "1E-3", ".5", "5e3", "-1", "0", "1", "2", "nan", ".nan", "inf", "-.inf"]
+NUMBERISH += ["9" * 400, "1e999"]  # beyond float range: an int and a string
+RAW = st.one_of(
+    st.sampled_from(NUMBERISH + ["auto", "ratio", "l1", "true", "null", "[1, 8]", "{a: 1}", "["]),
+    st.text(max_size=8),
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+    st.sampled_from(NUMBERISH + ["auto", "ratio", "max", "receding", "polarization", "cpu"]),
+    st.text(max_size=6),
+)
+# YAML keys need not be strings: 1, null and true are keys too.
+KEYS = st.one_of(st.sampled_from(NAMES), st.text(max_size=4), st.integers(-2, 2), st.none())
+TREES = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(KEYS, children, max_size=4),
+    ),
+    max_leaves=12,
+)
+CONFIG_TREES = st.dictionaries(
+    st.one_of(
+        st.sampled_from(["data", "model", "train", "prune", "export", "bench", "penalty"]), KEYS
+    ),
+    TREES,
+    max_size=4,
+)
+# A leaf key set to its default, a nearby-looking number or junk: valid configs are common.
+PLAUSIBLE_SET = st.sampled_from(sorted(DEFAULTS)).flatmap(
+    lambda key: st.one_of(st.just(DEFAULTS[key]), st.sampled_from(NUMBERISH), RAW).map(
+        lambda raw: f"{key}={raw}"
+    )
+)
+OVERRIDES = st.lists(
+    st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED), RAW),
+        st.text(max_size=12),
+    ),
+    max_size=4,
+)
+
+
+def _assert_valid_and_round_trips(cfg: RunConfig, folder) -> None:
+    assert isinstance(cfg, RunConfig)
+    floats = [v for v in _leaves(to_dict(cfg)) if isinstance(v, float)]
+    assert all(math.isfinite(v) for v in floats)
+    path = folder / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def _leaves(tree):
+    for value in tree.values():
+        if isinstance(value, dict):
+            yield from _leaves(value)
+        elif isinstance(value, list):
+            yield from value
+        else:
+            yield value
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=CONFIG_TREES, overrides=OVERRIDES)
+def test_fuzz_loader_gives_a_valid_config_or_config_error(tmp_path_factory, data, overrides):
+    folder = tmp_path_factory.mktemp("fuzz", numbered=True)
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError:
+        return
+    _assert_valid_and_round_trips(cfg, folder)
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.lists(PLAUSIBLE_SET, max_size=6))
+def test_fuzz_set_strings_give_a_valid_config_or_config_error(tmp_path_factory, overrides):
+    folder = tmp_path_factory.mktemp("fuzz_set", numbered=True)
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError:
+        return
+    _assert_valid_and_round_trips(cfg, folder)
