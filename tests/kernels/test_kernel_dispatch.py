@@ -43,3 +43,25 @@ def test_importing_the_kernels_does_not_import_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("markexpr", "cuda", "want"),
+    [
+        ("gpu or trt", True, "0"),  # make test-gpu on a GPU: compile the kernels
+        ("gpu or trt", False, "1"),
+        ("not slow", True, "1"),  # the default suite interprets them on the CPU
+        ("not gpu", True, "1"),
+        ("", False, "1"),
+    ],
+)
+def test_gpu_runs_compile_and_the_default_suite_interprets(markexpr, cuda, want):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "kernel_fixtures", Path(__file__).parent / "conftest.py"
+    )
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)  # by path: tests/conftest.py is also named conftest
+    assert fixtures.default_interpret(markexpr, cuda) == want
