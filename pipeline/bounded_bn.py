@@ -129,3 +129,28 @@ def channel_importance(bn: nn.Module) -> torch.Tensor:
     if isinstance(bn, BoundedBatchNorm2d):
         return bn.importance
     return bn.weight.detach().abs()
+
+
+@torch.no_grad()
+def convert_to_plain_bn_(model: nn.Module) -> int:
+    """Replace every ``BoundedBatchNorm2d`` by the ``nn.BatchNorm2d`` it equals, in place.
+
+    gamma = sigmoid(w), beta = the shift (0 without one); running statistics are copied, so the
+    function is unchanged in eval and train mode. For tools that know only ``nn.BatchNorm2d``.
+
+    Returns:
+        The number of layers replaced.
+    """
+    replaced = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, BoundedBatchNorm2d):
+            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
+            plain.weight.copy_(child.importance)
+            plain.bias.copy_(child.bias if child.bias is not None else torch.zeros(1))
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                getattr(plain, buffer).copy_(getattr(child, buffer))
+            setattr(model, name, plain.to(child.weight.device).train(child.training))
+            replaced += 1
+        else:
+            replaced += convert_to_plain_bn_(child)
+    return replaced

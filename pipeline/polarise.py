@@ -31,7 +31,7 @@ from torch import nn
 from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, convert_to_bounded_bn_
 from pipeline.budget import BudgetController, ReceededShare, budget_weights
 from pipeline.channel_graph import build_channel_graph
-from pipeline.config import TrainConfig
+from pipeline.config import PruneConfig, TrainConfig
 from pipeline.penalties import Penalty, make_penalty
 
 
@@ -67,7 +67,11 @@ def bn_param_groups(
     plain_ids = {id(p) for p in plain_sgd}
     params = list(model.parameters())
     groups = [
-        {"params": [p for p in params if id(p) not in bn_ids], "weight_decay": weight_decay, "lr": lr},
+        {
+            "params": [p for p in params if id(p) not in bn_ids],
+            "weight_decay": weight_decay,
+            "lr": lr,
+        },
         {
             "params": [p for p in params if id(p) in bn_ids and id(p) not in plain_ids],
             "weight_decay": 0.0,
@@ -104,6 +108,7 @@ class Polariser:
             )
         self.step = 0
         self._masks: list[torch.Tensor] = []
+        self._signs: list[torch.Tensor] = []
 
     @classmethod
     def prepare(
@@ -115,12 +120,12 @@ class Polariser:
         total_steps: int,
         convert: bool = True,
         backend: str = "auto",
-        floors: tuple[int, float] = (1, 1.0),
+        prune: PruneConfig | None = None,
     ) -> Polariser:
         """Ready ``model`` in place for ``cfg.penalty`` and bind the penalty and controller.
 
-        ``floors`` is ``(min_channels, max_layer_ratio)`` of the pruning to come: the budget
-        never asks a layer to recede channels that pruning would have to keep.
+        ``prune`` is the pruning to come (default ``PruneConfig()``): the budget never asks a
+        layer to recede channels that its ``min_channels`` and ``max_layer_ratio`` would keep.
         """
         bounded = cfg.penalty.bounded
         if convert and bounded:
@@ -136,7 +141,8 @@ class Polariser:
         graph = build_channel_graph(model, example)
         penalty = make_penalty(cfg.penalty, model, example=example, backend=backend, graph=graph)
         weights = budget_weights(model, graph, example, cfg.target_cost)
-        tracker = ReceededShare(model, graph, weights, floors)
+        prune = prune or PruneConfig()
+        tracker = ReceededShare(model, graph, weights, (prune.min_channels, prune.max_layer_ratio))
         return cls(model, penalty, tracker, cfg, total_steps)
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
@@ -159,6 +165,7 @@ class Polariser:
             return self.penalty.apply_(self.strength)
         self._masks = self._param_masks(self.controller.update_(self.tracker))
         saved = [_grad_of(p).clone() for p in self.penalty.params]
+        self._signs = [torch.sign(p.detach()) for p in self.penalty.params]
         value = self.penalty.apply_(self.strength)
         with torch.no_grad():
             for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=True):
@@ -166,16 +173,29 @@ class Polariser:
         return value
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """After ``optimizer.step()``: clamp (polarization) or shrink (ISTA) the BN scales."""
+        """After ``optimizer.step()``: clamp (polarization) or shrink (ISTA) the BN scales.
+
+        Under a budget, ISTA shrinks only the chosen channels, and L1 truncates its step at zero
+        (a chosen gamma that changed sign becomes 0, Langford et al.'s truncated gradient): a
+        controlled strength can make the subgradient step larger than the receded level, and
+        plain subgradient L1 would then hop around zero above it for ever.
+        """
         if not self.penalty.params:
             return
-        lr = _lr_of(optimizer, self.penalty.params[0])
-        masked = self.controller is not None and self.penalty.config.method == "ista"
-        saved = [p.detach().clone() for p in self.penalty.params] if masked else []
-        self.penalty.after_step_(lr, self.strength)
+        method = self.penalty.config.method
+        budget = self.controller is not None
+        saved = (
+            [p.detach().clone() for p in self.penalty.params] if budget and method == "ista" else []
+        )
+        self.penalty.after_step_(_lr_of(optimizer, self.penalty.params[0]), self.strength)
         with torch.no_grad():
             for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=False):
                 p.copy_(torch.where(mask, p, before))
+            if budget and method == "l1":
+                for p, sign, mask in zip(
+                    self.penalty.params, self._signs, self._masks, strict=True
+                ):
+                    p.masked_fill_(mask & (torch.sign(p) != sign), 0.0)
 
     def _param_masks(self, chosen: torch.Tensor) -> list[torch.Tensor]:
         by_name = self.tracker.channel_masks(chosen)
@@ -185,10 +205,15 @@ class Polariser:
     def progress(self) -> Progress:
         """Step, strength, wanted and measured receded share."""
         wanted = self.controller.scheduled() if self.controller else None
-        return Progress(self.step, self.strength, wanted, self.tracker.share(self.cfg.receded_below))
+        return Progress(
+            self.step, self.strength, wanted, self.tracker.share(self.cfg.receded_below)
+        )
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "controller": self.controller.state_dict() if self.controller else None}
+        return {
+            "step": self.step,
+            "controller": self.controller.state_dict() if self.controller else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])

@@ -79,9 +79,8 @@ def build_and_train(
     pen_cfg = cfg.train.penalty
     example = _fixed_batch(data, 2)
     steps = cfg.train.epochs * len(data.train)
-    floors = (cfg.prune.min_channels, cfg.prune.max_layer_ratio)
     polariser = Polariser.prepare(
-        model, example, cfg.train, total_steps=max(1, steps), floors=floors
+        model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune
     )
     rescaled: list[str] = []
     if pen_cfg.method == "ista" and pen_cfg.rescale != 1.0:
