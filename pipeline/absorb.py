@@ -190,7 +190,8 @@ def _larger(example: torch.Tensor) -> torch.Tensor | None:
     h, w = example.shape[-2:]
     k = max(2, math.ceil(8 / min(h, w)))
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, example.shape[1], h * k, w * k, generator=gen, dtype=example.dtype)
+    x = torch.randn(1, example.shape[1], h * k, w * k, generator=gen, dtype=example.dtype)
+    return x.to(example.device)
 
 
 def _attach(layer: nn.Module, form: str, value: torch.Tensor, keep_out: list[int] | None) -> None:
