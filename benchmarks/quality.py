@@ -66,8 +66,8 @@ BASELINES = ("ucs", "tp-bn", "tp-mag")
 # A deliberately weak starting strength: the controller must find the right one itself.
 START_STRENGTH = {"receding": 1e-4, "l1": 1e-5, "polarization": 1e-5, "ista": 1e-5}
 MODELS = {
-    "vgg": ModelConfig(name="vgg", depth=11, width=0.25),
-    "resnet20": ModelConfig(name="resnet20", width=0.5),
+    "vgg": ModelConfig(name="vgg", depth=11, width=0.5),
+    "resnet20": ModelConfig(name="resnet20", width=1.0),
 }
 
 
@@ -85,14 +85,14 @@ class Grid:
     lr: float = 0.05
     finetune_lr: float = 0.01
     device: str = "cpu"
-    min_channels: int = 2
+    min_channels: int = 4
     max_layer_ratio: float = 0.95
 
 
 def _train_config(
     grid: Grid, model: str, method: str, target: float | None, seed: int
 ) -> RunConfig:
-    penalty = PenaltyConfig(method=method, strength=START_STRENGTH.get(method, 0.0))
+    penalty = PenaltyConfig(method=method, strength=START_STRENGTH.get(method, 0.0), bias=0.0)
     train = TrainConfig(
         epochs=grid.epochs,
         lr=grid.lr,
@@ -353,7 +353,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         args.methods or CONTROLLED + BASELINES,
         tuple(args.targets or (0.5, 0.7, 0.9)),
         tuple(range(args.seeds or 2)),
-        args.epochs or 10,
+        args.epochs or 15,
         args.finetune_epochs if args.finetune_epochs is not None else 3,
         device=args.device,
     )
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data", default="fashion_mnist", choices=("digits", "fashion_mnist", "cifar10")
     )
-    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images")
     p.add_argument("--models", nargs="+", default=["vgg", "resnet20"], choices=sorted(MODELS))
     p.add_argument("--methods", nargs="+", choices=CONTROLLED + BASELINES)

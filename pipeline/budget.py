@@ -38,8 +38,9 @@ from pipeline.bounded_bn import bn_modules, channel_importance
 from pipeline.channel_graph import ChannelGraph
 from pipeline.costs import group_costs
 
-_LAG = 0.25  # a group must have receded within this share of the ramp after it joins the set
-_STRENGTH_RANGE = (1e-8, 1e3)
+_LAG = 0.1  # the receded share may trail the schedule by this share of the ramp
+_SLACK = 0.05  # the penalised set runs ahead of the groups already on their way by this share
+_STRENGTH_RANGE = (1e-8, 1e6)
 
 
 class ReceededShare:
@@ -107,6 +108,12 @@ class ReceededShare:
         k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype)))
         return float(imp[order[min(k, len(order) - 1)]])
 
+    def progress(self, level: float, top: float, importance: torch.Tensor) -> float:
+        """Weighted mean of how far (in log importance) each group has come from ``top`` to
+        ``level``: 0 at or above ``top``, 1 once receded. It moves as soon as groups move."""
+        way = torch.log(top / importance.double().clamp_min(1e-30)) / math.log(top / level)
+        return float((self.weights * way.clamp(0.0, 1.0)).sum())
+
     def share(self, level: float, importance: torch.Tensor | None = None) -> float:
         """Weighted fraction of groups whose importance is below ``level``."""
         imp = self.group_importance() if importance is None else importance
@@ -162,6 +169,7 @@ class BudgetController:
     level: float = 0.01
     ramp: float = 0.6
     step: int = 0
+    top: float | None = None  # median group importance at the first step: where the way starts
     history: list[tuple[int, float, float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -174,7 +182,7 @@ class BudgetController:
 
     @property
     def gain(self) -> float:
-        """Per-step change of log lambda at full error: 3 decades in a tenth of training."""
+        """Per-step change of log lambda at full error: 3 decades in 10% of training."""
         return math.log(1e3) / max(1.0, 0.1 * self.total_steps)
 
     def scheduled(self, step: int | None = None) -> float:
@@ -191,11 +199,16 @@ class BudgetController:
         """
         imp = tracker.group_importance()
         wanted = self.scheduled(self.step + 1)
-        chosen = tracker.select(imp, wanted)
         receded = tracker.share(self.level, imp)
+        if self.top is None:
+            self.top = max(float(imp.median()), 10 * self.level)
+        moved = tracker.progress(self.level, self.top, imp)
+        # the set grows only as fast as its groups recede: a strength still far too weak
+        # must not gather the whole budget and then drop it at once when it gets strong
+        chosen = tracker.select(imp, min(wanted, moved + _SLACK * self.target))
         due = self.scheduled(self.step + 1 - _LAG * self._ramp_steps)
         if wanted > 0:
-            error = max(-1.0, min(1.0, (due - receded) / self.target))
+            error = max(-1.0, min(1.0, (due - moved) / (0.25 * self.target)))
             low, high = (math.log(v) for v in _STRENGTH_RANGE)
             log_strength = math.log(self.strength) + self.gain * error
             self.strength = math.exp(min(high, max(low, log_strength)))
@@ -208,7 +221,8 @@ class BudgetController:
         return max(1.0, self.ramp * self.total_steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"strength": self.strength, "step": self.step}
+        return {"strength": self.strength, "step": self.step, "top": self.top}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strength, self.step = float(state["strength"]), int(state["step"])
+        self.top = state.get("top")
