@@ -22,7 +22,7 @@ test-slow: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m 'gpu or trt'
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m 'gpu or trt'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline kernels tests benchmarks

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(
-        "--data", default="fashion_mnist", choices=("digits", "fashion_mnist", "cifar10")
+        "--data", default="digits", choices=("digits", "fashion_mnist", "cifar10")
     )
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images")
