@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,178 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+# --- Whole folders --------------------------------------------------------------------------
+# A run, train, prune or export folder is written into ``.<name>.partial`` beside it and swapped
+# into place only when every file is there, under a lock (``.<name>.lock``) held for the whole
+# write, so a reader never sees a folder mixing two writers or two versions.
+
+MARKER = ".recede.json"
+_KIND_FILES = {  # folders written before the marker existed, recognised by their files
+    "run": ("config.yaml", "report.json"),
+    "train": ("config.yaml", "model"),
+    "prune": ("plan.json", "model.pt"),
+}
+
+
+class OutputError(ValueError):
+    """An output folder cannot be written, is in use, or holds foreign files (CLI exit 2)."""
+
+
+def is_stale_temp(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_path` (``.<name>.<hex>.tmp<ext>``)."""
+    return path.name.startswith(".") and ".tmp" in path.name and path.is_file()
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
+    """Delete leftover temporary files below ``directory`` (a SIGKILL leaves them behind).
+
+    Only call this while holding the folder's lock: a live writer's temporary file looks the
+    same as a dead one's.
+    """
+    stale = [p for p in Path(directory).rglob(".*.tmp*") if is_stale_temp(p)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d stale temporary files under %s", len(stale), directory)
+    return len(stale)
+
+
+def folder_kind(path: Path) -> str | None:
+    """Which recede command wrote ``path`` (``run``, ``train``, ``prune``), or None."""
+    try:
+        return json.loads((path / MARKER).read_text(encoding="utf-8"))["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for kind, names in _KIND_FILES.items():
+        if all((path / n).exists() for n in names):
+            return kind
+    return None
+
+
+def _unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder``, or None; writes nothing."""
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
+
+
+def check_writable(path: str | os.PathLike[str], flag: str) -> None:
+    """Raise unless files can be created in ``path``'s nearest existing folder."""
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(
+            f"{flag} {path}: {folder} is a file, expected a folder; pick another path"
+        )
+    reason = _unwritable_reason(folder)
+    if reason is not None:
+        raise OutputError(
+            f"{flag} {path}: cannot write in {folder} ({reason}); expected a writable folder; "
+            "fix its permissions or pick another path"
+        )
+
+
+def check_out_folder(path: str | os.PathLike[str], *, kind: str, force: bool, flag: str) -> Path:
+    """Refuse an output path that is a file, unwritable, or a folder of something else.
+
+    A folder written by the same command (``kind``) is replaced as a whole; any other non-empty
+    folder only with ``force``.
+    """
+    out = Path(path).absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"{flag} {path} is an existing file, expected a folder (new or empty); "
+            "pick another path or remove the file"
+        )
+    check_writable(out, flag)
+    if out.is_dir() and any(out.iterdir()) and not force and folder_kind(out) != kind:
+        found = folder_kind(out)
+        what = f"a `recede {found}` folder" if found else "files recede did not write"
+        raise OutputError(
+            f"{flag} {path} holds {what}, expected an empty folder or one from `recede {kind}`; "
+            f"pick another folder, or pass --force to replace its contents as a whole"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _folder_lock(final: Path) -> Iterator[None]:
+    import fcntl
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{final} is being written by another recede process (lock "
+                f".{final.name}.lock held); wait for it to finish or pick another folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def partial_folder(final: str | os.PathLike[str]) -> Path:
+    """Where :func:`staged_folder` builds ``final`` (kept after a failure, for ``--resume``)."""
+    final = Path(final).absolute()
+    return final.parent / f".{final.name}.partial"
+
+
+def _prepare_partial(final: Path, partial: Path, start: str) -> None:
+    for old in final.parent.glob(f".{final.name}.old.*"):
+        shutil.rmtree(old, ignore_errors=True)  # a swap killed half-way
+    if partial.exists() and start != "resume":
+        shutil.rmtree(partial)
+    if start != "empty" and not partial.exists() and final.is_dir():
+        shutil.copytree(final, partial, symlinks=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(partial)
+
+
+def _swap_into_place(partial: Path, final: Path) -> None:
+    if final.exists():
+        old = final.parent / f".{final.name}.old.{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, final)
+    _fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def staged_folder(
+    final: str | os.PathLike[str], *, kind: str, start: str = "empty", keep_on_error: bool = False
+) -> Iterator[Path]:
+    """Yield a hidden folder beside ``final`` that replaces it only if the block succeeds.
+
+    Args:
+        final: The output folder.
+        kind: The command writing it (``run``, ``train``, ``prune``), recorded in the folder.
+        start: ``empty`` (a fresh folder), ``copy`` (a copy of ``final``, to add files to it) or
+            ``resume`` (the partial folder a failed or killed write left, else a copy).
+        keep_on_error: Keep the partial folder when the block raises (to resume from it).
+
+    Raises:
+        OutputError: If another process is writing ``final``.
+    """
+    final = Path(final).absolute()
+    partial = partial_folder(final)
+    with _folder_lock(final):
+        _prepare_partial(final, partial, start)
+        write_json_atomic(partial / MARKER, {"kind": kind})
+        try:
+            yield partial
+        except BaseException:
+            if not keep_on_error:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        _swap_into_place(partial, final)
+    logger.info("wrote %s", final)

@@ -1,5 +1,7 @@
 """Save and rebuild pruned models: a JSON shape manifest plus a state dict, never a pickle.
 
+A model folder holds ``model.pt`` and ``shapes.json``.
+
 A pruned model is rebuilt by calling its original constructor (from the saved model spec),
 re-shaping the layers named in the manifest, and loading the state dict with
 ``torch.load(weights_only=True)``.
@@ -8,6 +10,8 @@ re-shaping the layers named in the manifest, and loading the state dict with
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,15 @@ from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
 from pipeline.config import ModelConfig, from_dict
 from pipeline.models import build_model
 
-MANIFEST = "manifest.json"
+SHAPES = "shapes.json"
+LEGACY_SHAPES = "manifest.json"  # the name before run folders got a release manifest.json
 WEIGHTS = "model.pt"
+MODEL_SUBFOLDERS = ("model", "trained")  # `recede train` and `recede run` save the model there
+_SPEC_KEYS = ("model", "num_classes", "in_channels", "input_shape")
+
+
+class CheckpointError(ValueError):
+    """A saved model folder or file cannot be loaded; the message names the file (CLI exit 2)."""
 
 
 def shape_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -94,23 +105,118 @@ def reshape_to_manifest_(model: nn.Module, shapes: dict[str, dict[str, Any]]) ->
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, *, spec: dict[str, Any]) -> Path:
-    """Write ``model.pt`` (state dict) and ``manifest.json`` (spec + shapes) into ``out_dir``."""
+    """Write ``model.pt`` (state dict) and ``shapes.json`` (spec + shapes) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(model.state_dict(), out / WEIGHTS)
-    write_json_atomic(out / MANIFEST, {"spec": spec, "shapes": shape_manifest(model)})
+    write_json_atomic(out / SHAPES, {"spec": spec, "shapes": shape_manifest(model)})
     return out
 
 
-def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by ``save_pruned``; returns (model, spec)."""
-    out = Path(out_dir)
-    if not (out / MANIFEST).is_file() or not (out / WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"{out} holds no pruned model: expected {MANIFEST} and {WEIGHTS} written by "
-            "`recede prune` or `recede run`"
+def model_folder(path: str | Path) -> Path:
+    """The folder holding a saved model: ``path`` itself, or a train (``model/``) or run
+    (``trained/``) folder's model.
+
+    Raises:
+        CheckpointError: If none of them holds ``model.pt``.
+    """
+    root = Path(path)
+    for candidate in (root, *(root / sub for sub in MODEL_SUBFOLDERS)):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    raise CheckpointError(
+        f"{root} holds no saved model: expected {WEIGHTS} and {SHAPES} in it or in its "
+        f"{' or '.join(s + '/' for s in MODEL_SUBFOLDERS)} subfolder; pass a folder written by "
+        "`recede train`, `recede prune` or `recede run`"
+    )
+
+
+def _read_shapes(folder: Path) -> dict[str, Any]:
+    path = folder / SHAPES if (folder / SHAPES).is_file() else folder / LEGACY_SHAPES
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has {WEIGHTS} but no {SHAPES}; save the model again with "
+            "pipeline.checkpoint.save_pruned (or `recede prune`)"
         )
-    manifest = json.loads((out / MANIFEST).read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}); expected the shape manifest written by "
+            "save_pruned; restore it or save the model again"
+        ) from None
+    spec = manifest.get("spec") if isinstance(manifest, dict) else None
+    missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+    if missing or not isinstance(manifest.get("shapes"), dict):
+        raise CheckpointError(
+            f"{path} is not a shape manifest: expected keys 'spec' (with {', '.join(_SPEC_KEYS)}) "
+            f"and 'shapes', got {_describe_keys(manifest)}; restore it or save the model again"
+        )
+    return manifest
+
+
+def _describe_keys(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return type(obj).__name__
+    return f"keys {sorted(obj)}" if obj else "an empty object"
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused, without its advice."""
+    lines = [ln.strip() for ln in str(err).splitlines() if "nsupported" in ln]
+    return lines[-1][:200] if lines else "not a torch file"
+
+
+def load_state_dict_file(path: Path, *, plain: bool = True) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` that names ``path`` in every failure.
+
+    ``plain`` requires a flat state dict (names to tensors); otherwise any dict is accepted
+    (a full training checkpoint).
+
+    Raises:
+        CheckpointError: If the file is empty, truncated, not a torch file, holds objects other
+            than tensors (a pickle with code is refused, never run), or is not a state dict.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a state dict; save it again")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle protocol warns before it is refused
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's advice (weights_only=False) is not ours
+        raise CheckpointError(
+            f"{path} is not a plain state dict ({_unpickling_reason(err)}), so it was refused "
+            "without running it; expected a file saved by torch.save(model.state_dict(), path); "
+            "save the model again"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path} ({size} bytes) is not a readable torch file ({type(err).__name__}: "
+            f"{str(err)[:200]}); it may be truncated; restore it or save the model again"
+        ) from None
+    tensors = not plain or all(
+        isinstance(v, torch.Tensor) for v in getattr(state, "values", list)()
+    )
+    if not isinstance(state, dict) or not tensors:
+        raise CheckpointError(
+            f"{path} holds a {type(state).__name__}, expected a state dict (names to tensors); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return state
+
+
+def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by ``save_pruned``; returns (model, spec).
+
+    ``out_dir`` may also be a train or run folder (see :func:`model_folder`). Folders saved
+    before ``shapes.json`` existed (``manifest.json`` with ``spec`` and ``shapes``) still load.
+
+    Raises:
+        CheckpointError: If a file is missing, malformed or does not match the model.
+    """
+    folder = model_folder(out_dir)
+    manifest = _read_shapes(folder)
     spec = manifest["spec"]
     model = build_model(
         from_dict(ModelConfig, spec["model"]),
@@ -119,6 +225,13 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     )
     if spec.get("bounded_bn"):
         convert_to_bounded_bn_(model, shift=spec.get("bn_shift", False))
-    reshape_to_manifest_(model, manifest["shapes"])
-    model.load_state_dict(torch.load(out / WEIGHTS, map_location="cpu", weights_only=True))
+    state = load_state_dict_file(folder / WEIGHTS)
+    try:
+        reshape_to_manifest_(model, manifest["shapes"])
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, AttributeError, TypeError) as err:
+        raise CheckpointError(
+            f"{folder / WEIGHTS} does not fit the model its shape manifest describes "
+            f"({type(err).__name__}: {str(err)[:300]}); save both files again together"
+        ) from None
     return model.eval(), spec

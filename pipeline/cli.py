@@ -1,7 +1,8 @@
 """The ``recede`` command line: run, train, prune, export, bench, inspect.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input. Each handler's docstring is its help.
-Only this module configures logging or prints.
+Exit codes: 0 ok, 1 verification failed, 2 bad input (checked before any work where it can be,
+and nothing is changed at the output paths). Each handler's docstring is its help. Only this
+module configures logging or prints.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +18,10 @@ from pathlib import Path
 logger = logging.getLogger("recede")
 
 EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line input is wrong; the message names the flag or file (exit 2)."""
 
 
 def _config(args: argparse.Namespace):
@@ -31,9 +37,41 @@ def _input_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) != 4 or min(shape) < 1:
         raise argparse.ArgumentTypeError(
-            f"--input-shape expects N,C,H,W such as 1,3,224,224, got {text!r}"
+            f"expected N,C,H,W of positive integers such as 1,3,224,224, got {text!r}"
         )
     return shape
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, open_: str = ""):
+    """An argparse type: a finite ``kind`` in [low, high]; ``open_`` holds "low"/"high" ends."""
+    lo, hi = ("(" if "low" in open_ else "["), (")" if "high" in open_ else "]")
+    wanted = f"{'an integer' if kind is int else 'a number'} in {lo}{low}, {high}{hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        inside = math.isfinite(value) and low <= value <= high
+        if not inside or (value == low and lo == "(") or (value == high and hi == ")"):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _threshold(text: str) -> str | float:
+    if text in ("auto", "ratio"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 'ratio' or a BN importance > 0 such as 0.05, got {text!r}"
+        )
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,85 +79,103 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import run_pipeline
 
     cfg = _config(args)
-    report = run_pipeline(cfg, args.out)
+    report = run_pipeline(cfg, args.out, resume=args.resume, force=args.force)
     print(Path(args.out, "report.md").read_text())
     print(f"wrote {args.out} in {report['seconds']} s")
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train only (with the configured penalty) and save the model as state dict + manifest."""
-    from pipeline.atomic import write_text_atomic
+    """Train only (with the configured penalty) and save the model as state dict + shapes."""
+    from pipeline.atomic import check_out_folder, staged_folder, write_text_atomic
     from pipeline.checkpoint import save_pruned
     from pipeline.config import dump_config
-    from pipeline.data import load_data
-    from pipeline.run import build_and_train, model_spec
+    from pipeline.run import build_and_train, load_data_checked, model_spec
     from pipeline.train import seed_everything
 
     cfg = _config(args)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(args.out, "config.yaml"), dump_config(cfg))
-    seed_everything(cfg.train.seed)
-    data = load_data(cfg.data, seed=cfg.train.seed)
-    model, logs = build_and_train(cfg, data, Path(args.out) / "checkpoints")
-    save_pruned(model, Path(args.out) / "model", spec=model_spec(cfg, data))
-    print(
-        f"trained {len(logs)} epochs, accuracy {logs[-1].accuracy if logs else float('nan'):.4f}; "
-        f"model in {Path(args.out) / 'model'}"
-    )
+    out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
+    data = load_data_checked(cfg)
+    start = "resume" if args.resume else "empty"
+    with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
+        write_text_atomic(stage / "config.yaml", dump_config(cfg))
+        seed_everything(cfg.train.seed)
+        model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=args.resume)
+        save_pruned(model, stage / "model", spec=model_spec(cfg, data))
+    accuracy = logs[-1].accuracy if logs else float("nan")
+    print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}")
     return EXIT_OK
 
 
-def _load_for_prune(args: argparse.Namespace):
+def _build(args: argparse.Namespace, in_channels: int):
+    """Build ``--model``; a user factory's own exception becomes a UsageError naming it."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import ModelError, build_model
+
+    cfg = ModelConfig(name=args.model)
+    try:
+        model = build_model(cfg, num_classes=args.num_classes, in_channels=in_channels)
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - user code may raise anything; name it, exit 2
+        raise UsageError(
+            f"--model {args.model}: building it raised {type(err).__name__}: {err}; expected "
+            f"an nn.Module built with num_classes={args.num_classes}, "
+            f"in_channels={in_channels}; fix the factory or the flags"
+        ) from None
+    spec = {
+        "model": {"name": args.model, "width": cfg.width, "depth": cfg.depth},
+        "num_classes": args.num_classes,
+        "in_channels": in_channels,
+        "bounded_bn": False,
+    }
+    return model, spec
+
+
+def _check_forward(model, example, what: str) -> None:
+    """Run the model once, so an input it cannot take is reported before any work."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise UsageError(
+            f"{what}: the model cannot take an input of shape {tuple(example.shape)} "
+            f"({type(err).__name__}: {first}); expected a shape it accepts, e.g. a larger "
+            "H,W or the channel count it was built for"
+        ) from None
+
+
+def _load_model(args: argparse.Namespace):
     """(model, spec, example) from --from DIR or --model SPEC --input-shape."""
     import torch
 
     from pipeline.checkpoint import load_pruned
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_model
 
     if args.source:
         model, spec = load_pruned(args.source)
-        shape = (1, *spec["input_shape"])
+        shape, what = (1, *spec["input_shape"]), f"--from {args.source}"
+    elif args.model and args.input_shape:
+        shape, what = args.input_shape, f"--model {args.model} --input-shape"
+        model, spec = _build(args, shape[1])
+        spec["input_shape"] = list(shape[1:])
     else:
-        if not args.model or not args.input_shape:
-            raise ValueError(
-                "recede prune needs --from DIR (a trained model) or --model SPEC with --input-shape N,C,H,W"
-            )
-        shape = args.input_shape
-        mcfg = ModelConfig(name=args.model)
-        model = build_model(mcfg, num_classes=args.num_classes, in_channels=shape[1]).eval()
-        spec = {
-            "model": {"name": args.model, "width": mcfg.width, "depth": mcfg.depth},
-            "num_classes": args.num_classes,
-            "in_channels": shape[1],
-            "bounded_bn": False,
-            "input_shape": list(shape[1:]),
-        }
-    return model.eval(), spec, torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        raise UsageError(
+            f"recede {args.command} needs --from DIR (a saved model, train or run folder) or "
+            "--model SPEC with --input-shape N,C,H,W; got neither"
+        )
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    _check_forward(model.eval(), example, what)
+    return model, spec, example
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a model (a torchvision/factory spec, or a trained model folder) and save it."""
-    from pipeline.atomic import write_json_atomic, write_text_atomic
+def _prune_report(model, result, spec: dict, example) -> dict:
     from pipeline.bench import count_macs, count_params
-    from pipeline.checkpoint import save_pruned
-    from pipeline.config import PruneConfig
-    from pipeline.run import prune_model
 
-    model, spec, example = _load_for_prune(args)
-    threshold = "ratio" if args.threshold is None else args.threshold
-    cfg = PruneConfig(
-        threshold=threshold if threshold in ("auto", "ratio") else float(threshold),
-        ratio=args.ratio,
-        min_channels=args.min_channels,
-        round_to=args.round_to,
-    )
-    result = prune_model(model, example, cfg)
-    out = Path(args.out)
-    save_pruned(result.model, out, spec=spec)
     shape = tuple(example.shape[1:])
-    report = {
+    return {
         "model": spec["model"]["name"],
         "input_shape": list(example.shape),
         "params": {"before": count_params(model), "after": count_params(result.model)},
@@ -132,49 +188,116 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "threshold": {"mode": result.plan.threshold_mode, "value": result.plan.threshold_value},
         "barriers": [b.__dict__ for b in result.graph.barriers],
     }
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "plan.json", result.plan.to_json())
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a model (a torchvision/factory spec, or a saved model, train or run folder)."""
+    from pipeline.atomic import (
+        check_out_folder,
+        staged_folder,
+        write_json_atomic,
+        write_text_atomic,
+    )
+    from pipeline.checkpoint import save_pruned
+    from pipeline.config import PruneConfig
+    from pipeline.run import prune_model
+
+    out = check_out_folder(args.out, kind="prune", force=args.force, flag="--out")
+    model, spec, example = _load_model(args)
+    cfg = PruneConfig(
+        threshold=args.threshold,
+        ratio=args.ratio,
+        min_channels=args.min_channels,
+        round_to=args.round_to,
+    )
+    result = prune_model(model, example, cfg)
+    report = _prune_report(model, result, spec, example)
+    with staged_folder(out, kind="prune") as stage:
+        save_pruned(result.model, stage, spec=spec)
+        write_json_atomic(stage / "report.json", report)
+        write_text_atomic(stage / "plan.json", result.plan.to_json())
     print(json.dumps({k: report[k] for k in ("params", "macs", "groups")}, indent=1))
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
     return EXIT_OK
 
 
+def _check_tensorrt() -> None:
+    from pipeline.export.tensorrt import tensorrt_available
+
+    if not tensorrt_available():
+        raise UsageError(
+            "--format tensorrt needs the tensorrt package and a CUDA GPU, and this machine "
+            "lacks one; install it with pip install 'recede[tensorrt]' on a machine with an "
+            "NVIDIA GPU, or pass --format onnx"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Fold BN, export a saved model folder to ONNX (or a TensorRT engine) and verify it."""
     import torch
 
-    from pipeline.checkpoint import load_pruned
+    from pipeline.atomic import check_writable, staged_folder
+    from pipeline.checkpoint import load_pruned, model_folder
     from pipeline.export.onnx import export_onnx, verify_onnx
     from pipeline.fold import fold_bn
+    from pipeline.run import VerificationError
 
-    model, spec = load_pruned(args.dir)
+    folder = model_folder(args.dir)
+    model, spec = load_pruned(folder)
+    for place in (folder, folder.parent):
+        check_writable(place, "DIR")
+    if args.format == "tensorrt":
+        _check_tensorrt()
     batch = torch.randn(4, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
     folded, fold = fold_bn(model, batch)
-    path = export_onnx(folded, batch[:2], Path(args.dir) / "model.onnx", opset=args.opset)
-    check = verify_onnx(path, model, batch, atol=args.atol)
-    print(
-        f"{path}: opset {check.opset}, folded {len(fold.folded)} BNs, ONNX Runtime max abs err "
-        f"{check.max_abs_err:.2e} (rel {check.max_rel_err:.2e}) -> {'ok' if check.passed else 'FAILED'}"
-    )
-    if args.format == "tensorrt":
-        from pipeline.export.tensorrt import build_engine
+    with staged_folder(folder, kind="prune", start="copy") as stage:
+        (stage / "model.engine").unlink(missing_ok=True)  # it was built from the old ONNX
+        path = export_onnx(folded, batch[:2], stage / "model.onnx", opset=args.opset)
+        check = verify_onnx(path, model, batch, atol=args.atol)
+        if not check.passed:
+            raise VerificationError(
+                f"ONNX Runtime differs from PyTorch by {check.max_abs_err:.2e} > --atol "
+                f"{args.atol:.0e}; {folder} is left unchanged"
+            )
+        if args.format == "tensorrt":
+            from pipeline.export.tensorrt import build_engine
 
-        print(f"engine: {build_engine(path, Path(args.dir) / 'model.engine', fp16=args.fp16)}")
-    return EXIT_OK if check.passed else EXIT_VERIFY
+            build_engine(path, stage / "model.engine", fp16=args.fp16)
+    print(
+        f"{folder / 'model.onnx'}: opset {check.opset}, folded {len(fold.folded)} BNs, ONNX "
+        f"Runtime max abs err {check.max_abs_err:.2e} (rel {check.max_rel_err:.2e}) -> ok"
+    )
+    return EXIT_OK
+
+
+def _check_onnx(path: Path) -> None:
+    """Refuse an ONNX file that onnx cannot read, before timing anything."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise several unrelated types
+        raise UsageError(
+            f"{path} is not a valid ONNX model ({type(err).__name__}: {str(err)[:200]}); "
+            f"re-create it with `recede export {path.parent}` or delete it"
+        ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a saved model folder with PyTorch and ONNX Runtime (p50/p90/p99)."""
-    from pipeline.bench import latency_table
-    from pipeline.checkpoint import load_pruned
-    from pipeline.fold import fold_bn
-
-    model, spec = load_pruned(args.dir)
     import torch
 
+    from pipeline.bench import latency_table
+    from pipeline.checkpoint import load_pruned, model_folder
+    from pipeline.fold import fold_bn
+
+    folder = model_folder(args.dir)
+    model, spec = load_pruned(folder)
+    onnx = folder / "model.onnx"
+    if onnx.exists():
+        _check_onnx(onnx)
     folded, _ = fold_bn(model, torch.randn(2, *spec["input_shape"]))
-    onnx = Path(args.dir) / "model.onnx"
     rows = latency_table(
         {"pruned": folded},
         {"pruned": onnx} if onnx.exists() else {},
@@ -185,27 +308,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     for r in rows:
         print(
-            f"{r.backend:12s} {r.device:5s} batch {r.batch:3d} threads {r.threads}: p50 {r.p50_ms:.3f} ms "
-            f"p90 {r.p90_ms:.3f} ms p99 {r.p99_ms:.3f} ms"
+            f"{r.backend:12s} {r.device:5s} batch {r.batch:3d} threads {r.threads}: "
+            f"p50 {r.p50_ms:.3f} ms p90 {r.p90_ms:.3f} ms p99 {r.p99_ms:.3f} ms"
         )
     return EXIT_OK
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show a model's channel groups and barriers, or a run folder's report."""
-    if args.dir:
-        print(
-            Path(args.dir, "report.md").read_text()
-            if Path(args.dir, "report.md").exists()
-            else Path(args.dir, "report.json").read_text()
-        )
-        return EXIT_OK
+def _print_graph(args: argparse.Namespace) -> None:
     from pipeline.channel_graph import build_channel_graph
 
-    model, _, example = _load_for_prune(args)
+    model, _, example = _load_model(args)
     graph = build_channel_graph(model, example)
     print(
-        f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, {len(graph.prunable_groups)} prunable"
+        f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, "
+        f"{len(graph.prunable_groups)} prunable"
     )
     reasons: dict[str, int] = {}
     for g in graph.groups:
@@ -215,10 +331,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {n} groups kept: {reason}")
     for b in graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a model's channel groups and barriers, or a run folder's report."""
+    if args.dir:
+        folder = Path(args.dir)
+        for name in ("report.md", "report.json"):
+            if (folder / name).is_file():
+                print((folder / name).read_text())
+                return EXIT_OK
+        raise UsageError(
+            f"{folder} holds no report.md or report.json; expected a folder from `recede run` "
+            "or `recede prune`; for a model's groups pass --from DIR or --model SPEC"
+        )
+    _print_graph(args)
     return EXIT_OK
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+def _add_config(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("-c", "--config", help="YAML config (see configs/)")
     p.add_argument(
         "--set",
@@ -226,11 +357,29 @@ def _add_config(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. prune.ratio=0.6",
     )
+    p.add_argument("--out", default=f"runs/{name}", help="output folder")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training from the last checkpoint of an unfinished (or finished) run",
+    )
+    _add_force(p)
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out that another command (or no recede command) wrote",
+    )
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--from", dest="source", metavar="DIR", help="a saved model folder (from `recede train`)"
+        "--from",
+        dest="source",
+        metavar="DIR",
+        help="a saved model folder, or a `recede train`/`recede run` folder",
     )
     p.add_argument(
         "--model", help="torchvision:<name>, vgg, resnet20/56, or package.module:factory"
@@ -239,83 +388,108 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         "--input-shape", type=_input_shape, help="example input N,C,H,W, e.g. 1,3,224,224"
     )
     p.add_argument(
-        "--num-classes", type=int, default=1000, help="classes for a freshly built model"
+        "--num-classes",
+        type=_number(int, 1),
+        default=1000,
+        help="classes for a freshly built model",
     )
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    _add_model_source(p)
+    p.add_argument(
+        "--ratio",
+        type=_number(float, 0.0, 1.0, open_="high"),
+        default=0.5,
+        help="fraction of prunable channel groups to drop",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default="ratio",
+        help="'ratio' (default: use --ratio), 'auto' (valley of the importances) or a number",
+    )
+    p.add_argument("--min-channels", type=_number(int, 1), default=4)
+    p.add_argument(
+        "--round-to",
+        type=_number(int, 1),
+        default=1,
+        help="round kept widths to a multiple (e.g. 8)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    _add_force(p)
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder written by `recede prune` or `recede train`")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--opset", type=_number(int, 17, 30), default=17)
+    p.add_argument(
+        "--atol",
+        type=_number(float, 0.0, open_="low"),
+        default=1e-4,
+        help="max abs error allowed vs PyTorch",
+    )
+    p.add_argument("--fp16", action="store_true", help="TensorRT FP16 engine")
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir")
+    p.add_argument("--batches", type=_number(int, 1), nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=_number(int, 1), default=2)
+    p.add_argument("--runs", type=_number(int, 50), default=50)  # bench.MIN_RUNS
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "prune": cmd_prune,
+    "export": cmd_export,
+    "bench": cmd_bench,
+    "inspect": cmd_inspect,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recede", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "run": cmd_run,
-        "train": cmd_train,
-        "prune": cmd_prune,
-        "export": cmd_export,
-        "bench": cmd_bench,
-        "inspect": cmd_inspect,
-    }
     parsers = {
         name: sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
-        for name, fn in commands.items()
+        for name, fn in COMMANDS.items()
     }
     for name, p in parsers.items():
-        p.set_defaults(handler=commands[name])
-    for name in ("run", "train"):
-        _add_config(parsers[name])
-        parsers[name].add_argument("--out", default=f"runs/{name}", help="output folder")
-    p = parsers["prune"]
-    _add_model_source(p)
-    p.add_argument(
-        "--ratio", type=float, default=0.5, help="fraction of prunable channel groups to drop"
+        p.set_defaults(handler=COMMANDS[name])
+    _add_config(parsers["run"], "run")
+    _add_config(parsers["train"], "train")
+    _add_prune(parsers["prune"])
+    _add_export(parsers["export"])
+    _add_bench(parsers["bench"])
+    _add_model_source(parsers["inspect"])
+    parsers["inspect"].add_argument(
+        "dir", nargs="?", help="a run folder to summarise instead of a model"
     )
-    p.add_argument("--threshold", help="'auto' (valley of the importance distribution) or a number")
-    p.add_argument("--min-channels", type=int, default=4)
-    p.add_argument(
-        "--round-to", type=int, default=1, help="round kept widths to a multiple (e.g. 8)"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p = parsers["export"]
-    p.add_argument("dir", help="a folder written by `recede prune` or `recede train`")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs PyTorch")
-    p.add_argument("--fp16", action="store_true", help="TensorRT FP16 engine")
-    p = parsers["bench"]
-    p.add_argument("dir")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=50)
-    p = parsers["inspect"]
-    _add_model_source(p)
-    p.add_argument("dir", nargs="?", help="a run folder to summarise instead of a model")
     return parser
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.channel_graph import GraphError
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.models import ModelError
-    from pipeline.prune import PruneError
-    from pipeline.threshold import NotBimodalError
+    """Bad input (exit 2). Every recede error class for bad input is a ValueError."""
+    return (ValueError, FileNotFoundError, ImportError, PermissionError, NotADirectoryError)
 
-    return (
-        ConfigError,
-        DataError,
-        ModelError,
-        GraphError,
-        PruneError,
-        NotBimodalError,
-        FileNotFoundError,
-        ValueError,
-        ImportError,
-    )
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or argparse's exit code (2 for a bad flag, 0 for --help)."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_INPUT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``recede`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``recede`` console script; returns the exit code."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

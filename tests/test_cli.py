@@ -57,23 +57,11 @@ def test_model_without_batchnorm_exits_2(tmp_path, capsys):
     assert "no BatchNorm" in capsys.readouterr().err
 
 
-def test_bad_input_shape_exits_2(tmp_path):
-    try:
-        main(
-            [
-                "prune",
-                "--model",
-                "torchvision:resnet18",
-                "--input-shape",
-                "3,64",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    except SystemExit as err:
-        assert err.code == 2
-    else:
-        raise AssertionError("argparse should reject the shape")
+def test_bad_input_shape_exits_2(tmp_path, capsys):
+    args = ["prune", "--model", "torchvision:resnet18", "--input-shape", "3,64"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "--input-shape: expected N,C,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_user_factory(tmp_path):
@@ -90,3 +78,4 @@ def test_user_factory(tmp_path):
     )
     assert code == 0
     assert torch.load(tmp_path / "model.pt", weights_only=True)
+    assert (tmp_path / "shapes.json").is_file() and not (tmp_path / "manifest.json").exists()
