@@ -1,8 +1,9 @@
 """The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench -> report.
 
 Each step is a call into its stage module; this file only wires them and writes the run folder:
-``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``pruned/`` (state dict + shape
-manifest), ``dense.onnx``/``pruned.onnx``, PNG plots and the release ``manifest.json``.
+``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``trained/`` and ``pruned/``
+(state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, PNG plots and
+the release ``manifest.json``, built in a staging folder and moved into place as a unit.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch
 from torch import nn
 
 from pipeline.absorb import RemovalReport, remove_groups
-from pipeline.atomic import write_json_atomic, write_text_atomic
+from pipeline.atomic import check_out_folder, staged_folder, write_json_atomic, write_text_atomic
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
-from pipeline.checkpoint import save_pruned
+from pipeline.checkpoint import SHAPES, save_pruned
 from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
-from pipeline.data import DataBundle, load_data
+from pipeline.data import DataBundle, DataError, load_data
 from pipeline.models import build_model
 from pipeline.polarise import Polariser
 from pipeline.prune import (
@@ -34,7 +35,7 @@ from pipeline.prune import (
     make_plan,
     select_groups,
 )
-from pipeline.threshold import auto_threshold
+from pipeline.threshold import NotBimodalError, auto_threshold
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,11 @@ def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
 
 
 def build_and_train(
-    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None
+    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, *, resume: bool = False
 ) -> tuple[nn.Module, list]:
     """Build the model, ready it for the penalty (``Polariser.prepare``) and train it.
+
+    ``resume`` continues from ``checkpoint_dir/train_last.pt`` when it exists.
 
     For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
     after, so the saved model has the original parameterisation.
@@ -97,6 +100,7 @@ def build_and_train(
         polariser=polariser,
         checkpoint_dir=checkpoint_dir,
         tag="train",
+        resume=resume,
     )
     if rescaled:
         rescale_gamma_(model.cpu(), graph, example, 1.0 / pen_cfg.rescale, only=rescaled)
@@ -277,24 +281,79 @@ def _report(
     }
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
-    """Run every stage and write the run folder; returns the report dict.
+def load_data_checked(cfg: RunConfig) -> DataBundle:
+    """``load_data`` whose download and missing-file failures name ``data.root`` (exit 2)."""
+    try:
+        return load_data(cfg.data, seed=cfg.train.seed)
+    except (RuntimeError, OSError) as err:  # torchvision: not found, or a failed download
+        where = f"data.root {cfg.data.root!r}" if cfg.data.root else "data.root (unset)"
+        raise DataError(
+            f"data.name={cfg.data.name}: {where} holds no usable copy of the dataset "
+            f"({type(err).__name__}: {str(err).split('. You can use')[0][:200]}); expected "
+            f"the torchvision layout there ({_LAYOUT.get(cfg.data.name, 'train/ and val/')}); "
+            "put the files in place (recede downloads nothing but Fashion-MNIST) or fix "
+            "data.root"
+        ) from None
+
+
+_LAYOUT = {
+    "cifar10": "cifar-10-batches-py/ from cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ from cifar-100-python.tar.gz",
+    "fashion_mnist": "FashionMNIST/raw/*-ubyte, or Debian's dataset-fashion-mnist package",
+}
+
+
+def _trained_hint(trained: Path) -> str:
+    return (
+        f"the trained model is kept in {trained}: prune it with `recede prune --from {trained} "
+        f"--threshold ratio --out DIR`, or rerun with --resume (no retraining)"
+    )
+
+
+def run_pipeline(
+    cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Run every stage and write the run folder as a unit; returns the report dict.
+
+    The folder is built in ``.<out>.partial`` beside ``out`` and moved into place at the end
+    (see ``pipeline.atomic.staged_folder``); after a failure the partial folder stays, and
+    ``resume`` continues its training from the last checkpoint.
 
     Raises:
+        OutputError: ``out`` is a file, not writable, in use, or another command's folder
+            (unless ``force``).
         VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
     """
+    final = check_out_folder(out, kind="run", force=force, flag="--out")
+    data = load_data_checked(cfg)
+    with staged_folder(final, kind="run", start="resume" if resume else "empty") as partial:
+        report = _run_into(cfg, data, partial, final, resume)
+    if not report["export"]["passed"]:  # the folder is in place: it is the evidence
+        raise VerificationError(
+            f"pruned ONNX differs from PyTorch by {report['export']['max_abs_err']:.2e} > atol "
+            f"{cfg.export.atol:.0e}; see {final / 'report.json'}"
+        )
+    return report
+
+
+def _run_into(
+    cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: bool
+) -> dict[str, Any]:
+    """Every stage, writing into the staging folder ``out`` that becomes ``final``."""
     from pipeline.bench import latency_table
     from pipeline.export.manifest import write_manifest
     from pipeline.report import render_markdown
 
-    start, out = time.perf_counter(), Path(out).absolute()  # manifest paths are relative to out
-    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     write_text_atomic(out / "config.yaml", dump_config(cfg))
     seed_everything(cfg.train.seed)
-    data = load_data(cfg.data, seed=cfg.train.seed)
-    model, _ = build_and_train(cfg, data, out / "checkpoints")
+    model, _ = build_and_train(cfg, data, out / "checkpoints", resume=resume)
+    save_pruned(model, out / "trained", spec=model_spec(cfg, data))
     dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), _fixed_batch(data)
-    pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
+    try:
+        pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
+    except NotBimodalError as err:
+        raise NotBimodalError(f"{err}; {_trained_hint(out / 'trained')}") from None
     exported = _export_and_verify({"dense": model, "pruned": pruned.model}, batch, out, cfg)
     rows = latency_table(
         exported["folded"],
@@ -316,6 +375,7 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         cfg,
         time.perf_counter() - start,
     )
+    report["export"]["onnx_path"] = str(final / Path(check.path).name)
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     plots = _plots(
         out,
@@ -327,9 +387,14 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", render_markdown(report))
     artefacts = {
+        "config": out / "config.yaml",
         "dense_onnx": exported["paths"]["dense"],
         "pruned_onnx": exported["paths"]["pruned"],
         "pruned_weights": out / "pruned" / "model.pt",
+        "pruned_shapes": out / "pruned" / SHAPES,
+        "trained_weights": out / "trained" / "model.pt",
+        "trained_shapes": out / "trained" / SHAPES,
+        "plan": out / "plan.json",
         "report": out / "report.json",
         **plots,
     }
@@ -339,9 +404,4 @@ def run_pipeline(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         config=to_dict(cfg),
         metrics={k: report[k] for k in ("dense", "pruned", "export")},
     )
-    if not check.passed:
-        raise VerificationError(
-            f"pruned ONNX differs from PyTorch by {check.max_abs_err:.2e} > atol "
-            f"{cfg.export.atol:.0e}; see {out / 'report.json'}"
-        )
     return report

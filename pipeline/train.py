@@ -10,6 +10,7 @@ the penalty strength in force and the receded share against the budget's schedul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -139,6 +140,29 @@ def recalibrate_bn_(
         m.momentum = momentum
 
 
+class DivergedError(ValueError):
+    """The loss or a BN scale became NaN/Inf; training stopped (CLI exit 2: lower the lr)."""
+
+
+def _first_bad_scale(model: nn.Module) -> str | None:
+    """Qualified name of the first BN whose scale parameter is not finite, else None."""
+    bns = [(n, m.weight) for n, m in bn_modules(model).items() if m.weight is not None]
+    if not bns or bool(torch.isfinite(torch.stack([w.detach().sum() for _, w in bns])).all()):
+        return None  # one reduction and one sync per step
+    return next(n for n, w in bns if not bool(torch.isfinite(w).all()))
+
+
+def _check_finite(model: nn.Module, loss: float, step: int, where: str) -> None:
+    layer = _first_bad_scale(model)
+    if math.isfinite(loss) and layer is None:
+        return
+    scale = f"the BN scale of {layer!r} is not finite" if layer else "every BN scale is finite"
+    raise DivergedError(
+        f"{where}, step {step}: loss {loss:.4g}, {scale}; expected finite values; "
+        "lower train.lr or train.penalty.strength"
+    )
+
+
 def _run_epoch(
     model, loader, opt, polariser: Polariser | None, device, desc: str
 ) -> tuple[float, float]:
@@ -146,7 +170,7 @@ def _run_epoch(
     loss_fn = nn.CrossEntropyLoss()
     total_loss = total_pen = 0.0
     bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar, 1):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x.to(device)), y.to(device))
         loss.backward()
@@ -155,8 +179,26 @@ def _run_epoch(
         if polariser is not None:
             polariser.after_step(opt)
         total_loss += float(loss.detach())
+        _check_finite(model, float(loss.detach()), step, desc)
         total_pen += float(pen)
     return total_loss / max(1, len(loader)), total_pen / max(1, len(loader))
+
+
+def _epoch_log(model, data, polariser, device, epoch: int, losses: tuple, start: float) -> EpochLog:
+    stats = importance_summary(all_importances(model))
+    progress = polariser.progress() if polariser is not None else None
+    return EpochLog(
+        epoch,
+        *losses,
+        evaluate(model, data.test, device),
+        stats["below_0.05"],
+        stats["above_0.5"],
+        stats["bimodality"],
+        time.perf_counter() - start,
+        progress.strength if progress else None,
+        progress.receded if progress else None,
+        progress.wanted if progress else None,
+    )
 
 
 def train_(
@@ -169,42 +211,42 @@ def train_(
     polariser: Polariser | None,
     checkpoint_dir: Path | None = None,
     tag: str = "train",
+    resume: bool = False,
 ) -> list[EpochLog]:
-    """Train ``model`` in place for ``epochs``; return one log per epoch."""
+    """Train ``model`` in place for ``epochs``; return one log per epoch.
+
+    With ``checkpoint_dir``, each epoch writes ``<tag>_epochNNN.pt`` (the state dict) and
+    ``<tag>_last.pt`` (everything needed to continue, see ``pipeline.resume``); ``resume``
+    continues from ``<tag>_last.pt`` when it exists.
+
+    Raises:
+        DivergedError: The loss or a BN scale became NaN/Inf; the last good checkpoint stays.
+    """
+    from pipeline.resume import TrainingState
+
     device = resolve_device(cfg.device)
     model.to(device)
     opt = make_optimizer(model, cfg, lr, polariser)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, epochs))
-    logs = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        loss, pen = _run_epoch(
-            model, data.train, opt, polariser, device, f"{tag} {epoch + 1}/{epochs}"
-        )
+    state = TrainingState(model, opt, sched, polariser, data.train)
+    last = Path(checkpoint_dir) / f"{tag}_last.pt" if checkpoint_dir is not None else None
+    logs = [EpochLog(**log) for log in state.load(last)] if resume and last else []
+    for epoch in range(len(logs) + 1, epochs + 1):
+        start, desc = time.perf_counter(), f"{tag} epoch {epoch}/{epochs}"
+        try:
+            losses = _run_epoch(model, data.train, opt, polariser, device, desc)
+        except DivergedError as err:
+            kept = (
+                f"the last good checkpoint is {last}" if last and last.exists() else "no checkpoint"
+            )
+            raise DivergedError(f"{err}; {kept}") from None
         sched.step()
         recalibrate_bn_(model, data.train, device)
-        acc = evaluate(model, data.test, device)
-        stats = importance_summary(all_importances(model))
-        progress = polariser.progress() if polariser is not None else None
-        log = EpochLog(
-            epoch + 1,
-            loss,
-            pen,
-            acc,
-            stats["below_0.05"],
-            stats["above_0.5"],
-            stats["bimodality"],
-            time.perf_counter() - start,
-            progress.strength if progress else None,
-            progress.receded if progress else None,
-            progress.wanted if progress else None,
-        )
-        logs.append(log)
-        _log_epoch(tag, log, epochs)
-        if checkpoint_dir is not None:
-            save_torch_atomic(
-                model.state_dict(), Path(checkpoint_dir) / f"{tag}_epoch{epoch + 1:03d}.pt"
-            )
+        logs.append(_epoch_log(model, data, polariser, device, epoch, losses, start))
+        _log_epoch(tag, logs[-1], epochs)
+        if last is not None:
+            save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
+            state.save(last, [dataclasses.asdict(log) for log in logs])
     return logs
 
 

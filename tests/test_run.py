@@ -44,7 +44,8 @@ def test_report_has_every_promised_key(run_dir):
 
 def test_run_folder_is_complete_and_verifiable(run_dir):
     for name in ("config.yaml", "report.md", "plan.json", "dense.onnx", "pruned.onnx", "importance_hist.png",
-                 "kept_channels.png", "latency.png", "pruned/model.pt", "pruned/manifest.json"):
+                 "kept_channels.png", "latency.png", "pruned/model.pt", "pruned/shapes.json",
+                 "trained/model.pt", "checkpoints/train_last.pt"):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "manifest.json") == []
     assert load_config(run_dir / "config.yaml") == load_config("configs/demo.yaml", SMALL)
