@@ -326,7 +326,8 @@ def run_pipeline(
     """
     final = check_out_folder(out, kind="run", force=force, flag="--out")
     data = load_data_checked(cfg)
-    with staged_folder(final, kind="run", start="resume" if resume else "empty") as partial:
+    start = "resume" if resume else "empty"
+    with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)
     if not report["export"]["passed"]:  # the folder is in place: it is the evidence
         raise VerificationError(

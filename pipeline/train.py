@@ -173,15 +173,17 @@ def _run_epoch(
     for step, (x, y) in enumerate(bar, 1):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x.to(device)), y.to(device))
+        _check_finite(model, float(loss.detach()), step, desc)  # before this batch's update
         loss.backward()
         pen = polariser.before_step() if polariser is not None else torch.zeros(())
         opt.step()
         if polariser is not None:
             polariser.after_step(opt)
         total_loss += float(loss.detach())
-        _check_finite(model, float(loss.detach()), step, desc)
         total_pen += float(pen)
-    return total_loss / max(1, len(loader)), total_pen / max(1, len(loader))
+    mean_loss = total_loss / max(1, len(loader))
+    _check_finite(model, mean_loss, len(loader), f"{desc} (after its last update)")
+    return mean_loss, total_pen / max(1, len(loader))
 
 
 def _epoch_log(model, data, polariser, device, epoch: int, losses: tuple, start: float) -> EpochLog:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.channel_graph import build_channel_graph
@@ -27,3 +28,24 @@ def test_pruned_model_round_trips_through_manifest(tmp_path):
     assert loaded_spec == spec
     assert torch.equal(loaded(x), model(x))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_folder_saved_before_shapes_json_still_loads(tmp_path, tiny_net):
+    spec = {"model": {"name": "tests.conftest:TinyNet"}, "num_classes": 5, "in_channels": 3,
+            "bounded_bn": False, "input_shape": [3, 8, 8]}  # fmt: skip
+    save_pruned(tiny_net, tmp_path, spec=spec)
+    (tmp_path / "shapes.json").rename(tmp_path / "manifest.json")  # the old name
+    loaded, _ = load_pruned(tmp_path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), tiny_net(x))
+
+
+def test_model_folder_finds_train_and_run_models(tmp_path, tiny_net):
+    from pipeline.checkpoint import CheckpointError, model_folder
+
+    save_pruned(tiny_net, tmp_path / "train" / "model", spec={})
+    save_pruned(tiny_net, tmp_path / "run" / "trained", spec={})
+    assert model_folder(tmp_path / "train") == tmp_path / "train" / "model"
+    assert model_folder(tmp_path / "run") == tmp_path / "run" / "trained"
+    with pytest.raises(CheckpointError, match="holds no saved model"):
+        model_folder(tmp_path)

@@ -10,8 +10,14 @@ from pipeline.run import run_pipeline
 from pipeline.threshold import NotBimodalError
 
 SMALL = [
-    "data.image_size=16", "model.width=0.125", "train.epochs=1", "train.penalty.strength=0.01",
-    "prune.threshold=ratio", "prune.ratio=0.4", "prune.finetune_epochs=1", "bench.batches=[1, 4]",
+    "data.image_size=16",
+    "model.width=0.125",
+    "train.epochs=1",
+    "train.penalty.strength=0.01",
+    "prune.threshold=ratio",
+    "prune.ratio=0.4",
+    "prune.finetune_epochs=1",
+    "bench.batches=[1, 4]",
 ]
 
 
@@ -28,8 +34,14 @@ def run_dir(tmp_path_factory):
 def test_report_has_every_promised_key(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["dense"]) >= {"params", "macs", "accuracy"}
-    assert set(report["pruned"]) >= {"params", "macs", "accuracy_before_finetune", "accuracy",
-                                     "channels_kept", "channels_total"}
+    assert set(report["pruned"]) >= {
+        "params",
+        "macs",
+        "accuracy_before_finetune",
+        "accuracy",
+        "channels_kept",
+        "channels_total",
+    }
     assert report["threshold"] == {"mode": "ratio", "value": 0.4}
     assert report["export"]["opset"] >= 17 and report["export"]["max_abs_err"] <= 1e-4
     assert set(report["environment"]) >= {"torch", "onnxruntime", "python", "cpu"}
@@ -38,21 +50,52 @@ def test_report_has_every_promised_key(run_dir):
     assert report["pruned"]["channels_kept"] < report["pruned"]["channels_total"]
     rows = report["latency"]
     assert {(r["backend"], r["model"], r["batch"]) for r in rows} == {
-        (b, m, n) for b in ("torch", "onnxruntime") for m in ("dense", "pruned") for n in (1, 4)}
+        (b, m, n) for b in ("torch", "onnxruntime") for m in ("dense", "pruned") for n in (1, 4)
+    }
     assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["threads"] == 2 for r in rows)
 
 
 def test_run_folder_is_complete_and_verifiable(run_dir):
-    for name in ("config.yaml", "report.md", "plan.json", "dense.onnx", "pruned.onnx", "importance_hist.png",
-                 "kept_channels.png", "latency.png", "pruned/model.pt", "pruned/shapes.json",
-                 "trained/model.pt", "checkpoints/train_last.pt"):
+    for name in (
+        "config.yaml",
+        "report.md",
+        "plan.json",
+        "dense.onnx",
+        "pruned.onnx",
+        "importance_hist.png",
+        "kept_channels.png",
+        "latency.png",
+        "pruned/model.pt",
+        "pruned/shapes.json",
+        "trained/model.pt",
+        "checkpoints/train_last.pt",
+    ):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "manifest.json") == []
     assert load_config(run_dir / "config.yaml") == load_config("configs/demo.yaml", SMALL)
-    assert (run_dir / json.loads((run_dir / "manifest.json").read_text())["artefacts"]["pruned_onnx"]["path"]).is_file()
+    assert (
+        run_dir
+        / json.loads((run_dir / "manifest.json").read_text())["artefacts"]["pruned_onnx"]["path"]
+    ).is_file()
+
+
+def test_prune_from_a_run_folder_uses_its_trained_model(run_dir, tmp_path):
+    from pipeline.cli import main
+
+    assert (
+        main(["prune", "--from", str(run_dir), "--ratio", "0.3", "--out", str(tmp_path / "p")]) == 0
+    )
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    dense = json.loads((run_dir / "report.json").read_text())["dense"]
+    assert report["params"]["before"] == dense["params"]  # the trained model, not the pruned one
 
 
 def test_auto_threshold_refuses_an_unpolarised_model(tmp_path):
     cfg = load_config("configs/demo.yaml", SMALL[:3] + ["train.epochs=0", "prune.threshold=auto"])
-    with pytest.raises(NotBimodalError, match="prune.threshold=ratio"):
-        run_pipeline(cfg, tmp_path)
+    with pytest.raises(NotBimodalError, match="prune.threshold=ratio") as info:
+        run_pipeline(cfg, tmp_path / "run")
+    trained = tmp_path / ".run.partial" / "trained"
+    assert f"the trained model is kept in {trained}" in str(info.value)
+    assert "--resume (no retraining)" in str(info.value)
+    assert not (tmp_path / "run").exists()  # nothing at the final path
+    assert (trained / "model.pt").is_file() and (trained / "shapes.json").is_file()

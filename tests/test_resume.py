@@ -1,0 +1,116 @@
+"""Resumable training: SIGKILL mid-epoch and resume to the same weights; NaN stops training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.data import load_data
+from pipeline.models import build_model
+from pipeline.train import DivergedError, train_
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [
+    "train", "-c", "configs/demo.yaml", "--set", "data.image_size=16", "--set", "model.width=0.25",
+    "--set", "train.epochs=4", "--set", "train.penalty.strength=0.01",
+]  # fmt: skip
+
+
+def _recede(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same sums every run
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "pipeline.cli", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model" / "model.pt", weights_only=True)
+
+
+def _kill_mid_epoch(out: Path) -> None:
+    """Start training, SIGKILL it during epoch 2 (after epoch 1's checkpoint), check it died."""
+    proc = _recede([*TRAIN, "--out", str(out)])
+    last = out.parent / f".{out.name}.partial" / "checkpoints" / "train_last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    assert last.exists() and not out.exists()
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    reference = _recede([*TRAIN, "--out", str(tmp_path / "ref")])
+    _kill_mid_epoch(tmp_path / "run")
+    _finish(reference)
+    _finish(_recede([*TRAIN, "--out", str(tmp_path / "run"), "--resume"]))
+    ref, resumed = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    assert ref.keys() == resumed.keys()
+    for name in ref:
+        assert torch.equal(ref[name], resumed[name]), name
+    assert not (tmp_path / ".run.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("train_epoch*.pt")) == [
+        f"train_epoch{e:03d}.pt" for e in range(1, 5)
+    ]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(DataConfig(name="digits", image_size=16, batch_size=64))
+
+
+def _poison_at(module: torch.nn.Module, call: int) -> None:
+    """Make ``module``'s scale NaN on its ``call``-th forward pass (a diverging update)."""
+    calls = [0]
+
+    def hook(m, _inputs):
+        calls[0] += 1
+        if calls[0] == call:
+            with torch.no_grad():
+                m.weight.fill_(float("nan"))
+
+    module.register_forward_pre_hook(hook)
+
+
+def test_nan_scale_stops_training_naming_step_and_layer(digits, tmp_path):
+    model = build_model(ModelConfig(name="vgg", width=0.125), num_classes=10, in_channels=1)
+    steps = len(digits.train)
+    # the recalibration and evaluation passes of epoch 1 also call forward: count them in
+    calls = steps + min(50, steps) + len(digits.test) + 3
+    _poison_at(model.features[5], calls)  # the second BN
+    with pytest.raises(DivergedError) as info:
+        train_(
+            model, digits, TrainConfig(), epochs=2, lr=0.01, polariser=None,
+            checkpoint_dir=tmp_path, tag="train",
+        )  # fmt: skip
+    message = str(info.value)
+    assert "train epoch 2/2, step 3" in message
+    assert "'features.5'" in message and "loss nan" in message
+    assert f"last good checkpoint is {tmp_path / 'train_last.pt'}" in message
+    saved = torch.load(tmp_path / "train_last.pt", weights_only=True)
+    assert len(saved["logs"]) == 1 and torch.isfinite(saved["model"]["features.5.weight"]).all()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(digits, tmp_path):
+    small = build_model(ModelConfig(name="vgg", width=0.125), num_classes=10, in_channels=1)
+    train_(small, digits, TrainConfig(), epochs=1, lr=0.01, polariser=None, checkpoint_dir=tmp_path)
+    wide = build_model(ModelConfig(name="vgg", width=0.25), num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match="train_last.pt does not fit this run"):
+        train_(
+            wide, digits, TrainConfig(), epochs=2, lr=0.01, polariser=None,
+            checkpoint_dir=tmp_path, resume=True,
+        )  # fmt: skip
