@@ -1,0 +1,126 @@
+"""Output folders are written as a unit: staged beside the target, swapped in, locked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.atomic import OutputError, partial_folder, staged_folder
+from pipeline.checkpoint import load_pruned
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+
+
+def test_success_replaces_the_folder_as_a_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with staged_folder(out, kind="prune") as stage:
+        assert stage == partial_folder(out) and not (stage / "old.txt").exists()
+        (stage / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()  # nothing at the final path until the end
+    assert (out / "new.txt").read_text() == "new" and not (out / "old.txt").exists()
+    assert not partial_folder(out).exists()
+
+
+def test_failure_leaves_the_folder_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), staged_folder(out, kind="prune") as stage:
+        (stage / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert not partial_folder(out).exists()
+
+
+def test_resume_keeps_the_partial_folder_and_drops_stale_temps(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), staged_folder(out, kind="train", keep_on_error=True) as s:
+        (s / "checkpoints").mkdir()
+        (s / "checkpoints" / "train_last.pt").write_bytes(b"ckpt")
+        (s / "checkpoints" / ".train_last.pt.ab12cd34.tmp.pt").write_bytes(b"half")  # SIGKILL
+        raise RuntimeError("killed")
+    with staged_folder(out, kind="train", start="resume") as stage:
+        assert (stage / "checkpoints" / "train_last.pt").read_bytes() == b"ckpt"
+        assert not list(stage.rglob(".*.tmp*"))
+    assert (out / "checkpoints" / "train_last.pt").is_file()
+
+
+def test_a_second_writer_is_refused_while_the_first_writes(tmp_path):
+    out = tmp_path / "out"
+    busy = pytest.raises(OutputError, match="being written by another recede process")
+    with staged_folder(out, kind="prune"), busy, staged_folder(out, kind="prune"):
+        pass
+    assert out.is_dir()
+
+
+def test_reprune_leaves_no_stale_onnx(tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", *TINY, "--ratio", "0.5", "--out", str(out)]) == 0
+    assert main(["export", str(out)]) == 0
+    assert (out / "model.onnx").is_file()
+    assert main(["prune", *TINY, "--ratio", "0.25", "--out", str(out)]) == 0
+    assert not (out / "model.onnx").exists()
+    assert json.loads((out / "report.json").read_text())["threshold"]["value"] == 0.25
+
+
+def test_force_replaces_a_foreign_folder_as_a_whole(tmp_path):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["prune", *TINY, "--out", str(out)]) == 2
+    assert main(["prune", *TINY, "--out", str(out), "--force"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "model.pt").is_file()
+
+
+def _consistent(out: Path) -> None:
+    """report.json, plan.json and model.pt all come from the same prune."""
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    model, _ = load_pruned(out)
+    assert plan["threshold_value"] == report["threshold"]["value"]
+    assert sum(p.numel() for p in model.parameters()) == report["params"]["after"]
+
+
+def test_two_prunes_into_one_folder_never_mix(tmp_path):
+    out = tmp_path / "p"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [
+                "nice",
+                "-n",
+                "19",
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "prune",
+                *TINY,
+                "--ratio",
+                ratio,
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for ratio in ("0.25", "0.5")
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(code in (0, 2) for code, _ in results), results
+    assert any(code == 0 for code, _ in results)
+    for code, err in results:
+        assert code == 0 or "being written by another recede process" in err
+    _consistent(out)
+    assert not partial_folder(out).exists()
