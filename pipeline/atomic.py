@@ -1,4 +1,4 @@
-"""Write artefacts atomically: a file appears at its final path complete or not at all.
+"""Write artefacts atomically: a file (or a whole output folder) appears complete or not at all.
 
 Every artefact recede writes (checkpoints, ONNX graphs, engines, JSON, reports, plots) goes
 through :func:`atomic_path`. The writer fills a temporary file in the destination directory,
@@ -6,6 +6,9 @@ and only once it returns without error is the temporary file flushed to disk and
 the final path with :func:`os.replace`, which is atomic on POSIX and Windows when both paths
 are on the same filesystem (hence the same directory). A crash, an exception or Ctrl-C leaves
 the previous file, if any, untouched and no temporary file behind.
+
+Output folders are written the same way by :func:`staged_folder`: built in ``.<name>.partial``
+beside the target under a lock, and swapped into place only when complete.
 """
 
 from __future__ import annotations
