@@ -271,7 +271,12 @@ def baseline_cells(grid: Grid, data: DataBundle, model_name: str, seed: int) -> 
                 if method == "ucs"
                 else _torch_pruning(base, batch, target, method, grid)
             )
-            cell = {**_key(model_name, method, target, seed), **dense, "threshold_mode": "ratio"}
+            cell = {
+                **_key(model_name, method, target, seed),
+                **dense,
+                "threshold_mode": "ratio",
+                "epochs": grid.epochs,
+            }
             cell["pruned_groups"] = None
             cells.append(_finish(cell, pruned, data, cfg, batch))
             logger.info("%s", _line(cells[-1]))
@@ -293,8 +298,8 @@ def _line(c: dict) -> str:
 def run_grid(grid: Grid, out: Path, resume: bool) -> dict:
     """Run every cell not yet in ``out``; rewrite ``out`` after each one."""
     results = json.loads(out.read_text()) if resume and out.exists() else {"cells": []}
+    results.setdefault("grids", []).append(dataclasses.asdict(grid))  # one per invocation
     results.update(
-        grid=dataclasses.asdict(grid),
         environment=environment(),
         started=results.get("started", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
     )
@@ -324,7 +329,7 @@ def run_grid(grid: Grid, out: Path, resume: bool) -> dict:
                     **_key(model_name, method, target, seed),
                     **controlled_cell(grid, data, model_name, method, target, seed),
                 }
-                cell["seconds"] = round(time.perf_counter() - start, 1)
+                cell.update(seconds=round(time.perf_counter() - start, 1), epochs=grid.epochs)
                 results["cells"].append(cell)
                 logger.info("%s", _line(cell))
                 write_json_atomic(out, results)
@@ -367,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         help="digits, VGG, 1 seed, targets 0.5/0.9: <= 10 min on 2 cores",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument(
-        "--data", default="digits", choices=("digits", "fashion_mnist", "cifar10")
-    )
+    p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist", "cifar10"))
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images")
     p.add_argument("--models", nargs="+", default=["vgg", "resnet20"], choices=sorted(MODELS))

@@ -177,10 +177,11 @@ def render(results: dict, out: Path, header: str) -> Path:
     text = "\n\n".join(
         [
             header.strip(),
-            f"Machine: {env.get('cpu', '?')}, device `{results['grid']['device']}`; torch "
+            f"Machine: {env.get('cpu', '?')}, device `{results['grids'][-1]['device']}`; torch "
             f"{env.get('torch')}, onnxruntime {env.get('onnxruntime')}; started "
             f"{results.get('started', '?')}.",
-            "Grid: `" + json.dumps(results["grid"], sort_keys=True) + "`",
+            "Grids (one per invocation):\n\n"
+            + "\n".join(f"- `{json.dumps(g, sort_keys=True)}`" for g in results["grids"]),
             "## Goals\n\n" + "\n".join(goals(groups)),
             "## Every cell (mean over seeds, ± half the spread)\n\n" + accuracy_table(groups),
             "## Plots\n\n" + "\n".join(f"![{p.stem}](results/{p.name})" for p in plots),
