@@ -90,9 +90,10 @@ class Grid:
 
 
 def _train_config(
-    grid: Grid, model: str, method: str, target: float | None, seed: int
+    grid: Grid, model: str, method: str, target: float | None, seed: int, start: float | None = None
 ) -> RunConfig:
-    penalty = PenaltyConfig(method=method, strength=START_STRENGTH.get(method, 0.0), bias=0.0)
+    strength = START_STRENGTH.get(method, 0.0) if start is None else start
+    penalty = PenaltyConfig(method=method, strength=strength, bias=0.0)
     train = TrainConfig(
         epochs=grid.epochs,
         lr=grid.lr,
@@ -192,10 +193,16 @@ def _prune_at_target(
 
 
 def controlled_cell(
-    grid: Grid, data: DataBundle, model_name: str, method: str, target: float, seed: int
+    grid: Grid,
+    data: DataBundle,
+    model_name: str,
+    method: str,
+    target: float,
+    seed: int,
+    start: float | None = None,
 ) -> dict:
     """Train with the budget controller at ``target``, prune at the valley, fine-tune, measure."""
-    cfg = _train_config(grid, model_name, method, target, seed)
+    cfg = _train_config(grid, model_name, method, target, seed, start)
     seed_everything(seed)
     model, logs = build_and_train(cfg, data, None)
     batch = _fixed_batch(data)
@@ -336,6 +343,26 @@ def run_grid(grid: Grid, out: Path, resume: bool) -> dict:
     return results
 
 
+def run_sweep(grid: Grid, starts: list[float], out: Path) -> dict:
+    """The cliff check: the same controlled cells from starting strengths decades apart."""
+    results = json.loads(out.read_text()) if out.exists() else {"cells": [], "grids": []}
+    data = load_data(grid.data, seed=0)
+    sweep = results.setdefault("sweep", [])
+    for model_name in grid.models:
+        for method in (m for m in grid.methods if m in CONTROLLED):
+            for target in grid.targets:
+                for start in starts:
+                    cell = controlled_cell(
+                        grid, data, model_name, method, target, grid.seeds[0], start
+                    )
+                    sweep.append(
+                        {**_key(model_name, method, target, grid.seeds[0]), "start": start, **cell}
+                    )
+                    logger.info("start %.0e: %s", start, _line(sweep[-1]))
+                    write_json_atomic(out, results)
+    return results
+
+
 def grid_from_args(args: argparse.Namespace) -> Grid:
     if args.quick:
         data = DataConfig(name="digits", image_size=16, batch_size=64)
@@ -350,7 +377,10 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
             device=args.device,
         )
     data = DataConfig(
-        name=args.data, image_size=args.image_size, batch_size=128, train_limit=args.train_limit
+        name=args.data,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        train_limit=args.train_limit,
     )
     return Grid(
         data,
@@ -374,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist", "cifar10"))
     p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images")
     p.add_argument("--models", nargs="+", default=["vgg", "resnet20"], choices=sorted(MODELS))
     p.add_argument("--methods", nargs="+", choices=CONTROLLED + BASELINES)
@@ -383,11 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     p.add_argument("--resume", action="store_true", help="skip cells already in --out")
+    p.add_argument(
+        "--starts",
+        nargs="+",
+        type=float,
+        help="instead of the grid: the cliff check, each controlled cell from these strengths",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = run_grid(grid_from_args(args), args.out, args.resume)
+    grid = grid_from_args(args)
+    if args.starts:
+        results = run_sweep(grid, args.starts, args.out)
+        logger.info("%d sweep cells in %s", len(results["sweep"]), args.out)
+        return 0
+    results = run_grid(grid, args.out, args.resume)
     logger.info("%d cells in %s", len(results["cells"]), args.out)
     return 0
 

@@ -105,6 +105,31 @@ def goals(groups: dict[tuple, list[dict]]) -> list[str]:
     return lines
 
 
+def sweep_table(sweep: list[dict]) -> tuple[str, list[str]]:
+    """The cliff check: one row per starting strength; a goal line per (model, method, target)."""
+    rows = [
+        "| model | method | target | start λ | final λ | dense % | raw % | fine-tuned % | pruned groups |",
+        "|" + "---|" * 9,
+    ]
+    by_cell: dict[tuple, list[dict]] = defaultdict(list)
+    for c in sweep:
+        by_cell[(c["model"], c["method"], c["target"])].append(c)
+        rows.append(
+            f"| {c['model']} | {c['method']} | {c['target']:.2f} | {c['start']:.0e} | "
+            f"{c['strength']:.3g} | {100 * c['acc_dense']:.2f} | {100 * c['acc_raw']:.2f} | "
+            f"{100 * c['acc_ft']:.2f} | {c['pruned_groups']:.3f} |"
+        )
+    lines = []
+    for (model, method, target), cells in by_cell.items():
+        acc = [100 * c["acc_ft"] for c in cells]
+        starts = f"{min(c['start'] for c in cells):.0e} to {max(c['start'] for c in cells):.0e}"
+        lines.append(
+            f"- no cliff, {model} {method} target {target:.2f}, starting λ {starts}: final accuracy "
+            f"spans {max(acc) - min(acc):.2f} points ({_mark(max(acc) - min(acc) <= 0.5)} ≤ 0.5)"
+        )
+    return "\n".join(rows), lines
+
+
 def plot_accuracy(groups: dict[tuple, list[dict]], path: Path) -> Path:
     from pipeline.report import _new_figure, _save
 
@@ -167,6 +192,7 @@ def plot_latency_bars(groups: dict[tuple, list[dict]], path: Path) -> Path:
 
 def render(results: dict, out: Path, header: str) -> Path:
     groups = _cells_by_key(results["cells"])
+    sweep_rows, sweep_lines = sweep_table(results.get("sweep", []))
     figures = out / "results"
     plots = [
         plot_accuracy(groups, figures / "quality_accuracy.png"),
@@ -182,8 +208,9 @@ def render(results: dict, out: Path, header: str) -> Path:
             f"{results.get('started', '?')}.",
             "Grids (one per invocation):\n\n"
             + "\n".join(f"- `{json.dumps(g, sort_keys=True)}`" for g in results["grids"]),
-            "## Goals\n\n" + "\n".join(goals(groups)),
+            "## Goals\n\n" + "\n".join(goals(groups) + sweep_lines),
             "## Every cell (mean over seeds, ± half the spread)\n\n" + accuracy_table(groups),
+            "## The cliff check (one seed)\n\n" + sweep_rows,
             "## Plots\n\n" + "\n".join(f"![{p.stem}](results/{p.name})" for p in plots),
         ]
     )

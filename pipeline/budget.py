@@ -7,21 +7,28 @@ importance (the max over the group's BN channels, as pruning aggregates it) is b
 ``train.receded_below``. The same rule holds for every method: sigmoid(w) for bounded BN,
 |gamma| for plain BN.
 
-The schedule ramps the wanted share from 0 to the target over the first ``target_ramp`` of the
-steps (a smoothstep, so the push starts and ends gently) and then holds it. The controller moves
-the strength multiplicatively: ``log lambda += gain * error``, where the error compares the
-schedule with the measured share. The gain lets lambda cross three decades within a tenth of
-training, so the outcome does not depend on the starting strength. Two terms keep it from
-overshooting into the cliff that a fixed strength shows (the receding push grows as a channel
-weakens, so channels that start to fall keep falling):
+Each step the controller
 
-- a lead: groups already on their way (below ``lead`` x the level) count half, so lambda stops
-  rising as soon as enough groups are moving, not only once they have arrived;
-- over the target the error is doubled, so a surplus is met by a fast cut of lambda.
+1. schedules the wanted share: a smoothstep ramp from 0 to the target over the first
+   ``target_ramp`` of the steps, then a hold;
+2. chooses the penalised set: the weakest groups up to that share, within the layer floors the
+   coming prune keeps, and never more than ``_SLACK`` x target ahead of how far the groups have
+   actually travelled. The penalty acts on this set only (``Polariser`` masks its gradient or
+   shrink), so groups outside it never feel it: no cliff, and the rest stays intact. The slack
+   keeps a still-too-weak strength from gathering the whole budget and then dropping it at once
+   when it gets strong (the receding push grows as a channel weakens, so a set that starts to
+   fall falls together);
+3. moves the strength multiplicatively, ``log lambda += gain * error``, three decades in a tenth
+   of training at full error, so the outcome does not depend on the starting strength. The error
+   compares the schedule (allowed to trail by ``_LAG`` of the ramp) with a continuous *progress*:
+   how far, in log importance, each group has come from the median starting importance towards
+   the receded level. Unlike the receded share it moves as soon as groups move, so lambda stops
+   rising before they arrive.
 
-Deliberate difference from the seed paper: it trains with one fixed lambda per architecture
-(``../shared/REFERENCE.md``); here lambda is an output of the budget. ``train.target: null``
-keeps the paper's fixed lambda.
+Deliberate differences from the seed paper: it trains with one fixed lambda per architecture on
+every channel (``../shared/REFERENCE.md``); here lambda is an output of the budget and the
+penalty acts on the scheduled set. ``train.target: null`` keeps the paper's fixed lambda on all
+channels.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 Method: a Gaussian kernel density of log10(importance) on a fine grid. Polarised training pushes
 weak channels towards 0 over several orders of magnitude while strong ones cluster near their
-plateau, so the two modes separate in log space, not in linear space. The two main modes are the
-highest peak and the peak that stands out most against it (its prominence: its height over the
-lowest density between the two); the cut is the lowest point of the density between them, moved
-to the middle (in log space) of the empty gap between the samples around it.
+plateau, so the two modes separate in log space, not in linear space. The *top* mode is the
+strongest-importance peak that holds at least 1% of the groups in its basin; the cut is the
+lowest point of the density between it and the nearest significant peak below it whose valley
+is deep enough, moved to the middle (in log space) of the empty gap between the samples around
+it. Anchoring on the top mode keeps every weak cluster below the cut when the weak side is split
+(exact zeros from a clamp or a shrink, plus tiny non-zero values).
 
 Why not Otsu (the previous method): it maximises the between-class variance, so when the weak
 mode spans several decades (what a receding avalanche produces) its best split lands inside the
@@ -14,7 +16,7 @@ weak mode, not in the valley.
 Refusals (``NotBimodalError``, with advice to use a ratio):
 
 - one mode: no second peak whose dip (the density between the peaks) falls to at most
-  ``max_dip`` (0.5) of its height, or a second mode holding fewer than 1% of the groups. A
+  ``_MAX_DIP`` (0.5) of the lower peak, among modes holding at least 1% of the groups. A
   skewed single mode, such as ``sigmoid(N(0, 3))``, has a long tail but no dip;
 - modes too close: the two sides' log-means are less than ``min_decades`` (1) apart. Two close
   bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
@@ -35,6 +37,7 @@ import numpy as np
 _FLOOR = 1e-30
 _GRID = 1024
 _MIN_MODE_SHARE = 0.01
+_MAX_DIP = 0.5
 
 
 class NotBimodalError(ValueError):
@@ -92,20 +95,36 @@ def _peaks(density: np.ndarray) -> np.ndarray:
     return np.flatnonzero(inner) + 1
 
 
-def _two_modes(density: np.ndarray) -> tuple[int, int, int] | None:
-    """``(low_peak, valley, high_peak)`` grid indices of the two main modes, or None."""
+def _two_modes(density: np.ndarray, masses: np.ndarray) -> tuple[int, int, int] | None:
+    """``(low_peak, valley, top_peak)`` grid indices, or None.
+
+    The top mode is the strongest-importance peak holding at least ``_MIN_MODE_SHARE`` of the
+    groups; the cut is the first valley below it deep enough against some significant peak
+    further down. Anchoring on the top mode (not the tallest peak) matters when the weak side
+    is itself split, say exact zeros plus a cluster of tiny values: the cut must keep every
+    weak cluster below it.
+    """
     peaks = _peaks(density)
-    if peaks.size < 2:
+    significant = [int(p) for p, m in zip(peaks, masses, strict=True) if m >= _MIN_MODE_SHARE]
+    if len(significant) < 2:
         return None
-    top = int(peaks[np.argmax(density[peaks])])
-    best, best_prominence = None, 0.0
-    for p in (int(p) for p in peaks if p != top):
-        lo, hi = sorted((p, top))
-        valley = lo + int(np.argmin(density[lo : hi + 1]))
-        prominence = density[p] - density[valley]
-        if prominence > best_prominence:
-            best, best_prominence = (lo, valley, hi), prominence
-    return best
+    top = significant[-1]
+    for low in reversed(significant[:-1]):
+        valley = low + int(np.argmin(density[low : top + 1]))
+        if density[valley] <= _MAX_DIP * min(density[low], density[top]):
+            return low, valley, top
+    return None
+
+
+def _basin_masses(grid: np.ndarray, logs: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Share of the samples in each peak's basin (between the minima around it)."""
+    peaks = _peaks(density)
+    bounds = [grid[0]]
+    for a, b in zip(peaks[:-1], peaks[1:], strict=True):
+        bounds.append(grid[a + int(np.argmin(density[a : b + 1]))])
+    bounds.append(grid[-1] + 1.0)
+    counts = np.diff(np.searchsorted(logs, bounds))
+    return counts / logs.size
 
 
 def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
@@ -117,9 +136,12 @@ def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
     if logs[-1] - logs[0] < 1e-9:
         return None, "every importance is the same"
     grid, density = log_density(logs)
-    modes = _two_modes(density)
+    modes = _two_modes(density, _basin_masses(grid, logs, density))
     if modes is None:
-        return None, "the importance density has a single peak"
+        return None, (
+            f"no valley dips to {_MAX_DIP} of the peaks around it between two modes that each "
+            f"hold {_MIN_MODE_SHARE:.0%} of the groups"
+        )
     lo, valley, hi = modes
     k = int(np.searchsorted(logs, grid[valley]))
     k = min(max(k, 1), v.size - 1)
@@ -143,19 +165,12 @@ _ADVICE = (
 
 
 def auto_threshold(
-    values: Sequence[float] | np.ndarray, *, max_dip: float = 0.5, min_decades: float = 1.0
+    values: Sequence[float] | np.ndarray, *, min_decades: float = 1.0
 ) -> Threshold:
     """The valley between the two modes, or ``NotBimodalError`` with advice."""
     result, why = split(values)
     if result is None:
         raise NotBimodalError(f"importance distribution is not bimodal ({why}); {_ADVICE}")
-    smaller = min(result.below, result.above)
-    if result.dip > max_dip or smaller < max(1, _MIN_MODE_SHARE * (result.below + result.above)):
-        raise NotBimodalError(
-            f"importance distribution is not bimodal: the deepest valley between two peaks "
-            f"only dips to {result.dip:.2f} of the smaller peak (needs <= {max_dip}) with "
-            f"{smaller} groups on its smaller side; {_ADVICE}"
-        )
     if result.decades < min_decades:
         raise NotBimodalError(
             f"the two importance modes are only {result.decades:.2f} decades apart (needs >= "

@@ -75,8 +75,20 @@ def test_close_modes_are_refused():
 def test_a_handful_of_outliers_is_not_a_mode():
     rng = np.random.default_rng(6)
     values = np.concatenate([rng.uniform(0.3, 0.9, 2000), [1e-6, 2e-6, 3e-6]])
-    with pytest.raises(NotBimodalError, match="smaller side"):
+    with pytest.raises(NotBimodalError, match="hold 1% of the groups"):
         auto_threshold(values)
+
+
+def test_a_split_weak_side_stays_below_the_cut():
+    # polarization and ISTA leave exact zeros AND tiny non-zero scales: the tallest peak is the
+    # zeros, and anchoring on it (the previous rule) cut between the zeros and the tiny ones
+    rng = np.random.default_rng(7)
+    zeros = np.zeros(500)
+    tiny = 10 ** rng.uniform(-4, -2.2, 400)
+    strong = rng.uniform(0.3, 0.9, 100)
+    t = auto_threshold(np.concatenate([zeros, tiny, strong]))
+    assert tiny.max() < t.value < strong.min()
+    assert t.below == 900
 
 
 def test_summary_fractions():
