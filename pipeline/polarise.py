@@ -23,6 +23,8 @@ Pass ``convert=False`` for a model that is already prepared or pretrained.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +33,10 @@ from torch import nn
 from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, convert_to_bounded_bn_
 from pipeline.budget import BudgetController, ReceededShare, budget_weights
 from pipeline.channel_graph import build_channel_graph
-from pipeline.config import PruneConfig, TrainConfig
+from pipeline.config import PenaltyConfig, PruneConfig, TrainConfig
 from pipeline.penalties import Penalty, make_penalty
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,24 @@ def init_bn_(model: nn.Module, cfg: TrainConfig, *, bounded: bool) -> None:
             m.weight.fill_(cfg.bn_init_logit)
         else:
             m.weight.fill_(0.5)
+
+
+def _budget_penalty(cfg: TrainConfig) -> PenaltyConfig:
+    """The penalty as configured, except polarization's t under a budget.
+
+    Polarization's exact gradient at a full-scale channel is ``lambda (t - 2p)`` when a share
+    ``p`` of the scales sits below their mean: once ``p`` passes ``t / 2`` it pushes the rest up,
+    so t itself caps what can recede (60% at the paper's 1.2). Under a budget, t is raised to
+    ``2 * target + 0.1`` when lower, and the module logger says so.
+    """
+    pen = cfg.penalty
+    if pen.method != "polarization" or cfg.target is None or pen.t >= 2 * cfg.target + 0.1:
+        return pen
+    t = 2 * cfg.target + 0.1
+    logger.info(
+        "polarization t raised from %g to %g so that %.0f%% can recede", pen.t, t, 100 * cfg.target
+    )
+    return dataclasses.replace(pen, t=t)
 
 
 def bn_param_groups(
@@ -139,7 +161,9 @@ class Polariser:
             )
         example = example.to(next(model.parameters()).device)
         graph = build_channel_graph(model, example)
-        penalty = make_penalty(cfg.penalty, model, example=example, backend=backend, graph=graph)
+        penalty = make_penalty(
+            _budget_penalty(cfg), model, example=example, backend=backend, graph=graph
+        )
         weights = budget_weights(model, graph, example, cfg.target_cost)
         prune = prune or PruneConfig()
         tracker = ReceededShare(model, graph, weights, (prune.min_channels, prune.max_layer_ratio))

@@ -156,3 +156,16 @@ def test_costs_count_grouped_depthwise_and_flattened_readers():
     assert memory == pytest.approx(tied * (weights + maps) / area)
     macs = 3 * 9 * area + 9 * 2 * area + 9 * area + 16 * 5
     assert group_costs(model, graph, x, "macs")[group] == pytest.approx(tied * macs)
+
+
+def test_polarization_t_leaves_room_for_the_budget():
+    from pipeline.config import PenaltyConfig, TrainConfig
+    from pipeline.polarise import Polariser
+
+    model = build_model(ModelConfig(name="vgg", width=0.125), num_classes=10, in_channels=3)
+    x = torch.randn(2, 3, 32, 32)
+    pen = PenaltyConfig(method="polarization", strength=1e-3, t=1.2)
+    budget = Polariser.prepare(model, x, TrainConfig(target=0.9, penalty=pen), total_steps=10)
+    assert budget.penalty.config.t == pytest.approx(1.9)  # t / 2 caps the share below the mean
+    fixed = Polariser.prepare(model, x, TrainConfig(penalty=pen), total_steps=10, convert=False)
+    assert fixed.penalty.config.t == 1.2
