@@ -117,9 +117,14 @@ def fold_bn_(model: nn.Module) -> FoldReport:
     return FoldReport(tuple(pairs), kept, 0.0, 0.0)
 
 
+# One fold tolerance for run, export and bench: polarised nets carry tiny BN scales into large
+# weights, which amplifies fp32 rounding to ~1e-5 of the output scale (1e-5 failed run folders).
+FOLD_RTOL = 1e-4
+
+
 @torch.no_grad()
 def fold_bn(
-    model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-5
+    model: nn.Module, example: torch.Tensor, *, rtol: float = FOLD_RTOL
 ) -> tuple[nn.Module, FoldReport]:
     """Folded copy of ``model``, verified on ``example`` to ``rtol`` of the output scale.
 

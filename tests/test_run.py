@@ -1,6 +1,7 @@
 """End to end on real data (scikit-learn digits), small enough for the default suite."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,22 @@ def test_auto_threshold_refuses_an_unpolarised_model(tmp_path):
     assert "--resume (no retraining)" in str(info.value)
     assert not (tmp_path / "run").exists()  # nothing at the final path
     assert (trained / "model.pt").is_file() and (trained / "shapes.json").is_file()
+
+
+def test_a_failing_dense_export_fails_the_run(tmp_path, monkeypatch):
+    # the dense ONNX's verification used to be logged and ignored
+    import dataclasses
+
+    import pipeline.export.onnx as onnx_export
+    from pipeline.run import VerificationError
+
+    real = onnx_export.verify_onnx
+
+    def dense_fails(path, *args, **kwargs):
+        result = real(path, *args, **kwargs)
+        return dataclasses.replace(result, passed=result.passed and Path(path).name != "dense.onnx")
+
+    monkeypatch.setattr(onnx_export, "verify_onnx", dense_fails)
+    cfg = load_config("configs/demo.yaml", [*SMALL, "prune.finetune_epochs=0"])
+    with pytest.raises(VerificationError, match="dense ONNX differs"):
+        run_pipeline(cfg, tmp_path / "run")
