@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,14 +107,6 @@ class ReceededShare:
         out = torch.zeros(len(self.group_ids))
         return out.scatter_reduce_(0, self._group, flat[self._member], "amax", include_self=False)
 
-    def quantile(self, fraction: float, importance: torch.Tensor | None = None) -> float:
-        """Importance of the group at cost-weighted ``fraction`` from the weakest end."""
-        imp = self.group_importance() if importance is None else importance
-        order = torch.argsort(imp)
-        cum = torch.cumsum(self.weights[order], 0)
-        k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype)))
-        return float(imp[order[min(k, len(order) - 1)]])
-
     def progress(self, level: float, top: float, importance: torch.Tensor) -> float:
         """Weighted mean of how far (in log importance) each group has come from ``top`` to
         ``level``: 0 at or above ``top``, 1 once receded. It moves as soon as groups move."""
@@ -177,7 +169,6 @@ class BudgetController:
     ramp: float = 0.6
     step: int = 0
     top: float | None = None  # median group importance at the first step: where the way starts
-    history: list[tuple[int, float, float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -206,7 +197,6 @@ class BudgetController:
         """
         imp = tracker.group_importance()
         wanted = self.scheduled(self.step + 1)
-        receded = tracker.share(self.level, imp)
         if self.top is None:
             self.top = max(float(imp.median()), 10 * self.level)
         moved = tracker.progress(self.level, self.top, imp)
@@ -219,7 +209,6 @@ class BudgetController:
             low, high = (math.log(v) for v in _STRENGTH_RANGE)
             log_strength = math.log(self.strength) + self.gain * error
             self.strength = math.exp(min(high, max(low, log_strength)))
-        self.history.append((self.step, wanted, receded, self.strength))
         self.step += 1
         return chosen
 

@@ -164,9 +164,7 @@ _ADVICE = (
 )
 
 
-def auto_threshold(
-    values: Sequence[float] | np.ndarray, *, min_decades: float = 1.0
-) -> Threshold:
+def auto_threshold(values: Sequence[float] | np.ndarray, *, min_decades: float = 1.0) -> Threshold:
     """The valley between the two modes, or ``NotBimodalError`` with advice."""
     result, why = split(values)
     if result is None:

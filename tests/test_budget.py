@@ -115,7 +115,9 @@ def test_controller_state_round_trips():
     assert (d.step, d.strength) == (7, 12.5)
 
 
-@pytest.mark.parametrize("bad", [{"target": 0.0}, {"target": 1.0}, {"total_steps": 0}, {"strength": 0.0}])
+@pytest.mark.parametrize(
+    "bad", [{"target": 0.0}, {"target": 1.0}, {"total_steps": 0}, {"strength": 0.0}]
+)
 def test_controller_rejects_bad_arguments(bad):
     args = {"target": 0.5, "total_steps": 10, "strength": 1.0, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):

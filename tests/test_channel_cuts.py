@@ -46,7 +46,9 @@ def _randomised(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("cut", ["literal_split", "traced_split", "inner_literal_view", "narrow", "unbind"])
+@pytest.mark.parametrize(
+    "cut", ["literal_split", "traced_split", "inner_literal_view", "narrow", "unbind"]
+)
 def test_every_dropped_group_prunes_exactly(cut):
     model, x = _randomised(Cut(cut)), torch.randn(2, 3, 5, 5)
     graph = build_channel_graph(model, x)

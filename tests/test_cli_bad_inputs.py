@@ -56,7 +56,7 @@ def model_dir(pruned, tmp_path) -> Path:
     return Path(shutil.copytree(pruned, tmp_path / "model"))
 
 
-def check(tmp_path, capsys, argv, fragment, *, code=2, absent=()):
+def assert_refused(tmp_path, capsys, argv, fragment, *, code=2, absent=()):
     """Run ``argv``; assert exit code, stderr fragment, an unchanged tree and absent words."""
     before = snapshot(tmp_path)
     assert main(argv) == code
@@ -91,7 +91,9 @@ FLAG_CASES = {
 @pytest.mark.parametrize("case", sorted(FLAG_CASES))
 def test_prune_flag_out_of_range(case, tmp_path, capsys):
     extra, fragment = FLAG_CASES[case]
-    check(tmp_path, capsys, ["prune", *TINY, *extra, "--out", str(tmp_path / "o")], fragment)
+    assert_refused(
+        tmp_path, capsys, ["prune", *TINY, *extra, "--out", str(tmp_path / "o")], fragment
+    )
 
 
 MODEL_CASES = {
@@ -116,16 +118,16 @@ MODEL_CASES = {
 def test_prune_model_that_cannot_be_built(case, tmp_path, capsys):
     extra, fragment = MODEL_CASES[case]
     argv = ["prune", *TINY, *extra, "--out", str(tmp_path / "o")]
-    check(tmp_path, capsys, argv, fragment)
+    assert_refused(tmp_path, capsys, argv, fragment)
 
 
 def test_prune_needs_a_model_source(tmp_path, capsys):
-    check(tmp_path, capsys, ["prune", "--out", str(tmp_path / "o")], "needs --from DIR")
+    assert_refused(tmp_path, capsys, ["prune", "--out", str(tmp_path / "o")], "needs --from DIR")
 
 
 def test_prune_model_without_input_shape(tmp_path, capsys):
     argv = ["prune", "--model", "vgg", "--out", str(tmp_path / "o")]
-    check(tmp_path, capsys, argv, "--model SPEC with --input-shape")
+    assert_refused(tmp_path, capsys, argv, "--model SPEC with --input-shape")
 
 
 # --- prune: output folder ---------------------------------------------------------------------
@@ -134,20 +136,20 @@ def test_prune_model_without_input_shape(tmp_path, capsys):
 def test_out_is_an_existing_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("mine")
     argv = ["prune", *TINY, "--out", str(tmp_path / "taken")]
-    check(tmp_path, capsys, argv, "is an existing file, expected a folder")
+    assert_refused(tmp_path, capsys, argv, "is an existing file, expected a folder")
 
 
 def test_out_below_a_file(tmp_path, capsys):
     (tmp_path / "taken").write_text("mine")
     argv = ["prune", *TINY, "--out", str(tmp_path / "taken" / "sub")]
-    check(tmp_path, capsys, argv, "is a file, expected a folder")
+    assert_refused(tmp_path, capsys, argv, "is a file, expected a folder")
 
 
 def test_out_holds_foreign_files(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
     argv = ["prune", *TINY, "--out", str(tmp_path / "o")]
-    check(tmp_path, capsys, argv, "pass --force to replace its contents")
+    assert_refused(tmp_path, capsys, argv, "pass --force to replace its contents")
 
 
 def test_prune_refuses_to_overwrite_a_run_folder(tmp_path, capsys):
@@ -155,7 +157,9 @@ def test_prune_refuses_to_overwrite_a_run_folder(tmp_path, capsys):
     run.mkdir()
     for name in ("config.yaml", "report.json", "manifest.json"):
         (run / name).write_text("{}")
-    check(tmp_path, capsys, ["prune", *TINY, "--out", str(run)], "holds a `recede run` folder")
+    assert_refused(
+        tmp_path, capsys, ["prune", *TINY, "--out", str(run)], "holds a `recede run` folder"
+    )
 
 
 # --- damaged model folders (prune --from, export, bench, inspect --from) -----------------------
@@ -213,7 +217,7 @@ def test_damaged_model_folder(case, command, model_dir, tmp_path, capsys):
         "bench": ["bench", str(model_dir), "--batches", "1"],
         "inspect": ["inspect", "--from", str(model_dir)],
     }[command]
-    check(tmp_path, capsys, argv, fragment, absent=("weights_only=False",))
+    assert_refused(tmp_path, capsys, argv, fragment, absent=("weights_only=False",))
     assert not Path("/tmp/recede-pwned").exists()
 
 
@@ -231,7 +235,7 @@ EXPORT_FLAGS = {
 @pytest.mark.parametrize("case", sorted(EXPORT_FLAGS))
 def test_export_flag_out_of_range(case, model_dir, tmp_path, capsys):
     extra, fragment = EXPORT_FLAGS[case]
-    check(tmp_path, capsys, ["export", str(model_dir), *extra], fragment)
+    assert_refused(tmp_path, capsys, ["export", str(model_dir), *extra], fragment)
 
 
 def test_export_tensorrt_without_tensorrt_is_refused_before_onnx(model_dir, tmp_path, capsys):
@@ -240,7 +244,7 @@ def test_export_tensorrt_without_tensorrt_is_refused_before_onnx(model_dir, tmp_
     if tensorrt_available():
         pytest.skip("TensorRT is usable here")
     argv = ["export", str(model_dir), "--format", "tensorrt"]
-    check(tmp_path, capsys, argv, "--format tensorrt needs the tensorrt package")
+    assert_refused(tmp_path, capsys, argv, "--format tensorrt needs the tensorrt package")
     assert not (model_dir / "model.onnx").exists()
 
 
@@ -257,14 +261,16 @@ def test_export_into_a_read_only_folder(model_dir, tmp_path, capsys, monkeypatch
     else:
         model_dir.chmod(0o555)
     try:
-        err = check(tmp_path, capsys, ["export", str(model_dir)], f"DIR {model_dir}: cannot write")
+        err = assert_refused(
+            tmp_path, capsys, ["export", str(model_dir)], f"DIR {model_dir}: cannot write"
+        )
     finally:
         model_dir.chmod(0o755)
     assert ".tmp" not in err  # names the folder, not a temporary file
 
 
 def test_export_missing_folder(tmp_path, capsys):
-    check(tmp_path, capsys, ["export", str(tmp_path / "nothing")], "holds no saved model")
+    assert_refused(tmp_path, capsys, ["export", str(tmp_path / "nothing")], "holds no saved model")
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -273,7 +279,7 @@ def test_export_missing_folder(tmp_path, capsys):
 def test_bench_garbage_onnx(model_dir, tmp_path, capsys):
     (model_dir / "model.onnx").write_bytes(b"not an onnx graph")
     argv = ["bench", str(model_dir), "--batches", "1"]
-    check(tmp_path, capsys, argv, "model.onnx is not a valid ONNX model")
+    assert_refused(tmp_path, capsys, argv, "model.onnx is not a valid ONNX model")
 
 
 BENCH_FLAGS = {
@@ -286,7 +292,7 @@ BENCH_FLAGS = {
 @pytest.mark.parametrize("case", sorted(BENCH_FLAGS))
 def test_bench_flag_out_of_range(case, model_dir, tmp_path, capsys):
     extra, fragment = BENCH_FLAGS[case]
-    check(tmp_path, capsys, ["bench", str(model_dir), *extra], fragment)
+    assert_refused(tmp_path, capsys, ["bench", str(model_dir), *extra], fragment)
 
 
 # --- inspect ----------------------------------------------------------------------------------
@@ -294,11 +300,11 @@ def test_bench_flag_out_of_range(case, model_dir, tmp_path, capsys):
 
 def test_inspect_folder_without_report(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    check(tmp_path, capsys, ["inspect", str(tmp_path / "empty")], "holds no report.md")
+    assert_refused(tmp_path, capsys, ["inspect", str(tmp_path / "empty")], "holds no report.md")
 
 
 def test_inspect_needs_a_model(tmp_path, capsys):
-    check(tmp_path, capsys, ["inspect"], "recede inspect needs --from DIR")
+    assert_refused(tmp_path, capsys, ["inspect"], "recede inspect needs --from DIR")
 
 
 # --- train and run: config and data -----------------------------------------------------------
@@ -310,7 +316,7 @@ SMALL = ["--set", "data.image_size=8", "--set", "model.width=0.125", "--set", "t
 def test_out_is_a_file_for_train_and_run(command, tmp_path, capsys):
     (tmp_path / "taken").write_text("mine")
     argv = [command, "-c", "configs/demo.yaml", *SMALL, "--out", str(tmp_path / "taken")]
-    check(tmp_path, capsys, argv, "--out")
+    assert_refused(tmp_path, capsys, argv, "--out")
 
 
 CONFIG_CASES = {
@@ -326,14 +332,14 @@ CONFIG_CASES = {
 def test_bad_config_for_train(case, tmp_path, capsys):
     extra, fragment = CONFIG_CASES[case]
     argv = ["train", "-c", "configs/demo.yaml", *SMALL, *extra, "--out", str(tmp_path / "o")]
-    check(tmp_path, capsys, argv, fragment)
+    assert_refused(tmp_path, capsys, argv, fragment)
 
 
 def test_cifar_missing_from_an_empty_root(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     sets = ["--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'data'}"]
     argv = ["train", "-c", "configs/demo.yaml", *SMALL, *sets, "--out", str(tmp_path / "o")]
-    check(tmp_path, capsys, argv, "cifar-10-batches-py", absent=("download=True",))
+    assert_refused(tmp_path, capsys, argv, "cifar-10-batches-py", absent=("download=True",))
 
 
 def test_fashion_mnist_missing_from_an_empty_root(tmp_path, capsys, monkeypatch):
@@ -360,7 +366,7 @@ def test_fashion_mnist_missing_from_an_empty_root(tmp_path, capsys, monkeypatch)
 
 
 def test_no_command(tmp_path, capsys):
-    check(tmp_path, capsys, [], "the following arguments are required")
+    assert_refused(tmp_path, capsys, [], "the following arguments are required")
 
 
 def test_console_entry_point_exit_code(tmp_path):

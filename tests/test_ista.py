@@ -91,7 +91,9 @@ def test_ista_gamma_is_plain_sgd_so_a_zeroed_gamma_stays_zero():
     cfg = TrainConfig(momentum=0.9, penalty=PenaltyConfig(method="ista", strength=0.1))
     pol = Polariser.prepare(model, x, cfg, total_steps=100, backend="torch")
     opt = make_optimizer(model, cfg, 0.1, pol)
-    gamma_group = [g for g in opt.param_groups if any(p is pol.penalty.params[0] for p in g["params"])]
+    gamma_group = [
+        g for g in opt.param_groups if any(p is pol.penalty.params[0] for p in g["params"])
+    ]
     assert len(gamma_group) == 1 and gamma_group[0]["momentum"] == 0.0
     first = pol.penalty.params[0]
     threshold = gamma_group[0]["lr"] * 0.1 * pol.penalty.lambdas[0]
