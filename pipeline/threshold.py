@@ -16,7 +16,7 @@ weak mode, not in the valley.
 Refusals (``NotBimodalError``, with advice to use a ratio):
 
 - one mode: no second peak whose dip (the density between the peaks) falls to at most
-  ``_MAX_DIP`` (0.5) of the lower peak, among modes holding at least 1% of the groups. A
+  ``_MAX_DIP`` (0.1) of the lower peak, among modes holding at least 1% of the groups. A
   skewed single mode, such as ``sigmoid(N(0, 3))``, has a long tail but no dip;
 - modes too close: the two sides' log-means are less than ``min_decades`` (1) apart. Two close
   bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
@@ -37,7 +37,7 @@ import numpy as np
 _FLOOR = 1e-30
 _GRID = 1024
 _MIN_MODE_SHARE = 0.01
-_MAX_DIP = 0.5
+_MAX_DIP = 0.1
 
 
 class NotBimodalError(ValueError):
