@@ -171,3 +171,14 @@ def test_polarization_t_leaves_room_for_the_budget():
     assert budget.penalty.config.t == pytest.approx(1.9)  # t / 2 caps the share below the mean
     fixed = Polariser.prepare(model, x, TrainConfig(penalty=pen), total_steps=10, convert=False)
     assert fixed.penalty.config.t == 1.2
+
+
+def test_long_runs_refresh_the_penalised_set_every_few_steps():
+    model, x = _bounded_vgg()
+    tracker = ReceededShare(model, build_channel_graph(model, x))
+    controller = BudgetController(0.5, total_steps=1000, strength=1.0)
+    assert controller.select_every == 5
+    controller.step = 600  # past the ramp: the whole budget is wanted
+    sets = [controller.update_(tracker) for _ in range(10)]
+    assert all(s is sets[0] for s in sets[:5]) and sets[5] is not sets[0]  # steps 600 and 605
+    assert BudgetController(0.5, total_steps=200, strength=1.0).select_every == 1
