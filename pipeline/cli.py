@@ -45,12 +45,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.atomic import check_out_folder, staged_folder, write_text_atomic
     from pipeline.checkpoint import save_pruned
     from pipeline.config import dump_config
-    from pipeline.run import build_and_train, load_data_checked, model_spec
+    from pipeline.data import load_data
+    from pipeline.run import build_and_train, model_spec
     from pipeline.train import seed_everything
 
     cfg = _config(args)
     out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
-    data = load_data_checked(cfg)
+    data = load_data(cfg.data, seed=cfg.train.seed)
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         write_text_atomic(stage / "config.yaml", dump_config(cfg))

@@ -186,10 +186,36 @@ def _root(cfg: DataConfig) -> Path:
     return root
 
 
+_LAYOUT = {
+    "cifar10": "cifar-10-batches-py/ from cifar-10-python.tar.gz",
+    "cifar100": "cifar-100-python/ from cifar-100-python.tar.gz",
+    "fashion_mnist": "FashionMNIST/raw/*-ubyte, or Debian's dataset-fashion-mnist package",
+}
+
+
+def _torchvision_checked(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
+    """``_torchvision`` whose download and missing-file failures name ``data.root``."""
+    try:
+        return _torchvision(cfg)
+    except (RuntimeError, OSError) as err:  # torchvision: not found, or a failed download
+        where = f"data.root {cfg.root!r}" if cfg.root else "data.root (unset)"
+        raise DataError(
+            f"data.name={cfg.name}: {where} holds no usable copy of the dataset "
+            f"({type(err).__name__}: {str(err).split('. You can use')[0][:200]}); expected "
+            f"the torchvision layout there ({_LAYOUT.get(cfg.name, 'train/ and val/')}); "
+            "put the files in place (recede downloads nothing but Fashion-MNIST) or fix "
+            "data.root"
+        ) from None
+
+
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
-    """Build train/test loaders for ``cfg``."""
+    """Build train/test loaders for ``cfg``.
+
+    Raises:
+        DataError: the dataset is missing or unreadable; the message names ``data.root``.
+    """
     train, test, num_classes, in_channels = (
-        _digits(cfg) if cfg.name == "digits" else _torchvision(cfg)
+        _digits(cfg) if cfg.name == "digits" else _torchvision_checked(cfg)
     )
     if cfg.train_limit is not None:
         train = Subset(train, range(min(cfg.train_limit, len(train))))

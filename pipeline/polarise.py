@@ -56,9 +56,7 @@ def init_bn_(model: nn.Module, cfg: TrainConfig, *, bounded: bool) -> None:
     for m in bn_modules(model).values():
         if bounded and cfg.bn_init == "normal":
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
-        elif bounded:
-            m.weight.fill_(cfg.bn_init_logit)
-        else:
+        elif not bounded:  # a constant bounded logit was set by convert_to_bounded_bn_
             m.weight.fill_(0.5)
 
 
@@ -189,7 +187,8 @@ class Polariser:
             return self.penalty.apply_(self.strength)
         self._masks = self._param_masks(self.controller.update_(self.tracker))
         saved = [_grad_of(p).clone() for p in self.penalty.params]
-        self._signs = [torch.sign(p.detach()) for p in self.penalty.params]
+        if self.penalty.config.method == "l1":  # after_step truncates at zero against these
+            self._signs = [torch.sign(p.detach()) for p in self.penalty.params]
         value = self.penalty.apply_(self.strength)
         with torch.no_grad():
             for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=True):

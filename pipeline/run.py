@@ -24,7 +24,7 @@ from pipeline.atomic import check_out_folder, staged_folder, write_json_atomic, 
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
 from pipeline.checkpoint import SHAPES, save_pruned
 from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
-from pipeline.data import DataBundle, DataError, load_data
+from pipeline.data import DataBundle, load_data
 from pipeline.models import build_model
 from pipeline.polarise import Polariser
 from pipeline.prune import (
@@ -280,28 +280,6 @@ def _report(
     }
 
 
-def load_data_checked(cfg: RunConfig) -> DataBundle:
-    """``load_data`` whose download and missing-file failures name ``data.root`` (exit 2)."""
-    try:
-        return load_data(cfg.data, seed=cfg.train.seed)
-    except (RuntimeError, OSError) as err:  # torchvision: not found, or a failed download
-        where = f"data.root {cfg.data.root!r}" if cfg.data.root else "data.root (unset)"
-        raise DataError(
-            f"data.name={cfg.data.name}: {where} holds no usable copy of the dataset "
-            f"({type(err).__name__}: {str(err).split('. You can use')[0][:200]}); expected "
-            f"the torchvision layout there ({_LAYOUT.get(cfg.data.name, 'train/ and val/')}); "
-            "put the files in place (recede downloads nothing but Fashion-MNIST) or fix "
-            "data.root"
-        ) from None
-
-
-_LAYOUT = {
-    "cifar10": "cifar-10-batches-py/ from cifar-10-python.tar.gz",
-    "cifar100": "cifar-100-python/ from cifar-100-python.tar.gz",
-    "fashion_mnist": "FashionMNIST/raw/*-ubyte, or Debian's dataset-fashion-mnist package",
-}
-
-
 def _trained_hint(trained: Path) -> str:
     return (
         f"the trained model is kept in {trained}: prune it with `recede prune --from {trained} "
@@ -324,7 +302,7 @@ def run_pipeline(
         VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
     """
     final = check_out_folder(out, kind="run", force=force, flag="--out")
-    data = load_data_checked(cfg)
+    data = load_data(cfg.data, seed=cfg.train.seed)
     start = "resume" if resume else "empty"
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)
