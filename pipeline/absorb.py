@@ -45,7 +45,13 @@ logger = logging.getLogger(__name__)
 
 
 class CorrectedConv2d(nn.Conv2d):
-    """A Conv2d plus the exact contribution of removed constant input channels."""
+    """A Conv2d plus the exact contribution of removed constant input channels.
+
+    The ``kernel`` correction depends only on the input's spatial size, so it is computed once
+    per (H, W, device, dtype) and cached outside the state dict; later calls at that size add a
+    stored tensor and run no extra conv. The cache is rebuilt whenever ``const_kernel`` is
+    replaced or changed in place (folding, rescaling, pruning again).
+    """
 
     const_kernel: torch.Tensor | None
     const_map: torch.Tensor | None
@@ -53,18 +59,31 @@ class CorrectedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if self.const_kernel is not None:
-            ones = torch.ones_like(x[:1, :1])  # (1, 1, H, W): zero padding shapes the borders
-            y = y + F.conv2d(
-                ones, self.const_kernel, None, self.stride, self.padding, self.dilation
-            )
+            y = y + self.kernel_correction(x)
         if self.const_map is not None:
-            if y.shape[-2:] != self.const_map.shape[-2:]:
+            if not torch.jit.is_tracing() and y.shape[-2:] != self.const_map.shape[-2:]:
                 raise RuntimeError(
                     f"constant-channel correction was computed for a {tuple(self.const_map.shape[-2:])} output, got "
                     f"{tuple(y.shape[-2:])}; prune again with an example of the deployment input size"
                 )
             y = y + self.const_map
         return y
+
+    def kernel_correction(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv2d(ones(1, 1, H, W), const_kernel)`` for ``x``'s size: (1, C_out, H', W')."""
+        kernel = self.const_kernel
+        cache = self.__dict__.get("_correction_cache")
+        if cache is None or cache[0] is not kernel or cache[1] != kernel._version:
+            cache = (kernel, kernel._version, {})  # holding the kernel keeps its id unique
+            self.__dict__["_correction_cache"] = cache
+        key = (int(x.shape[-2]), int(x.shape[-1]), x.device, x.dtype)
+        if key not in cache[2]:
+            ones = torch.ones(1, 1, *key[:2], device=x.device, dtype=x.dtype)
+            with torch.no_grad():  # zero padding shapes the borders
+                cache[2][key] = F.conv2d(
+                    ones, kernel, None, self.stride, self.padding, self.dilation
+                )
+        return cache[2][key]
 
 
 def make_corrected_(

@@ -145,3 +145,95 @@ def fold_bn(
         rel_err,
     )
     return folded, FoldReport(report.folded, report.kept, abs_err, rel_err)
+
+
+@dataclass(frozen=True)
+class StaticReport:
+    """What :func:`fold_corrections_` made of each kernel correction, and its verified error."""
+
+    biases: tuple[str, ...]  # uniform at this size: added to the conv's bias
+    maps: tuple[str, ...]  # position-dependent: a constant [C, H, W] added to the output
+    max_rel_err: float  # static model vs the kernel form on the example
+
+
+def _input_sizes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+    """Spatial size of the input each named module sees on ``example``."""
+    modules, sizes = dict(model.named_modules()), {}
+
+    def record(name: str, args: tuple) -> None:  # a pre-hook returning a value replaces the input
+        sizes.setdefault(name, tuple(args[0].shape[-2:]))
+
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: record(n, a)) for n in names]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def _to_constant_(conv: nn.Module, value: torch.Tensor) -> str:
+    """Put a (1, C, H', W') correction into ``conv``'s bias when uniform, else its map."""
+    from pipeline.absorb import CorrectedConv2d
+
+    conv.const_kernel = None
+    if bool((value == value[..., :1, :1]).all()):  # exactly uniform: a plain bias is exact
+        bias = value[0, :, 0, 0] if conv.bias is None else conv.bias.detach() + value[0, :, 0, 0]
+        conv.bias = nn.Parameter(bias.clone())
+        form = "bias"
+    else:
+        old = conv.const_map
+        conv.const_map = value[0].clone() if old is None else old + value[0]
+        form = "map"
+    if conv.const_map is None and isinstance(conv, CorrectedConv2d):
+        del conv.const_kernel, conv.const_map
+        conv.__class__ = nn.Conv2d  # nothing size-dependent is left
+    return form
+
+
+@torch.no_grad()
+def fold_corrections_(
+    model: nn.Module, example: torch.Tensor, *, rtol: float = FOLD_RTOL
+) -> StaticReport:
+    """Replace every ``kernel`` correction by its value at ``example``'s size, in place.
+
+    The kernel form (``pipeline.absorb``) is exact at any input size but runs a conv of a ones
+    map per forward; an export at a fixed spatial size needs only its value there: a bias where
+    that value is uniform over positions (no border reaches the output), else a constant map,
+    which refuses other sizes. The graph then holds exactly one Conv per conv layer, without
+    any simplifier. Checked against the kernel form on ``example``.
+
+    Raises:
+        FoldError: the static model differs from the kernel form beyond ``rtol``.
+    """
+    from pipeline.absorb import CorrectedConv2d
+
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, CorrectedConv2d) and m.const_kernel is not None
+    ]
+    if not names:
+        return StaticReport((), (), 0.0)
+    model.eval()
+    ref = model(example)
+    sizes, modules = _input_sizes(model, names, example), dict(model.named_modules())
+    forms: dict[str, list[str]] = {"bias": [], "map": []}
+    for name in names:
+        conv = modules[name]
+        probe = example.new_empty(1, conv.in_channels, *sizes[name])
+        forms[_to_constant_(conv, conv.kernel_correction(probe))].append(name)
+    out = model(example)
+    rel = float((out - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+    if rel > rtol:
+        raise FoldError(
+            f"static corrections differ from the kernel form by {rel:.2e} of the output scale "
+            f"(> {rtol:.0e}); this is a bug, please report it"
+        )
+    logger.info(
+        "static corrections: %d biases, %d maps; rel err %.2e",
+        len(forms["bias"]),
+        len(forms["map"]),
+        rel,
+    )
+    return StaticReport(tuple(forms["bias"]), tuple(forms["map"]), rel)

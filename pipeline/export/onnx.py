@@ -104,9 +104,12 @@ def _trace_to_proto(
     """Run the chosen torch exporter on a CPU copy of ``model`` and return the ModelProto."""
     import torch
 
+    from pipeline.fold import fold_corrections_
+
     onnx = _import_onnx()
     clone = copy.deepcopy(model).cpu().eval()
     example = example.detach().cpu()
+    fold_corrections_(clone, example)  # one Conv per conv: no correction subgraphs to trace
     kwargs: dict[str, Any] = {}
     if dynamo:
         kwargs["verbose"] = False  # otherwise it prints its progress to stdout
