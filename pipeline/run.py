@@ -268,6 +268,8 @@ def _report(
             "max_rel_err": check.max_rel_err,
             "opset": check.opset,
             "passed": check.passed,
+            "bound": check.bound,
+            "tolerance": check.tolerance,
         },
         "latency": [r.to_dict() for r in rows],
         "groups": _groups_section(pruned),
@@ -307,14 +309,15 @@ def run_pipeline(
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)
     export = report["export"]
-    for label, passed, err in (
-        ("pruned", export["passed"], export["max_abs_err"]),
-        ("dense", export["dense_passed"], export["dense_max_abs_err"]),
+    for label, passed, err, bound in (
+        ("pruned", export["passed"], export["max_abs_err"], export["bound"]),
+        ("dense", export["dense_passed"], export["dense_max_abs_err"], export["dense_bound"]),
     ):
         if not passed:  # the folder is in place: it is the evidence
             raise VerificationError(
-                f"{label} ONNX differs from PyTorch by {err:.2e} > atol "
-                f"{cfg.export.atol:.0e}; see {final / 'report.json'}"
+                f"{label} ONNX differs from PyTorch by {err:.2e} > {bound:.2e} allowed "
+                f"({export['tolerance']}, export.atol {cfg.export.atol:.0e}); "
+                f"see {final / 'report.json'}"
             )
     return report
 
@@ -361,7 +364,9 @@ def _run_into(
     report["export"]["onnx_path"] = str(final / Path(check.path).name)
     dense_check = exported["checks"]["dense"]
     report["export"].update(
-        dense_max_abs_err=dense_check.max_abs_err, dense_passed=dense_check.passed
+        dense_max_abs_err=dense_check.max_abs_err,
+        dense_passed=dense_check.passed,
+        dense_bound=dense_check.bound,
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     plots = _plots(

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_path
+from pipeline.export.tolerance import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +43,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 MIN_OPSET = 17
 _DYNAMO_MIN_OPSET = 18
-_SLIM_TOLERANCE = 1e-5
 _INSTALL_HINT = "pip install 'recede[onnx]'"
 
 
@@ -52,10 +53,12 @@ class OnnxVerification:
     Attributes:
         max_abs_err: Largest absolute difference between ONNX Runtime and PyTorch outputs.
         max_rel_err: ``max_abs_err`` divided by the largest absolute PyTorch output.
-        passed: Whether ``max_abs_err <= atol`` and every output shape matched.
+        passed: Whether the error is within ``tolerance`` and every output shape matched.
         opset: Default-domain opset of the ONNX graph.
         path: The ONNX file that was checked.
         batch_sizes: Batch sizes that were run (two when the batch axis is dynamic).
+        bound: The largest error the tolerance allowed on these outputs.
+        tolerance: The policy applied (``pipeline.export.tolerance``), as a dict.
     """
 
     max_abs_err: float
@@ -64,6 +67,8 @@ class OnnxVerification:
     opset: int
     path: str
     batch_sizes: tuple[int, ...] = ()
+    bound: float = 0.0
+    tolerance: dict[str, Any] | None = None
 
 
 def _import_onnx() -> Any:
@@ -99,7 +104,13 @@ def _evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _trace_to_proto(
-    model: nn.Module, example: torch.Tensor, *, opset: int, dynamic_batch: bool, dynamo: bool
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    opset: int,
+    dynamic_batch: bool,
+    dynamo: bool,
+    half: bool = False,
 ) -> Any:
     """Run the chosen torch exporter on a CPU copy of ``model`` and return the ModelProto."""
     import torch
@@ -110,6 +121,8 @@ def _trace_to_proto(
     clone = copy.deepcopy(model).cpu().eval()
     example = example.detach().cpu()
     fold_corrections_(clone, example)  # one Conv per conv: no correction subgraphs to trace
+    if half:  # CPU half kernels only have to run once, for the trace
+        clone, example = clone.half(), example.half()
     kwargs: dict[str, Any] = {}
     if dynamo:
         kwargs["verbose"] = False  # otherwise it prints its progress to stdout
@@ -152,18 +165,17 @@ def _same_outputs(original: Any, candidate: Any, example: torch.Tensor) -> bool:
     import numpy as np
 
     ort = _import_onnxruntime()
-    feed = {INPUT_NAME: example.detach().cpu().float().numpy()}
-    outputs = []
+    outputs, precision = [], "fp32"
     for proto in (original, candidate):
         session = ort.InferenceSession(
             proto.SerializeToString(), providers=["CPUExecutionProvider"]
         )
-        outputs.append(session.run(None, feed)[0])
+        feed = {INPUT_NAME: _as_input(session, example)}
+        outputs.append(session.run(None, feed)[0].astype(np.float64))
+        precision = onnx_precision(session)
     ref, got = outputs
-    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
-    return ref.shape == got.shape and float(np.abs(ref - got).max(initial=0.0)) <= (
-        _SLIM_TOLERANCE * scale
-    )
+    err = float(np.abs(ref - got).max(initial=0.0)) if ref.shape == got.shape else math.inf
+    return tolerance_for(precision).allows(err, float(np.abs(ref).max(initial=0.0)))
 
 
 def _slimmed_or_original(proto: Any, example: torch.Tensor) -> Any:
@@ -209,6 +221,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     simplify: bool = True,
     dynamo: bool = False,
+    half: bool = False,
 ) -> Path:
     """Export ``model`` to an ONNX file with input ``"input"`` and output ``"output"``.
 
@@ -226,6 +239,8 @@ def export_onnx(
         simplify: Simplify with onnxslim when installed, keeping the result only if it passes
             the checker, keeps the I/O signature and gives the same outputs under ONNX Runtime.
         dynamo: Use the ``torch.export``-based exporter instead of the TorchScript one.
+        half: Export in float16 (weights, activations, input and output): the model is cast
+            to half on the CPU and traced there.
 
     Returns:
         The path of the written file.
@@ -245,7 +260,9 @@ def export_onnx(
     path = Path(path)
     start = time.perf_counter()
     logger.info("ONNX export of %s to %s (opset %d) started", type(model).__name__, path, opset)
-    proto = _trace_to_proto(model, example, opset=opset, dynamic_batch=dynamic_batch, dynamo=dynamo)
+    proto = _trace_to_proto(
+        model, example, opset=opset, dynamic_batch=dynamic_batch, dynamo=dynamo, half=half
+    )
     if simplify:
         proto = _slimmed_or_original(proto, example)
     onnx.checker.check_model(proto, full_check=True)
@@ -287,6 +304,17 @@ def _reference(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch.to(device)).float().cpu()
 
 
+def _as_input(session: Any, batch: torch.Tensor) -> Any:
+    """``batch`` as a numpy array of the session's input type (float16 for an FP16 graph)."""
+    array = batch.detach().cpu().float().numpy()
+    return array.astype("float16") if session.get_inputs()[0].type == "tensor(float16)" else array
+
+
+def onnx_precision(session: Any) -> str:
+    """``fp16`` when the graph takes float16 input, else ``fp32``."""
+    return "fp16" if session.get_inputs()[0].type == "tensor(float16)" else "fp32"
+
+
 def _compare(session: Any, model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
     """Max |ONNX - PyTorch| and max |PyTorch| over ``batches``; inf error on bad shape or NaN."""
     import numpy as np
@@ -295,7 +323,7 @@ def _compare(session: Any, model: nn.Module, batches: list[torch.Tensor]) -> tup
     max_abs, max_ref = 0.0, 0.0
     for batch in batches:
         ref = _reference(model, batch).numpy()
-        got = session.run(None, {input_name: batch.numpy()})[0]
+        got = session.run(None, {input_name: _as_input(session, batch)})[0]
         if got.shape != ref.shape:
             logger.error(
                 "ONNX output shape %s != PyTorch %s at batch %d", got.shape, ref.shape, len(batch)
@@ -312,7 +340,8 @@ def verify_onnx(
     model: nn.Module,
     inputs: torch.Tensor,
     *,
-    atol: float = 1e-4,
+    atol: float | None = None,
+    tolerance: Tolerance | None = None,
 ) -> OnnxVerification:
     """Check an ONNX file and compare ONNX Runtime (CPU) with PyTorch on the same inputs.
 
@@ -323,10 +352,12 @@ def verify_onnx(
         path: ONNX file written by :func:`export_onnx`.
         model: The PyTorch model it came from; run in eval mode, its mode is restored.
         inputs: A batch ``[N, C, H, W]``.
-        atol: Largest acceptable absolute difference.
+        atol: Absolute floor of the tolerance (None: the policy's default).
+        tolerance: The policy to apply; None: ``tolerance_for`` the graph's input precision
+            (fp32 or fp16) with ``atol``.
 
     Returns:
-        The errors, whether they are within ``atol``, and the graph's opset.
+        The errors, whether they are within the tolerance, and the graph's opset.
 
     Raises:
         ImportError: If onnx or onnxruntime is not installed.
@@ -339,20 +370,24 @@ def verify_onnx(
     batches = _batches(inputs.detach().cpu().float(), _batch_is_dynamic(session))
     max_abs, max_ref = _compare(session, model, batches)
     max_rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    tolerance = tolerance or tolerance_for(onnx_precision(session), atol=atol)
     result = OnnxVerification(
         max_abs_err=max_abs,
         max_rel_err=max_rel,
-        passed=max_abs <= atol,
+        passed=tolerance.allows(max_abs, max_ref),
         opset=_default_opset(proto),
         path=str(path),
         batch_sizes=tuple(len(b) for b in batches),
+        bound=tolerance.bound(max_ref),
+        tolerance=tolerance.to_dict(),
     )
     log = logger.info if result.passed else logger.error
     log(
-        "ONNX verification %s: max abs err %.3g (atol %.1g), rel %.3g, batches %s",
+        "ONNX verification %s: max abs err %.3g (allowed %.3g: %s), rel %.3g, batches %s",
         "passed" if result.passed else "FAILED",
         max_abs,
-        atol,
+        result.bound,
+        result.tolerance,
         max_rel,
         result.batch_sizes,
     )

@@ -1,9 +1,15 @@
 """Build a TensorRT engine from an ONNX file, run it on torch CUDA tensors, and time it.
 
 Written against the TensorRT 10 Python API (named I/O tensors, ``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``). TensorRT and a CUDA GPU are optional: without
-them every entry point raises a :class:`RuntimeError` that says what to install, and nothing
-else in recede is affected. ``tensorrt`` is imported only inside the functions that use it.
+``set_tensor_address``, ``execute_async_v3``): ``OnnxParser`` with its errors reported, one
+optimisation profile over the dynamic batch axis, FP16, INT8 with an
+``IInt8EntropyCalibrator2`` fed from dataset batches (deprecated since TensorRT 10.1 in favour of
+explicit Q/DQ graphs, still supported in 10.x), a timing cache that is loaded and saved, and
+verification of the engine's outputs against PyTorch under ``pipeline.export.tolerance``.
+TensorRT and a CUDA GPU are optional: without them every entry point raises a
+:class:`RuntimeError` that says what to install, and nothing else in recede is affected.
+``tensorrt`` is imported only inside the functions that use it; the batching, profile and cache
+logic around it is plain Python, tested on the CPU.
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_path
+from pipeline.export.calibration import CalibrationFeed, entropy_calibrator
+from pipeline.export.tolerance import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +111,14 @@ def _parse_onnx(trt: Any, builder: Any, onnx_path: Path, trt_logger: Any) -> tup
     return network, parser  # the parser must outlive the network's use
 
 
-def _add_profile(builder: Any, network: Any, config: Any, opt_batch: int, max_batch: int) -> None:
-    """Add one optimization profile covering the dynamic batch axis of every input."""
+def _add_profile(
+    builder: Any, network: Any, config: Any, opt_batch: int, max_batch: int, *, calibration: int = 0
+) -> None:
+    """Add one optimization profile covering the dynamic batch axis of every input.
+
+    ``calibration`` > 0 also sets a calibration profile fixed at that batch size: INT8
+    calibration of a dynamic-shape network runs at one shape only.
+    """
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     if all(d >= 1 for t in inputs for d in tuple(t.shape)):
         logger.info("ONNX inputs have static shapes; no optimization profile needed")
@@ -113,6 +129,33 @@ def _add_profile(builder: Any, network: Any, config: Any, opt_batch: int, max_ba
         profile.set_shape(tensor.name, *shapes)
         logger.info("profile for %s: min %s opt %s max %s", tensor.name, *shapes)
     config.add_optimization_profile(profile)
+    if calibration:
+        fixed = builder.create_optimization_profile()
+        for tensor in inputs:
+            shape = profile_shapes(
+                tuple(tensor.shape), opt_batch=calibration, max_batch=calibration
+            )
+            fixed.set_shape(tensor.name, shape[1], shape[1], shape[1])
+        config.set_calibration_profile(fixed)
+
+
+def attach_timing_cache(config: Any, path: str | Path | None) -> Any:
+    """Give ``config`` a timing cache, loaded from ``path`` when that file exists.
+
+    A cache from another TensorRT version or GPU is not trusted (``ignore_mismatch=False``).
+    """
+    blob = Path(path).read_bytes() if path is not None and Path(path).is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, False)
+    logger.info("timing cache: %s", f"{len(blob)} bytes from {path}" if blob else "new")
+    return cache
+
+
+def save_timing_cache(config: Any, path: str | Path) -> Path:
+    """Write ``config``'s timing cache (with what this build measured) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    return Path(path)
 
 
 def _fp16_flag(trt: Any) -> Any:
@@ -131,9 +174,11 @@ def build_engine(
     engine_path: str | Path,
     *,
     fp16: bool = False,
+    int8: CalibrationFeed | None = None,
     max_batch: int = 32,
     opt_batch: int = 1,
     workspace_mib: int = 1024,
+    timing_cache: str | Path | None = None,
 ) -> Path:
     """Build and serialise a TensorRT engine from an ONNX file.
 
@@ -141,9 +186,12 @@ def build_engine(
         onnx_path: ONNX file, typically from :func:`pipeline.export.onnx.export_onnx`.
         engine_path: Destination of the serialised engine, written atomically.
         fp16: Allow FP16 kernels (inputs and outputs stay FP32).
+        int8: Allow INT8 kernels, calibrated by an entropy calibrator on these batches (its
+            cache is kept beside the engine as ``<engine>.calib``).
         max_batch: Largest batch the engine accepts on a dynamic batch axis.
         opt_batch: Batch size the kernels are tuned for.
         workspace_mib: Workspace memory pool limit in MiB.
+        timing_cache: Timing cache file, loaded when it exists and saved after the build.
 
     Returns:
         The engine path.
@@ -166,7 +214,16 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if fp16:
         config.set_flag(_fp16_flag(trt))
-    _add_profile(builder, network, config, opt_batch, max_batch)
+    calibrator = None
+    if int8 is not None:
+        config.set_flag(trt.BuilderFlag.INT8)
+        calibrator = entropy_calibrator(trt, int8, engine_path.with_suffix(".calib"))
+        config.int8_calibrator = calibrator
+    _add_profile(
+        builder, network, config, opt_batch, max_batch, calibration=int8.batch_size if int8 else 0
+    )
+    if timing_cache is not None:
+        attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(
@@ -175,6 +232,8 @@ def build_engine(
         )
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(memoryview(serialized))
+    if timing_cache is not None:
+        save_timing_cache(config, timing_cache)
     logger.info(
         "TensorRT build finished in %.1f s: %s (%.1f MiB)",
         time.perf_counter() - start,
@@ -305,3 +364,61 @@ def engine_latency(
     runner = TrtRunner(engine_path)
     x = torch.randn(batch, *input_shape, device="cuda").to(runner.input_dtype)
     return time_callable(lambda: runner(x), warmup=warmup, runs=runs, sync=torch.cuda.synchronize)
+
+
+@dataclass(frozen=True)
+class EngineVerification:
+    """Engine vs PyTorch on the same inputs, judged by ``pipeline.export.tolerance``."""
+
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+    bound: float
+    tolerance: dict[str, Any]
+    batch_sizes: tuple[int, ...]
+    path: str
+
+
+def verify_engine(
+    engine_path: str | Path,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    tolerance: Tolerance | None = None,
+) -> EngineVerification:
+    """Run the engine and the float32 PyTorch model on ``inputs`` and on a batch one larger.
+
+    Args:
+        engine_path: Serialised engine from :func:`build_engine`.
+        model: The PyTorch model it came from (run on the CPU in eval mode).
+        inputs: A batch ``[N, C, H, W]`` within the engine's profile (N + 1 as well).
+        precision: ``fp32``, ``fp16`` or ``int8``: which tolerance applies.
+        tolerance: Overrides the policy for ``precision``.
+    """
+    import torch
+
+    tolerance = tolerance or tolerance_for(precision)
+    runner = TrtRunner(engine_path)
+    batches = [inputs, torch.cat([inputs, inputs[:1].flip(-1)])]
+    max_abs, max_ref = 0.0, 0.0
+    for batch in batches:
+        with torch.inference_mode():
+            ref = model.cpu().eval()(batch.cpu().float()).double()
+        got = runner(batch).double().cpu()
+        err = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
+        max_abs = max(max_abs, err if err == err else float("inf"))  # NaN must fail
+        max_ref = max(max_ref, float(ref.abs().max()))
+    result = EngineVerification(
+        max_abs,
+        max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf")),
+        tolerance.allows(max_abs, max_ref),
+        tolerance.bound(max_ref),
+        tolerance.to_dict(),
+        tuple(len(b) for b in batches),
+        str(engine_path),
+    )
+    log = logger.info if result.passed else logger.error
+    log("TensorRT verification %s: max abs err %.3g (allowed %.3g)",
+        "passed" if result.passed else "FAILED", max_abs, result.bound)  # fmt: skip
+    return result
