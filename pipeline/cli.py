@@ -178,53 +178,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_tensorrt() -> None:
-    from pipeline.export.tensorrt import tensorrt_available
-
-    if not tensorrt_available():
-        raise UsageError(
-            "--format tensorrt needs the tensorrt package and a CUDA GPU, and this machine "
-            "lacks one; install it with pip install 'recede[tensorrt]' on a machine with an "
-            "NVIDIA GPU, or pass --format onnx"
-        )
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    """Fold BN, export a saved model folder to ONNX (or a TensorRT engine) and verify it."""
-    import torch
+    """Fold BN, export a saved model folder to ONNX, FP16 ONNX and/or a TensorRT engine, verify
+    each against PyTorch, and write a release manifest (into --out, or the folder itself)."""
+    from pipeline.cli_export import export_command
 
-    from pipeline.atomic import check_writable, staged_folder
-    from pipeline.checkpoint import load_pruned, model_folder
-    from pipeline.export.onnx import export_onnx, verify_onnx
-    from pipeline.fold import fold_bn
-    from pipeline.run import VerificationError
-
-    folder = model_folder(args.dir)
-    model, spec = load_pruned(folder)
-    for place in (folder, folder.parent):
-        check_writable(place, "DIR")
-    if args.format == "tensorrt":
-        _check_tensorrt()
-    batch = torch.randn(4, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
-    folded, fold = fold_bn(model, batch)
-    with staged_folder(folder, kind="prune", start="copy") as stage:
-        (stage / "model.engine").unlink(missing_ok=True)  # it was built from the old ONNX
-        path = export_onnx(folded, batch[:2], stage / "model.onnx", opset=args.opset)
-        check = verify_onnx(path, model, batch, atol=args.atol)
-        if not check.passed:
-            raise VerificationError(
-                f"ONNX Runtime differs from PyTorch by {check.max_abs_err:.2e} > --atol "
-                f"{args.atol:.0e}; {folder} is left unchanged"
-            )
-        if args.format == "tensorrt":
-            from pipeline.export.tensorrt import build_engine
-
-            build_engine(path, stage / "model.engine", fp16=args.fp16)
-    print(
-        f"{folder / 'model.onnx'}: opset {check.opset}, folded {len(fold.folded)} BNs, ONNX "
-        f"Runtime max abs err {check.max_abs_err:.2e} (rel {check.max_rel_err:.2e}) -> ok"
-    )
-    return EXIT_OK
+    return export_command(args)
 
 
 def _check_onnx(path: Path) -> None:

@@ -128,15 +128,33 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
 
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder written by `recede prune` or `recede train`")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "onnx-fp16", "tensorrt", "all"),
+        default="onnx",
+        help="all: ONNX, FP16 ONNX and, where TensorRT and a GPU exist, an engine",
+    )
+    p.add_argument(
+        "--out", help="release folder with the artefacts and manifest.json (default: DIR itself)"
+    )
+    _add_force(p)
     p.add_argument("--opset", type=_number(int, 17, 30), default=17)
     p.add_argument(
         "--atol",
         type=_number(float, 0.0, open_="low"),
-        default=1e-4,
-        help="max abs error allowed vs PyTorch",
+        default=None,
+        help="absolute floor of the fp32 tolerance, which is 1e-4 of the output scale plus it",
     )
-    p.add_argument("--fp16", action="store_true", help="TensorRT FP16 engine")
+    p.add_argument("--no-slim", action="store_true", help="do not try onnxslim")
+    p.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="TensorRT INT8 kernels, calibrated on the training data named by the run's config.yaml",
+    )
+    p.add_argument("--max-batch", type=_number(int, 2, 4096), default=32)
+    p.add_argument("--opt-batch", type=_number(int, 1, 4096), default=1)
+    p.add_argument("--calib-batches", type=_number(int, 1, 10000), default=16)
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:

@@ -87,6 +87,7 @@ def write_manifest(
     *,
     config: Mapping[str, Any],
     metrics: Mapping[str, Any],
+    export: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/manifest.json`` describing ``artefacts``.
 
@@ -96,6 +97,8 @@ def write_manifest(
             relative to ``out_dir``.
         config: The resolved run configuration.
         metrics: Measured results (accuracy, MACs, export error, ...).
+        export: How the artefacts were made, for a release: opset, builder flags, input spec,
+            and each artefact's verification (error, bound, tolerance). Omitted when None.
 
     Returns:
         The manifest path.
@@ -112,6 +115,8 @@ def write_manifest(
         "config": dict(config),
         "metrics": dict(metrics),
     }
+    if export is not None:
+        manifest["export"] = dict(export)
     path = write_json_atomic(out / MANIFEST_NAME, manifest)
     logger.info("wrote %s (%d artefacts)", path, len(artefacts))
     return path

@@ -50,6 +50,11 @@ def _missing_backend_reason() -> str | None:
     return None
 
 
+def unavailable_reason() -> str | None:
+    """Why TensorRT cannot run here (package or GPU missing), or None when it can."""
+    return _missing_backend_reason()
+
+
 def tensorrt_available() -> bool:
     """Whether TensorRT is importable and a CUDA GPU is usable by torch."""
     return _missing_backend_reason() is None
