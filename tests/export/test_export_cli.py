@@ -124,3 +124,19 @@ def test_all_warns_when_it_skips_tensorrt(pruned, tmp_path, capsys, caplog) -> N
     with caplog.at_level("WARNING"):
         assert main(["export", str(pruned), "--format", "all", "--out", str(tmp_path / "r")]) == 0
     assert "skipping TensorRT" in caplog.text and "recede[tensorrt]" in caplog.text
+
+
+def test_unwritable_out_is_refused_before_any_work(pruned, tmp_path, capsys, monkeypatch) -> None:
+    import pipeline.atomic
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    real = pipeline.atomic._unwritable_reason
+    monkeypatch.setattr(  # root writes anywhere: make the folder report itself read-only
+        pipeline.atomic,
+        "_unwritable_reason",
+        lambda folder: "read-only file system" if folder == parent else real(folder),
+    )
+    argv = ["export", str(pruned), "--format", "all", "--out", str(parent / "release")]
+    _refused(argv, capsys, "cannot write in")
+    assert list(parent.iterdir()) == []
