@@ -131,7 +131,7 @@ def _write(stage: Path, folder: Path, out: Path, loaded: tuple, options: Any, ca
     write_manifest(
         stage,
         {name: stage / rel for name, rel in release.files.items()},
-        config=_release_config(folder, stage, spec, options),
+        config=_release_config(folder, out, spec, options),
         metrics=metrics,
         export=release.details,
     )
