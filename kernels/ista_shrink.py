@@ -100,6 +100,23 @@ def _thresholds(
     return [float(lr) * rho * float(lam) for lr, lam in zip(lrs, lambdas, strict=True)]
 
 
+@torch.library.custom_op("recede::ista_shrink_", mutates_args=("params",))
+def _shrink_op(params: list[torch.Tensor], thresholds: list[float], backend: str) -> None:
+    """One op per step: shrink every layer in place; ``backend`` is resolved."""
+    if backend == "triton":
+        flat = _packing.pack(params)
+        ista_shrink_triton_(flat, thresholds, _packing.sizes_of(params))
+        _packing.copy_flat_(params, flat)
+        return
+    for p, thr in zip(params, thresholds, strict=True):
+        p.copy_(ista_shrink_ref(p, thr))
+
+
+@_shrink_op.register_fake
+def _(params, thresholds, backend):
+    return None
+
+
 @torch.no_grad()
 def ista_shrink_(
     params: Sequence[torch.Tensor],
@@ -124,10 +141,4 @@ def ista_shrink_(
     thresholds = _thresholds(len(params), lrs, lambdas, rho)
     if device is None:
         return
-    if resolve_backend(backend, device) == "triton":
-        flat = _packing.pack(params)
-        ista_shrink_triton_(flat, thresholds, _packing.sizes_of(params))
-        _packing.copy_flat_(params, flat)
-        return
-    for p, thr in zip(params, thresholds, strict=True):
-        p.copy_(ista_shrink_ref(p, thr))
+    _shrink_op(list(params), thresholds, resolve_backend(backend, device))

@@ -66,6 +66,22 @@ def l1_penalty_triton(flat: torch.Tensor, *, strength: float) -> tuple[torch.Ten
     return partial.sum(), grad
 
 
+@torch.library.custom_op("recede::l1_penalty_", mutates_args=("grads",))
+def _penalty_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], strength: float, backend: str
+) -> torch.Tensor:
+    """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
+    impl = l1_penalty_triton if backend == "triton" else l1_penalty_ref
+    value, grad = impl(_packing.pack(params), strength=strength)
+    _packing.add_flat_(grads, grad.reshape(-1))
+    return value
+
+
+@_penalty_op.register_fake
+def _(params, grads, strength, backend):
+    return params[0].new_empty((), dtype=torch.float32)
+
+
 @torch.no_grad()
 def l1_penalty_(
     params: Sequence[torch.Tensor], *, strength: float, backend: str = "auto"
@@ -86,7 +102,5 @@ def l1_penalty_(
     strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
-    impl = l1_penalty_triton if resolve_backend(backend, device) == "triton" else l1_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength)
-    _packing.add_flat_grad_(params, grad.reshape(-1))
-    return value
+    resolved = resolve_backend(backend, device)
+    return _penalty_op(list(params), _packing.grads_of(params), strength, resolved)
