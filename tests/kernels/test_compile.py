@@ -1,0 +1,98 @@
+"""torch.compile over recede's ops on the CPU: a bounded-BN model's training forward and
+backward match eager (torch reference and interpreted Triton custom ops, the latter with
+``fullgraph=True``: no graph break at the ops), the penalty op compiles, and
+``train.compile`` wraps without copying. Inductor, slow on 2 cores, runs in one slow test."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.receding_penalty import receding_penalty_
+from pipeline.bounded_bn import BoundedBatchNorm2d, fuse_bn_relu_
+from pipeline.config import TrainConfig
+from pipeline.train import maybe_compile
+
+FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance
+
+
+def _model(backend: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        BoundedBatchNorm2d(8, shift=True, backend=backend),
+        nn.ReLU(),
+        nn.Conv2d(8, 7, 3, padding=1, bias=False),
+        BoundedBatchNorm2d(7, backend=backend),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(7, 3),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BoundedBatchNorm2d):
+                m.weight.normal_()
+    return model.train()
+
+
+def _compiled_matches_eager(backend: str, compiler: str, *, fuse: bool, fullgraph: bool):
+    eager = _model(backend)
+    x = torch.randn(4, 3, 8, 8)
+    if fuse:
+        fuse_bn_relu_(eager, x)
+    plain = copy.deepcopy(eager)
+    compiled = torch.compile(eager, backend=compiler, fullgraph=fullgraph)
+    for step in range(2):  # twice: the second call runs the cached graph
+        xs = x + step
+        want, got = plain(xs), compiled(xs)
+        want.square().sum().backward()
+        got.square().sum().backward()
+        torch.testing.assert_close(got, want, **FP32)
+    for (name, p), q in zip(plain.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, **FP32, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(c, b, **FP32, msg=name)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["bn_relu", "fused"])
+def test_compiled_reference_model_matches_eager(fuse):
+    _compiled_matches_eager("torch", "aot_eager", fuse=fuse, fullgraph=False)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["bn_relu", "fused"])
+def test_compiled_triton_ops_are_single_nodes(fuse, device, triton_backend):
+    if device.type != "cpu":
+        pytest.skip("the model is built on the CPU (interpreted kernels)")
+    _compiled_matches_eager(triton_backend, "aot_eager", fuse=fuse, fullgraph=True)
+
+
+def test_compiled_penalty_step_matches_eager():
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(n, generator=gen) * 3) for n in (1, 7, 4099)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    for p in params + twins:
+        p.grad = torch.ones_like(p)
+
+    def step(ps):
+        return receding_penalty_(ps, strength=0.1, backend="torch")
+
+    want = step(params)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(twins)
+    torch.testing.assert_close(got, want)
+    for p, q in zip(twins, params, strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_maybe_compile_wraps_only_when_asked():
+    model = _model("torch")
+    assert maybe_compile(model, TrainConfig()) is model
+    wrapped = maybe_compile(model, TrainConfig(compile=True), backend="aot_eager")
+    assert wrapped is not model and wrapped._orig_mod is model
+    assert all(a is b for a, b in zip(wrapped.parameters(), model.parameters(), strict=True))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_model_matches_eager():
+    _compiled_matches_eager("torch", "inductor", fuse=True, fullgraph=False)
