@@ -15,7 +15,6 @@ BACKENDS = ("auto", "torch", "triton")
 _TRUE = ("1", "true", "on", "yes")
 
 
-@torch.compiler.assume_constant_result  # torch.compile reads it once, without tracing it
 @functools.cache
 def triton_importable() -> bool:
     """True when ``import triton`` succeeds (checked once, on first use)."""
