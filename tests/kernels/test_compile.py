@@ -37,9 +37,11 @@ def _model(backend: str) -> nn.Sequential:
     return model.train()
 
 
-def _compiled_matches_eager(backend: str, compiler: str, *, fuse: bool, fullgraph: bool):
-    eager = _model(backend)
-    x = torch.randn(4, 3, 8, 8)
+def _compiled_matches_eager(
+    backend: str, compiler: str, *, fuse: bool, fullgraph: bool, device: str = "cpu"
+):
+    eager = _model(backend).to(device)
+    x = torch.randn(4, 3, 8, 8, device=device)
     if fuse:
         fuse_bn_relu_(eager, x)
     plain = copy.deepcopy(eager)
@@ -63,9 +65,7 @@ def test_compiled_reference_model_matches_eager(fuse):
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["bn_relu", "fused"])
 def test_compiled_triton_ops_are_single_nodes(fuse, device, triton_backend):
-    if device.type != "cpu":
-        pytest.skip("the model is built on the CPU (interpreted kernels)")
-    _compiled_matches_eager(triton_backend, "aot_eager", fuse=fuse, fullgraph=True)
+    _compiled_matches_eager(triton_backend, "aot_eager", fuse=fuse, fullgraph=True, device=device)
 
 
 def test_compiled_penalty_step_matches_eager():
@@ -96,3 +96,35 @@ def test_maybe_compile_wraps_only_when_asked():
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager():
     _compiled_matches_eager("torch", "inductor", fuse=True, fullgraph=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_captures_the_triton_training_pass():
+    from kernels._dispatch import interpreting
+
+    if not torch.cuda.is_available() or interpreting():
+        pytest.skip("needs a CUDA device and compiled kernels (make test-gpu)")
+    model = _model("triton").cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: kernels compiled, caches filled
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.cuda.graph(graph):
+        out = model(x)
+        out.square().sum().backward()
+    for p in model.parameters():
+        p.grad.zero_()
+    graph.replay()
+    want = reference(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, **FP32)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, **FP32, msg=name)
