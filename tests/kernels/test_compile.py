@@ -128,3 +128,30 @@ def test_cuda_graph_captures_the_triton_training_pass():
     torch.testing.assert_close(out, want, **FP32)
     for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, **FP32, msg=name)
+
+
+@pytest.mark.slow
+def test_train_with_compile_matches_eager_training():
+    """``train.compile: true`` end to end: one epoch of ``train_`` (penalty and budget
+    controller included) gives the eager run's losses and weights within tolerance."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import DataBundle
+    from pipeline.polarise import Polariser
+    from pipeline.train import train_
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 3, (32,)))
+    bundle = DataBundle(DataLoader(data, batch_size=8), DataLoader(data, batch_size=16), 3, 3, 8)
+    runs = []
+    for compile_ in (False, True):
+        cfg = TrainConfig(device="cpu", compile=compile_, target=0.3, lr=0.01)
+        model = _model("torch")
+        pol = Polariser.prepare(model, torch.randn(1, 3, 8, 8), cfg, total_steps=4, convert=False)
+        logs = train_(model, bundle, cfg, epochs=1, lr=0.01, polariser=pol)
+        runs.append((logs[0], model.state_dict()))
+    (eager_log, eager_state), (compiled_log, compiled_state) = runs
+    assert compiled_log.loss == pytest.approx(eager_log.loss, rel=1e-4)
+    assert compiled_log.penalty == pytest.approx(eager_log.penalty, rel=1e-4)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, **FP32, msg=name)
