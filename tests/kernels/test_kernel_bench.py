@@ -9,13 +9,14 @@ TINY = ["--device", "cpu", "--batch-size", "2", "--image-size", "16", "--steps",
 
 
 def test_cpu_run_prints_a_row_per_variant(capsys):
-    bench.main([*TINY, "--warmup", "0", "--compile-backend", "aot_eager"])
+    bench.main([*TINY, "--warmup", "1", "--compile-backend", "aot_eager"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| vgg10 b2 16px")]
     assert [row.split("|")[2].strip() for row in rows] == ["eager", "compile"]
     for row in rows:
         step_ms, speedup, penalty_ms, share = (float(c) for c in row.split("|")[3:7])
-        assert step_ms > 0 and speedup > 0 and 0 < penalty_ms < step_ms and 0 < share < 100
+        assert step_ms > 0 and speedup > 0 and 0 < penalty_ms < step_ms
+        assert share == pytest.approx(100 * penalty_ms / step_ms, abs=0.006)  # printed .2f
 
 
 def test_bounded_model_fuses_bn_relu_only_for_triton(device, triton_backend):
