@@ -68,6 +68,18 @@ def test_compiled_triton_ops_are_single_nodes(fuse, device, triton_backend):
     _compiled_matches_eager(triton_backend, "aot_eager", fuse=fuse, fullgraph=True, device=device)
 
 
+def test_compiled_graph_holds_the_custom_ops(device, triton_backend):
+    graphs = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    model = _model(triton_backend).to(device)
+    torch.compile(model, backend=record, fullgraph=True)(torch.randn(4, 3, 8, 8, device=device))
+    assert len(graphs) == 1 and graphs[0].count("torch.ops.recede.bounded_bn_forward") == 2
+
+
 def test_compiled_penalty_step_matches_eager():
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(n, generator=gen) * 3) for n in (1, 7, 4099)]
