@@ -66,8 +66,7 @@ def l1_penalty_triton(flat: torch.Tensor, *, strength: float) -> tuple[torch.Ten
     return partial.sum(), grad
 
 
-@torch.library.custom_op("recede::l1_penalty_", mutates_args=("grads",))
-def _penalty_op(
+def _apply(
     params: list[torch.Tensor], grads: list[torch.Tensor], strength: float, backend: str
 ) -> torch.Tensor:
     """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
@@ -75,6 +74,10 @@ def _penalty_op(
     value, grad = impl(_packing.pack(params), strength=strength)
     _packing.add_flat_(grads, grad.reshape(-1))
     return value
+
+
+# Under torch.compile the step sees one op; eager calls skip the custom op's dispatch cost.
+_penalty_op = torch.library.custom_op("recede::l1_penalty_", _apply, mutates_args=("grads",))
 
 
 @_penalty_op.register_fake
@@ -103,4 +106,5 @@ def l1_penalty_(
     if device is None:
         return torch.zeros((), dtype=torch.float32)
     resolved = resolve_backend(backend, device)
-    return _penalty_op(list(params), _packing.grads_of(params), strength, resolved)
+    op = _penalty_op if torch.compiler.is_compiling() else _apply
+    return op(list(params), _packing.grads_of(params), strength, resolved)
