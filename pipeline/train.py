@@ -87,8 +87,9 @@ def maybe_compile(model: nn.Module, cfg: TrainConfig, backend: str = "inductor")
     stages after training keep using the plain ``model``. AOTAutograd compiles forward and
     backward; recede's bounded BN enters the graph as one ``recede::bounded_bn_forward`` /
     ``_backward`` op per layer on the Triton backend, and as ``F.batch_norm`` on the torch
-    reference (CPU), which inductor fuses itself. The penalty is one ``recede::`` op per step
-    and runs, with the budget controller, between backward and the optimizer step.
+    reference (CPU), which inductor fuses itself. The penalty, the budget controller (Python
+    bookkeeping with host syncs) and the optimizer step stay eager, between backward and the
+    next step.
     """
     if not cfg.compile:
         return model
