@@ -6,7 +6,9 @@ importable and the reference otherwise. Importing this package never imports tri
 
 Ops: ``bounded_bn`` (fused bounded BN + ReLU, forward and backward), ``receding_penalty``,
 ``l1_penalty`` and ``polarization_penalty`` (value plus gradient added into ``.grad``, one
-launch for all layers), ``ista_shrink`` (proximal step, one launch for all layers). Shared:
-``_packing`` (the flat buffer the one-launch ops work on) and ``_dispatch`` (backend choice).
-``python -m kernels.bench`` times them.
+launch for all layers), ``ista_shrink`` (proximal step, one launch for all layers). Importing an
+op's module registers it as a PyTorch custom op, ``torch.ops.recede.<name>``, so
+``torch.compile`` and CUDA graphs see one op per call. Shared: ``_packing`` (the flat buffer the
+one-launch ops work on), ``_dispatch`` (backend choice) and ``_bounded_bn_kernels``.
+``python -m kernels.bench`` times them and whole training steps.
 """

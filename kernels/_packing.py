@@ -87,16 +87,26 @@ def _views_like(params: Sequence[torch.Tensor], flat: torch.Tensor) -> list[torc
     return [v.view_as(p).to(p.dtype) for v, p in zip(views, params, strict=True)]
 
 
+def grads_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each param's ``.grad``, a missing one allocated as zeros first (so ``existing + penalty``)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def add_flat_(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Add ``flat`` (laid out like :func:`pack` of ``tensors``) into each tensor, in place."""
+    torch._foreach_add_(list(tensors), _views_like(tensors, flat))
+
+
 def add_flat_grad_(params: Sequence[torch.Tensor], flat_grad: torch.Tensor) -> None:
     """Add ``flat_grad`` (laid out like :func:`pack`) into each ``p.grad``, in place.
 
     A missing ``.grad`` is allocated as zeros first, so the result is always "existing grad
     plus penalty grad", like decoupled weight decay. Parameter identity is never touched.
     """
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    torch._foreach_add_([p.grad for p in params], _views_like(params, flat_grad))
+    add_flat_(grads_of(params), flat_grad)
 
 
 def copy_flat_(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:

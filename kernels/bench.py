@@ -1,10 +1,15 @@
-"""Benchmark the kernel ops; run as ``python -m kernels.bench [--device cpu|cuda]``.
+"""Benchmark the kernel ops and whole training steps; run as ``python -m kernels.bench``.
 
-On CUDA: ``triton.testing.do_bench`` of each op, Triton against torch eager, and of a whole
-training step of a small bounded-BN CNN with and without the fused kernels. On CPU, where only
-the references run: the share of a training step spent in the penalty path, for the receding
-penalty over the bounded-BN logits of that CNN (10 conv layers, 32x32 inputs, batch 64), plus
-the other penalty ops for comparison. Prints a markdown table. Never run as a test.
+Training steps (both devices): forward, cross-entropy, backward, the receding penalty over every
+bounded-BN logit, SGD step; for each case, ``eager`` (torch reference BN and penalty), ``triton``
+(the ``recede::`` custom ops, BN+ReLU fused where the graph allows) and ``compile``
+(``torch.compile`` of the Triton model), with the median of ``--steps`` steps after
+``--warmup`` and the penalty path's median time and share of the step. Cases: ``vgg10`` (the
+launch-bound 10-conv CNN, 32 px, batch 64), ``resnet50`` (torchvision, 224 px, batch 64) and
+``vgg16`` (CIFAR VGG-16, 32 px, batch 256), the last two GPU-bound. ``--device cpu`` runs the
+torch variants only (Triton compiles for CUDA), by default on ``vgg10`` at a small size.
+On CUDA also ``triton.testing.do_bench`` of each op, Triton against torch eager. Prints
+markdown tables. Never run as a test (a smoke test runs it at tiny sizes).
 """
 
 from __future__ import annotations
@@ -40,48 +45,58 @@ RESNET50_BN = (
 )
 
 
-class BoundedBN(nn.Module):
-    """Minimal bounded BN + ReLU for the benchmark model (pipeline has the real module)."""
-
-    def __init__(self, channels: int, backend: str) -> None:
-        super().__init__()
-        self.logit = nn.Parameter(torch.zeros(channels))
-        self.shift = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-        self.backend = backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bounded_batch_norm(
-            x,
-            self.logit,
-            self.shift,
-            self.running_mean,
-            self.running_var,
-            training=self.training,
-            momentum=0.1,
-            eps=1e-5,
-            relu=True,
-            backend=self.backend,
-        )
+CASES = {"vgg10": (64, 32), "resnet50": (64, 224), "vgg16": (256, 32)}  # batch, image size
+VARIANTS = ("eager", "triton", "compile")
 
 
-def build_cnn(backend: str = "torch", num_classes: int = 10) -> nn.Sequential:
-    """The 10-conv VGG-style CNN of :data:`VGG10`, bounded BN + ReLU after each conv."""
+def build_cnn(num_classes: int = 10) -> nn.Sequential:
+    """The 10-conv VGG-style CNN of :data:`VGG10`: conv, BN, ReLU per layer (plain BN)."""
     layers: list[nn.Module] = []
     channels = 3
     for width in VGG10:
         if width == "M":
             layers.append(nn.MaxPool2d(2))
             continue
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), BoundedBN(width, backend)]
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)]
+        layers.append(nn.ReLU(inplace=True))
         channels = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
 
 
+def _build(case: str) -> nn.Module:
+    if case == "vgg10":
+        return build_cnn()
+    if case == "vgg16":
+        from pipeline.models import VGG
+
+        return VGG(16, 10, 3, 1.0)
+    import torchvision
+
+    return torchvision.models.resnet50(weights=None, num_classes=1000)
+
+
+def bounded_model(case: str, backend: str, example: torch.Tensor) -> nn.Module:
+    """``case`` with bounded BN on ``backend``, on ``example``'s device; BN+ReLU fused for
+    Triton (the pairs torch.fx finds; ResNet-50's shared ReLUs stay separate)."""
+    from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_, fuse_bn_relu_
+
+    torch.manual_seed(0)
+    model = _build(case)
+    convert_to_bounded_bn_(model)
+    for m in model.modules():
+        if isinstance(m, BoundedBatchNorm2d):
+            m.backend = backend
+    model.to(example.device).train()
+    if backend == "triton":
+        fuse_bn_relu_(model, example)
+    return model.train()
+
+
 def _logits(model: nn.Module) -> list[torch.Tensor]:
-    return [m.logit for m in model.modules() if isinstance(m, BoundedBN)]
+    from pipeline.bounded_bn import BoundedBatchNorm2d
+
+    return [m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d)]
 
 
 def _penalty_ops(backend: str) -> dict[str, Callable[[list[torch.Tensor]], object]]:
@@ -98,54 +113,59 @@ def _penalty_ops(backend: str) -> dict[str, Callable[[list[torch.Tensor]], objec
     }
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in ms over ``steps`` calls after ``warmup``, synchronised."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
-def cpu_penalty_share(batch_size: int = 64, steps: int = 8, warmup: int = 2) -> list[dict]:
-    """Median time of a training step and of each penalty op run inside it, on the CPU.
-
-    Each step is forward, backward, the penalty ops, and the optimizer step; an op's share is
-    its time over (the step without penalty ops + that op), i.e. its share of a real step.
-    """
-    torch.manual_seed(0)
-    model = build_cnn("torch").train()
+def step_timing(case: str, variant: str, shape: tuple[int, int], opts: argparse.Namespace) -> dict:
+    """One row: median step time, and the penalty path's time and share, for one variant."""
+    device = torch.device(opts.device)
+    batch, size = shape
+    x = torch.randn(batch, 3, size, size, device=device)
+    backend = "triton" if variant != "eager" and device.type == "cuda" else "torch"
+    model = bounded_model(case, backend, x)
+    y = torch.randint(0, 10, (batch,), device=device)
+    run = torch.compile(model, backend=opts.compile_backend) if variant == "compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
-    logits, ops = _logits(model), _penalty_ops("torch")
-    base: list[float] = []
-    op_times: dict[str, list[float]] = {name: [] for name in ops}
-    for step in range(warmup + steps):
-        opt.zero_grad(set_to_none=True)
-        fwd_bwd = _timed(lambda: F.cross_entropy(model(x), y).backward())
-        spent = {name: _timed(lambda op=op: op(logits)) for name, op in ops.items()}
-        base_step = fwd_bwd + _timed(opt.step)
-        if step >= warmup:
-            base.append(base_step)
-            for name, seconds in spent.items():
-                op_times[name].append(seconds)
-    step_s = statistics.median(base)
-    rows = [{"op": "training step (no penalty)", "ms": 1e3 * step_s, "share": None}]
-    for name, times in op_times.items():
-        op_s = statistics.median(times)
-        rows.append({"op": name, "ms": 1e3 * op_s, "share": 100.0 * op_s / (step_s + op_s)})
-    return rows
-
-
-def _cuda_step(model: nn.Module, opt: torch.optim.Optimizer, backend: str) -> Callable[[], None]:
-    x = torch.randn(64, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 10, (64,), device="cuda")
     logits = _logits(model)
+
+    def penalty() -> None:
+        receding_penalty_(logits, strength=1e-4, backend=backend)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        receding_penalty_(logits, strength=1e-4, backend=backend)
+        F.cross_entropy(run(x), y).backward()
+        penalty()
         opt.step()
 
-    return step
+    step_ms = median_ms(step, opts.steps, opts.warmup, device)
+    penalty_ms = median_ms(penalty, opts.steps, opts.warmup, device)
+    row = {"case": f"{case} b{batch} {size}px", "variant": variant, "step": step_ms}
+    return {**row, "penalty": penalty_ms, "share": 100.0 * penalty_ms / step_ms}
+
+
+def step_timings(opts: argparse.Namespace) -> list[dict]:
+    """Rows of :func:`step_timing` per case and variant, with the speed-up over eager."""
+    rows = []
+    for case in opts.cases:
+        batch, size = CASES[case]
+        shape = (opts.batch_size or batch, opts.image_size or size)
+        case_rows = [step_timing(case, v, shape, opts) for v in opts.variants]
+        eager = next((r["step"] for r in case_rows if r["variant"] == "eager"), None)
+        for row in case_rows:
+            row["speedup"] = None if eager is None else eager / row["step"]
+        rows += case_rows
+    return rows
 
 
 def cuda_op_timings() -> list[dict]:
@@ -192,13 +212,6 @@ def cuda_op_timings() -> list[dict]:
             "triton": bench(bn("triton")),
         }
     )
-    times = {}
-    for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        model = build_cnn(backend).cuda().train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        times[backend] = bench(_cuda_step(model, opt, backend))
-    rows.append({"op": "training step, VGG10 batch 64 (+ receding)", **times})
     return rows
 
 
@@ -215,18 +228,43 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the options, run the benchmark for the device, print a markdown table."""
+    """Parse the options, run the benchmark for the device, print markdown tables."""
     parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
     default = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default)
-    parser.add_argument("--batch-size", type=int, default=64, help="CPU run only")
-    parser.add_argument("--steps", type=int, default=8, help="timed CPU steps")
-    args = parser.parse_args(argv)
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
-        rows = cuda_op_timings()
-        for row in rows:
+    parser.add_argument(
+        "--cases", type=lambda v: v.split(","), default=None, help="of " + ",".join(CASES)
+    )
+    parser.add_argument("--variants", type=lambda v: v.split(","), default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="override every case's")
+    parser.add_argument("--image-size", type=int, default=None, help="override every case's")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (cuda 50, cpu 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="(cuda 10, cpu 2)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--no-ops", action="store_true", help="skip the per-op table (cuda)")
+    opts = parser.parse_args(argv)
+    cuda = opts.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device; use --device cpu")
+    opts.cases = opts.cases or (list(CASES) if cuda else ["vgg10"])
+    opts.variants = opts.variants or (list(VARIANTS) if cuda else ["eager", "compile"])
+    bad = sorted(set(opts.cases) - set(CASES)) + sorted(set(opts.variants) - set(VARIANTS))
+    if bad or (not cuda and "triton" in opts.variants):
+        parser.error(
+            f"cases come from {list(CASES)}, variants from {list(VARIANTS)} ('triton' "
+            f"needs --device cuda); got {bad or ['triton']}"
+        )
+    opts.steps = opts.steps or (50 if cuda else 5)
+    opts.warmup = opts.warmup if opts.warmup is not None else (10 if cuda else 2)
+    where = (
+        f"GPU: {torch.cuda.get_device_name()}"
+        if cuda
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"{where}; median of {opts.steps} steps after {opts.warmup}\n")
+    if cuda and not opts.no_ops:
+        ops = cuda_op_timings()
+        for row in ops:
             row["speedup"] = row["torch"] / row["triton"]
         cols = [
             ("op", "op", "s"),
@@ -234,19 +272,16 @@ def main(argv: list[str] | None = None) -> None:
             ("triton", "triton (ms)", ".3f"),
             ("speedup", "speed-up", ".2f"),
         ]
-        print(f"GPU: {torch.cuda.get_device_name()}\n\n" + _table(rows, cols))
-        return
-    threads = torch.get_num_threads()
-    rows = cpu_penalty_share(batch_size=args.batch_size, steps=args.steps)
+        print(_table(ops, cols) + "\n")
     cols = [
-        ("op", "op (torch reference)", "s"),
-        ("ms", "ms per step", ".3f"),
-        ("share", "share of step (%)", ".3f"),
+        ("case", "training step", "s"),
+        ("variant", "variant", "s"),
+        ("step", "ms per step", ".2f"),
+        ("speedup", "vs eager", ".2f"),
+        ("penalty", "penalty ms", ".3f"),
+        ("share", "penalty share (%)", ".2f"),
     ]
-    print(
-        f"CPU, {threads} threads, VGG10 at 32x32, batch {args.batch_size}, "
-        f"median of {args.steps} steps\n\n" + _table(rows, cols)
-    )
+    print(_table(step_timings(opts), cols))
 
 
 if __name__ == "__main__":

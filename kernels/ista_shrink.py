@@ -100,6 +100,26 @@ def _thresholds(
     return [float(lr) * rho * float(lam) for lr, lam in zip(lrs, lambdas, strict=True)]
 
 
+def _apply(params: list[torch.Tensor], thresholds: list[float], backend: str) -> None:
+    """One op per step: shrink every layer in place; ``backend`` is resolved."""
+    if backend == "triton":
+        flat = _packing.pack(params)
+        ista_shrink_triton_(flat, thresholds, _packing.sizes_of(params))
+        _packing.copy_flat_(params, flat)
+        return
+    for p, thr in zip(params, thresholds, strict=True):
+        p.copy_(ista_shrink_ref(p, thr))
+
+
+# Under torch.compile the step sees one op; eager calls skip the custom op's dispatch cost.
+_shrink_op = torch.library.custom_op("recede::ista_shrink_", _apply, mutates_args=("params",))
+
+
+@_shrink_op.register_fake
+def _(params, thresholds, backend):
+    return None
+
+
 @torch.no_grad()
 def ista_shrink_(
     params: Sequence[torch.Tensor],
@@ -124,10 +144,5 @@ def ista_shrink_(
     thresholds = _thresholds(len(params), lrs, lambdas, rho)
     if device is None:
         return
-    if resolve_backend(backend, device) == "triton":
-        flat = _packing.pack(params)
-        ista_shrink_triton_(flat, thresholds, _packing.sizes_of(params))
-        _packing.copy_flat_(params, flat)
-        return
-    for p, thr in zip(params, thresholds, strict=True):
-        p.copy_(ista_shrink_ref(p, thr))
+    op = _shrink_op if torch.compiler.is_compiling() else _apply
+    op(list(params), thresholds, resolve_backend(backend, device))

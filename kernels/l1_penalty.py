@@ -66,6 +66,25 @@ def l1_penalty_triton(flat: torch.Tensor, *, strength: float) -> tuple[torch.Ten
     return partial.sum(), grad
 
 
+def _apply(
+    params: list[torch.Tensor], grads: list[torch.Tensor], strength: float, backend: str
+) -> torch.Tensor:
+    """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
+    impl = l1_penalty_triton if backend == "triton" else l1_penalty_ref
+    value, grad = impl(_packing.pack(params), strength=strength)
+    _packing.add_flat_(grads, grad.reshape(-1))
+    return value
+
+
+# Under torch.compile the step sees one op; eager calls skip the custom op's dispatch cost.
+_penalty_op = torch.library.custom_op("recede::l1_penalty_", _apply, mutates_args=("grads",))
+
+
+@_penalty_op.register_fake
+def _(params, grads, strength, backend):
+    return params[0].new_empty((), dtype=torch.float32)
+
+
 @torch.no_grad()
 def l1_penalty_(
     params: Sequence[torch.Tensor], *, strength: float, backend: str = "auto"
@@ -86,7 +105,6 @@ def l1_penalty_(
     strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
-    impl = l1_penalty_triton if resolve_backend(backend, device) == "triton" else l1_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength)
-    _packing.add_flat_grad_(params, grad.reshape(-1))
-    return value
+    resolved = resolve_backend(backend, device)
+    op = _penalty_op if torch.compiler.is_compiling() else _apply
+    return op(list(params), _packing.grads_of(params), strength, resolved)

@@ -97,6 +97,27 @@ def polarization_penalty_triton(
     return sums[0], grad
 
 
+def _apply(
+    params: list[torch.Tensor], grads: list[torch.Tensor], strength: float, t: float, backend: str
+) -> torch.Tensor:
+    """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
+    impl = polarization_penalty_triton if backend == "triton" else polarization_penalty_ref
+    value, grad = impl(_packing.pack(params), strength=strength, t=t)
+    _packing.add_flat_(grads, grad.reshape(-1))
+    return value
+
+
+# Under torch.compile the step sees one op; eager calls skip the custom op's dispatch cost.
+_penalty_op = torch.library.custom_op(
+    "recede::polarization_penalty_", _apply, mutates_args=("grads",)
+)
+
+
+@_penalty_op.register_fake
+def _(params, grads, strength, t, backend):
+    return params[0].new_empty((), dtype=torch.float32)
+
+
 @torch.no_grad()
 def polarization_penalty_(
     params: Sequence[torch.Tensor],
@@ -125,8 +146,6 @@ def polarization_penalty_(
     t = _packing.check_scalar(t, "t", _OP, minimum=0.0)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
-    use_triton = resolve_backend(backend, device) == "triton"
-    impl = polarization_penalty_triton if use_triton else polarization_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength, t=t)
-    _packing.add_flat_grad_(params, grad.reshape(-1))
-    return value
+    resolved = resolve_backend(backend, device)
+    op = _penalty_op if torch.compiler.is_compiling() else _apply
+    return op(list(params), _packing.grads_of(params), strength, t, resolved)

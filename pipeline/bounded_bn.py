@@ -7,6 +7,10 @@ paper's reference code, so a channel's whole contribution is scaled by its impor
 ``convert_to_bounded_bn_`` swaps every ``nn.BatchNorm2d`` for a freshly initialised bounded one.
 It is meant for models trained from scratch: it does NOT preserve a trained model's function (the
 learned gamma is discarded). Function-preserving conversion of trained models is a separate step.
+
+``fuse_bn_relu_`` moves an ``nn.ReLU`` that only a bounded BN feeds into the BN (its ``relu``
+flag; the ReLU becomes a ``ReLUFusedIntoBN`` identity), so training runs the fused BN+ReLU
+kernel; ``unfuse_bn_relu_`` puts the ReLUs back, for pruning, folding and export.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class BoundedBatchNorm2d(nn.Module):
         shift: learn a per-channel shift beta.
         init_logit: initial logit; 0 gives importance 0.5.
         backend: kernel backend for training mode ("auto", "torch", "triton").
+        relu: apply a ReLU to the output (set by ``fuse_bn_relu_``); the output equals BN then
+            ``F.relu`` exactly, in eval mode by computing just that.
     """
 
     def __init__(
@@ -45,9 +51,11 @@ class BoundedBatchNorm2d(nn.Module):
         shift: bool = False,
         init_logit: float = 0.0,
         backend: str = "auto",
+        relu: bool = False,
     ) -> None:
         super().__init__()
         self.num_features = num_features
+        self.relu = relu
         self.eps = eps
         self.momentum = momentum
         self.backend = backend
@@ -84,11 +92,16 @@ class BoundedBatchNorm2d(nn.Module):
             training=self.training,
             momentum=self._momentum(),
             eps=self.eps,
+            relu=self.relu,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, shift={self.bias is not None}"
+        fused = ", relu=True" if self.relu else ""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"shift={self.bias is not None}{fused}"
+        )
 
 
 def convert_to_bounded_bn_(
@@ -141,6 +154,12 @@ def convert_to_plain_bn_(model: nn.Module) -> int:
     Returns:
         The number of layers replaced.
     """
+    fused = [n for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d) and m.relu]
+    if fused:
+        raise ValueError(
+            f"convert_to_plain_bn_: {fused[0]!r} (BoundedBatchNorm2d) has a ReLU fused in, which "
+            "nn.BatchNorm2d cannot carry; call pipeline.bounded_bn.unfuse_bn_relu_(model) first"
+        )
     replaced = 0
     for name, child in list(model.named_children()):
         if isinstance(child, BoundedBatchNorm2d):
@@ -154,3 +173,86 @@ def convert_to_plain_bn_(model: nn.Module) -> int:
         else:
             replaced += convert_to_plain_bn_(child)
     return replaced
+
+
+class ReLUFusedIntoBN(nn.Identity):
+    """Stands where an ``nn.ReLU`` was while the bounded BN ``bn_name`` applies it."""
+
+    def __init__(self, bn_name: str, inplace: bool) -> None:
+        super().__init__()
+        self.bn_name, self.inplace = bn_name, inplace
+
+    def extra_repr(self) -> str:
+        return f"bn_name={self.bn_name!r}"
+
+
+def _fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(bn, relu)`` module names where an ``nn.ReLU`` module, called once, is the only user
+    of a ``BoundedBatchNorm2d``'s output (a ReLU module shared by several call sites, such as
+    torchvision's ``BasicBlock.relu``, stays)."""
+    from pipeline.channel_graph import trace  # lazy: channel_graph imports this module
+
+    graph = trace(model).graph
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], BoundedBatchNorm2d):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        relu = users[0].target
+        if type(modules[relu]) is nn.ReLU and calls[relu] == 1 and calls[node.target] == 1:
+            pairs.append((node.target, relu))
+    return pairs
+
+
+@torch.no_grad()
+def fuse_bn_relu_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """Fuse each ``BoundedBatchNorm2d -> nn.ReLU`` pair found by torch.fx, in place.
+
+    The BN gets ``relu=True`` and the ReLU module is replaced by a ``ReLUFusedIntoBN``
+    identity; state dict keys do not change. The result is checked on ``example`` in eval
+    mode: outputs must be bitwise equal, else the fusion is undone and an error raised.
+
+    Returns:
+        The ``(bn, relu)`` qualified names fused.
+
+    Raises:
+        ValueError: torch.fx cannot trace the model (message from ``channel_graph.trace``).
+        RuntimeError: the fused model's output differs from the unfused one on ``example``.
+    """
+    pairs = _fusable_pairs(model)
+    was = model.training
+    model.eval()
+    before = model(example)
+    for bn, relu in pairs:
+        model.get_submodule(bn).relu = True
+        model.set_submodule(relu, ReLUFusedIntoBN(bn, model.get_submodule(relu).inplace))
+    after = model(example)
+    model.train(was)
+    if not torch.equal(before, after):
+        unfuse_bn_relu_(model)
+        raise RuntimeError(
+            f"fuse_bn_relu_: fusing {len(pairs)} BN+ReLU pairs changed {type(model).__name__}'s "
+            f"output (max difference {float((before - after).abs().max()):.3g}); expected "
+            "bitwise equality, so nothing was fused. Report this model."
+        )
+    return pairs
+
+
+def unfuse_bn_relu_(model: nn.Module) -> int:
+    """Undo ``fuse_bn_relu_``: put each ``nn.ReLU`` back and clear the BN's flag, in place.
+
+    Returns:
+        The number of ReLUs restored.
+    """
+    markers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLUFusedIntoBN)]
+    for name, marker in markers:
+        model.get_submodule(marker.bn_name).relu = False
+        model.set_submodule(name, nn.ReLU(inplace=marker.inplace))
+    return len(markers)

@@ -79,6 +79,23 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
+def maybe_compile(model: nn.Module, cfg: TrainConfig, backend: str = "inductor") -> nn.Module:
+    """The module the training loop calls: ``model``, or with ``train.compile`` a
+    ``torch.compile`` wrapper of it.
+
+    The wrapper shares ``model``'s parameters and buffers, so checkpoints, evaluation and the
+    stages after training keep using the plain ``model``. AOTAutograd compiles forward and
+    backward; recede's bounded BN enters the graph as one ``recede::bounded_bn_forward`` /
+    ``_backward`` op per layer on the Triton backend, and as ``F.batch_norm`` on the torch
+    reference (CPU), which inductor fuses itself. The penalty, the budget controller (Python
+    bookkeeping with host syncs) and the optimizer step stay eager, between backward and the
+    next step.
+    """
+    if not cfg.compile:
+        return model
+    return torch.compile(model, backend=backend)
+
+
 def _schedule(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
     if cfg.schedule == "cosine":
         return lambda e: 0.5 * (1 + math.cos(math.pi * e / max(1, epochs)))
@@ -228,6 +245,7 @@ def train_(
 
     device = resolve_device(cfg.device)
     model.to(device)
+    step_model = maybe_compile(model, cfg)
     opt = make_optimizer(model, cfg, lr, polariser)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, epochs))
     state = TrainingState(model, opt, sched, polariser, data.train)
@@ -236,7 +254,7 @@ def train_(
     for epoch in range(len(logs) + 1, epochs + 1):
         start, desc = time.perf_counter(), f"{tag} epoch {epoch}/{epochs}"
         try:
-            losses = _run_epoch(model, data.train, opt, polariser, device, desc)
+            losses = _run_epoch(step_model, data.train, opt, polariser, device, desc)
         except DivergedError as err:
             kept = (
                 f"the last good checkpoint is {last}" if last and last.exists() else "no checkpoint"

@@ -72,7 +72,7 @@ def test_triton_matches_autograd_on_reference(shape, relu, with_shift, device, t
     inp = _inputs(shape, device)
     want = _run(inp, "torch", relu=relu, with_shift=with_shift, reference=True)
     got = _run(inp, triton_backend, relu=relu, with_shift=with_shift)
-    assert got["y"].grad_fn.name() == "_BoundedBatchNormFnBackward"
+    assert got["y"].grad_fn.name() == "_EagerFnBackward"  # eager: the op's autograd.Function twin
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], **FP32, msg=name)
@@ -177,7 +177,7 @@ def test_auto_on_cpu_runs_the_reference():
     inp = _inputs((4, 7, 3, 3), torch.device("cpu"))
     logit = inp["logit"].requires_grad_()
     y = bounded_batch_norm(inp["x"], logit, None, None, None, training=True, momentum=0.1, eps=EPS)
-    assert y.grad_fn.name() != "_BoundedBatchNormFnBackward"
+    assert y.grad_fn.name() != "_EagerFnBackward"
 
 
 @pytest.mark.parametrize(
@@ -187,12 +187,13 @@ def test_auto_on_cpu_runs_the_reference():
         ({"x": torch.zeros(1, 7, 1, 1)}, r"more than one value per channel.*\(1, 7, 1, 1\)"),
         ({"x": torch.zeros(7)}, r"x must be .*\(7,\)"),
         ({"running_var": None}, "both running_mean and running_var"),
+        ({"running_mean": torch.zeros(8)}, r"running_mean must be .*got shape \(8,\)"),
         ({"momentum": 1.5}, "momentum.*1.5"),
         ({"eps": 0.0}, "eps.*0.0"),
     ],
-    ids=["logit", "one_value", "1d", "half_stats", "momentum", "eps"],
+    ids=["logit", "one_value", "1d", "half_stats", "stats_shape", "momentum", "eps"],
 )
-def test_launcher_rejects_bad_inputs(change, match):
+def test_triton_path_rejects_bad_inputs(change, match, device, triton_backend):
     args = {
         "x": torch.zeros(2, 7, 3, 3),
         "logit": torch.zeros(7),
@@ -203,6 +204,12 @@ def test_launcher_rejects_bad_inputs(change, match):
         "eps": EPS,
     }
     args.update(change)
-    config = (args.pop("momentum"), args.pop("eps"), False)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    scalars = {"momentum": args.pop("momentum"), "eps": args.pop("eps")}
     with pytest.raises(ValueError, match=match):
-        bounded_batch_norm_forward_triton(**args, config=config)
+        bounded_batch_norm(*args.values(), training=True, **scalars, backend=triton_backend)
+    if not {"momentum", "running_mean", "running_var"} & change.keys():  # the launcher's own
+        with pytest.raises(ValueError, match=match):
+            bounded_batch_norm_forward_triton(
+                args["x"], args["logit"], None, scalars["eps"], relu=False
+            )
