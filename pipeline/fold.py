@@ -85,6 +85,12 @@ def fold_bn_(model: nn.Module) -> FoldReport:
         raise FoldError(
             "fold_bn_ needs an eval-mode model (batch statistics cannot be folded); call model.eval()"
         )
+    fused = [n for n, m in model.named_modules() if getattr(m, "relu", False) is True]
+    if fused:
+        raise FoldError(
+            f"fold_bn_: {fused[:3]} carry a fused ReLU (BoundedBatchNorm2d(relu=True)), which a "
+            "folded conv cannot; call pipeline.bounded_bn.unfuse_bn_relu_(model) first"
+        )
     modules = dict(model.named_modules())
     pairs = conv_bn_pairs(model)
     for conv_name, bn_name in pairs:

@@ -14,6 +14,7 @@ from pipeline.bounded_bn import (
     fuse_bn_relu_,
     unfuse_bn_relu_,
 )
+from pipeline.fold import FoldError, fold_bn_
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance
 
@@ -101,6 +102,8 @@ def test_unfuse_restores_relu_modules_and_plain_conversion():
     fuse_bn_relu_(net, x)
     with pytest.raises(ValueError, match=r"'a.1'.*unfuse_bn_relu_"):
         convert_to_plain_bn_(net)
+    with pytest.raises(FoldError, match=r"fused ReLU.*unfuse_bn_relu_"):
+        fold_bn_(net.eval())  # folding would silently drop the ReLU
     assert unfuse_bn_relu_(net) == 2
     assert type(net.a[2]) is nn.ReLU and type(net.b[2]) is nn.ReLU and net.b[2].inplace
     assert not any(m.relu for m in net.modules() if isinstance(m, BoundedBatchNorm2d))
