@@ -258,17 +258,17 @@ def _model_colors(models: Sequence[str]) -> dict[str, str]:
 
 
 def _draw_latency_panel(ax: Any, rows: Sequence[LatencyRow], models: Sequence[str]) -> None:
-    """Grouped p50 bars per backend/device, one per model; a line up to p99, a dot at p90."""
+    """Grouped p50 bars per setting (backend, device, mode), one per model; a line up to p99,
+    a dot at p90."""
     groups = list(dict.fromkeys(r.setting for r in rows))
     by_key = {(r.setting, r.model): r for r in rows}
     colors, width = _model_colors(models), 0.8 / len(models)
     for m, model in enumerate(models):
-        for g, setting in enumerate(groups):
-            row = by_key.get((setting, model))
-            if row is None:
-                continue
+        drawn = [(g, by_key[(s, model)]) for g, s in enumerate(groups) if (s, model) in by_key]
+        for g, row in drawn:
             x = g + (m - (len(models) - 1) / 2) * width
-            ax.bar(x, row.p50_ms, width, color=colors[model], label=model if g == 0 else None)
+            first = g == drawn[0][0]  # one legend entry per model, wherever its first bar is
+            ax.bar(x, row.p50_ms, width, color=colors[model], label=model if first else None)
             ax.vlines(x, row.p50_ms, row.p99_ms, color="black", linewidth=1)
             ax.plot(x, row.p99_ms, marker="_", color="black", markersize=10)
             ax.plot(x, row.p90_ms, marker=".", color="black", markersize=5)
