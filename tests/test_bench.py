@@ -279,3 +279,42 @@ def test_cuda_graph_beats_eager_on_a_launch_bound_model(cuda) -> None:
         for mode in ("eager", "cuda-graph")
     }  # fmt: skip
     assert rows["cuda-graph"].p50_ms < rows["eager"].p50_ms
+
+
+# --- imports run one way --------------------------------------------------------------------------
+
+LATENCY_MODULES = [
+    "bench", "backends", "timing", "environment", "artefacts", "report",
+    "export.tensorrt", "export.manifest",
+]  # fmt: skip
+
+
+def _pipeline_imports(module: str) -> set[str]:
+    """Every ``pipeline.*`` module ``module`` imports, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path("pipeline") / f"{module.replace('.', '/')}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        found |= {n.removeprefix("pipeline.") for n in names if n.startswith("pipeline.")}
+    return found
+
+
+def test_latency_modules_import_one_way() -> None:
+    graph = {m: _pipeline_imports(m) & set(LATENCY_MODULES) for m in LATENCY_MODULES}
+    assert graph["timing"] == set() and graph["environment"] == set()
+    assert graph["export.tensorrt"] == {"timing"}
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        if node not in done:
+            for nxt in graph[node]:
+                visit(nxt, (*path, node))
+            done.add(node)
+
+    for module in LATENCY_MODULES:
+        visit(module, ())
