@@ -1,300 +1,228 @@
-"""Measure latency (PyTorch eager, ONNX Runtime, TensorRT), MACs and parameters of a model.
+"""Measure latency (PyTorch, ONNX Runtime, TensorRT) on CPU and GPU, and count MACs and parameters.
 
-Latency is reported as p50/p90/p99 over at least 50 timed runs after warm-up, one row per
-(backend, device, model, batch, threads). Each timed run ends with a device synchronisation, so
-it measures the full forward pass, not the time to enqueue it.
+A sweep times every artefact under every available :class:`Setting` at every batch size: torch
+eager on the CPU; on CUDA torch eager and CUDA-graph replay (a graph captured once with a
+static input and replayed, as ``trtexec --useCudaGraph`` does, so Python and launch overhead
+drop out), optionally in fp16; ONNX Runtime on the CPU and, when installed, its CUDA provider;
+TensorRT when installed. CUDA rows time device-resident input by default and say so in the
+``copies`` field. Timing itself lives in :mod:`pipeline.timing`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.export.manifest import package_version
+# Re-exported: older callers import these names from pipeline.bench.
+from pipeline.backends import (  # noqa: F401
+    DEVICES,
+    ReplayMismatchError,
+    bench_onnxruntime,
+    bench_torch,
+    ort_cuda_available,
+)
+from pipeline.environment import environment  # noqa: F401
+from pipeline.timing import (  # noqa: F401
+    MIN_RUNS,
+    LatencyRow,
+    Setting,
+    percentiles_ms,
+    time_callable,
+)
 
 if TYPE_CHECKING:
     from torch import nn
 
 logger = logging.getLogger(__name__)
 
-MIN_RUNS = 50
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class LatencyRow:
-    """One latency measurement.
+class Artefact:
+    """One model to time, under every backend it can run on (see :mod:`pipeline.artefacts`).
 
     Attributes:
-        backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``.
-        device: ``"cpu"`` or ``"cuda"``.
-        model: Which model was timed, e.g. ``"dense"`` or ``"pruned"``.
-        batch: Batch size.
-        threads: CPU threads the backend was allowed (intra-op).
-        p50_ms: Median latency in milliseconds.
-        p90_ms: 90th percentile latency in milliseconds.
-        p99_ms: 99th percentile latency in milliseconds.
+        label: Row name, e.g. ``"dense"``, ``"pruned"`` or the folder's name.
+        source: Where it came from (the MODEL path it was opened from).
+        input_shape: Per-sample input shape, e.g. ``(3, 32, 32)``.
+        model: The BN-folded network in eval mode on the CPU, or None (an ONNX file alone).
+        onnx: Its ONNX graph, or None.
+        fixed_batch: The ONNX input's batch size when it is not dynamic, else None.
+        macs: Multiply-accumulates per sample of ``model`` (None without one).
     """
 
-    backend: str
-    device: str
-    model: str
-    batch: int
-    threads: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """The row as a plain dict, e.g. for JSON."""
-        return asdict(self)
-
-    @classmethod
-    def from_mapping(cls, row: Mapping[str, Any]) -> LatencyRow:
-        """Rebuild a row from :meth:`to_dict` output (extra keys are ignored)."""
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+    label: str
+    source: str
+    input_shape: tuple[int, ...]
+    model: nn.Module | None
+    onnx: Path | None
+    fixed_batch: int | None = None
+    macs: int | None = None
 
 
-def percentiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
-    """p50, p90 and p99 of durations in seconds, in milliseconds (linear interpolation).
+@dataclass(frozen=True)
+class SweepConfig:
+    """Batch sizes, CPU threads, and timed and warm-up runs per row."""
 
-    Raises:
-        ValueError: If there are no samples.
-    """
-    import numpy as np
+    batches: tuple[int, ...] = (1, 32)
+    threads: int = 2
+    runs: int = MIN_RUNS
+    warmup: int = 10
 
-    if len(samples_s) == 0:
-        raise ValueError("expected at least one timing sample, got none; use runs >= 1")
-    p50, p90, p99 = np.percentile(np.asarray(samples_s, dtype=np.float64) * 1e3, [50, 90, 99])
-    return float(p50), float(p90), float(p99)
-
-
-def time_callable(
-    fn: Callable[[], Any],
-    *,
-    warmup: int,
-    runs: int,
-    sync: Callable[[], Any] | None = None,
-) -> tuple[float, float, float]:
-    """Call ``fn`` ``warmup`` times untimed, then time ``runs`` calls one by one.
-
-    Args:
-        fn: The work to time.
-        warmup: Untimed calls first (allocator, autotuning and caches settle).
-        runs: Timed calls.
-        sync: Called after every call, inside the timed region (e.g.
-            ``torch.cuda.synchronize``); None for synchronous work.
-
-    Returns:
-        ``(p50, p90, p99)`` in milliseconds.
-    """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"expected runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    for _ in range(warmup):
-        fn()
-    if sync is not None:
-        sync()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        samples.append(time.perf_counter() - start)
-    return percentiles_ms(samples)
-
-
-def _check_target(device: str, batch: int, threads: int) -> None:
-    if device not in DEVICES or batch < 1 or threads < 1:
-        raise ValueError(
-            f"expected device in {DEVICES}, batch >= 1 and threads >= 1; got device={device!r}, "
-            f"batch={batch}, threads={threads}"
-        )
-
-
-def bench_torch(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    *,
-    batch: int,
-    threads: int,
-    device: str = "cpu",
-    runs: int = MIN_RUNS,
-    warmup: int = 10,
-    label: str = "dense",
-) -> LatencyRow:
-    """Time eager PyTorch inference of a copy of ``model`` in eval mode.
-
-    Args:
-        model: The network; it is copied, so its mode and device are left alone.
-        input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
-        batch: Batch size.
-        threads: ``torch.set_num_threads`` during the measurement (restored after).
-        device: ``"cpu"`` or ``"cuda"``.
-        runs: Timed runs.
-        warmup: Untimed runs first.
-        label: Model name for the row.
-
-    Returns:
-        The latency row.
-    """
-    import torch
-
-    _check_target(device, batch, threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' needs a CUDA GPU, but torch.cuda.is_available() is False")
-    net = copy.deepcopy(model).eval().to(device)
-    x = torch.randn(batch, *input_shape, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else None
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            p50, p90, p99 = time_callable(lambda: net(x), warmup=warmup, runs=runs, sync=sync)
-    finally:
-        torch.set_num_threads(previous)
-    return LatencyRow("torch", device, label, batch, threads, p50, p90, p99)
-
-
-def _import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(
-            f"ONNX Runtime benchmarks need onnxruntime ({err}); run pip install 'recede[onnx]'"
-        ) from err
-    return onnxruntime
-
-
-def ort_cuda_available() -> bool:
-    """Whether onnxruntime is installed with a usable CUDA execution provider."""
-    try:
-        ort = _import_onnxruntime()
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def _ort_session(onnx_path: str | Path, threads: int, device: str) -> Any:
-    ort = _import_onnxruntime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        if not ort_cuda_available():
-            raise RuntimeError(
-                "onnxruntime has no CUDAExecutionProvider here; install onnxruntime-gpu "
-                "and run on a machine with a CUDA GPU, or use device='cpu'"
+    def __post_init__(self) -> None:
+        if not self.batches or min(self.batches) < 1 or self.threads < 1 or self.warmup < 0:
+            raise ValueError(
+                f"expected batch sizes >= 1 (at least one), threads >= 1 and warmup >= 0; got "
+                f"batches={self.batches}, threads={self.threads}, warmup={self.warmup}"
             )
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        if self.runs < MIN_RUNS:
+            raise ValueError(f"expected runs >= {MIN_RUNS} timed runs, got runs={self.runs}")
 
 
-def _ort_runner(session: Any, x: Any, device: str) -> Callable[[], Any]:
-    """A zero-argument call running ``session`` on ``x``; CUDA keeps data on the GPU."""
-    name = session.get_inputs()[0].name
-    if device == "cpu":
-        return lambda: session.run(None, {name: x})
-    ort = _import_onnxruntime()
-    binding = session.io_binding()
-    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-    for output in session.get_outputs():
-        binding.bind_output(output.name, "cuda")
-    # run_with_iobinding synchronises the CUDA provider before returning.
-    return lambda: session.run_with_iobinding(binding)
-
-
-def bench_onnxruntime(
-    onnx_path: str | Path,
-    input_shape: tuple[int, ...],
+def plan_settings(
     *,
-    batch: int,
-    threads: int,
-    runs: int = MIN_RUNS,
-    warmup: int = 10,
-    label: str = "dense",
-    device: str = "cpu",
-) -> LatencyRow:
-    """Time ONNX Runtime inference (all graph optimisations, sequential execution).
+    backends: Sequence[str] = BACKENDS,
+    devices: Sequence[str] = DEVICES,
+    cuda: bool = False,
+    ort_cuda: bool = False,
+    tensorrt: bool = False,
+    fp16: bool = False,
+    copies: bool = False,
+) -> list[Setting]:
+    """Every setting that can run here, CPU first.
 
     Args:
-        onnx_path: ONNX file with a batch axis that accepts ``batch``.
-        input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
-        batch: Batch size.
-        threads: ``intra_op_num_threads`` (inter-op is 1).
-        runs: Timed runs.
-        warmup: Untimed runs first.
-        label: Model name for the row.
-        device: ``"cpu"``, or ``"cuda"`` for the CUDA execution provider with I/O bound on GPU.
-
-    Returns:
-        The latency row.
+        backends: Which of :data:`BACKENDS` to use.
+        devices: Which of ``("cpu", "cuda")`` to use.
+        cuda: A CUDA GPU is usable by torch.
+        ort_cuda: ONNX Runtime has its CUDA execution provider.
+        tensorrt: TensorRT is usable.
+        fp16: Add fp16 rows on CUDA (torch eager and graph, TensorRT).
+        copies: CUDA rows include host-to-device and device-to-host copies (TensorRT rows
+            always time device-resident data and say so).
     """
-    import numpy as np
+    unknown = sorted(set(backends) - set(BACKENDS)) + sorted(set(devices) - set(DEVICES))
+    if unknown:
+        raise ValueError(
+            f"expected backends among {BACKENDS} and devices among {DEVICES}, got unknown {unknown}"
+        )
+    precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+    settings = [Setting("torch", "cpu", "eager"), Setting("onnxruntime", "cpu", "session")]
+    if cuda:
+        for precision in precisions:
+            settings += [
+                Setting("torch", "cuda", mode, precision, copies)
+                for mode in ("eager", "cuda-graph")
+            ]
+        settings += [Setting("onnxruntime", "cuda", "session", "fp32", copies)] if ort_cuda else []
+        if tensorrt:
+            settings += [Setting("tensorrt", "cuda", "engine", p, False) for p in precisions]
+    return [s for s in settings if s.backend in backends and s.device in devices]
 
-    _check_target(device, batch, threads)
-    session = _ort_session(onnx_path, threads, device)
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    fn = _ort_runner(session, x, device)
-    p50, p90, p99 = time_callable(fn, warmup=warmup, runs=runs)
-    return LatencyRow("onnxruntime", device, label, batch, threads, p50, p90, p99)
 
-
-def _tensorrt_rows(
-    onnx_paths: Mapping[str, Path],
-    input_shape: tuple[int, ...],
-    batches: Sequence[int],
-    threads: int,
-    runs: int,
-    warmup: int,
-) -> list[LatencyRow]:
-    """One engine per (model, batch), tuned for that batch, built in a temporary directory."""
+def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
+    """Build an engine tuned for ``batch`` (in a temporary folder) and time it on device data."""
     from pipeline.export.tensorrt import build_engine, engine_latency
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="recede-trt-") as tmp:
-        for label, onnx_path in onnx_paths.items():
-            for batch in batches:
-                engine = Path(tmp) / f"{label}-b{batch}.engine"
-                build_engine(onnx_path, engine, max_batch=max(batches), opt_batch=batch)
-                p = engine_latency(engine, input_shape, batch=batch, runs=runs, warmup=warmup)
-                rows.append(LatencyRow("tensorrt", "cuda", label, batch, threads, *p))
-    return rows
+        engine = Path(tmp) / f"{artefact.label}-b{batch}.engine"
+        fp16 = s.precision == "fp16"
+        build_engine(artefact.onnx, engine, fp16=fp16, max_batch=max(cfg.batches), opt_batch=batch)
+        p50, p90, p99 = engine_latency(
+            engine, artefact.input_shape, batch=batch, runs=cfg.runs, warmup=cfg.warmup
+        )
+    return LatencyRow(
+        backend="tensorrt",
+        device="cuda",
+        model=artefact.label,
+        batch=batch,
+        threads=cfg.threads,
+        p50_ms=p50,
+        p90_ms=p90,
+        p99_ms=p99,
+        mode="engine",
+        precision=s.precision,
+        copies=False,
+        runs=cfg.runs,
+        warmup=cfg.warmup,
+    )
 
 
-def _device_rows(
-    device: str,
-    models: Mapping[str, nn.Module],
-    onnx_paths: Mapping[str, Path],
-    input_shape: tuple[int, ...],
-    batches: Sequence[int],
-    **common: int,
+def measure(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
+    """One row: ``artefact`` under setting ``s`` at ``batch``."""
+    common = {"batch": batch, "threads": cfg.threads, "runs": cfg.runs, "warmup": cfg.warmup}
+    if s.backend == "torch":
+        return bench_torch(
+            artefact.model, artefact.input_shape, label=artefact.label, setting=s, **common
+        )
+    if s.backend == "onnxruntime":
+        return bench_onnxruntime(
+            artefact.onnx,
+            artefact.input_shape,
+            label=artefact.label,
+            device=s.device,
+            copies=bool(s.copies),
+            **common,
+        )
+    return bench_tensorrt(artefact, s, cfg, batch)
+
+
+def runnable(artefact: Artefact, s: Setting) -> bool:
+    """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file)."""
+    return (artefact.model if s.backend == "torch" else artefact.onnx) is not None
+
+
+Measure = Callable[[Artefact, Setting, SweepConfig, int], LatencyRow]
+
+
+def sweep(
+    artefacts: Sequence[Artefact],
+    settings: Sequence[Setting],
+    cfg: SweepConfig,
+    measure_fn: Measure = measure,
 ) -> list[LatencyRow]:
-    """Torch and ONNX Runtime rows on one device, ordered by batch then model."""
-    with_ort = device == "cpu" or ort_cuda_available()
-    if not with_ort and onnx_paths:
-        logger.info("onnxruntime has no CUDA provider; skipping ONNX Runtime rows on cuda")
-    rows = []
-    for batch in batches:
-        for label in dict.fromkeys([*models, *onnx_paths]):
-            where = {"batch": batch, "device": device, "label": label, **common}
-            if label in models:
-                rows.append(bench_torch(models[label], input_shape, **where))
-            if label in onnx_paths and with_ort:
-                rows.append(bench_onnxruntime(onnx_paths[label], input_shape, **where))
+    """Rows for every batch, setting and artefact that can run it, in that nesting order (so
+    the models of one setting and batch sit together)."""
+    start = time.perf_counter()
+    logger.info(
+        "latency sweep started: models %s, %d settings, batches %s, %d threads, %d runs",
+        [a.label for a in artefacts],
+        len(settings),
+        cfg.batches,
+        cfg.threads,
+        cfg.runs,
+    )
+    rows = [
+        measure_fn(a, s, cfg, batch)
+        for batch in cfg.batches
+        for s in settings
+        for a in artefacts
+        if runnable(a, s)
+    ]
+    logger.info("latency sweep finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
     return rows
+
+
+def available_settings(**options: Any) -> list[Setting]:
+    """:func:`plan_settings` for this machine (GPU, ONNX Runtime CUDA, TensorRT detected)."""
+    import torch
+
+    from pipeline.export.tensorrt import tensorrt_available
+
+    cuda = torch.cuda.is_available()
+    return plan_settings(
+        cuda=cuda,
+        ort_cuda=cuda and ort_cuda_available(),
+        tensorrt=cuda and tensorrt_available(),
+        **options,
+    )
 
 
 def latency_table(
@@ -307,11 +235,9 @@ def latency_table(
     runs: int = MIN_RUNS,
     warmup: int = 10,
 ) -> list[LatencyRow]:
-    """Latency of every model under every available backend, device and batch size.
-
-    On the CPU: PyTorch eager for each entry of ``models`` and ONNX Runtime for each entry of
-    ``onnx_paths``. With a CUDA GPU, also PyTorch on CUDA, ONNX Runtime's CUDA provider when
-    installed, and TensorRT when installed.
+    """Latency of every model under every available setting and batch (the ``recede run``
+    table): a :func:`sweep` over every setting :func:`available_settings` finds, fp32,
+    device-resident on CUDA.
 
     Args:
         models: Label (``"dense"``, ``"pruned"``) to network.
@@ -322,37 +248,15 @@ def latency_table(
         runs: Timed runs per row; at least 50.
         warmup: Untimed runs before each row.
 
-    Returns:
-        The rows, CPU first.
-
     Raises:
         ValueError: If ``runs < 50`` or ``batches`` is empty.
     """
-    import torch
-
-    from pipeline.export.tensorrt import tensorrt_available
-
-    if runs < MIN_RUNS or not batches:
-        raise ValueError(
-            f"expected runs >= {MIN_RUNS} timed runs and at least one batch size, "
-            f"got runs={runs}, batches={tuple(batches)}"
-        )
-    start = time.perf_counter()
-    logger.info(
-        "latency table started: models %s, batches %s, %d threads, %d runs",
-        list(dict.fromkeys([*models, *onnx_paths])),
-        tuple(batches),
-        threads,
-        runs,
-    )
-    common = {"threads": threads, "runs": runs, "warmup": warmup}
-    rows = _device_rows("cpu", models, onnx_paths, input_shape, batches, **common)
-    if torch.cuda.is_available():
-        rows += _device_rows("cuda", models, onnx_paths, input_shape, batches, **common)
-        if tensorrt_available() and onnx_paths:
-            rows += _tensorrt_rows(onnx_paths, input_shape, batches, threads, runs, warmup)
-    logger.info("latency table finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
-    return rows
+    cfg = SweepConfig(tuple(batches), threads, runs, warmup)
+    artefacts = [
+        Artefact(label, "in memory", tuple(input_shape), models.get(label), onnx_paths.get(label))
+        for label in dict.fromkeys([*models, *onnx_paths])
+    ]
+    return sweep(artefacts, available_settings(), cfg)
 
 
 def count_params(model: nn.Module) -> int:
@@ -381,34 +285,55 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def _cpu_description() -> str:
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next(
-                (ln.split(":", 1)[1].strip() for ln in handle if ln.startswith("model name")), ""
-            )
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores available"
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware that latency numbers depend on.
-
-    Returns:
-        ``torch``, ``onnxruntime`` (None if absent), ``python``, ``cpu`` (model and usable
-        core count), ``cuda`` (GPU name, None without one) and ``platform``.
-    """
-    import torch
-
+def bench_report(
+    rows: Sequence[LatencyRow], artefacts: Sequence[Artefact], cfg: SweepConfig
+) -> dict[str, Any]:
+    """What ``recede bench --json`` writes: models, sweep settings, rows and environment."""
+    models = [
+        {
+            "label": a.label,
+            "source": a.source,
+            "onnx": None if a.onnx is None else str(a.onnx),
+            "input_shape": list(a.input_shape),
+            "macs": a.macs,
+        }
+        for a in artefacts
+    ]
     return {
-        "torch": torch.__version__,
-        "onnxruntime": package_version("onnxruntime", "onnxruntime-gpu"),
-        "python": platform.python_version(),
-        "cpu": _cpu_description(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
+        "models": models,
+        "sweep": {
+            "batches": list(cfg.batches),
+            "threads": cfg.threads,
+            "runs": cfg.runs,
+            "warmup": cfg.warmup,
+        },
+        "rows": [r.to_dict() for r in rows],
+        "environment": environment(),
     }
+
+
+def bench_markdown(report: Mapping[str, Any]) -> str:
+    """Render :func:`bench_report` output: models, latency, GPU vs CPU, environment."""
+    from pipeline.timing import MISSING, gpu_vs_cpu_markdown, latency_markdown
+
+    models = report["models"]
+    lines = ["| Model | Source | ONNX | Input | MACs per sample |", "|---|---|---|---|---:|"]
+    for m in models:
+        macs = MISSING if m["macs"] is None else f"{m['macs']:,}"
+        shape = "×".join(str(d) for d in m["input_shape"])
+        lines.append(
+            f"| {m['label']} | {m['source']} | {m['onnx'] or MISSING} | {shape} | {macs} |"
+        )
+    rows = [LatencyRow.from_mapping(r) for r in report["rows"]]
+    sweep_cfg = report["sweep"]
+    sections = [
+        "## Models\n\n" + "\n".join(lines),
+        f"## Latency\n\n{sweep_cfg['runs']} timed runs after {sweep_cfg['warmup']} warm-up runs "
+        f"per row; speed-up is against {models[0]['label']}.\n\n"
+        + latency_markdown(rows, macs={m["label"]: m["macs"] for m in models}),
+    ]
+    versus = gpu_vs_cpu_markdown(rows)
+    if versus is not None:
+        sections.append("## GPU vs CPU (p50)\n\n" + versus)
+    env = "\n".join(f"- **{k}**: {v}" for k, v in report["environment"].items())
+    return "\n\n".join([*sections, "## Environment\n\n" + env]) + "\n"

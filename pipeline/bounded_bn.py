@@ -8,9 +8,7 @@ paper's reference code, so a channel's whole contribution is scaled by its impor
 It is meant for models trained from scratch: it does NOT preserve a trained model's function (the
 learned gamma is discarded). Function-preserving conversion of trained models is a separate step.
 
-``fuse_bn_relu_`` moves an ``nn.ReLU`` that only a bounded BN feeds into the BN (its ``relu``
-flag; the ReLU becomes a ``ReLUFusedIntoBN`` identity), so training runs the fused BN+ReLU
-kernel; ``unfuse_bn_relu_`` puts the ReLUs back, for pruning, folding and export.
+``pipeline.fuse_relu`` sets the ``relu`` flag, so training runs the fused BN+ReLU kernel.
 """
 
 from __future__ import annotations
@@ -158,7 +156,7 @@ def convert_to_plain_bn_(model: nn.Module) -> int:
     if fused:
         raise ValueError(
             f"convert_to_plain_bn_: {fused[0]!r} (BoundedBatchNorm2d) has a ReLU fused in, which "
-            "nn.BatchNorm2d cannot carry; call pipeline.bounded_bn.unfuse_bn_relu_(model) first"
+            "nn.BatchNorm2d cannot carry; call pipeline.fuse_relu.unfuse_bn_relu_(model) first"
         )
     replaced = 0
     for name, child in list(model.named_children()):
@@ -173,86 +171,3 @@ def convert_to_plain_bn_(model: nn.Module) -> int:
         else:
             replaced += convert_to_plain_bn_(child)
     return replaced
-
-
-class ReLUFusedIntoBN(nn.Identity):
-    """Stands where an ``nn.ReLU`` was while the bounded BN ``bn_name`` applies it."""
-
-    def __init__(self, bn_name: str, inplace: bool) -> None:
-        super().__init__()
-        self.bn_name, self.inplace = bn_name, inplace
-
-    def extra_repr(self) -> str:
-        return f"bn_name={self.bn_name!r}"
-
-
-def _fusable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(bn, relu)`` module names where an ``nn.ReLU`` module, called once, is the only user
-    of a ``BoundedBatchNorm2d``'s output (a ReLU module shared by several call sites, such as
-    torchvision's ``BasicBlock.relu``, stays)."""
-    from pipeline.channel_graph import trace  # lazy: channel_graph imports this module
-
-    graph = trace(model).graph
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], BoundedBatchNorm2d):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            continue
-        relu = users[0].target
-        if type(modules[relu]) is nn.ReLU and calls[relu] == 1 and calls[node.target] == 1:
-            pairs.append((node.target, relu))
-    return pairs
-
-
-@torch.no_grad()
-def fuse_bn_relu_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """Fuse each ``BoundedBatchNorm2d -> nn.ReLU`` pair found by torch.fx, in place.
-
-    The BN gets ``relu=True`` and the ReLU module is replaced by a ``ReLUFusedIntoBN``
-    identity; state dict keys do not change. The result is checked on ``example`` in eval
-    mode: outputs must be bitwise equal, else the fusion is undone and an error raised.
-
-    Returns:
-        The ``(bn, relu)`` qualified names fused.
-
-    Raises:
-        ValueError: torch.fx cannot trace the model (message from ``channel_graph.trace``).
-        RuntimeError: the fused model's output differs from the unfused one on ``example``.
-    """
-    pairs = _fusable_pairs(model)
-    was = model.training
-    model.eval()
-    before = model(example)
-    for bn, relu in pairs:
-        model.get_submodule(bn).relu = True
-        model.set_submodule(relu, ReLUFusedIntoBN(bn, model.get_submodule(relu).inplace))
-    after = model(example)
-    model.train(was)
-    if not torch.equal(before, after):
-        unfuse_bn_relu_(model)
-        raise RuntimeError(
-            f"fuse_bn_relu_: fusing {len(pairs)} BN+ReLU pairs changed {type(model).__name__}'s "
-            f"output (max difference {float((before - after).abs().max()):.3g}); expected "
-            "bitwise equality, so nothing was fused. Report this model."
-        )
-    return pairs
-
-
-def unfuse_bn_relu_(model: nn.Module) -> int:
-    """Undo ``fuse_bn_relu_``: put each ``nn.ReLU`` back and clear the BN's flag, in place.
-
-    Returns:
-        The number of ReLUs restored.
-    """
-    markers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLUFusedIntoBN)]
-    for name, marker in markers:
-        model.get_submodule(marker.bn_name).relu = False
-        model.set_submodule(name, nn.ReLU(inplace=marker.inplace))
-    return len(markers)

@@ -13,14 +13,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.cli_args import EXIT_INPUT, EXIT_OK, EXIT_VERIFY, UsageError  # noqa: F401
+
+if TYPE_CHECKING:
+    from pipeline.bench import Artefact
+    from pipeline.timing import Setting
 
 logger = logging.getLogger("recede")
-
-EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
-
-
-class UsageError(ValueError):
-    """A command-line input is wrong; the message names the flag or file (exit 2)."""
 
 
 def _config(args: argparse.Namespace):
@@ -186,46 +187,87 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
-def _check_onnx(path: Path) -> None:
-    """Refuse an ONNX file that onnx cannot read, before timing anything."""
-    import onnx
+def _open_bench_model(path: str) -> list[Artefact]:
+    """The artefacts one MODEL argument names; the one place ``bench`` opens a folder."""
+    from pipeline.artefacts import open_artefacts
 
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise several unrelated types
+    return open_artefacts(path)
+
+
+def _bench_settings(args: argparse.Namespace) -> list[Setting]:
+    """The settings ``--backends``/``--devices``/``--fp16``/``--copies`` ask for that can run."""
+    import torch
+
+    from pipeline.bench import available_settings
+
+    if args.devices and "cuda" in args.devices and not torch.cuda.is_available():
         raise UsageError(
-            f"{path} is not a valid ONNX model ({type(err).__name__}: {str(err)[:200]}); "
-            f"re-create it with `recede export {path.parent}` or delete it"
-        ) from None
+            "--devices cuda needs a CUDA GPU, but torch.cuda.is_available() is False; "
+            "drop the flag (CPU rows only) or run on a machine with an NVIDIA GPU"
+        )
+    return available_settings(
+        backends=args.backends,
+        devices=args.devices or ("cpu", "cuda"),
+        fp16=args.fp16,
+        copies=args.copies,
+    )
+
+
+def _check_bench_outputs(args: argparse.Namespace) -> None:
+    from pipeline.atomic import check_writable
+
+    for flag in ("--json", "--markdown", "--plot"):
+        path = getattr(args, flag.lstrip("-"))
+        if path is not None and Path(path).is_dir():
+            raise UsageError(f"{flag} {path}: a folder, expected a file path; add a file name")
+        if path is not None:
+            check_writable(path, flag)
+
+
+def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
+    import importlib.util
+
+    from pipeline.atomic import write_json_atomic, write_text_atomic
+
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.markdown:
+        write_text_atomic(args.markdown, text)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(f"--plot {args.plot}: skipped, matplotlib is not installed (pip install matplotlib)")
+    elif args.plot:
+        from pipeline.report import plot_latency
+
+        plot_latency(report["rows"], args.plot)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time a saved model folder with PyTorch and ONNX Runtime (p50/p90/p99)."""
-    import torch
+    """Time models (run, prune or train folders, model folders, .onnx files) on every backend
+    and device available: p50/p90/p99, throughput, a batch sweep, GPU vs CPU."""
+    from pipeline.artefacts import check_batches, unique_labels
+    from pipeline.backends import ReplayMismatchError
+    from pipeline.bench import SweepConfig, bench_markdown, bench_report, runnable, sweep
+    from pipeline.run import VerificationError
 
-    from pipeline.bench import latency_table
-    from pipeline.checkpoint import load_pruned, model_folder
-    from pipeline.fold import fold_bn
-
-    folder = model_folder(args.dir)
-    model, spec = load_pruned(folder)
-    onnx = folder / "model.onnx"
-    if onnx.exists():
-        _check_onnx(onnx)
-    folded, _ = fold_bn(model, torch.randn(2, *spec["input_shape"]))
-    rows = latency_table(
-        {"pruned": folded},
-        {"pruned": onnx} if onnx.exists() else {},
-        tuple(spec["input_shape"]),
-        batches=args.batches,
-        threads=args.threads,
-        runs=args.runs,
-    )
-    for r in rows:
-        print(
-            f"{r.backend:12s} {r.device:5s} batch {r.batch:3d} threads {r.threads}: "
-            f"p50 {r.p50_ms:.3f} ms p90 {r.p90_ms:.3f} ms p99 {r.p99_ms:.3f} ms"
+    _check_bench_outputs(args)
+    settings = _bench_settings(args)
+    artefacts = unique_labels([a for path in args.models for a in _open_bench_model(path)])
+    check_batches(artefacts, tuple(args.batches))
+    if not any(runnable(a, s) for a in artefacts for s in settings):
+        raise UsageError(
+            f"nothing to time: --backends {' '.join(args.backends)} on --devices "
+            f"{' '.join(args.devices or ['cpu', 'cuda'])} cannot run here on these MODELs "
+            "(TensorRT and CUDA need a GPU, ONNX Runtime an .onnx file); add torch or onnxruntime"
         )
+    cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
+    try:
+        rows = sweep(artefacts, settings, cfg)
+    except ReplayMismatchError as err:
+        raise VerificationError(str(err)) from None
+    report = bench_report(rows, artefacts, cfg)
+    text = bench_markdown(report)
+    print(text)
+    _write_bench_outputs(args, report, text)
     return EXIT_OK
 
 

@@ -10,6 +10,12 @@ import argparse
 import math
 from collections.abc import Callable
 
+EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line input is wrong; the message names the flag or file (exit 2)."""
+
 
 def _input_shape(text: str) -> tuple[int, ...]:
     try:
@@ -158,10 +164,41 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir")
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="a run, prune or train folder, a folder with model.pt, or an .onnx file",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("torch", "onnxruntime", "tensorrt"),  # bench.BACKENDS
+        default=["torch", "onnxruntime", "tensorrt"],
+        help="backends to time where available (default: all)",
+    )
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="devices to time on (default: cpu, and cuda when a GPU is present)",
+    )
     p.add_argument("--batches", type=_number(int, 1), nargs="+", default=[1, 32])
-    p.add_argument("--threads", type=_number(int, 1), default=2)
+    p.add_argument(
+        "--threads", type=_number(int, 1), default=2, help="torch threads and ORT intra-op"
+    )
     p.add_argument("--runs", type=_number(int, 50), default=50)  # bench.MIN_RUNS
+    p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")
+    p.add_argument("--fp16", action="store_true", help="also time fp16 on CUDA")
+    p.add_argument(
+        "--copies",
+        action="store_true",
+        help="CUDA rows include host-to-device and back copies (default: device-resident input)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write the rows and environment as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    p.add_argument("--plot", metavar="PATH", help="write a latency plot (PNG; needs matplotlib)")
 
 
 def build_parser(

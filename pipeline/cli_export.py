@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import EXIT_OK, UsageError
+from pipeline.cli_args import EXIT_OK, UsageError
 
 logger = logging.getLogger("recede")
 

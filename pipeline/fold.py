@@ -89,7 +89,7 @@ def fold_bn_(model: nn.Module) -> FoldReport:
     if fused:
         raise FoldError(
             f"fold_bn_: {fused[:3]} carry a fused ReLU (BoundedBatchNorm2d(relu=True)), which a "
-            "folded conv cannot; call pipeline.bounded_bn.unfuse_bn_relu_(model) first"
+            "folded conv cannot; call pipeline.fuse_relu.unfuse_bn_relu_(model) first"
         )
     modules = dict(model.named_modules())
     pairs = conv_bn_pairs(model)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_path
-from pipeline.bench import LatencyRow
+from pipeline.timing import LatencyRow, latency_markdown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -113,48 +113,10 @@ def _as_row(row: LatencyRow | Mapping[str, Any]) -> LatencyRow:
     return row if isinstance(row, LatencyRow) else LatencyRow.from_mapping(row)
 
 
-def _speedup(row: LatencyRow, rows: Sequence[LatencyRow]) -> str:
-    """p50 speed-up of ``row`` over the dense row with the same backend, device and batch."""
-    for ref in rows:
-        same = (ref.backend, ref.device, ref.batch, ref.threads) == (
-            row.backend,
-            row.device,
-            row.batch,
-            row.threads,
-        )
-        if same and ref.model == REFERENCE_MODEL and row.p50_ms > 0:
-            return f"{ref.p50_ms / row.p50_ms:.2f}×"
-    return MISSING
-
-
-def _latency_section(raw_rows: Sequence[LatencyRow | Mapping[str, Any]]) -> str:
-    rows = [_as_row(r) for r in raw_rows]
-    header = [
-        "Backend",
-        "Device",
-        "Model",
-        "Batch",
-        "Threads",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "Speed-up (p50)",
-    ]
-    body = [
-        [
-            r.backend,
-            r.device,
-            r.model,
-            str(r.batch),
-            str(r.threads),
-            f"{r.p50_ms:.3f}",
-            f"{r.p90_ms:.3f}",
-            f"{r.p99_ms:.3f}",
-            _speedup(r, rows),
-        ]
-        for r in rows
-    ]
-    return "## Latency\n\n" + _table(header, ["---"] * 3 + ["---:"] * 6, body)
+def _latency_section(
+    raw_rows: Sequence[LatencyRow | Mapping[str, Any]], macs: Mapping[str, Any]
+) -> str:
+    return "## Latency\n\n" + latency_markdown([_as_row(r) for r in raw_rows], macs=macs)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -180,7 +142,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if onnx_path:
         sections[-1] += f"\n\nONNX file: `{onnx_path}`"
     if report.get("latency"):
-        sections.append(_latency_section(report["latency"]))
+        macs = {k: (report.get(k) or {}).get("macs") for k in (REFERENCE_MODEL, "pruned")}
+        sections.append(_latency_section(report["latency"], macs))
     if report.get("environment"):
         items = "\n".join(f"- **{k}**: {v}" for k, v in report["environment"].items())
         sections.append("## Environment\n\n" + items)
@@ -295,21 +258,21 @@ def _model_colors(models: Sequence[str]) -> dict[str, str]:
 
 
 def _draw_latency_panel(ax: Any, rows: Sequence[LatencyRow], models: Sequence[str]) -> None:
-    """Grouped p50 bars per backend/device, one per model; a line up to p99, a dot at p90."""
-    groups = list(dict.fromkeys((r.backend, r.device) for r in rows))
-    by_key = {(r.backend, r.device, r.model): r for r in rows}
+    """Grouped p50 bars per setting (backend, device, mode), one per model; a line up to p99,
+    a dot at p90."""
+    groups = list(dict.fromkeys(r.setting for r in rows))
+    by_key = {(r.setting, r.model): r for r in rows}
     colors, width = _model_colors(models), 0.8 / len(models)
     for m, model in enumerate(models):
-        for g, (backend, device) in enumerate(groups):
-            row = by_key.get((backend, device, model))
-            if row is None:
-                continue
+        drawn = [(g, by_key[(s, model)]) for g, s in enumerate(groups) if (s, model) in by_key]
+        for g, row in drawn:
             x = g + (m - (len(models) - 1) / 2) * width
-            ax.bar(x, row.p50_ms, width, color=colors[model], label=model if g == 0 else None)
+            first = g == drawn[0][0]  # one legend entry per model, wherever its first bar is
+            ax.bar(x, row.p50_ms, width, color=colors[model], label=model if first else None)
             ax.vlines(x, row.p50_ms, row.p99_ms, color="black", linewidth=1)
             ax.plot(x, row.p99_ms, marker="_", color="black", markersize=10)
             ax.plot(x, row.p90_ms, marker=".", color="black", markersize=5)
-    ax.set_xticks(range(len(groups)), [f"{b}\n{d}" for b, d in groups], fontsize=8)
+    ax.set_xticks(range(len(groups)), [g.replace(" ", "\n") for g in groups], fontsize=8)
 
 
 def plot_latency(

@@ -243,7 +243,8 @@ def _report(
     seconds: float,
 ) -> dict[str, Any]:
     """The report.json content (keys documented in the README)."""
-    from pipeline.bench import count_macs, count_params, environment
+    from pipeline.bench import count_macs, count_params
+    from pipeline.environment import environment
 
     shape = data.input_shape
     return {

@@ -1,4 +1,4 @@
-"""Benchmarking: percentiles, timing loop, MAC/param counts and the CPU latency table."""
+"""Benchmarking: settings per machine, the sweep, torch/ORT rows, CUDA rows (gpu), MACs, reports."""
 
 from __future__ import annotations
 
@@ -6,39 +6,21 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.backends import ReplayMismatchError, _check_replay
 from pipeline.bench import (
+    Artefact,
     LatencyRow,
+    Setting,
+    SweepConfig,
+    bench_markdown,
+    bench_report,
     bench_torch,
     count_macs,
     count_params,
-    environment,
     latency_table,
-    percentiles_ms,
-    time_callable,
+    plan_settings,
+    sweep,
 )
-
-
-def test_percentiles_of_known_sample() -> None:
-    samples_s = [i / 1000 for i in range(1, 101)]  # 1..100 ms
-    p50, p90, p99 = percentiles_ms(samples_s)
-    assert p50 == pytest.approx(50.5)
-    assert p90 == pytest.approx(90.1)
-    assert p99 == pytest.approx(99.01)
-
-
-def test_percentiles_reject_empty() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        percentiles_ms([])
-
-
-def test_time_callable_counts_calls_and_syncs() -> None:
-    calls, syncs = [], []
-    p50, p90, p99 = time_callable(
-        lambda: calls.append(1), warmup=3, runs=7, sync=lambda: syncs.append(1)
-    )
-    assert len(calls) == 10
-    assert len(syncs) == 8  # once after warm-up, once per timed run
-    assert 0 <= p50 <= p90 <= p99
 
 
 @pytest.mark.parametrize(
@@ -77,6 +59,119 @@ def _tiny(width: int) -> nn.Module:
     ).eval()
 
 
+# --- which settings run where -------------------------------------------------------------------
+
+
+def test_settings_on_a_cpu_machine() -> None:
+    assert plan_settings() == [
+        Setting("torch", "cpu", "eager"),
+        Setting("onnxruntime", "cpu", "session"),
+    ]
+
+
+def test_settings_on_a_full_gpu_machine() -> None:
+    got = plan_settings(cuda=True, ort_cuda=True, tensorrt=True, fp16=True, copies=True)
+    keys = [(s.backend, s.device, s.mode, s.precision, s.copies) for s in got]
+    assert keys == [
+        ("torch", "cpu", "eager", "fp32", None),
+        ("onnxruntime", "cpu", "session", "fp32", None),
+        ("torch", "cuda", "eager", "fp32", True),
+        ("torch", "cuda", "cuda-graph", "fp32", True),
+        ("torch", "cuda", "eager", "fp16", True),
+        ("torch", "cuda", "cuda-graph", "fp16", True),
+        ("onnxruntime", "cuda", "session", "fp32", True),
+        ("tensorrt", "cuda", "engine", "fp32", False),  # engines always time device data
+        ("tensorrt", "cuda", "engine", "fp16", False),
+    ]
+
+
+def test_settings_filtered_by_backend_and_device() -> None:
+    got = plan_settings(backends=["torch"], devices=["cuda"], cuda=True, ort_cuda=True)
+    assert [(s.mode, s.copies) for s in got] == [("eager", False), ("cuda-graph", False)]
+    assert plan_settings(backends=["tensorrt"]) == []  # no GPU: nothing
+
+
+def test_settings_refuse_unknown_names() -> None:
+    with pytest.raises(ValueError, match="got unknown \\['tflite'\\]"):
+        plan_settings(backends=["tflite"])
+    with pytest.raises(ValueError, match="'tpu'"):
+        plan_settings(devices=["tpu"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"runs": 49}, "runs >= 50"),
+        ({"batches": ()}, "at least one"),
+        ({"batches": (1, 0)}, "batches=(1, 0)"),
+        ({"threads": 0}, "threads=0"),
+        ({"warmup": -1}, "warmup=-1"),
+    ],
+)
+def test_sweep_config_validates(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("(", "\\(").replace(")", "\\)")):
+        SweepConfig(**kwargs)
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+
+def _fake_measure(calls: list):
+    def measure(a: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
+        calls.append((batch, s.backend, s.device, a.label))
+        p50 = batch * (2.0 if a.label == "dense" else 1.0) / (10 if s.device == "cuda" else 1)
+        return LatencyRow(
+            s.backend, s.device, a.label, batch, cfg.threads, p50, p50, p50,
+            s.mode, s.precision, s.copies, cfg.runs, cfg.warmup,
+        )  # fmt: skip
+
+    return measure
+
+
+def test_sweep_nests_batch_setting_model_and_skips_what_cannot_run() -> None:
+    artefacts = [
+        Artefact("dense", "d", (3, 8, 8), _tiny(8), None),  # no ONNX: no ORT rows
+        Artefact("pruned", "p", (3, 8, 8), _tiny(4), None),
+        Artefact("graph", "g.onnx", (3, 8, 8), None, "g.onnx"),  # ONNX alone: no torch rows
+    ]
+    settings = plan_settings(cuda=True)
+    calls: list = []
+    rows = sweep(artefacts, settings, SweepConfig(batches=(1, 8)), _fake_measure(calls))
+    assert calls == [
+        (b, backend, device, label)
+        for b in (1, 8)
+        for backend, device, labels in [
+            ("torch", "cpu", ("dense", "pruned")),
+            ("onnxruntime", "cpu", ("graph",)),
+            ("torch", "cuda", ("dense", "pruned")),  # eager
+            ("torch", "cuda", ("dense", "pruned")),  # cuda-graph
+        ]
+        for label in labels
+    ]
+    assert len(rows) == len(calls)
+    report = bench_report(rows, artefacts, SweepConfig(batches=(1, 8)))
+    text = bench_markdown(report)
+    assert "## GPU vs CPU (p50)" in text
+    assert "| dense | 8 | 16.000 (torch cpu) | 1.600 (10.0×) | 1.600 (10.0×) |" in text
+    assert "speed-up is against dense" in text
+    assert report["sweep"] == {"batches": [1, 8], "threads": 2, "runs": 50, "warmup": 10}
+    assert [m["label"] for m in report["models"]] == ["dense", "pruned", "graph"]
+
+
+def test_bench_markdown_on_cpu_rows_has_no_gpu_table() -> None:
+    artefacts = [Artefact("m", "m", (3, 8, 8), _tiny(4), None, macs=100)]
+    cfg = SweepConfig(batches=(2,))
+    text = bench_markdown(
+        bench_report(sweep(artefacts, plan_settings(), cfg, _fake_measure([])), artefacts, cfg)
+    )
+    assert "GPU vs CPU" not in text
+    assert "| m | m | — | 3×8×8 | 100 |" in text
+    assert "## Environment" in text and "cores available" in text
+
+
+# --- real CPU rows --------------------------------------------------------------------------------
+
+
 def test_latency_table_cpu_rows(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     from pipeline.export.onnx import export_onnx
@@ -96,7 +191,7 @@ def test_latency_table_cpu_rows(tmp_path) -> None:
     keys = {(r.backend, r.model, r.batch) for r in cpu}
     assert keys == {(b, m, n) for b in ("torch", "onnxruntime") for m in models for n in (1, 4)}
     for row in cpu:
-        assert row.threads == 1
+        assert (row.threads, row.runs, row.warmup, row.copies) == (1, 50, 2, None)
         assert 0 < row.p50_ms <= row.p90_ms <= row.p99_ms
 
 
@@ -110,14 +205,116 @@ def test_bench_torch_rejects_bad_device() -> None:
         bench_torch(_tiny(4), (3, 8, 8), batch=1, threads=1, device="tpu")
 
 
-def test_latency_row_round_trip() -> None:
-    row = LatencyRow("torch", "cpu", "dense", 1, 2, 1.0, 2.0, 3.0)
-    assert LatencyRow.from_mapping({**row.to_dict(), "extra": 1}) == row
+def test_bench_torch_pins_threads_during_the_run(monkeypatch) -> None:
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    row = bench_torch(Probe(), (3, 4, 4), batch=2, threads=1, runs=50, warmup=1, label="p")
+    assert set(seen) == {1} and len(seen) == 51
+    assert torch.get_num_threads() == before
+    assert (row.backend, row.mode, row.precision, row.model, row.batch) == (
+        "torch", "eager", "fp32", "p", 2,
+    )  # fmt: skip
 
 
-def test_environment_keys() -> None:
-    env = environment()
-    assert {"torch", "onnxruntime", "python", "cpu", "cuda"} <= set(env)
-    assert env["torch"] == torch.__version__
-    assert "cores" in env["cpu"]
-    assert (env["cuda"] is None) == (not torch.cuda.is_available())
+def test_replay_check_catches_a_stale_graph() -> None:
+    ref = torch.tensor([1.0, -2.0, 4.0])
+    _check_replay(ref + 1e-6, ref, "fp32")  # rounding passes
+    with pytest.raises(ReplayMismatchError, match="not capturable"):
+        _check_replay(ref * 1.01, ref, "fp32")
+    _check_replay(ref * 1.005, ref, "fp16")  # fp16 has its own, looser tolerance
+
+
+# --- CUDA rows (gpu) ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: CUDA eager, CUDA-graph and fp16 rows need a GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "cuda-graph"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("copies", [False, True])
+def test_cuda_rows(cuda, mode: str, precision: str, copies: bool) -> None:
+    s = Setting("torch", "cuda", mode, precision, copies)
+    model = _tiny(16)
+    row = bench_torch(model, (3, 32, 32), batch=8, threads=1, runs=50, warmup=3, setting=s)
+    assert (row.device, row.mode, row.precision, row.copies) == ("cuda", mode, precision, copies)
+    assert 0 < row.p50_ms <= row.p90_ms <= row.p99_ms
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model is untouched
+
+
+@pytest.mark.gpu
+def test_cuda_graph_refuses_a_forward_that_changes_between_calls(cuda) -> None:
+    class Counter(nn.Module):  # Python state: each eager call differs, a replay cannot
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * self.calls
+
+    s = Setting("torch", "cuda", "cuda-graph", "fp32", False)
+    with pytest.raises(ReplayMismatchError):
+        bench_torch(Counter(), (4,), batch=2, threads=1, runs=50, warmup=1, setting=s)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_beats_eager_on_a_launch_bound_model(cuda) -> None:
+    deep = nn.Sequential(*[nn.Conv2d(8, 8, 1) for _ in range(40)]).eval()
+    rows = {
+        mode: bench_torch(
+            deep, (8, 8, 8), batch=1, threads=1, runs=50, warmup=5,
+            setting=Setting("torch", "cuda", mode, "fp32", False),
+        )
+        for mode in ("eager", "cuda-graph")
+    }  # fmt: skip
+    assert rows["cuda-graph"].p50_ms < rows["eager"].p50_ms
+
+
+# --- imports run one way --------------------------------------------------------------------------
+
+LATENCY_MODULES = [
+    "bench", "backends", "timing", "environment", "artefacts", "report",
+    "export.tensorrt", "export.manifest",
+]  # fmt: skip
+
+
+def _pipeline_imports(module: str) -> set[str]:
+    """Every ``pipeline.*`` module ``module`` imports, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path("pipeline") / f"{module.replace('.', '/')}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        found |= {n.removeprefix("pipeline.") for n in names if n.startswith("pipeline.")}
+    return found
+
+
+def test_latency_modules_import_one_way() -> None:
+    graph = {m: _pipeline_imports(m) & set(LATENCY_MODULES) for m in LATENCY_MODULES}
+    assert graph["timing"] == set() and graph["environment"] == set()
+    assert graph["export.tensorrt"] == {"timing"}
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        if node not in done:
+            for nxt in graph[node]:
+                visit(nxt, (*path, node))
+            done.add(node)
+
+    for module in LATENCY_MODULES:
+        visit(module, ())

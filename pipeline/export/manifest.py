@@ -10,27 +10,19 @@ import hashlib
 import json
 import logging
 import os
-import platform
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json_atomic
+from pipeline.environment import versions
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
-_PACKAGES = {
-    "recede": ("recede",),
-    "torch": ("torch",),
-    "torchvision": ("torchvision",),
-    "onnx": ("onnx",),
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
-}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -40,27 +32,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def package_version(*distributions: str) -> str | None:
-    """Installed version of the first of ``distributions`` that is installed, else None."""
-    from importlib import metadata
-
-    for name in distributions:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _versions() -> dict[str, str | None]:
-    import pipeline
-
-    versions = {key: package_version(*names) for key, names in _PACKAGES.items()}
-    versions["recede"] = versions["recede"] or pipeline.__version__  # run from a checkout
-    versions["python"] = platform.python_version()
-    return versions
 
 
 def _artefact_entry(out_dir: Path, name: str, path: Path) -> dict[str, Any]:
@@ -110,7 +81,7 @@ def write_manifest(
     manifest = {
         "format": MANIFEST_FORMAT,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "artefacts": {name: _artefact_entry(out, name, Path(p)) for name, p in artefacts.items()},
         "config": dict(config),
         "metrics": dict(metrics),

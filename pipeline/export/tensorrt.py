@@ -364,7 +364,7 @@ def engine_latency(
     """
     import torch
 
-    from pipeline.bench import time_callable
+    from pipeline.timing import time_callable
 
     runner = TrtRunner(engine_path)
     x = torch.randn(batch, *input_shape, device="cuda").to(runner.input_dtype)

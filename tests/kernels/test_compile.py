@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from kernels.receding_penalty import receding_penalty_
-from pipeline.bounded_bn import BoundedBatchNorm2d, fuse_bn_relu_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.config import TrainConfig
+from pipeline.fuse_relu import fuse_bn_relu_
 from pipeline.train import maybe_compile
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance

@@ -7,14 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import (
-    BoundedBatchNorm2d,
-    ReLUFusedIntoBN,
-    convert_to_plain_bn_,
-    fuse_bn_relu_,
-    unfuse_bn_relu_,
-)
+from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_plain_bn_
 from pipeline.fold import FoldError, fold_bn_
+from pipeline.fuse_relu import ReLUFusedIntoBN, fuse_bn_relu_, unfuse_bn_relu_
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance
 
