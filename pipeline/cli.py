@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,9 +25,13 @@ class UsageError(ValueError):
 
 
 def _config(args: argparse.Namespace):
+    """The resolved config; under torchrun also checked against the number of processes."""
     from pipeline.config import load_config
+    from pipeline.distributed import check_batch
 
-    return load_config(args.config, args.set or ())
+    cfg = load_config(args.config, args.set or ())
+    check_batch(cfg.data.batch_size)
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -35,6 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     report = run_pipeline(cfg, args.out, resume=args.resume, force=args.force)
+    if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
+        return EXIT_OK
     print(Path(args.out, "report.md").read_text())
     print(f"wrote {args.out} in {report['seconds']} s")
     return EXIT_OK
@@ -46,12 +53,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import save_pruned
     from pipeline.config import dump_config
     from pipeline.data import load_data
-    from pipeline.run import build_and_train, model_spec
+    from pipeline.distributed import is_main
+    from pipeline.run import build_and_train, model_spec, train_as_worker
     from pipeline.train import seed_everything
 
     cfg = _config(args)
     out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
     data = load_data(cfg.data, seed=cfg.train.seed)
+    if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
+        train_as_worker(cfg, data, out, resume=args.resume)
+        return EXIT_OK
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         write_text_atomic(stage / "config.yaml", dump_config(cfg))
@@ -339,8 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
+    quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 alone logs progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
