@@ -251,6 +251,14 @@ def _check_onnx(path: Path) -> None:
         ) from None
 
 
+def _verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
+    """Refuse a recede folder whose files no longer match its index (``pipeline.integrity``)."""
+    from pipeline.integrity import verify_folder
+
+    if not args.force:
+        verify_folder(folder)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time a saved model folder with PyTorch and ONNX Runtime (p50/p90/p99)."""
     import torch
@@ -260,6 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.fold import fold_bn
 
     folder = model_folder(args.dir)
+    _verify_unless_forced(folder, args)
     model, spec = load_pruned(folder)
     onnx = folder / "model.onnx"
     if onnx.exists():
@@ -304,6 +313,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's channel groups and barriers, or a run folder's report."""
     if args.dir:
         folder = Path(args.dir)
+        _verify_unless_forced(folder, args)
         for name in ("report.md", "report.json"):
             if (folder / name).is_file():
                 print((folder / name).read_text())
