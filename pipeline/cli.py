@@ -54,11 +54,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import dump_config
     from pipeline.data import load_data
     from pipeline.distributed import is_main
+    from pipeline.resume import check_resume_config
     from pipeline.run import build_and_train, model_spec, train_as_worker
     from pipeline.train import seed_everything
 
     cfg = _config(args)
     out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
+    if args.resume:
+        check_resume_config(cfg, out)
     data = load_data(cfg.data, seed=cfg.train.seed)
     if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
         train_as_worker(cfg, data, out, resume=args.resume)

@@ -42,6 +42,7 @@ from pipeline.prune import (
     make_plan,
     select_groups,
 )
+from pipeline.resume import check_resume_config
 from pipeline.threshold import NotBimodalError, auto_threshold
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
@@ -330,6 +331,8 @@ def run_pipeline(
         VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
     """
     final = check_out_folder(out, kind="run", force=force, flag="--out")
+    if resume:
+        check_resume_config(cfg, final)
     data = load_data(cfg.data, seed=cfg.train.seed)
     if not distributed.is_main():
         train_as_worker(cfg, data, final, resume=resume)
