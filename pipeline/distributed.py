@@ -178,6 +178,15 @@ def average_buffers_(model: nn.Module) -> None:
             buf.div_(world_size())
 
 
+def mean_across_ranks(values: tuple[float, ...], device: torch.device) -> tuple[float, ...]:
+    """Each value averaged over the ranks (an epoch's loss over the whole global batch)."""
+    if not active():
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=device)  # nccl: a GPU tensor
+    torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+    return tuple((summed / world_size()).tolist())
+
+
 def barrier() -> None:
     if active():
         torch.distributed.barrier()

@@ -247,6 +247,7 @@ def train_(
         distributed.set_epoch(loader, epoch)
         try:
             losses = _run_epoch(model, loader, opt, polariser, device, desc, net)
+            losses = distributed.mean_across_ranks(losses, device)  # each rank saw its share
         except DivergedError as err:
             kept = (
                 f"the last good checkpoint is {last}" if last and last.exists() else "no checkpoint"

@@ -117,6 +117,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path, monkeypat
     assert two[0]["state"].keys() == two[1]["state"].keys()
     for name in two[0]["state"]:  # (a) gamma, every weight and buffer: bit for bit
         assert torch.equal(two[0]["state"][name], two[1]["state"][name]), name
+    assert two[0]["loss"] == two[1]["loss"]  # the epoch loss is averaged over the ranks
     start = _weights(_initial_state())
     one = _one_process(monkeypatch)
     diff = _relative(two[0]["state"], one, start)  # (b) same global batches
