@@ -184,8 +184,8 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
 
 # --- Whole folders --------------------------------------------------------------------------
 # A run, train, prune or export folder is written into ``.<name>.partial`` beside it and swapped
-# into place only when every file is there, under a lock (``.<name>.lock``) held for the whole
-# write, so a reader never sees a folder mixing two writers or two versions.
+# into place only when every file is there, under a lock (``.<name>.lock``, removed after) held
+# for the whole write, so a reader never sees a folder mixing two writers or two versions.
 
 MARKER = ".recede.json"
 _KIND_FILES = {  # folders written before the marker existed, recognised by their files
@@ -280,22 +280,55 @@ def check_out_folder(path: str | os.PathLike[str], *, kind: str, force: bool, fl
 
 
 @contextlib.contextmanager
-def _folder_lock(final: Path) -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, a file created for it and removed on release.
+
+    Lock files do not persist, so no ``.lock`` clutters a run folder's parent or the data cache.
+    Removing a lock file is safe because every taker checks, once ``flock`` returns, that
+    ``path`` still names the file it locked, and starts over if not: a waiter that was granted
+    the lock on a file its holder had just removed would otherwise hold it beside a newcomer
+    locking a new file of the same name. The holder removes the file before it releases the
+    lock. The OS drops the lock when a process dies; a killed holder leaves an empty file that
+    the next taker locks and removes.
+
+    Raises:
+        BlockingIOError: ``wait`` is false and another process holds the lock.
+    """
     import fcntl
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "a+") as handle:
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held, named = os.fstat(fd), os.stat(path)
+        except (BlockingIOError, FileNotFoundError) as err:
+            os.close(fd)
+            if isinstance(err, BlockingIOError):
+                raise
+            continue  # removed by its holder between our open and flock: take the new one
+        if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _folder_lock(final: Path) -> Iterator[None]:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(final.parent / f".{final.name}.lock", wait=False))
         except BlockingIOError:
             raise OutputError(
                 f"{final} is being written by another recede process (lock "
                 f".{final.name}.lock held); wait for it to finish or pick another folder"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 def partial_folder(final: str | os.PathLike[str]) -> Path:
@@ -326,6 +359,13 @@ def _swap_into_place(partial: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _write_index(folder: Path, kind: str) -> None:
+    """Record every file's SHA-256 in the marker (checked by ``pipeline.integrity``)."""
+    from pipeline.integrity import index_files
+
+    write_json_atomic(folder / MARKER, {"kind": kind, "files": index_files(folder)})
+
+
 @contextlib.contextmanager
 def staged_folder(
     final: str | os.PathLike[str], *, kind: str, start: str = "empty", keep_on_error: bool = False
@@ -338,6 +378,9 @@ def staged_folder(
         start: ``empty`` (a fresh folder), ``copy`` (a copy of ``final``, to add files to it) or
             ``resume`` (the partial folder a failed or killed write left, else a copy).
         keep_on_error: Keep the partial folder when the block raises (to resume from it).
+
+    The marker ``.recede.json`` records the command and, once the block succeeded, the SHA-256
+    of every file in the folder (``pipeline.integrity``).
 
     Raises:
         OutputError: If another process is writing ``final``.
@@ -353,5 +396,6 @@ def staged_folder(
             if not keep_on_error:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+        _write_index(partial, kind)
         _swap_into_place(partial, final)
     logger.info("wrote %s", final)

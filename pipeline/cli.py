@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,9 +26,13 @@ logger = logging.getLogger("recede")
 
 
 def _config(args: argparse.Namespace):
+    """The resolved config; under torchrun also checked against the number of processes."""
     from pipeline.config import load_config
+    from pipeline.distributed import check_batch
 
-    return load_config(args.config, args.set or ())
+    cfg = load_config(args.config, args.set or ())
+    check_batch(cfg.data.batch_size)
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,6 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     report = run_pipeline(cfg, args.out, resume=args.resume, force=args.force)
+    if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
+        return EXIT_OK
     print(Path(args.out, "report.md").read_text())
     print(f"wrote {args.out} in {report['seconds']} s")
     return EXIT_OK
@@ -47,12 +54,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import save_pruned
     from pipeline.config import dump_config
     from pipeline.data import load_data
-    from pipeline.run import build_and_train, model_spec
+    from pipeline.distributed import is_main
+    from pipeline.resume import check_resume_config
+    from pipeline.run import build_and_train, model_spec, train_as_worker
     from pipeline.train import seed_everything
 
     cfg = _config(args)
     out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
+    if args.resume:
+        check_resume_config(cfg, out)
     data = load_data(cfg.data, seed=cfg.train.seed)
+    if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
+        train_as_worker(cfg, data, out, resume=args.resume)
+        return EXIT_OK
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         write_text_atomic(stage / "config.yaml", dump_config(cfg))
@@ -187,10 +201,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
-def _open_bench_model(path: str) -> list[Artefact]:
-    """The artefacts one MODEL argument names; the one place ``bench`` opens a folder."""
+def _open_bench_model(path: str, args: argparse.Namespace) -> list[Artefact]:
+    """The artefacts one MODEL argument names; the one place ``bench`` opens a folder, after
+    checking the folder's files against its index (unless ``--force``)."""
     from pipeline.artefacts import open_artefacts
 
+    _verify_unless_forced(Path(path), args)
     return open_artefacts(path)
 
 
@@ -241,6 +257,14 @@ def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> N
         plot_latency(report["rows"], args.plot)
 
 
+def _verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
+    """Refuse a recede folder whose files no longer match its index (``pipeline.integrity``)."""
+    from pipeline.integrity import verify_folder
+
+    if not args.force:
+        verify_folder(folder)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time models (run, prune or train folders, model folders, .onnx files) on every backend
     and device available: p50/p90/p99, throughput, a batch sweep, GPU vs CPU."""
@@ -251,7 +275,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_bench_outputs(args)
     settings = _bench_settings(args)
-    artefacts = unique_labels([a for path in args.models for a in _open_bench_model(path)])
+    artefacts = unique_labels([a for path in args.models for a in _open_bench_model(path, args)])
     check_batches(artefacts, tuple(args.batches))
     if not any(runnable(a, s) for a in artefacts for s in settings):
         raise UsageError(
@@ -294,6 +318,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's channel groups and barriers, or a run folder's report."""
     if args.dir:
         folder = Path(args.dir)
+        _verify_unless_forced(folder, args)
         for name in ("report.md", "report.json"):
             if (folder / name).is_file():
                 print((folder / name).read_text())
@@ -340,8 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
+    quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 alone logs progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -223,4 +223,8 @@ def build_parser(
     parsers["inspect"].add_argument(
         "dir", nargs="?", help="a run folder to summarise instead of a model"
     )
+    for name in ("inspect", "bench"):
+        parsers[name].add_argument(
+            "--force", action="store_true", help="use DIR even if its files changed since"
+        )
     return parser

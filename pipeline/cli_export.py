@@ -90,7 +90,7 @@ def _release_config(folder: Path, out: Path, spec: dict, options: Any) -> dict[s
     import yaml
 
     from pipeline.checkpoint import SHAPES, WEIGHTS
-    from pipeline.export.manifest import file_sha256
+    from pipeline.integrity import file_sha256
 
     config = folder.parent / "config.yaml"
     return {

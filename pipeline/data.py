@@ -10,13 +10,11 @@ need ``data.root``.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, file_lock
 from pipeline.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -111,19 +109,6 @@ def _decompress_once(gz: Path, target: Path) -> None:
             )
 
 
-@contextlib.contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_file``; the OS drops it if the process dies."""
-    import fcntl  # POSIX only, as is Debian's dataset package
-
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _fashion_root() -> Path:
     """torchvision-layout folder holding Debian's Fashion-MNIST files, decompressed once.
 
@@ -136,7 +121,7 @@ def _fashion_root() -> Path:
     )
     raw = cache / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    with _locked(raw / ".lock"):
+    with file_lock(raw / ".lock"):  # removed when released (see file_lock)
         for gz in sorted(DEBIAN_FASHION_MNIST.glob("*-ubyte.gz")):
             _decompress_once(gz, raw / gz.name[:-3])
     return cache

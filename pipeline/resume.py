@@ -99,3 +99,75 @@ class TrainingState:
             ) from None
         logger.info("resumed from %s after epoch %d", path, len(state["logs"]))
         return list(state["logs"])
+
+
+# Settings that do not change what training computes, so a resumed run may differ in them:
+# everything after training (the threshold and fine-tune re-run on the trained model, which is
+# how a refused automatic threshold is retried without retraining), export, bench, and data
+# settings that only change how fast batches load or how the test set is chunked. Every other
+# key (data, model, train, and prune.min_channels / prune.max_layer_ratio, which bound the
+# budget controller during training) must be unchanged.
+RESUMABLE_CHANGES = (
+    "export.",
+    "bench.",
+    "train.compile",  # how the same step runs, not what it computes
+    "data.num_workers",
+    "data.eval_batch_size",
+    "prune.threshold",
+    "prune.ratio",
+    "prune.aggregate",
+    "prune.round_to",
+    "prune.finetune_epochs",
+    "prune.finetune_lr",
+    "prune.exact_borders",
+    "prune.recalibrate",
+)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_training_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts and that affect training."""
+    old, new = _flat(before), _flat(now)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return [k for k in differ if not k.startswith(RESUMABLE_CHANGES)]
+
+
+def check_resume_config(cfg: Any, final: Path) -> None:
+    """Refuse to resume output folder ``final`` under a config that trains differently from the
+    one its checkpoints were written under.
+
+    The folder resumed is the partial one a failed or killed run left, else the finished one
+    (as ``pipeline.atomic.staged_folder`` picks it); its ``config.yaml`` is the resolved config,
+    written by the same run before its first checkpoint.
+
+    Raises:
+        CheckpointError: A key that affects training differs; the message lists each one with
+            both values.
+    """
+    from pipeline.atomic import partial_folder
+    from pipeline.config import load_config, to_dict
+
+    folder = partial_folder(final) if partial_folder(final).is_dir() else Path(final)
+    stored = folder / "config.yaml"
+    if not (folder / "checkpoints" / "train_last.pt").is_file() or not stored.is_file():
+        return  # nothing to resume: training starts at epoch 1
+    before, now = to_dict(load_config(stored)), to_dict(cfg)
+    keys = changed_training_keys(before, now)
+    if keys:
+        old, new = _flat(before), _flat(now)
+        shown = ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {new.get(k)!r})" for k in keys)
+        raise CheckpointError(
+            f"--resume: the config differs from the one {folder / 'checkpoints'} was trained "
+            f"with in {shown}; expected the same training settings (only export, bench, "
+            "data.num_workers/eval_batch_size and post-training prune settings may change); "
+            "pass the original settings, or start afresh without --resume"
+        )

@@ -19,8 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.absorb import RemovalReport, remove_groups
-from pipeline.atomic import check_out_folder, staged_folder, write_json_atomic, write_text_atomic
+from pipeline.atomic import (
+    check_out_folder,
+    partial_folder,
+    staged_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
 from pipeline.checkpoint import SHAPES, save_pruned
 from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
@@ -35,6 +42,7 @@ from pipeline.prune import (
     make_plan,
     select_groups,
 )
+from pipeline.resume import check_resume_config
 from pipeline.threshold import NotBimodalError, auto_threshold
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
@@ -73,15 +81,24 @@ def build_and_train(
 ) -> tuple[nn.Module, list]:
     """Build the model, ready it for the penalty (``Polariser.prepare``) and train it.
 
-    ``resume`` continues from ``checkpoint_dir/train_last.pt`` when it exists.
+    ``resume`` continues from ``checkpoint_dir/train_last.pt`` when it exists. Under
+    ``torchrun`` the training is one rank of a DDP job (see ``pipeline.distributed``).
 
     For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
     after, so the saved model has the original parameterisation.
     """
+    device = resolve_device(cfg.train.device)
+    with distributed.process_group(device, cfg.data.batch_size):  # only under torchrun
+        return _build_and_train(cfg, data, checkpoint_dir, resume)
+
+
+def _build_and_train(
+    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, resume: bool
+) -> tuple[nn.Module, list]:
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     pen_cfg = cfg.train.penalty
     example = _fixed_batch(data, 2)
-    steps = cfg.train.epochs * len(data.train)
+    steps = cfg.train.epochs * len(distributed.shard_loader(data.train, cfg.train.seed))
     polariser = Polariser.prepare(
         model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune
     )
@@ -290,10 +307,22 @@ def _trained_hint(trained: Path) -> str:
     )
 
 
+def train_as_worker(cfg: RunConfig, data: DataBundle, final: Path, *, resume: bool) -> None:
+    """A torchrun rank other than 0: train in step with rank 0 and write nothing.
+
+    Resuming, it reads rank 0's checkpoint in ``final``'s partial folder.
+    """
+    seed_everything(cfg.train.seed)
+    build_and_train(cfg, data, partial_folder(final) / "checkpoints", resume=resume)
+
+
 def run_pipeline(
     cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run every stage and write the run folder as a unit; returns the report dict.
+
+    Under ``torchrun`` every rank trains (``pipeline.distributed``); ranks other than 0 then
+    return None, and rank 0 alone prunes, fine-tunes, exports and writes the folder.
 
     The folder is built in ``.<out>.partial`` beside ``out`` and moved into place at the end
     (see ``pipeline.atomic.staged_folder``); after a failure the partial folder stays, and
@@ -305,7 +334,12 @@ def run_pipeline(
         VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
     """
     final = check_out_folder(out, kind="run", force=force, flag="--out")
+    if resume:
+        check_resume_config(cfg, final)
     data = load_data(cfg.data, seed=cfg.train.seed)
+    if not distributed.is_main():
+        train_as_worker(cfg, data, final, resume=resume)
+        return None
     start = "resume" if resume else "empty"
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)

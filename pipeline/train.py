@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.atomic import save_torch_atomic
 from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, channel_importance
 from pipeline.config import TrainConfig
@@ -181,15 +182,18 @@ def _check_finite(model: nn.Module, loss: float, step: int, where: str) -> None:
 
 
 def _run_epoch(
-    model, loader, opt, polariser: Polariser | None, device, desc: str
+    model, loader, opt, polariser: Polariser | None, device, desc: str, net=None
 ) -> tuple[float, float]:
+    """One epoch; ``net`` (default ``model``) runs the forward pass: the DDP wrapper under torchrun."""
+    net = model if net is None else net
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss = total_pen = 0.0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    quiet = not sys.stderr.isatty() or not distributed.is_main()
+    bar = tqdm(loader, desc=desc, leave=False, disable=quiet)
     for step, (x, y) in enumerate(bar, 1):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x.to(device)), y.to(device))
+        loss = loss_fn(net(x.to(device)), y.to(device))
         _check_finite(model, float(loss.detach()), step, desc)  # before this batch's update
         loss.backward()
         pen = polariser.before_step() if polariser is not None else torch.zeros(())
@@ -238,33 +242,40 @@ def train_(
     ``<tag>_last.pt`` (everything needed to continue, see ``pipeline.resume``); ``resume``
     continues from ``<tag>_last.pt`` when it exists.
 
+    Inside an open process group (``pipeline.distributed``) each rank trains on its share of
+    every global batch through DistributedDataParallel, and rank 0 alone writes checkpoints.
+
     Raises:
         DivergedError: The loss or a BN scale became NaN/Inf; the last good checkpoint stays.
     """
     from pipeline.resume import TrainingState
 
-    device = resolve_device(cfg.device)
+    device = distributed.device_for(resolve_device(cfg.device))
     model.to(device)
-    step_model = maybe_compile(model, cfg)
     opt = make_optimizer(model, cfg, lr, polariser)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, epochs))
-    state = TrainingState(model, opt, sched, polariser, data.train)
+    loader = distributed.shard_loader(data.train, cfg.seed)
+    state = TrainingState(model, opt, sched, polariser, loader)
     last = Path(checkpoint_dir) / f"{tag}_last.pt" if checkpoint_dir is not None else None
     logs = [EpochLog(**log) for log in state.load(last)] if resume and last else []
+    net = maybe_compile(distributed.wrap(model, device), cfg)  # runs the forward pass
     for epoch in range(len(logs) + 1, epochs + 1):
         start, desc = time.perf_counter(), f"{tag} epoch {epoch}/{epochs}"
+        distributed.set_epoch(loader, epoch)
         try:
-            losses = _run_epoch(step_model, data.train, opt, polariser, device, desc)
+            losses = _run_epoch(model, loader, opt, polariser, device, desc, net)
+            losses = distributed.mean_across_ranks(losses, device)  # each rank saw its share
         except DivergedError as err:
             kept = (
                 f"the last good checkpoint is {last}" if last and last.exists() else "no checkpoint"
             )
             raise DivergedError(f"{err}; {kept}") from None
         sched.step()
-        recalibrate_bn_(model, data.train, device)
+        recalibrate_bn_(model, loader, device)
+        distributed.average_buffers_(model)
         logs.append(_epoch_log(model, data, polariser, device, epoch, losses, start))
         _log_epoch(tag, logs[-1], epochs)
-        if last is not None:
+        if last is not None and distributed.is_main():
             save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
             state.save(last, [dataclasses.asdict(log) for log in logs])
     return logs

@@ -143,9 +143,16 @@ def test_bench_bad_input_exits_2(case, model_dir, tmp_path, capsys) -> None:
     damage, args, fragment = BAD[case]
     if damage is not None:
         damage(model_dir)
+        args = [*args, "--force"]  # past the folder index, to the loader's own check
     fill = {"dir": str(model_dir), "tmp": str(tmp_path)}
     argv = ["bench", *(a.format(**fill) for a in args)]
     refused(tmp_path, capsys, argv, fragment.format(**fill))
+
+
+def test_bench_refuses_a_damaged_folder_before_loading_it(model_dir, tmp_path, capsys) -> None:
+    (model_dir / "model.onnx").write_bytes(b"not an onnx graph")
+    err = refused(tmp_path, capsys, ["bench", str(model_dir)], "was changed after recede wrote it")
+    assert "model.onnx" in err and "--force" in err
 
 
 def test_bench_cuda_without_gpu_is_refused(model_dir, tmp_path, capsys) -> None:

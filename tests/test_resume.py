@@ -114,3 +114,51 @@ def test_resume_refuses_a_checkpoint_of_another_model(digits, tmp_path):
             wide, digits, TrainConfig(), epochs=2, lr=0.01, polariser=None,
             checkpoint_dir=tmp_path, resume=True,
         )  # fmt: skip
+
+
+def _interrupted(tmp_path: Path, overrides: list[str]) -> Path:
+    """A partial train folder as a killed run leaves it: its config and a last checkpoint."""
+    from pipeline.atomic import partial_folder
+    from pipeline.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    partial = partial_folder(out)
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "train_last.pt").write_bytes(b"ckpt")
+    (partial / "config.yaml").write_text(dump_config(load_config("configs/demo.yaml", overrides)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ("train.lr=0.1", "train.lr (checkpoint 0.05, now 0.1)"),
+        ("data.batch_size=32", "data.batch_size (checkpoint 64, now 32)"),
+        ("model.width=1.0", "model.width (checkpoint 0.5, now 1.0)"),
+        ("prune.min_channels=8", "prune.min_channels (checkpoint 4, now 8)"),
+    ],
+)
+def test_resume_refuses_a_config_that_trains_differently(tmp_path, capsys, change, key):
+    from pipeline.cli import main
+
+    out = _interrupted(tmp_path, [])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    argv = ["train", "-c", "configs/demo.yaml", "--set", change, "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert key in err and "start afresh without --resume" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_resume_allows_settings_that_do_not_change_training(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.resume import check_resume_config
+
+    out = _interrupted(tmp_path, [])
+    changed = [
+        "prune.threshold=ratio", "prune.finetune_epochs=1", "export.atol=1e-3",
+        "bench.runs=60", "data.num_workers=1",
+    ]  # fmt: skip
+    check_resume_config(load_config("configs/demo.yaml", changed), out)
+    with pytest.raises(ValueError, match=r"train.epochs \(checkpoint 6, now 7\)"):
+        check_resume_config(load_config("configs/demo.yaml", [*changed, "train.epochs=7"]), out)

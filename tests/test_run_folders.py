@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import OutputError, partial_folder, staged_folder
+from pipeline.atomic import OutputError, file_lock, partial_folder, staged_folder
 from pipeline.checkpoint import load_pruned
 from pipeline.cli import main
 
@@ -124,3 +126,45 @@ def test_two_prunes_into_one_folder_never_mix(tmp_path):
         assert code == 0 or "being written by another recede process" in err
     _consistent(out)
     assert not partial_folder(out).exists()
+
+
+def test_no_lock_file_is_left_beside_the_folder(tmp_path):
+    out = tmp_path / "out"
+    with staged_folder(out, kind="prune"):
+        assert (tmp_path / ".out.lock").is_file()  # held while writing
+    with pytest.raises(RuntimeError), staged_folder(out, kind="prune"):
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _count_under_lock(lock: Path, counter: Path, rounds: int) -> None:
+    for _ in range(rounds):
+        with file_lock(lock):
+            value = int(counter.read_text())
+            time.sleep(0.0005)  # widen the window a second holder would need
+            counter.write_text(str(value + 1))
+
+
+def test_removed_lock_files_still_exclude(tmp_path):
+    """Holders remove the lock file on release; a waiter granted the lock on the removed file
+    must notice and start over, or two holders would overlap and lose increments."""
+    lock, counter = tmp_path / "c.lock", tmp_path / "count"
+    counter.write_text("0")
+    threads = [
+        threading.Thread(target=_count_under_lock, args=(lock, counter, 100)) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert int(counter.read_text()) == 400
+    assert not lock.exists()
+
+
+def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path):
+    lock = tmp_path / "c.lock"
+    lock.write_text("")  # what a SIGKILL leaves: the OS already dropped the lock
+    busy = pytest.raises(BlockingIOError)
+    with file_lock(lock, wait=False), busy, file_lock(lock, wait=False):
+        pass
+    assert not lock.exists()

@@ -6,7 +6,6 @@ directory, so a run directory can be moved or copied and still verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,21 +16,12 @@ from typing import Any
 
 from pipeline.atomic import write_json_atomic
 from pipeline.environment import versions
+from pipeline.integrity import file_sha256  # noqa: F401 - also this module's public name
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _artefact_entry(out_dir: Path, name: str, path: Path) -> dict[str, Any]:
