@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name
+from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name, tail_ops
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ class ChannelGraph:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases.
-        return isinstance(m, (BoundedBatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(
-            m, qualname
-        )
+        # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases;
+        # so do BN subclasses such as timm's BatchNormAct2d (see pipeline.bn_act).
+        return isinstance(
+            m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Linear)
+        ) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -266,8 +267,14 @@ def positively_homogeneous_bns(model: nn.Module) -> set[str]:
         for node in gm.graph.nodes
         if node.op == "call_module"
         and isinstance(modules.get(node.target), _BN_TYPES)
+        and _homogeneous_tail(modules[node.target])
         and _homogeneous_to_readers(node, modules)
     }
+
+
+def _homogeneous_tail(bn: nn.Module) -> bool:
+    ops = tail_ops(bn)
+    return ops is not None and set(ops) <= _POSITIVELY_HOMOGENEOUS
 
 
 def _homogeneous_to_readers(start: fx.Node, modules: dict[str, nn.Module]) -> bool:
