@@ -277,8 +277,9 @@ def _expand_channels(per_channel: torch.Tensor, shape: torch.Size, dim: int) -> 
 class SlotInterpreter(fx.Interpreter):
     """Runs the graph on real values and propagates slot/zero tensors beside them."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> None:
         super().__init__(gm)
+        self.opaque = opaque or {}  # submodules kept whole by the tracing fallback -> why
         self.uf = _UnionFind()
         self.slots: dict[fx.Node, Any] = {}
         self.layers: dict[str, list[Any]] = {}  # name -> [kind, in_ids, out_ids, conv_groups]
@@ -388,7 +389,7 @@ class SlotInterpreter(fx.Interpreter):
             return self._bn(n, module, value)
         op = _op_name(n, module)
         if module is not None and type(module) not in _MODULE_OPS:
-            return self._barrier(n, op, value, "unsupported layer type")
+            return self._barrier(n, op, value, self.opaque.get(n.target, "unsupported layer type"))
         if not self._tensor_args(n):
             return self._pinned_like(value)  # a fresh constant such as torch.zeros(...)
         return self._function(n, op, module, value)

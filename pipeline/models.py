@@ -163,9 +163,7 @@ def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
             f"unknown timm model {name!r}; "
             + (f"close names: {', '.join(close)}" if close else "see timm.list_models()")
         )
-    return timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=in_channels
-    )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
 def _factory(spec: str) -> Callable[..., nn.Module]:
