@@ -138,4 +138,8 @@ def _write(names, fast, picked, start, load_start, lines, check) -> None:
         "",
     ]
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    done = {_cells(x)[1] for x in lines[len(HEADER) :]}
+    missing = [m for m in picked if m not in done]
+    if missing:  # a run cut short says what it did not reach
+        header += [f"Not run (yet): {', '.join(missing)}.", ""]
     OUT.write_text("\n".join(header + _summary(lines, check) + lines) + "\n")

@@ -40,7 +40,8 @@ def bn_tail(bn: nn.Module) -> tuple[nn.Module, ...] | None:
     norm-activation layer, ``None`` for a subclass whose ``forward`` recede does not know."""
     forward = type(bn).forward
     if forward in _PLAIN_FORWARDS:
-        return ()
+        # a bounded BN built with a fused ReLU (relu=True, the kernels' fused op) applies it
+        return (nn.ReLU(),) if getattr(bn, "relu", False) is True else ()
     if _qualname(forward) in NORM_ACT_FORWARDS:
         return tuple(
             m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None
