@@ -9,6 +9,8 @@ of one channel in each third of the network moves the output. Writes the table t
     python benchmarks/coverage_table.py                       # all 58 models (recede installed)
     python benchmarks/coverage_table.py --fast                # the default test subset (12)
     python benchmarks/coverage_table.py resnet18 googlenet    # a few
+    python benchmarks/coverage_table.py --timm                # timm's BN CNN families, beside
+                                                              # Torch-Pruning (timm_coverage.py)
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "torchvision_coverage.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="only the default test subset")
+    parser.add_argument("--timm", action="store_true", help="timm families beside Torch-Pruning")
+    parser.add_argument("--resume", action="store_true", help="--timm: run only models not listed")
     args = parser.parse_args()
+    if args.timm:
+        from timm_coverage import timm_main
+
+        return timm_main(args.models, fast=args.fast, resume=args.resume)
     check = _load_check()
     names = args.models or [n for n in check.BN_MODELS if not args.fast or n in check.FAST]
     lines = [

@@ -113,8 +113,13 @@ def convert_to_bounded_bn_(
     replaced = 0
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d):
-            bounded = BoundedBatchNorm2d(
-                child.num_features, child.eps, child.momentum, shift=shift, init_logit=init_logit
+            from pipeline.bn_act import with_tail  # a norm-activation BN keeps its activation
+
+            bounded = with_tail(
+                BoundedBatchNorm2d(
+                    child.num_features, child.eps, child.momentum, shift=shift, init_logit=init_logit
+                ),
+                child,
             )
             setattr(
                 model, name, bounded.to(child.weight.device if child.weight is not None else "cpu")
@@ -166,7 +171,10 @@ def convert_to_plain_bn_(model: nn.Module) -> int:
             plain.bias.copy_(child.bias if child.bias is not None else torch.zeros(1))
             for buffer in ("running_mean", "running_var", "num_batches_tracked"):
                 getattr(plain, buffer).copy_(getattr(child, buffer))
-            setattr(model, name, plain.to(child.weight.device).train(child.training))
+            plain = plain.to(child.weight.device).train(child.training)
+            if hasattr(child, "act"):  # BoundedBatchNormAct2d: keep its activation after the BN
+                plain = nn.Sequential(plain, child.drop, child.act)
+            setattr(model, name, plain)
             replaced += 1
         else:
             replaced += convert_to_plain_bn_(child)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name
+from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name, tail_ops
 
 logger = logging.getLogger(__name__)
 
@@ -97,25 +98,75 @@ class ChannelGraph:
         return out
 
 
+MAX_FALLBACK_LEAVES = 64  # retries of the tracing fallback before giving up
+
+
 class _Tracer(fx.Tracer):
+    def __init__(self, leaves: Collection[str] = ()) -> None:
+        super().__init__()
+        self.leaves = frozenset(leaves)  # submodules kept whole because fx cannot trace them
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases.
-        return isinstance(m, (BoundedBatchNorm2d, nn.Conv2d, nn.Linear)) or super().is_leaf_module(
-            m, qualname
+        # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases;
+        # so do BN subclasses such as timm's BatchNormAct2d (see pipeline.bn_act).
+        return (
+            qualname in self.leaves
+            or isinstance(
+                m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Linear)
+            )
+            or super().is_leaf_module(m, qualname)
         )
 
 
+def _offending_submodule(model: nn.Module, err: BaseException) -> str | None:
+    """Qualified name of the innermost submodule whose ``forward`` was running when fx failed.
+
+    Read from the traceback's frames: a frame whose ``self`` is one of ``model``'s submodules is
+    that module's code. ``None`` when the failure is in the root module's own forward.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def trace_with_leaves(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """fx-trace ``model``; a submodule fx cannot trace is retried as a leaf (an opaque module).
+
+    Returns the graph module and ``{submodule: why it was kept whole}``. The channel graph pins
+    the inputs and outputs of those leaves as barriers, so an untraceable corner costs only its
+    own channels.
+
+    Raises:
+        GraphError: the root module's own forward is untraceable, or the fallback gives up.
+    """
+    leaves: dict[str, str] = {}
+    while True:
+        try:
+            graph = _Tracer(leaves).trace(model)
+            return fx.GraphModule(model, graph, class_name=type(model).__name__), leaves
+        except Exception as err:  # fx raises many types; re-raise with guidance
+            culprit = _offending_submodule(model, err)
+            if culprit is None or culprit in leaves or len(leaves) >= MAX_FALLBACK_LEAVES:
+                raise GraphError(
+                    f"torch.fx could not trace {type(model).__name__}"
+                    + (f" (kept whole: {', '.join(leaves)})" if leaves else "")
+                    + f": {type(err).__name__}: {err}. Data-dependent Python control flow is "
+                    "not traceable; wrap that part in a leaf module or make the branch depend "
+                    "on constructor arguments only."
+                ) from err
+            first = (str(err).strip().splitlines() or [""])[0][:120]
+            leaves[culprit] = f"torch.fx cannot trace it: {type(err).__name__}: {first}"
+            logger.info("tracing fallback: keeping %s whole (%s)", culprit, leaves[culprit])
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """fx-trace ``model`` keeping torch.nn layers and bounded BN as leaves."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # fx raises many types; re-raise with guidance
-        raise GraphError(
-            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}. "
-            "Data-dependent Python control flow is not traceable; wrap that part in a leaf module "
-            "or make the branch depend on constructor arguments only."
-        ) from err
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    """fx-trace ``model`` keeping torch.nn layers, BN subclasses and untraceable parts as leaves."""
+    return trace_with_leaves(model)[0]
 
 
 def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
@@ -132,8 +183,8 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     was_training = model.training
     model.eval()  # trace the inference graph: no aux heads, no training-only branches
     try:
-        gm = trace(model)
-        interp = SlotInterpreter(gm)
+        gm, opaque = trace_with_leaves(model)
+        interp = SlotInterpreter(gm, opaque)
         with torch.no_grad():
             interp.run(example[:1])
     finally:
@@ -266,8 +317,14 @@ def positively_homogeneous_bns(model: nn.Module) -> set[str]:
         for node in gm.graph.nodes
         if node.op == "call_module"
         and isinstance(modules.get(node.target), _BN_TYPES)
+        and _homogeneous_tail(modules[node.target])
         and _homogeneous_to_readers(node, modules)
     }
+
+
+def _homogeneous_tail(bn: nn.Module) -> bool:
+    ops = tail_ops(bn)
+    return ops is not None and set(ops) <= _POSITIVELY_HOMOGENEOUS
 
 
 def _homogeneous_to_readers(start: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from pipeline.bn_act import bn_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, BoundedBatchNorm2d)
@@ -220,6 +221,43 @@ def _op_name(node: fx.Node, module: nn.Module | None) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def tail_ops(bn: nn.Module) -> list[str] | None:
+    """Op names of what a BN applies after normalising (``pipeline.bn_act``); ``None``: unknown.
+
+    Activation modules outside torch.nn (timm's ``GELU``, ``Sigmoid``...) are fx-traced alone and
+    named by their single call; a tail module holding per-channel parameters (a PReLU with one
+    slope per channel) would need pruning itself, so it is unknown too.
+    """
+    tail = bn_tail(bn)
+    if tail is None:
+        return None
+    ops = []
+    for m in tail:
+        op = _MODULE_OPS.get(type(m)) or _traced_op(m)
+        if op is None or any(p.numel() > 1 for p in m.parameters()):
+            return None
+        ops.append(op)
+    return ops
+
+
+def _traced_op(m: nn.Module) -> str | None:
+    """The one function an eval-mode activation module calls (``identity`` for none)."""
+    was_training = m.training
+    try:
+        graph = fx.symbolic_trace(m.eval()).graph
+    except Exception:  # noqa: BLE001 - fx raises many types; an untraceable tail is unknown
+        return None
+    finally:
+        m.train(was_training)
+    calls = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    if len(calls) > 1:
+        return None
+    if not calls:
+        return "identity"
+    inner = m.get_submodule(calls[0].target) if calls[0].op == "call_module" else None
+    return _op_name(calls[0], inner)
+
+
 def _is_tensors(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
@@ -239,8 +277,9 @@ def _expand_channels(per_channel: torch.Tensor, shape: torch.Size, dim: int) -> 
 class SlotInterpreter(fx.Interpreter):
     """Runs the graph on real values and propagates slot/zero tensors beside them."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> None:
         super().__init__(gm)
+        self.opaque = opaque or {}  # submodules kept whole by the tracing fallback -> why
         self.uf = _UnionFind()
         self.slots: dict[fx.Node, Any] = {}
         self.layers: dict[str, list[Any]] = {}  # name -> [kind, in_ids, out_ids, conv_groups]
@@ -350,7 +389,7 @@ class SlotInterpreter(fx.Interpreter):
             return self._bn(n, module, value)
         op = _op_name(n, module)
         if module is not None and type(module) not in _MODULE_OPS:
-            return self._barrier(n, op, value, "unsupported layer type")
+            return self._barrier(n, op, value, self.opaque.get(n.target, "unsupported layer type"))
         if not self._tensor_args(n):
             return self._pinned_like(value)  # a fresh constant such as torch.zeros(...)
         return self._function(n, op, module, value)
@@ -559,6 +598,16 @@ class SlotInterpreter(fx.Interpreter):
         return _Slots(*(_expand_channels(t, value.shape, -1) for t in (out, zero, zero)))
 
     def _bn(self, n: fx.Node, m: nn.Module, value: torch.Tensor) -> Any:
+        ops = tail_ops(m)
+        if ops is None:
+            return self._barrier(
+                n,
+                type(m).__name__,
+                value,
+                "BatchNorm subclass whose forward or activation recede does not know",
+            )
+        if any(op not in _ZERO_KEEPING and op not in _ZERO_BREAKING for op in ops):
+            return self._barrier(n, "+".join(ops), value, f"activation inside {type(m).__name__}")
         x = self.slots[n.args[0]]
         p, _, c_in = self._channels_of(x, 1, n)
         self._record(n.target, "bn", p, lambda: p)
@@ -570,4 +619,5 @@ class SlotInterpreter(fx.Interpreter):
             if affine
             else _expand_channels(c_in, value.shape, 1)
         )
-        return _Slots(x.ids, torch.full((), affine).expand(value.shape), const)
+        zero = affine and not any(op in _ZERO_BREAKING for op in ops)  # act(0) = 0 keeps zero
+        return _Slots(x.ids, torch.full((), zero).expand(value.shape), const)

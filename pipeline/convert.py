@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.bn_act import bn_tail, with_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import build_channel_graph, positively_homogeneous_bns
 from pipeline.fold import conv_bn_pairs
@@ -71,7 +72,7 @@ def _bounded_from(
         out.running_mean.copy_(bn.running_mean)
         out.running_var.copy_(var)
         out.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return out.train(bn.training)
+    return with_tail(out.train(bn.training), bn)  # a norm-activation layer keeps its act
 
 
 def _flip_negative_(
@@ -176,6 +177,9 @@ def convert_trained_to_bounded_(
 ) -> ConversionReport:
     """Replace every affine ``nn.BatchNorm2d`` of an eval-mode ``model`` by an equivalent bounded BN.
 
+    Norm-activation subclasses (timm's ``BatchNormAct2d``) become ``BoundedBatchNormAct2d`` with
+    the same activation; a subclass whose forward recede does not know is left as it is.
+
     Raises:
         ConversionError: a BN cannot be converted exactly, or the result disagrees beyond ``rtol``.
     """
@@ -186,7 +190,9 @@ def convert_trained_to_bounded_(
     conv_of = {bn: conv for conv, bn in conv_bn_pairs(model)}
     by_readers, by_producer, by_variance, flipped = [], [], [], 0
     for name, bn in [
-        (n, m) for n, m in model.named_modules() if type(m) is nn.BatchNorm2d and m.affine
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.affine and bn_tail(m) is not None
     ]:
         flipped += _flip_negative_(model, conv_of, name, bn)
         gamma = bn.weight.detach()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.bn_act import bn_tail, tail_module
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import trace
 
@@ -58,7 +59,10 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) qualified names where the conv's only consumer is that BN."""
+    """(conv, bn) qualified names where the conv's only consumer is that BN.
+
+    A BN subclass counts only when ``pipeline.bn_act`` knows its forward; its activation stays.
+    """
     gm = trace(model)
     modules = dict(model.named_modules())
     pairs = []
@@ -73,6 +77,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and isinstance(modules.get(src.target), nn.Conv2d)
             and len(src.users) == 1
             and len(node.args) == 1
+            and bn_tail(modules[node.target]) is not None
         ):
             pairs.append((src.target, node.target))
     return pairs
@@ -80,7 +85,8 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def fold_bn_(model: nn.Module) -> FoldReport:
-    """Fold every foldable BN into its conv in place; BN modules become ``nn.Identity``."""
+    """Fold every foldable BN into its conv in place; a BN becomes ``nn.Identity``, or the
+    activation it carried (``pipeline.bn_act.tail_module``)."""
     if model.training:
         raise FoldError(
             "fold_bn_ needs an eval-mode model (batch statistics cannot be folded); call model.eval()"
@@ -112,7 +118,7 @@ def fold_bn_(model: nn.Module) -> FoldReport:
                     getattr(conv, name) * k.view(-1, *([1] * (getattr(conv, name).dim() - 1))),
                 )
         parent, _, leaf = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+        setattr(model.get_submodule(parent) if parent else model, leaf, tail_module(bn))
     folded_bns = {bn for _, bn in pairs}
     kept = tuple(
         n

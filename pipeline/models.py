@@ -1,10 +1,12 @@
-"""Model zoo: a VGG-style CNN, CIFAR-style ResNets (20/56), any torchvision classifier, or a
-user factory given as ``module.path:function``. All are built from constructor arguments so a
+"""Model zoo: a VGG-style CNN, CIFAR-style ResNets (20/56), any torchvision classifier, any timm
+model (``timm:<name>``, the optional ``timm`` extra), or a user factory given as
+``module.path:function``. All are built from constructor arguments so a
 pruned model can be rebuilt from its spec plus a shape manifest.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import logging
@@ -146,6 +148,24 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``timm.create_model(name)`` untrained: nothing is downloaded, so no ``pretrained``."""
+    try:
+        import timm
+    except ImportError as err:
+        raise ModelError(
+            f"timm:{name} needs the timm package, which is not installed ({err}); install it "
+            "with pip install 'recede[timm]' (or pip install timm)"
+        ) from None
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelError(
+            f"unknown timm model {name!r}; "
+            + (f"close names: {', '.join(close)}" if close else "see timm.list_models()")
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
 def _factory(spec: str) -> Callable[..., nn.Module]:
     module_name, _, attr = spec.partition(":")
     try:
@@ -166,6 +186,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.M
         return CifarResNet(int(name[6:]), num_classes, in_channels, cfg.width)
     if name.startswith("torchvision:"):
         return _torchvision(name.split(":", 1)[1], num_classes, in_channels)
+    if name.startswith("timm:"):
+        return _timm(name.split(":", 1)[1], num_classes, in_channels)
     if ":" in name:
         factory = _factory(name)
         params = inspect.signature(factory).parameters
@@ -181,6 +203,6 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.M
             )
         return model
     raise ModelError(
-        f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name> "
-        "or package.module:factory"
+        f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name>, "
+        "timm:<name> or package.module:factory"
     )

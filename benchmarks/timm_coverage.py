@@ -1,0 +1,145 @@
+"""The timm mode of ``coverage_table.py``: recede and Torch-Pruning over timm's BN CNN families.
+
+Runs ``check_timm`` from ``tests/test_timm_coverage.py`` (the check the test suite asserts) on
+one model per family and writes ``benchmarks/results/timm_coverage.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "tests" / "test_timm_coverage.py"
+OUT = ROOT / "benchmarks" / "results" / "timm_coverage.md"
+
+
+def _load_check():
+    """Import the test module by path, so the table comes from the very check pytest runs."""
+    sys.path.insert(0, str(CHECK.parent))  # the test imports its helpers from tests/
+    spec = importlib.util.spec_from_file_location("timm_coverage_check", CHECK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _side(r, side) -> str:
+    if side.error:
+        return f"failed: {side.error.replace('|', '/')} | | |"
+    ok = "verified" if side.verified() else "NOT verified"
+    return f"{100 * r.removed(side):.0f}% | {side.onnx_rel_err:.1e} {ok} | {side.seconds:.0f} |"
+
+
+def _row(family: str, r, check) -> str:
+    first, middle, _ = r.sensitivity
+    barriers = "; ".join(sorted(set(r.barriers)))[:160].replace("|", "/") or "0"
+    status = "pass" if r.passes() else "FAIL"
+    return (
+        f"| {family} | {r.model} | {r.input_size} | {r.params_before / 1e6:.2f} | "
+        f"{_side(r, r.recede)} {len(r.barriers)}: {barriers} | {first:.0e} / {middle:.0e} | "
+        f"{_side(r, r.torch_pruning)} {status} |"
+    )
+
+
+HEADER = [
+    "| family | model | input | params (M) | recede: params removed | recede: ONNX vs PyTorch "
+    "(rel) | recede s | barriers | 10% channel: first / middle | Torch-Pruning: params removed "
+    "| TP: ONNX vs PyTorch (rel) | TP s | status |",
+    "|---|---|---:|---:|---:|---|---:|---|---|---:|---|---:|---|",
+]
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _summary(lines: list[str], check) -> list[str]:
+    """Counts read back from the rows, so rows kept by ``--resume`` count too."""
+    rows = [_cells(line) for line in lines[len(HEADER) :]]
+    passed = sum(r[-1] == "pass" for r in rows)
+    ok = [(r[1], "verified" in r[5] and "NOT" not in r[5]) for r in rows]
+    tp_ok = [
+        (model, rec)
+        for (model, rec), r in zip(ok, rows, strict=True)
+        if "verified" in r[10] and "NOT" not in r[10]
+    ]
+    missed = [model for model, rec in tp_ok if not rec]
+    return [
+        f"**{passed} of {len(rows)} families** prune at least "
+        f"{100 * check.MIN_PARAMS_REMOVED:.0f}% of their parameters with ONNX verified to "
+        f"{check.ONNX_TOL:g} of the output scale by a check that could fail (goal: >= 95%). "
+        f"recede exports a verified ONNX for {sum(rec for _, rec in ok)}, Torch-Pruning for "
+        f"{len(tp_ok)}; recede misses {len(missed)} of Torch-Pruning's"
+        f"{': ' + ', '.join(missed) if missed else ''}.",
+        "",
+    ]
+
+
+def timm_main(names: list[str], *, fast: bool = False, resume: bool = False) -> int:
+    """Run the timm table over ``names`` (default: every family, or the fast handful).
+
+    ``resume`` keeps the rows already in the table and runs only the models it lacks.
+    """
+    check = _load_check()
+    families = {m: f for f, m in check.FAMILIES.items()}
+    picked = names or [m for m in families if not fast or m in check.FAST]
+    lines = list(HEADER)
+    if resume and OUT.exists():
+        lines += [
+            x
+            for x in OUT.read_text().splitlines()[1:]
+            if x.startswith("| ")
+            and len(_cells(x)) > 2
+            and _cells(x)[1] in families
+            and x not in HEADER
+        ]
+    done = {_cells(x)[1] for x in lines[len(HEADER) :]}
+    results = []
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [m for m in picked if m not in done]:
+            r = check.check_timm(name, Path(tmp))
+            results.append(r)
+            lines.append(_row(families.get(name, name), r, check))
+            print(lines[-1], flush=True)
+            _write(names, fast, picked, start, load_start, lines, check)
+    return 0 if all(r.passes() for r in results) else 1
+
+
+def _write(names, fast, picked, start, load_start, lines, check) -> None:
+    """Rewrite the table after every model, so a run cut short still leaves its rows."""
+    total = time.perf_counter() - start
+    cpu = platform.processor() or platform.machine()
+    header = [
+        "# timm coverage: recede beside Torch-Pruning",
+        "",
+        (check.__doc__ or "").split("\n\n", 1)[1].strip(),
+        "",
+        "*params removed* counts every parameter (the 1000-class head included). *barriers* are",
+        "the ops whose channels recede pins (and why), including submodules the tracing fallback",
+        "kept whole. *10% channel* is how far scaling one kept BN channel by 1.1 moves the pruned",
+        "model's output (median of five channels of the BN at 1/6 and 1/2 of the network): it must",
+        f"exceed {check.ONNX_TOL:g}, or the ONNX check could not see such an error. *status* is the",
+        "issue's goal for recede: >= 30% of parameters removed, verified, check sensitive.",
+        "",
+        f"Command: `nice -n 19 python benchmarks/coverage_table.py --timm"
+        f"{' --fast' if fast else ''}{' ' + ' '.join(names) if names else ''}` "
+        f"({len(lines) - len(HEADER)} of {len(picked)} models; this session {total:.0f} s; timm {check.timm.__version__}, torch "
+        f"{torch.__version__}, {cpu}, 2-core CPU, no GPU, shared with other jobs: load "
+        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; 2026-12-01).",
+        "",
+    ]
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    done = {_cells(x)[1] for x in lines[len(HEADER) :]}
+    missing = [m for m in picked if m not in done]
+    if missing:  # a run cut short says what it did not reach
+        header += [f"Not run (yet): {', '.join(missing)}.", ""]
+    OUT.write_text("\n".join(header + _summary(lines, check) + lines) + "\n")
