@@ -5,15 +5,26 @@ flag; the ReLU becomes a ``ReLUFusedIntoBN`` identity), so training runs the fus
 kernel; ``unfuse_bn_relu_`` puts the ReLUs back, for pruning, folding and export (``fold_bn_``
 and ``convert_to_plain_bn_`` refuse a fused BN). It lives apart from ``bounded_bn`` because it
 needs the fx tracer of ``channel_graph``, which itself knows bounded BN.
+
+``fused_for_training`` is what recede's trainer uses: it fuses for the length of training on
+CUDA, where the bounded BN runs the Triton kernel (on the CPU the reference applies the ReLU
+separately anyway, so fusing buys nothing there), and always unfuses afterwards, so every
+stage after training sees plain ``nn.ReLU`` modules.
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_graph import trace
+from pipeline.channel_graph import GraphError, trace
+
+logger = logging.getLogger(__name__)
 
 
 class ReLUFusedIntoBN(nn.Identity):
@@ -95,3 +106,28 @@ def unfuse_bn_relu_(model: nn.Module) -> int:
         model.get_submodule(marker.bn_name).relu = False
         model.set_submodule(name, nn.ReLU(inplace=marker.inplace))
     return len(markers)
+
+
+@contextlib.contextmanager
+def fused_for_training(
+    model: nn.Module, input_shape: Sequence[int], *, enabled: bool
+) -> Iterator[list[tuple[str, str]]]:
+    """Fuse ``model``'s BN+ReLU pairs inside the ``with`` block, unfuse on leaving it (errors too).
+
+    The check example is a seeded random batch of ``input_shape``, drawn from its own generator
+    so training's random state is untouched. A model fx cannot trace trains unfused.
+    """
+    pairs: list[tuple[str, str]] = []
+    if enabled and any(isinstance(m, BoundedBatchNorm2d) for m in model.modules()):
+        device = next(model.parameters()).device
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        try:
+            pairs = fuse_bn_relu_(model, example.to(device))
+        except GraphError as err:
+            logger.info("training without BN+ReLU fusion: %s", err)
+        logger.debug("fused %d BN+ReLU pairs for training", len(pairs))
+    try:
+        yield pairs
+    finally:
+        if pairs:
+            unfuse_bn_relu_(model)

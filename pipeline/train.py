@@ -248,6 +248,7 @@ def train_(
     Raises:
         DivergedError: The loss or a BN scale became NaN/Inf; the last good checkpoint stays.
     """
+    from pipeline.fuse_relu import fused_for_training
     from pipeline.resume import TrainingState
 
     device = distributed.device_for(resolve_device(cfg.device))
@@ -258,26 +259,27 @@ def train_(
     state = TrainingState(model, opt, sched, polariser, loader)
     last = Path(checkpoint_dir) / f"{tag}_last.pt" if checkpoint_dir is not None else None
     logs = [EpochLog(**log) for log in state.load(last)] if resume and last else []
-    net = maybe_compile(distributed.wrap(model, device), cfg)  # runs the forward pass
-    for epoch in range(len(logs) + 1, epochs + 1):
-        start, desc = time.perf_counter(), f"{tag} epoch {epoch}/{epochs}"
-        distributed.set_epoch(loader, epoch)
-        try:
-            losses = _run_epoch(model, loader, opt, polariser, device, desc, net)
-            losses = distributed.mean_across_ranks(losses, device)  # each rank saw its share
-        except DivergedError as err:
-            kept = (
-                f"the last good checkpoint is {last}" if last and last.exists() else "no checkpoint"
-            )
-            raise DivergedError(f"{err}; {kept}") from None
-        sched.step()
-        recalibrate_bn_(model, loader, device)
-        distributed.average_buffers_(model)
-        logs.append(_epoch_log(model, data, polariser, device, epoch, losses, start))
-        _log_epoch(tag, logs[-1], epochs)
-        if last is not None and distributed.is_main():
-            save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
-            state.save(last, [dataclasses.asdict(log) for log in logs])
+    # BN+ReLU fused on CUDA only while training: later stages see plain nn.ReLU modules
+    with fused_for_training(model, data.input_shape, enabled=device.type == "cuda"):
+        net = maybe_compile(distributed.wrap(model, device), cfg)  # runs the forward pass
+        for epoch in range(len(logs) + 1, epochs + 1):
+            start, desc = time.perf_counter(), f"{tag} epoch {epoch}/{epochs}"
+            distributed.set_epoch(loader, epoch)
+            try:
+                losses = _run_epoch(model, loader, opt, polariser, device, desc, net)
+                losses = distributed.mean_across_ranks(losses, device)  # each rank saw its share
+            except DivergedError as err:
+                good = last is not None and last.exists()
+                kept = f"the last good checkpoint is {last}" if good else "no checkpoint"
+                raise DivergedError(f"{err}; {kept}") from None
+            sched.step()
+            recalibrate_bn_(model, loader, device)
+            distributed.average_buffers_(model)
+            logs.append(_epoch_log(model, data, polariser, device, epoch, losses, start))
+            _log_epoch(tag, logs[-1], epochs)
+            if last is not None and distributed.is_main():
+                save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
+                state.save(last, [dataclasses.asdict(log) for log in logs])
     return logs
 
 

@@ -9,7 +9,12 @@ from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_plain_bn_
 from pipeline.fold import FoldError, fold_bn_
-from pipeline.fuse_relu import ReLUFusedIntoBN, fuse_bn_relu_, unfuse_bn_relu_
+from pipeline.fuse_relu import (
+    ReLUFusedIntoBN,
+    fuse_bn_relu_,
+    fused_for_training,
+    unfuse_bn_relu_,
+)
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance
 
@@ -112,3 +117,20 @@ def test_a_fusion_that_changes_the_output_is_undone(monkeypatch):
         fuse_bn_relu_(net, torch.randn(2, 3, 8, 8))
     assert not any(isinstance(m, ReLUFusedIntoBN) for m in net.modules())
     assert not any(m.relu for m in net.modules() if isinstance(m, BoundedBatchNorm2d))
+
+
+def _fused_count(net: nn.Module) -> int:
+    return sum(isinstance(m, ReLUFusedIntoBN) for m in net.modules())
+
+
+def test_training_fusion_is_undone_on_leaving_even_on_error():
+    net = _randomised()
+    with fused_for_training(net, (3, 8, 8), enabled=True) as pairs:
+        assert len(pairs) == 2 and _fused_count(net) == 2
+    assert _fused_count(net) == 0 and type(net.a[2]) is nn.ReLU
+    with pytest.raises(RuntimeError, match="boom"), fused_for_training(net, (3, 8, 8), enabled=True):
+        assert _fused_count(net) == 2
+        raise RuntimeError("boom")
+    assert _fused_count(net) == 0
+    with fused_for_training(net, (3, 8, 8), enabled=False) as pairs:  # the CPU trainer's case
+        assert pairs == [] and _fused_count(net) == 0
