@@ -1,7 +1,8 @@
 """Render a run's results as Markdown tables and PNG plots.
 
-The report is a plain mapping (see :func:`render_markdown` for its schema), so it can be
-loaded back from ``report.json`` and re-rendered. Plots use matplotlib's object-oriented API
+The report is a plain mapping (see :func:`render_markdown` for its schema; a run builds it with
+``pipeline.run_report.RunReport.to_dict``), so it can be loaded back from ``report.json`` and
+re-rendered. Plots use matplotlib's object-oriented API
 on an Agg canvas, so they never touch pyplot's global state or need a display.
 """
 

@@ -1,6 +1,9 @@
 """The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench -> report.
 
-Each step is a call into its stage module; this file only wires them and writes the run folder:
+Each step is a call into its stage module (training ``pipeline.train``, pruning, folding, export
+and verification ``pipeline.export.verify``, timing ``pipeline.bench``, plots and Markdown
+``pipeline.report``); this file only wires them, collects a typed
+:class:`~pipeline.run_report.RunReport` and writes the run folder:
 ``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``trained/`` and ``pruned/``
 (state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, PNG plots and
 the release ``manifest.json``, built in a staging folder and moved into place as a unit.
