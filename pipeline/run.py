@@ -184,7 +184,7 @@ def open_training(
 
     Raises:
         OutputError: ``out`` cannot be written (see ``pipeline.atomic.check_out_folder``).
-        ResumeError: ``resume`` with a training config that differs from the folder's.
+        CheckpointError: ``resume`` with a training config that differs from the folder's.
     """
     final = check_out_folder(out, kind=kind, force=force, flag="--out")
     if resume:
