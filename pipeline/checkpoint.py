@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,7 @@ from torch import nn
 from pipeline.absorb import make_corrected_
 from pipeline.atomic import save_torch_atomic, write_json_atomic
 from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
-from pipeline.config import ModelConfig, from_dict
-from pipeline.models import build_model
+from pipeline.models import ModelSpec
 
 SHAPES = "shapes.json"
 LEGACY_SHAPES = "manifest.json"  # the name before run folders got a release manifest.json
@@ -104,12 +104,19 @@ def reshape_to_manifest_(model: nn.Module, shapes: dict[str, dict[str, Any]]) ->
     return model
 
 
-def save_pruned(model: nn.Module, out_dir: str | Path, *, spec: dict[str, Any]) -> Path:
-    """Write ``model.pt`` (state dict) and ``shapes.json`` (spec + shapes) into ``out_dir``."""
+def save_pruned(
+    model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | Mapping[str, Any]
+) -> Path:
+    """Write ``model.pt`` (state dict) and ``shapes.json`` (spec + shapes) into ``out_dir``.
+
+    ``spec`` is a :class:`~pipeline.models.ModelSpec`, or a spec mapping as
+    :func:`load_pruned` returned it (written back unchanged).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    spec_dict = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
     save_torch_atomic(model.state_dict(), out / WEIGHTS)
-    write_json_atomic(out / SHAPES, {"spec": spec, "shapes": shape_manifest(model)})
+    write_json_atomic(out / SHAPES, {"spec": spec_dict, "shapes": shape_manifest(model)})
     return out
 
 
@@ -218,13 +225,10 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     folder = model_folder(out_dir)
     manifest = _read_shapes(folder)
     spec = manifest["spec"]
-    model = build_model(
-        from_dict(ModelConfig, spec["model"]),
-        num_classes=spec["num_classes"],
-        in_channels=spec["in_channels"],
-    )
-    if spec.get("bounded_bn"):
-        convert_to_bounded_bn_(model, shift=spec.get("bn_shift", False))
+    typed = ModelSpec.from_dict(spec)
+    model = typed.build()
+    if typed.bounded_bn:
+        convert_to_bounded_bn_(model, shift=typed.bn_shift)
     state = load_state_dict_file(folder / WEIGHTS)
     try:
         reshape_to_manifest_(model, manifest["shapes"])

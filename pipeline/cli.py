@@ -20,6 +20,7 @@ from pipeline.cli_args import EXIT_INPUT, EXIT_OK, EXIT_VERIFY, UsageError  # no
 
 if TYPE_CHECKING:
     from pipeline.bench import Artefact
+    from pipeline.models import ModelSpec
     from pipeline.timing import Setting
 
 logger = logging.getLogger("recede")
@@ -44,48 +45,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
         return EXIT_OK
     print(Path(args.out, "report.md").read_text())
-    print(f"wrote {args.out} in {report['seconds']} s")
+    print(f"wrote {args.out} in {round(report.seconds, 1)} s")
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + shapes."""
-    from pipeline.atomic import check_out_folder, staged_folder, write_text_atomic
-    from pipeline.checkpoint import save_pruned
-    from pipeline.config import dump_config
-    from pipeline.data import load_data
+    from pipeline.atomic import staged_folder
     from pipeline.distributed import is_main
-    from pipeline.resume import check_resume_config
-    from pipeline.run import build_and_train, model_spec, train_as_worker
-    from pipeline.train import seed_everything
+    from pipeline.run import open_training, train_as_worker, train_into
 
     cfg = _config(args)
-    out = check_out_folder(args.out, kind="train", force=args.force, flag="--out")
-    if args.resume:
-        check_resume_config(cfg, out)
-    data = load_data(cfg.data, seed=cfg.train.seed)
+    out, data = open_training(cfg, args.out, kind="train", resume=args.resume, force=args.force)
     if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
         train_as_worker(cfg, data, out, resume=args.resume)
         return EXIT_OK
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
-        write_text_atomic(stage / "config.yaml", dump_config(cfg))
-        seed_everything(cfg.train.seed)
-        model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=args.resume)
-        save_pruned(model, stage / "model", spec=model_spec(cfg, data))
+        _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
     accuracy = logs[-1].accuracy if logs else float("nan")
     print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}")
     return EXIT_OK
 
 
-def _build(args: argparse.Namespace, in_channels: int):
-    """Build ``--model``; a user factory's own exception becomes a UsageError naming it."""
-    from pipeline.config import ModelConfig
-    from pipeline.models import ModelError, build_model
+def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
+    """Build ``--model`` for one example of ``input_shape`` (C, H, W); returns (model, spec).
 
-    cfg = ModelConfig(name=args.model)
+    A user factory's own exception becomes a UsageError naming it.
+    """
+    from pipeline.config import ModelConfig
+    from pipeline.models import ModelError, ModelSpec
+
+    in_channels = input_shape[0]
+    spec = ModelSpec(ModelConfig(name=args.model), args.num_classes, in_channels, input_shape)
     try:
-        model = build_model(cfg, num_classes=args.num_classes, in_channels=in_channels)
+        model = spec.build()
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - user code may raise anything; name it, exit 2
@@ -94,12 +88,6 @@ def _build(args: argparse.Namespace, in_channels: int):
             f"an nn.Module built with num_classes={args.num_classes}, "
             f"in_channels={in_channels}; fix the factory or the flags"
         ) from None
-    spec = {
-        "model": {"name": args.model, "width": cfg.width, "depth": cfg.depth},
-        "num_classes": args.num_classes,
-        "in_channels": in_channels,
-        "bounded_bn": False,
-    }
     return model, spec
 
 
@@ -124,14 +112,15 @@ def _load_model(args: argparse.Namespace):
     import torch
 
     from pipeline.checkpoint import load_pruned
+    from pipeline.models import ModelSpec
 
     if args.source:
-        model, spec = load_pruned(args.source)
-        shape, what = (1, *spec["input_shape"]), f"--from {args.source}"
+        model, saved = load_pruned(args.source)
+        spec = ModelSpec.from_dict(saved)
+        shape, what = (1, *spec.input_shape), f"--from {args.source}"
     elif args.model and args.input_shape:
         shape, what = args.input_shape, f"--model {args.model} --input-shape"
-        model, spec = _build(args, shape[1])
-        spec["input_shape"] = list(shape[1:])
+        model, spec = _build(args, tuple(shape[1:]))
     else:
         raise UsageError(
             f"recede {args.command} needs --from DIR (a saved model, train or run folder) or "
@@ -142,12 +131,12 @@ def _load_model(args: argparse.Namespace):
     return model, spec, example
 
 
-def _prune_report(model, result, spec: dict, example) -> dict:
+def _prune_report(model, result, spec: ModelSpec, example) -> dict:
     from pipeline.bench import count_macs, count_params
 
     shape = tuple(example.shape[1:])
     return {
-        "model": spec["model"]["name"],
+        "model": spec.model.name,
         "input_shape": list(example.shape),
         "params": {"before": count_params(model), "after": count_params(result.model)},
         "macs": {"before": count_macs(model, shape), "after": count_macs(result.model, shape)},

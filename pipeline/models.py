@@ -10,11 +10,13 @@ import difflib
 import importlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, from_dict, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +208,47 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.M
         f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name>, "
         "timm:<name> or package.module:factory"
     )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model from its constructor: the ``spec`` of a saved model.
+
+    ``input_shape`` is one example's (C, H, W); ``bounded_bn``/``bn_shift`` say whether the BNs
+    were converted to bounded BN (``pipeline.bounded_bn``) before the weights were saved.
+    """
+
+    model: ModelConfig
+    num_classes: int
+    in_channels: int
+    input_shape: tuple[int, ...]
+    bounded_bn: bool = False
+    bn_shift: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written into ``shapes.json`` under ``spec``."""
+        return {
+            "model": to_dict(self.model),
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "bounded_bn": self.bounded_bn,
+            "bn_shift": self.bn_shift,
+            "input_shape": list(self.input_shape),
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> ModelSpec:
+        """Read :meth:`to_dict`'s form back; older specs without ``bounded_bn``/``bn_shift``
+        mean plain BN. Other keys are ignored, as they always were."""
+        return cls(
+            model=from_dict(ModelConfig, spec["model"]),
+            num_classes=int(spec["num_classes"]),
+            in_channels=int(spec["in_channels"]),
+            input_shape=tuple(int(d) for d in spec["input_shape"]),
+            bounded_bn=bool(spec.get("bounded_bn", False)),
+            bn_shift=bool(spec.get("bn_shift", False)),
+        )
+
+    def build(self) -> nn.Module:
+        """The unpruned model with plain BN, from its constructor (see :func:`build_model`)."""
+        return build_model(self.model, num_classes=self.num_classes, in_channels=self.in_channels)

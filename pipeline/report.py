@@ -1,7 +1,8 @@
 """Render a run's results as Markdown tables and PNG plots.
 
-The report is a plain mapping (see :func:`render_markdown` for its schema), so it can be
-loaded back from ``report.json`` and re-rendered. Plots use matplotlib's object-oriented API
+The report is a plain mapping (see :func:`render_markdown` for its schema; a run builds it with
+``pipeline.run_report.RunReport.to_dict``), so it can be loaded back from ``report.json`` and
+re-rendered. Plots use matplotlib's object-oriented API
 on an Agg canvas, so they never touch pyplot's global state or need a display.
 """
 
@@ -302,3 +303,36 @@ def plot_latency(
     axes[0].legend(title="model")
     fig.suptitle("Latency: bar p50, dot p90, whisker top p99")
     return _save(fig, path)
+
+
+def plot_run(
+    out: Path,
+    importances: Sequence[float] | np.ndarray,
+    threshold: float | None,
+    widths: Mapping[str, tuple[int, int]],
+    rows: Sequence[LatencyRow],
+) -> dict[str, Path]:
+    """A run folder's plots: importance histogram, kept channels and (with rows) latency.
+
+    Args:
+        out: The run folder.
+        importances: One importance per prunable group, before pruning.
+        threshold: The cut to draw; None for a ratio cut (it has no single value to draw).
+        widths: Layer name to ``(kept, total)`` channels.
+        rows: Latency rows; none, no latency plot.
+
+    Returns:
+        Plot name (as the release manifest lists it) to image path.
+    """
+    plots = {
+        "importance_hist": plot_importance_histogram(
+            importances,
+            out / "importance_hist.png",
+            threshold=threshold,
+            title="Channel-group importance before pruning",
+        ),
+        "kept_channels": plot_kept_channels(widths, out / "kept_channels.png"),
+    }
+    if rows:
+        plots["latency"] = plot_latency(rows, out / "latency.png")
+    return plots

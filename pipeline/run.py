@@ -1,6 +1,9 @@
 """The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench -> report.
 
-Each step is a call into its stage module; this file only wires them and writes the run folder:
+Each step is a call into its stage module (training ``pipeline.train``, pruning, folding, export
+and verification ``pipeline.export.verify``, timing ``pipeline.bench``, plots and Markdown
+``pipeline.report``); this file only wires them, collects a typed
+:class:`~pipeline.run_report.RunReport` and writes the run folder:
 ``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``trained/`` and ``pruned/``
 (state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, PNG plots and
 the release ``manifest.json``, built in a staging folder and moved into place as a unit.
@@ -29,10 +32,10 @@ from pipeline.atomic import (
     write_text_atomic,
 )
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
-from pipeline.checkpoint import SHAPES, save_pruned
+from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
 from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
-from pipeline.models import build_model
+from pipeline.models import ModelSpec, build_model
 from pipeline.polarise import Polariser
 from pipeline.prune import (
     PrunePlan,
@@ -43,6 +46,15 @@ from pipeline.prune import (
     select_groups,
 )
 from pipeline.resume import check_resume_config
+from pipeline.run_report import (
+    DenseSummary,
+    ExportSummary,
+    GroupSummary,
+    PrunedAccuracy,
+    PrunedSummary,
+    RunReport,
+    ThresholdSummary,
+)
 from pipeline.threshold import NotBimodalError, auto_threshold
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
@@ -64,16 +76,16 @@ class Pruned:
     removal: RemovalReport
 
 
-def model_spec(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
-    """Everything needed to rebuild the model from its constructor."""
-    return {
-        "model": to_dict(cfg.model),
-        "num_classes": data.num_classes,
-        "in_channels": data.in_channels,
-        "bounded_bn": cfg.train.penalty.bounded,
-        "bn_shift": cfg.train.bn_shift,
-        "input_shape": list(data.input_shape),
-    }
+def model_spec(cfg: RunConfig, data: DataBundle) -> ModelSpec:
+    """Everything needed to rebuild the trained model from its constructor."""
+    return ModelSpec(
+        model=cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        input_shape=data.input_shape,
+        bounded_bn=cfg.train.penalty.bounded,
+        bn_shift=cfg.train.bn_shift,
+    )
 
 
 def build_and_train(
@@ -163,62 +175,46 @@ def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
     return next(iter(data.test))[0][:n].cpu()
 
 
-def _export_and_verify(
-    models: dict[str, nn.Module], batch: torch.Tensor, out: Path, cfg: RunConfig
-) -> dict[str, Any]:
-    from pipeline.export.onnx import export_onnx, verify_onnx
-    from pipeline.fold import fold_bn
+def open_training(
+    cfg: RunConfig, out: str | Path, *, kind: str, resume: bool, force: bool
+) -> tuple[Path, DataBundle]:
+    """Check the output folder (and, resuming, that the config is unchanged), then load data.
 
-    folded, paths, checks = {}, {}, {}
-    for label, model in models.items():
-        folded[label], fold = fold_bn(model.cpu().eval(), batch)
-        paths[label] = export_onnx(
-            folded[label], batch[:2], out / f"{label}.onnx", opset=cfg.export.opset
-        )
-        checks[label] = verify_onnx(paths[label], model, batch, atol=cfg.export.atol)
-        logger.info(
-            "%s: folded %d BNs (err %.2e); ONNX max abs err %.2e",
-            label,
-            len(fold.folded),
-            fold.max_abs_err,
-            checks[label].max_abs_err,
-        )
-    return {"folded": folded, "paths": paths, "checks": checks}
+    The setup ``recede run`` and ``recede train`` share, done before any training.
+
+    Raises:
+        OutputError: ``out`` cannot be written (see ``pipeline.atomic.check_out_folder``).
+        CheckpointError: ``resume`` with a training config that differs from the folder's.
+    """
+    final = check_out_folder(out, kind=kind, force=force, flag="--out")
+    if resume:
+        check_resume_config(cfg, final)
+    return final, load_data(cfg.data, seed=cfg.train.seed)
 
 
-def _plots(
-    out: Path, importances: np.ndarray, threshold: float | None, widths: dict, rows: list
-) -> dict[str, Path]:
-    from pipeline.report import plot_importance_histogram, plot_kept_channels, plot_latency
-
-    plots = {
-        "importance_hist": plot_importance_histogram(
-            importances,
-            out / "importance_hist.png",
-            threshold=threshold,
-            title="Channel-group importance before pruning",
-        ),
-        "kept_channels": plot_kept_channels(widths, out / "kept_channels.png"),
-    }
-    if rows:
-        plots["latency"] = plot_latency(rows, out / "latency.png")
-    return plots
+def train_into(
+    cfg: RunConfig, data: DataBundle, stage: Path, model_dir: str, *, resume: bool
+) -> tuple[nn.Module, list]:
+    """Write ``config.yaml``, train (checkpoints in ``stage/checkpoints``) and save the trained
+    model into ``stage/model_dir``; returns the model and the epoch logs."""
+    write_text_atomic(stage / "config.yaml", dump_config(cfg))
+    seed_everything(cfg.train.seed)
+    model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=resume)
+    save_pruned(model, stage / model_dir, spec=model_spec(cfg, data))
+    return model, logs
 
 
 def _prune_and_finetune(
     model: nn.Module, data: DataBundle, batch: torch.Tensor, cfg: RunConfig, out: Path
-) -> tuple[Pruned, dict[str, float | None]]:
+) -> tuple[Pruned, PrunedAccuracy]:
     """Prune, recalibrate BN, fine-tune; returns the result and the pruned model's accuracies."""
     cpu = torch.device("cpu")
     pruned = prune_model(model, batch, cfg.prune)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
-    acc = {
-        "accuracy_before_finetune": evaluate(pruned.model, data.test, cpu),
-        "accuracy_recalibrated": None,
-    }
+    before, recalibrated = evaluate(pruned.model, data.test, cpu), None
     if cfg.prune.recalibrate:  # downstream BN statistics still describe the unpruned network
         recalibrate_bn_(pruned.model, data.train, cpu)
-        acc["accuracy_recalibrated"] = evaluate(pruned.model, data.test, cpu)
+        recalibrated = evaluate(pruned.model, data.test, cpu)
     train_(
         pruned.model,
         data,
@@ -228,75 +224,52 @@ def _prune_and_finetune(
         polariser=None,
         tag="finetune",
     )
-    acc["accuracy"] = evaluate(pruned.model.cpu().eval(), data.test, cpu)
+    after = evaluate(pruned.model.cpu().eval(), data.test, cpu)
     save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
-    return pruned, acc
+    return pruned, PrunedAccuracy(before, recalibrated, after)
 
 
-def _groups_section(pruned: Pruned) -> dict[str, Any]:
+def _groups(pruned: Pruned) -> GroupSummary:
     removal = pruned.removal
-    return {
-        "total": len(pruned.graph.groups),
-        "prunable": len(pruned.importances),
-        "dropped": len(pruned.plan.dropped_groups),
-        "absorbed_exactly": removal.absorbed_groups,
-        "approximate": removal.approximate_groups,
-        "corrections": [list(c) for c in removal.corrections],
-        "removal_rel_err": removal.max_rel_err,
-        "zeroing_rel_err": removal.zeroing_err,
-        "scale_bound": removal.scale_bound,
-        "barriers": [b.__dict__ for b in pruned.graph.barriers],
-    }
+    return GroupSummary(
+        total=len(pruned.graph.groups),
+        prunable=len(pruned.importances),
+        dropped=len(pruned.plan.dropped_groups),
+        absorbed_exactly=removal.absorbed_groups,
+        approximate=removal.approximate_groups,
+        corrections=[list(c) for c in removal.corrections],
+        removal_rel_err=removal.max_rel_err,
+        zeroing_rel_err=removal.zeroing_err,
+        scale_bound=removal.scale_bound,
+        barriers=[b.__dict__ for b in pruned.graph.barriers],
+    )
 
 
-def _report(
-    model: nn.Module,
-    pruned: Pruned,
-    acc: dict,
-    check: Any,
-    rows: list,
-    data: DataBundle,
-    cfg: RunConfig,
-    seconds: float,
-) -> dict[str, Any]:
-    """The report.json content (keys documented in the README)."""
+def _summaries(
+    model: nn.Module, dense_acc: float, pruned: Pruned, acc: PrunedAccuracy, shape: tuple
+) -> tuple[DenseSummary, PrunedSummary]:
     from pipeline.bench import count_macs, count_params
+
+    dense = DenseSummary(count_params(model), count_macs(model, shape), dense_acc)
+    after = PrunedSummary(
+        params=count_params(pruned.model),
+        macs=count_macs(pruned.model, shape),
+        accuracy_before_finetune=acc.before_finetune,
+        accuracy_recalibrated=acc.recalibrated,
+        accuracy=acc.after_finetune,
+        channels_kept=pruned.plan.channels_kept,
+        channels_total=pruned.plan.channels_total,
+    )
+    return dense, after
+
+
+def _environment(cfg: RunConfig) -> dict[str, Any]:
     from pipeline.environment import environment
 
-    shape = data.input_shape
     return {
-        "dense": {
-            "params": count_params(model),
-            "macs": count_macs(model, shape),
-            "accuracy": acc["dense"],
-        },
-        "pruned": {
-            "params": count_params(pruned.model),
-            "macs": count_macs(pruned.model, shape),
-            "accuracy_before_finetune": acc["accuracy_before_finetune"],
-            "accuracy_recalibrated": acc["accuracy_recalibrated"],
-            "accuracy": acc["accuracy"],
-            "channels_kept": pruned.plan.channels_kept,
-            "channels_total": pruned.plan.channels_total,
-        },
-        "threshold": {"mode": pruned.plan.threshold_mode, "value": pruned.plan.threshold_value},
-        "export": {
-            "onnx_path": str(check.path),
-            "max_abs_err": check.max_abs_err,
-            "max_rel_err": check.max_rel_err,
-            "opset": check.opset,
-            "passed": check.passed,
-            "bound": check.bound,
-            "tolerance": check.tolerance,
-        },
-        "latency": [r.to_dict() for r in rows],
-        "groups": _groups_section(pruned),
-        "environment": {
-            **environment(),
-            "python": platform.python_version(),
-            "device": str(resolve_device(cfg.train.device)),
-        },
-        "seconds": round(seconds, 1),
+        **environment(),
+        "python": platform.python_version(),
+        "device": str(resolve_device(cfg.train.device)),
     }
 
 
@@ -318,8 +291,8 @@ def train_as_worker(cfg: RunConfig, data: DataBundle, final: Path, *, resume: bo
 
 def run_pipeline(
     cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False
-) -> dict[str, Any] | None:
-    """Run every stage and write the run folder as a unit; returns the report dict.
+) -> RunReport | None:
+    """Run every stage and write the run folder as a unit; returns the report.
 
     Under ``torchrun`` every rank trains (``pipeline.distributed``); ranks other than 0 then
     return None, and rank 0 alone prunes, fine-tunes, exports and writes the folder.
@@ -333,102 +306,91 @@ def run_pipeline(
             (unless ``force``).
         VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
     """
-    final = check_out_folder(out, kind="run", force=force, flag="--out")
-    if resume:
-        check_resume_config(cfg, final)
-    data = load_data(cfg.data, seed=cfg.train.seed)
+    final, data = open_training(cfg, out, kind="run", resume=resume, force=force)
     if not distributed.is_main():
         train_as_worker(cfg, data, final, resume=resume)
         return None
     start = "resume" if resume else "empty"
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)
-    export = report["export"]
-    for label, passed, err, bound in (
-        ("pruned", export["passed"], export["max_abs_err"], export["bound"]),
-        ("dense", export["dense_passed"], export["dense_max_abs_err"], export["dense_bound"]),
-    ):
-        if not passed:  # the folder is in place: it is the evidence
-            raise VerificationError(
-                f"{label} ONNX differs from PyTorch by {err:.2e} > {bound:.2e} allowed "
-                f"({export['tolerance']}, export.atol {cfg.export.atol:.0e}); "
-                f"see {final / 'report.json'}"
-            )
+    export = report.export
+    for label, err, bound in export.failures():  # the folder is in place: it is the evidence
+        raise VerificationError(
+            f"{label} ONNX differs from PyTorch by {err:.2e} > {bound:.2e} allowed "
+            f"({export.tolerance}, export.atol {cfg.export.atol:.0e}); "
+            f"see {final / 'report.json'}"
+        )
     return report
 
 
-def _run_into(
-    cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: bool
-) -> dict[str, Any]:
+def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: bool) -> RunReport:
     """Every stage, writing into the staging folder ``out`` that becomes ``final``."""
     from pipeline.bench import latency_table
-    from pipeline.export.manifest import write_manifest
-    from pipeline.report import render_markdown
+    from pipeline.export.verify import export_and_verify
+    from pipeline.report import plot_run, render_markdown
 
     start = time.perf_counter()
-    write_text_atomic(out / "config.yaml", dump_config(cfg))
-    seed_everything(cfg.train.seed)
-    model, _ = build_and_train(cfg, data, out / "checkpoints", resume=resume)
-    save_pruned(model, out / "trained", spec=model_spec(cfg, data))
+    model, _ = train_into(cfg, data, out, "trained", resume=resume)
     dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), _fixed_batch(data)
     try:
         pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
     except NotBimodalError as err:
         raise NotBimodalError(f"{err}; {_trained_hint(out / 'trained')}") from None
-    exported = _export_and_verify({"dense": model, "pruned": pruned.model}, batch, out, cfg)
+    exported = export_and_verify(
+        {"dense": model, "pruned": pruned.model},
+        batch,
+        out,
+        opset=cfg.export.opset,
+        atol=cfg.export.atol,
+    )
     rows = latency_table(
-        exported["folded"],
-        exported["paths"],
+        exported.folded,
+        exported.paths,
         data.input_shape,
         batches=cfg.bench.batches,
         threads=cfg.bench.threads,
         runs=cfg.bench.runs,
         warmup=cfg.bench.warmup,
     )
-    check = exported["checks"]["pruned"]
-    report = _report(
-        model,
-        pruned,
-        {**acc, "dense": dense_acc},
-        check,
-        rows,
-        data,
-        cfg,
-        time.perf_counter() - start,
-    )
-    report["export"]["onnx_path"] = str(final / Path(check.path).name)
-    dense_check = exported["checks"]["dense"]
-    report["export"].update(
-        dense_max_abs_err=dense_check.max_abs_err,
-        dense_passed=dense_check.passed,
-        dense_bound=dense_check.bound,
+    check = exported.checks["pruned"]
+    dense, after = _summaries(model, dense_acc, pruned, acc, data.input_shape)
+    report = RunReport(
+        dense=dense,
+        pruned=after,
+        threshold=ThresholdSummary(pruned.plan.threshold_mode, pruned.plan.threshold_value),
+        export=ExportSummary.from_checks(
+            check, exported.checks["dense"], str(final / Path(check.path).name)
+        ),
+        latency=tuple(rows),
+        groups=_groups(pruned),
+        environment=_environment(cfg),
+        seconds=time.perf_counter() - start,
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
-    plots = _plots(
-        out,
-        np.array(list(pruned.importances.values())),
-        cut,
-        layer_widths(pruned.graph, pruned.plan),
-        rows,
-    )
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.md", render_markdown(report))
+    widths = layer_widths(pruned.graph, pruned.plan)
+    plots = plot_run(out, np.array(list(pruned.importances.values())), cut, widths, rows)
+    write_json_atomic(out / "report.json", report.to_dict())
+    write_text_atomic(out / "report.md", render_markdown(report.to_dict()))
+    _write_release_manifest(cfg, out, exported.paths, plots, report)
+    return report
+
+
+def _write_release_manifest(
+    cfg: RunConfig, out: Path, onnx: dict[str, Path], plots: dict[str, Path], report: RunReport
+) -> None:
+    """The release ``manifest.json``: every artefact of the run folder, hashed."""
+    from pipeline.export.manifest import write_manifest
+
     artefacts = {
         "config": out / "config.yaml",
-        "dense_onnx": exported["paths"]["dense"],
-        "pruned_onnx": exported["paths"]["pruned"],
-        "pruned_weights": out / "pruned" / "model.pt",
+        "dense_onnx": onnx["dense"],
+        "pruned_onnx": onnx["pruned"],
+        "pruned_weights": out / "pruned" / WEIGHTS,
         "pruned_shapes": out / "pruned" / SHAPES,
-        "trained_weights": out / "trained" / "model.pt",
+        "trained_weights": out / "trained" / WEIGHTS,
         "trained_shapes": out / "trained" / SHAPES,
         "plan": out / "plan.json",
         "report": out / "report.json",
         **plots,
     }
-    write_manifest(
-        out,
-        artefacts,
-        config=to_dict(cfg),
-        metrics={k: report[k] for k in ("dense", "pruned", "export")},
-    )
-    return report
+    write_manifest(out, artefacts, config=to_dict(cfg), metrics=report.metrics())

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -49,3 +51,25 @@ def test_model_folder_finds_train_and_run_models(tmp_path, tiny_net):
     assert model_folder(tmp_path / "run") == tmp_path / "run" / "trained"
     with pytest.raises(CheckpointError, match="holds no saved model"):
         model_folder(tmp_path)
+
+
+def test_model_spec_round_trips_and_reads_older_specs():
+    from pipeline.models import ModelSpec
+
+    spec = ModelSpec(ModelConfig(name="resnet20", width=0.5), 10, 3, (3, 16, 16), True, True)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old = {"model": {"name": "vgg"}, "num_classes": 5, "in_channels": 1, "input_shape": [1, 8, 8]}
+    read = ModelSpec.from_dict(old)  # written before bounded_bn/bn_shift were recorded
+    assert (read.bounded_bn, read.bn_shift, read.input_shape) == (False, False, (1, 8, 8))
+    assert read.model == ModelConfig(name="vgg")
+
+
+def test_saved_model_spec_loads_back_as_the_same_spec(tmp_path, tiny_net):
+    from pipeline.models import ModelSpec
+
+    spec = ModelSpec(ModelConfig(name="tests.conftest:TinyNet"), 5, 3, (3, 8, 8))
+    save_pruned(tiny_net, tmp_path, spec=spec)
+    loaded, saved = load_pruned(tmp_path)
+    assert saved == spec.to_dict() and ModelSpec.from_dict(saved) == spec
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), tiny_net(x))

@@ -1,0 +1,143 @@
+"""The typed result of ``recede run``: what was measured and verified, written as report.json.
+
+:meth:`RunReport.to_dict` gives the report.json keys the README documents (and
+``pipeline.report.render_markdown`` renders); the field order is the key order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.export.onnx import OnnxVerification
+    from pipeline.timing import LatencyRow
+
+
+@dataclass(frozen=True)
+class DenseSummary:
+    """The trained model before pruning."""
+
+    params: int
+    macs: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class PrunedAccuracy:
+    """Test accuracy of the pruned model at each step after the cut."""
+
+    before_finetune: float
+    recalibrated: float | None  # None when prune.recalibrate is off
+    after_finetune: float
+
+
+@dataclass(frozen=True)
+class PrunedSummary:
+    """The pruned, fine-tuned model."""
+
+    params: int
+    macs: int
+    accuracy_before_finetune: float
+    accuracy_recalibrated: float | None
+    accuracy: float
+    channels_kept: int
+    channels_total: int
+
+
+@dataclass(frozen=True)
+class ThresholdSummary:
+    """How the cut was chosen: ``mode`` is ``ratio``, ``auto`` or ``value``."""
+
+    mode: str
+    value: float
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """The ONNX checks: the pruned model's in full, the dense model's error, bound and verdict."""
+
+    onnx_path: str
+    max_abs_err: float
+    max_rel_err: float
+    opset: int
+    passed: bool
+    bound: float
+    tolerance: dict[str, Any]
+    dense_max_abs_err: float
+    dense_passed: bool
+    dense_bound: float
+
+    @classmethod
+    def from_checks(
+        cls, pruned: OnnxVerification, dense: OnnxVerification, onnx_path: str
+    ) -> ExportSummary:
+        """``onnx_path`` is where the pruned ONNX file ends up (the final run folder)."""
+        return cls(
+            onnx_path=onnx_path,
+            max_abs_err=pruned.max_abs_err,
+            max_rel_err=pruned.max_rel_err,
+            opset=pruned.opset,
+            passed=pruned.passed,
+            bound=pruned.bound,
+            tolerance=pruned.tolerance,
+            dense_max_abs_err=dense.max_abs_err,
+            dense_passed=dense.passed,
+            dense_bound=dense.bound,
+        )
+
+    def failures(self) -> list[tuple[str, float, float]]:
+        """``(label, error, bound)`` of each check that failed, pruned first."""
+        checks = (
+            ("pruned", self.passed, self.max_abs_err, self.bound),
+            ("dense", self.dense_passed, self.dense_max_abs_err, self.dense_bound),
+        )
+        return [(label, err, bound) for label, passed, err, bound in checks if not passed]
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Channel groups: how many were dropped and how exactly their removal was absorbed."""
+
+    total: int
+    prunable: int
+    dropped: int
+    absorbed_exactly: int
+    approximate: int
+    corrections: list[list[str]]
+    removal_rel_err: float
+    zeroing_rel_err: float
+    scale_bound: float
+    barriers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Everything ``recede run`` reports; ``seconds`` is the wall time of the whole run."""
+
+    dense: DenseSummary
+    pruned: PrunedSummary
+    threshold: ThresholdSummary
+    export: ExportSummary
+    latency: tuple[LatencyRow, ...]
+    groups: GroupSummary
+    environment: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json content (keys documented in the README)."""
+        return {
+            "dense": asdict(self.dense),
+            "pruned": asdict(self.pruned),
+            "threshold": asdict(self.threshold),
+            "export": asdict(self.export),
+            "latency": [r.to_dict() for r in self.latency],
+            "groups": asdict(self.groups),
+            "environment": dict(self.environment),
+            "seconds": round(self.seconds, 1),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        """The sections the release manifest records as metrics."""
+        report = self.to_dict()
+        return {k: report[k] for k in ("dense", "pruned", "export")}
