@@ -204,22 +204,23 @@ def _roots(parent: list[int]) -> np.ndarray:
         root = nxt
 
 
-def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
-    """Resolve union-find roots into numbered groups and decide which are prunable."""
+def _group_numbers(interp: SlotInterpreter) -> np.ndarray:
+    """Id -> group number (-1: never seen by a layer); numbers follow first appearance."""
     root = _roots(interp.uf.parent)
-    # group numbers follow first appearance over the layers' (in, out) ids
     order = [t for rec in interp.layers.values() for t in (rec.in_ids, rec.out_ids)]
     seen = root[torch.cat(order).numpy()] if order else np.zeros(0, dtype=np.int64)
     uniq, first = np.unique(seen, return_index=True)
     number = np.full(len(root), -1, dtype=np.int64)
     number[uniq[np.argsort(first)]] = np.arange(len(uniq))
-    gid_of = number[root]  # id -> group number (-1: never seen by a layer)
+    return number[root]
+
+
+def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
+    """Resolve union-find roots into numbered groups and decide which are prunable."""
+    gid_of = _group_numbers(interp)
 
     def group_ids(ids: torch.Tensor) -> tuple[int, ...]:
         return tuple(gid_of[ids.numpy()].tolist())
-
-    def groups_of(ids: torch.Tensor) -> set[int]:
-        return {g for g in gid_of[ids.numpy()].tolist() if g >= 0}
 
     layers = {
         name: LayerChannels(
@@ -227,19 +228,42 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
         )
         for name, rec in interp.layers.items()
     }
-    pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
-    bad_reads = set().union(*(groups_of(r.ids[~r.zero]) for r in interp.reads))
-    varying_reads = set().union(*(groups_of(r.ids[~r.const]) for r in interp.reads))
     bn_channels: dict[int, list[tuple[str, int]]] = {}
     for gate in interp.gates:
         for c, g in enumerate(group_ids(gate.ids)):
             bn_channels.setdefault(g, []).append((gate.bn, c))
+    groups = _groups(interp, gid_of, layers, bn_channels)
+    graph = ChannelGraph(layers, groups, tuple(interp.barriers), input_shape)
+    logger.info(
+        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
+        len(layers),
+        len(groups),
+        len(graph.prunable_groups),
+        len(graph.barriers),
+    )
+    return graph
+
+
+def _groups(
+    interp: SlotInterpreter,
+    gid_of: np.ndarray,
+    layers: dict[str, LayerChannels],
+    bn_channels: dict[int, list[tuple[str, int]]],
+) -> tuple[ChannelGroup, ...]:
+    """Every group with its size and whether removing it is exact (prunable, absorbable)."""
+
+    def groups_of(ids: torch.Tensor) -> set[int]:
+        return {g for g in gid_of[ids.numpy()].tolist() if g >= 0}
+
+    pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
+    bad_reads = set().union(*(groups_of(r.ids[~r.zero]) for r in interp.reads))
+    varying_reads = set().union(*(groups_of(r.ids[~r.const]) for r in interp.reads))
     sizes: Counter[int] = Counter()
     for layer in layers.values():
         sizes.update(layer.in_groups)
         sizes.update(layer.out_groups)
     groups = []
-    for g in range(len(uniq)):
+    for g in range(int(gid_of.max(initial=-1)) + 1):
         reason = (
             "touches a graph input/output or a barrier"
             if g in pinned
@@ -255,15 +279,7 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
                 g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable
             )
         )
-    graph = ChannelGraph(layers, tuple(groups), tuple(interp.barriers), input_shape)
-    logger.info(
-        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
-        len(layers),
-        len(groups),
-        len(graph.prunable_groups),
-        len(graph.barriers),
-    )
-    return graph
+    return tuple(groups)
 
 
 # f(a x) = a f(x) for every a > 0 and every x: scale passes through exactly. Clipping
