@@ -29,7 +29,9 @@ import torch.fx as fx
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_slots import _BN_TYPES, Barrier, SlotInterpreter, _op_name, tail_ops
+from pipeline.channel_slots import SlotInterpreter
+from pipeline.slot_layers import BN_TYPES, tail_ops
+from pipeline.slot_rules import Barrier, op_name
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     Raises:
         GraphError: the model cannot be traced, or it has no BatchNorm to gate channels.
     """
-    if not any(isinstance(m, _BN_TYPES) for m in model.modules()):
+    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise GraphError(
             f"{type(model).__name__} has no BatchNorm layer: recede ranks channels by BN scale, so "
             "there is nothing to prune. Add BatchNorm after convs (or use a BN variant of the model)."
@@ -202,40 +204,66 @@ def _roots(parent: list[int]) -> np.ndarray:
         root = nxt
 
 
-def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
-    """Resolve union-find roots into numbered groups and decide which are prunable."""
+def _group_numbers(interp: SlotInterpreter) -> np.ndarray:
+    """Id -> group number (-1: never seen by a layer); numbers follow first appearance."""
     root = _roots(interp.uf.parent)
-    # group numbers follow first appearance over the layers' (in, out) ids
-    order = [t for _, i, o, _ in interp.layers.values() for t in (i, o)]
+    order = [t for rec in interp.layers.values() for t in (rec.in_ids, rec.out_ids)]
     seen = root[torch.cat(order).numpy()] if order else np.zeros(0, dtype=np.int64)
     uniq, first = np.unique(seen, return_index=True)
     number = np.full(len(root), -1, dtype=np.int64)
     number[uniq[np.argsort(first)]] = np.arange(len(uniq))
-    gid_of = number[root]  # id -> group number (-1: never seen by a layer)
+    return number[root]
+
+
+def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
+    """Resolve union-find roots into numbered groups and decide which are prunable."""
+    gid_of = _group_numbers(interp)
 
     def group_ids(ids: torch.Tensor) -> tuple[int, ...]:
         return tuple(gid_of[ids.numpy()].tolist())
 
+    layers = {
+        name: LayerChannels(
+            name, rec.kind, group_ids(rec.in_ids), group_ids(rec.out_ids), rec.conv_groups
+        )
+        for name, rec in interp.layers.items()
+    }
+    bn_channels: dict[int, list[tuple[str, int]]] = {}
+    for gate in interp.gates:
+        for c, g in enumerate(group_ids(gate.ids)):
+            bn_channels.setdefault(g, []).append((gate.bn, c))
+    groups = _groups(interp, gid_of, layers, bn_channels)
+    graph = ChannelGraph(layers, groups, tuple(interp.barriers), input_shape)
+    logger.info(
+        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
+        len(layers),
+        len(groups),
+        len(graph.prunable_groups),
+        len(graph.barriers),
+    )
+    return graph
+
+
+def _groups(
+    interp: SlotInterpreter,
+    gid_of: np.ndarray,
+    layers: dict[str, LayerChannels],
+    bn_channels: dict[int, list[tuple[str, int]]],
+) -> tuple[ChannelGroup, ...]:
+    """Every group with its size and whether removing it is exact (prunable, absorbable)."""
+
     def groups_of(ids: torch.Tensor) -> set[int]:
         return {g for g in gid_of[ids.numpy()].tolist() if g >= 0}
 
-    layers = {
-        name: LayerChannels(name, kind, group_ids(i), group_ids(o), groups)
-        for name, (kind, i, o, groups) in interp.layers.items()
-    }
     pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
-    bad_reads = set().union(*(groups_of(p[~z]) for _, p, z, _ in interp.reads))
-    varying_reads = set().union(*(groups_of(p[~c]) for _, p, _, c in interp.reads))
-    bn_channels: dict[int, list[tuple[str, int]]] = {}
-    for name, ids in interp.bns:
-        for c, g in enumerate(group_ids(ids)):
-            bn_channels.setdefault(g, []).append((name, c))
+    bad_reads = set().union(*(groups_of(r.ids[~r.zero]) for r in interp.reads))
+    varying_reads = set().union(*(groups_of(r.ids[~r.const]) for r in interp.reads))
     sizes: Counter[int] = Counter()
     for layer in layers.values():
         sizes.update(layer.in_groups)
         sizes.update(layer.out_groups)
     groups = []
-    for g in range(len(uniq)):
+    for g in range(int(gid_of.max(initial=-1)) + 1):
         reason = (
             "touches a graph input/output or a barrier"
             if g in pinned
@@ -251,15 +279,7 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
                 g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable
             )
         )
-    graph = ChannelGraph(layers, tuple(groups), tuple(interp.barriers), input_shape)
-    logger.info(
-        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
-        len(layers),
-        len(groups),
-        len(graph.prunable_groups),
-        len(graph.barriers),
-    )
-    return graph
+    return tuple(groups)
 
 
 # f(a x) = a f(x) for every a > 0 and every x: scale passes through exactly. Clipping
@@ -316,7 +336,7 @@ def positively_homogeneous_bns(model: nn.Module) -> set[str]:
         node.target
         for node in gm.graph.nodes
         if node.op == "call_module"
-        and isinstance(modules.get(node.target), _BN_TYPES)
+        and isinstance(modules.get(node.target), BN_TYPES)
         and _homogeneous_tail(modules[node.target])
         and _homogeneous_to_readers(node, modules)
     }
@@ -339,7 +359,7 @@ def _homogeneous_to_readers(start: fx.Node, modules: dict[str, nn.Module]) -> bo
             if getattr(module, "groups", 1) > 1:
                 return False
             continue  # a reader: the scale ends in its weights
-        if node.op == "output" or _op_name(node, module) not in _POSITIVELY_HOMOGENEOUS:
+        if node.op == "output" or op_name(node, module) not in _POSITIVELY_HOMOGENEOUS:
             return False
         stack.extend(node.users)
     return bool(seen)

@@ -50,6 +50,8 @@ def _randomised(model):
     "cut", ["literal_split", "traced_split", "inner_literal_view", "narrow", "unbind"]
 )
 def test_every_dropped_group_prunes_exactly(cut):
+    # Seeded: with some draws a dropped pair is dead after the ReLU and the drop changes nothing.
+    torch.manual_seed(0)
     model, x = _randomised(Cut(cut)), torch.randn(2, 3, 5, 5)
     graph = build_channel_graph(model, x)
     first = [g for g in graph.prunable_groups if any(n == "b1" for n, _ in g.bn_channels)]
