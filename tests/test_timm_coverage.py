@@ -183,7 +183,7 @@ def run_recede(model: nn.Module, x: torch.Tensor, workdir: Path) -> tuple[Side, 
     from pipeline.config import PruneConfig
     from pipeline.export.onnx import export_onnx
     from pipeline.fold import fold_bn
-    from pipeline.run import prune_model
+    from pipeline.prune import prune_model
 
     start = time.perf_counter()
     pruned = prune_model(model, x, PruneConfig(threshold="ratio", ratio=RATIO))
