@@ -153,7 +153,9 @@ def _params(model: nn.Module) -> int:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(1e-30, float(want.abs().max()))
+    from pipeline.numerics import rel_err
+
+    return rel_err(got, want, floor=1e-30)
 
 
 def prepared(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

@@ -34,6 +34,7 @@ from sensitivity import calibrate_bn_, channel_sensitivity, randomise_affine_
 from torch import nn
 
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
+from pipeline.numerics import rel_err
 from pipeline.prune import SelectionRules, apply_plan_, make_plan, select_groups, zero_groups_
 
 PRUNE_TOL = 1e-9  # pruned vs masked, compared in float64 (errors 1e-15..1e-13)
@@ -186,7 +187,7 @@ def _params(model: nn.Module) -> int:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got - want).abs().max().item() / max(1e-30, want.abs().max().item())
+    return rel_err(got, want, floor=1e-30)
 
 
 def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> float:
