@@ -176,6 +176,11 @@ def remove_groups(
         PruneError: a dropped group is neither prunable nor absorbable, or verification failed.
     """
     dropped, by_id = set(plan.dropped_groups), {g.id: g for g in graph.groups}
+    if not dropped <= set(by_id):
+        raise PruneError(
+            f"plan drops groups {sorted(dropped - set(by_id))[:10]}, which this graph lacks; "
+            "make the plan from the graph of the model you remove from"
+        )
     bad = sorted(g for g in dropped if not (by_id[g].prunable or by_id[g].absorbable))
     if bad:
         raise PruneError(f"groups {bad[:10]} cannot be removed exactly ({by_id[bad[0]].reason})")
