@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic import write_json_atomic  # noqa: E402
 from pipeline.bench import count_macs, count_params, environment  # noqa: E402
-from pipeline.bounded_bn import bn_modules, convert_to_plain_bn_  # noqa: E402
+from pipeline.bn import bn_modules, convert_to_plain_bn_  # noqa: E402
 from pipeline.config import (  # noqa: E402
     DataConfig,
     ModelConfig,
@@ -55,7 +55,8 @@ from pipeline.config import (  # noqa: E402
     TrainConfig,
 )
 from pipeline.data import DataBundle, load_data  # noqa: E402
-from pipeline.run import _fixed_batch, build_and_train, prune_model  # noqa: E402
+from pipeline.prune import prune_model  # noqa: E402
+from pipeline.run import _fixed_batch, build_and_train  # noqa: E402
 from pipeline.threshold import NotBimodalError  # noqa: E402
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_  # noqa: E402
 
@@ -217,9 +218,8 @@ def controlled_cell(
 
 def _ucs(model: nn.Module, batch: torch.Tensor, target: float) -> nn.Module:
     """Per-layer uniform pruning by smallest scale: each BN layer loses ``target`` of its groups."""
-    from pipeline.absorb import remove_groups
     from pipeline.channel_graph import build_channel_graph
-    from pipeline.prune import group_importance
+    from pipeline.prune import group_importance, make_plan, remove_groups
 
     graph = build_channel_graph(model, batch)
     importance = group_importance(model, graph, "max")
@@ -232,7 +232,7 @@ def _ucs(model: nn.Module, batch: torch.Tensor, target: float) -> nn.Module:
     for name in dict.fromkeys(home.values()):
         mine = sorted((g for g, h in home.items() if h == name), key=lambda g: importance[g])
         dropped |= set(mine[: math.floor(target * len(mine))])
-    return remove_groups(model, graph, dropped, batch)[0]
+    return remove_groups(model, graph, make_plan(graph, dropped), batch)[0]
 
 
 def _torch_pruning(

@@ -79,7 +79,8 @@ def _build(case: str) -> nn.Module:
 def bounded_model(case: str, backend: str, example: torch.Tensor) -> nn.Module:
     """``case`` with bounded BN on ``backend``, on ``example``'s device; BN+ReLU fused for
     Triton (the pairs torch.fx finds; ResNet-50's shared ReLUs stay separate)."""
-    from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+    from pipeline.bn import convert_to_bounded_bn_
+    from pipeline.bounded_bn import BoundedBatchNorm2d
     from pipeline.fuse_relu import fuse_bn_relu_
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Remove channel groups exactly, absorbing the constant that a zero-scale channel still emits.
+"""Absorb the constant that a removed zero-scale channel still emits into its readers.
 
 A BN channel whose scale is zero (ISTA drives gamma to exact zeros) outputs the constant beta,
 so after its activation the channel carries ``act(beta)``, not zero. Dropping it naively
@@ -28,103 +28,19 @@ channel by a data-dependent gate) cannot be absorbed; they are removed under the
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.bn import bn_scale
 from pipeline.channel_graph import ChannelGraph
-from pipeline.prune import PruneError, PrunePlan, apply_plan_, make_plan, zero_scale_
+from pipeline.corrected_conv import make_corrected_
+from pipeline.plan import PruneError
 
 logger = logging.getLogger(__name__)
-
-
-class CorrectedConv2d(nn.Conv2d):
-    """A Conv2d plus the exact contribution of removed constant input channels.
-
-    The ``kernel`` correction depends only on the input's spatial size, so it is computed once
-    per (H, W, device, dtype) and cached outside the state dict; later calls at that size add a
-    stored tensor and run no extra conv. The cache is rebuilt whenever ``const_kernel`` is
-    replaced or changed in place (folding, rescaling, pruning again).
-    """
-
-    const_kernel: torch.Tensor | None
-    const_map: torch.Tensor | None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self.const_kernel is not None:
-            y = y + self.kernel_correction(x)
-        if self.const_map is not None:
-            if not torch.jit.is_tracing() and y.shape[-2:] != self.const_map.shape[-2:]:
-                raise RuntimeError(
-                    f"constant-channel correction was computed for a {tuple(self.const_map.shape[-2:])} output, got "
-                    f"{tuple(y.shape[-2:])}; prune again with an example of the deployment input size"
-                )
-            y = y + self.const_map
-        return y
-
-    def kernel_correction(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv2d(ones(1, 1, H, W), const_kernel)`` for ``x``'s size: (1, C_out, H', W')."""
-        kernel = self.const_kernel
-        cache = self.__dict__.get("_correction_cache")
-        if cache is None or cache[0] is not kernel or cache[1] != kernel._version:
-            cache = (kernel, kernel._version, {})  # holding the kernel keeps its id unique
-            self.__dict__["_correction_cache"] = cache
-        key = (int(x.shape[-2]), int(x.shape[-1]), x.device, x.dtype)
-        if key not in cache[2]:
-            ones = torch.ones(1, 1, *key[:2], device=x.device, dtype=x.dtype)
-            with torch.no_grad():  # zero padding shapes the borders
-                cache[2][key] = F.conv2d(
-                    ones, kernel, None, self.stride, self.padding, self.dilation
-                )
-        return cache[2][key]
-
-
-def make_corrected_(
-    conv: nn.Conv2d, *, kernel: torch.Tensor | None = None, map_: torch.Tensor | None = None
-) -> None:
-    """Turn ``conv`` into a ``CorrectedConv2d`` in place (parameters and name are kept)."""
-    conv.__class__ = CorrectedConv2d
-    for name, value in (("const_kernel", kernel), ("const_map", map_)):
-        old = getattr(conv, name, None) if name in conv._buffers else None
-        total = value if old is None else (old + value if value is not None else old)
-        conv.register_buffer(name, total)
-
-
-@dataclass(frozen=True)
-class RemovalReport:
-    """What an exact removal did and how exact it was."""
-
-    absorbed_groups: int
-    approximate_groups: int
-    corrections: tuple[tuple[str, str], ...]  # (layer, "kernel" | "map" | "bias")
-    max_border_err: float  # left by exact_borders=False
-    zeroing_err: float  # output change from zeroing the scales (and approximate shifts)
-    max_rel_err: float  # pruned vs the zeroed reference
-    scale_bound: float  # max |scale * x_hat| of removed channels: per-channel change bound
-    other_size_rel_err: float = 0.0  # pruned vs reference at a larger input size, where it runs
-
-
-def zero_scales_(
-    model: nn.Module, graph: ChannelGraph, groups: set[int], *, shifts: set[int] = frozenset()
-) -> None:
-    """Set the BN scale of every channel in ``groups`` to exactly zero (and shift, for ``shifts``)."""
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for g in graph.groups:
-            if g.id not in groups:
-                continue
-            for name, c in g.bn_channels:
-                bn = modules[name]
-                zero_scale_(bn, c)
-                if g.id in shifts and bn.bias is not None:
-                    bn.bias[c] = 0.0
 
 
 def _capture_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -202,7 +118,7 @@ def _uniform(captures: list[dict[str, torch.Tensor]], name: str, idx: list[int])
     return True
 
 
-def _larger(example: torch.Tensor) -> torch.Tensor | None:
+def larger_input(example: torch.Tensor) -> torch.Tensor | None:
     """A batch-1 input at least twice (and at least 8 px) larger: a size with an interior."""
     if example.dim() != 4:
         return None
@@ -225,11 +141,7 @@ def _attach(layer: nn.Module, form: str, value: torch.Tensor, keep_out: list[int
         make_corrected_(layer, map_=value.clone())
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
-
-
-def _scale_bound(
+def scale_bound(
     model: nn.Module, graph: ChannelGraph, dropped: set[int], example: torch.Tensor
 ) -> float:
     """Largest |scale_c * x_hat_c| of the removed channels on ``example``.
@@ -243,11 +155,7 @@ def _scale_bound(
     modules, bound = dict(model.named_modules()), 0.0
     for name, c in channels:
         bn = modules[name]
-        scale = (
-            torch.sigmoid(bn.weight[c])
-            if isinstance(bn, BoundedBatchNorm2d)
-            else bn.weight[c].abs()
-        )
+        scale = bn_scale(bn)[c].abs()
         x_hat = (inputs[name][:, c] - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps)
         bound = max(bound, float(scale * x_hat.abs().max()))
     return bound
@@ -270,22 +178,25 @@ def _capture_if_runs(
         return {}
 
 
-def _absorb_(
+def absorb_(
     reference: nn.Module,
     pruned: nn.Module,
     readers: dict[str, list[int]],
-    plan: PrunePlan,
+    keep_out: dict[str, list[int]],
     example: torch.Tensor,
     exact: bool,
 ) -> tuple[list[tuple[str, str]], float]:
-    """Attach each reader's correction to ``pruned``; returns (corrections, border error)."""
+    """Attach each reader's correction to ``pruned``; returns (corrections, border error).
+
+    ``readers``: layer -> its input positions that read removed channels (on ``reference``);
+    ``keep_out``: the kept output channels of every layer the plan shrinks.
+    """
     a, b = example[:1], torch.flip(example[:1], dims=(-1,)) * 0.5 + 0.3
     inputs, other = (
         _capture_inputs(reference, list(readers), a),
         _capture_inputs(reference, list(readers), b),
     )
-    larger = _capture_if_runs(reference, list(readers), _larger(example))
-    keep_out = {l.name: list(l.keep_out) for l in plan.layers}
+    larger = _capture_if_runs(reference, list(readers), larger_input(example))
     originals, modules = dict(reference.named_modules()), dict(pruned.named_modules())
     corrections, border = [], 0.0
     for name, idx in readers.items():
@@ -301,91 +212,3 @@ def _absorb_(
             _attach(modules[name], form, value, keep_out.get(name))
             corrections.append((name, form))
     return corrections, border
-
-
-def _other_size_err(reference: nn.Module, pruned: nn.Module, x: torch.Tensor | None) -> float:
-    """Relative error at a second input size; 0 where the models do not run there.
-
-    ``map`` corrections refuse other sizes by design (a RuntimeError), which is not an error.
-    """
-    if x is None:
-        return 0.0
-    try:
-        ref = reference(x)
-        out = pruned(x)
-    except (RuntimeError, ValueError):
-        return 0.0
-    return _rel_err(out, ref)
-
-
-@torch.no_grad()
-def remove_groups(
-    model: nn.Module,
-    graph: ChannelGraph,
-    dropped: set[int],
-    example: torch.Tensor,
-    *,
-    exact_borders: bool = True,
-    plan: PrunePlan | None = None,
-) -> tuple[nn.Module, PrunePlan, RemovalReport]:
-    """Physically remove ``dropped`` groups from a copy of ``model``, absorbing their constants.
-
-    The reference is ``model`` with the dropped groups' BN scales set to zero (and, for groups that
-    cannot be absorbed, their shifts too). The pruned copy is verified against it on ``example``.
-
-    Raises:
-        PruneError: a dropped group is neither prunable nor absorbable, or verification failed.
-    """
-    by_id = {g.id: g for g in graph.groups}
-    bad = sorted(g for g in dropped if not (by_id[g].prunable or by_id[g].absorbable))
-    if bad:
-        raise PruneError(f"groups {bad[:10]} cannot be removed exactly ({by_id[bad[0]].reason})")
-    approximate = {g for g in dropped if not by_id[g].absorbable}
-    model = model.eval()
-    reference = copy.deepcopy(model)
-    zero_scales_(reference, graph, set(dropped), shifts=approximate)
-    plan = plan or make_plan(graph, dropped)
-    pruned = apply_plan_(copy.deepcopy(reference), plan)
-    corrections, border = _absorb_(
-        reference, pruned, graph.readers(set(dropped)), plan, example, exact_borders
-    )
-    ref_out = reference(example)
-    report = RemovalReport(
-        len(dropped) - len(approximate),
-        len(approximate),
-        tuple(corrections),
-        border,
-        _rel_err(ref_out, model(example)),
-        _rel_err(pruned(example), ref_out),
-        _scale_bound(model, graph, set(dropped), example),
-        _other_size_err(reference, pruned, _larger(example)),
-    )
-    if exact_borders:
-        _check_exact(report, example)
-    logger.info(
-        "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e "
-        "(%.2e at a larger size); zeroing changed outputs by %.2e (scale bound %.2e)",
-        len(dropped),
-        report.absorbed_groups,
-        len(approximate),
-        len(corrections),
-        report.max_rel_err,
-        report.other_size_rel_err,
-        report.zeroing_err,
-        report.scale_bound,
-    )
-    return pruned, plan, report
-
-
-def _check_exact(report: RemovalReport, example: torch.Tensor) -> None:
-    """Raise unless the pruned model matched the zeroed reference at both checked sizes."""
-    for err, where in (
-        (report.max_rel_err, f"on the example {tuple(example.shape)}"),
-        (report.other_size_rel_err, "at a larger input size"),
-    ):
-        if err > 1e-4:
-            raise PruneError(
-                f"pruned model differs from the zeroed reference by {err:.2e} of the output scale "
-                f"{where} (expected <= 1e-4); this is a bug in constant absorption, please report "
-                "it (prune.exact_borders=false removes it approximately meanwhile)"
-            )

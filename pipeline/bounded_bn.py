@@ -4,9 +4,8 @@
 ``weight`` holds the logit. The shift (``bias``) is off by default, as in the receding-importance
 paper's reference code, so a channel's whole contribution is scaled by its importance.
 
-``convert_to_bounded_bn_`` swaps every ``nn.BatchNorm2d`` for a freshly initialised bounded one.
-It is meant for models trained from scratch: it does NOT preserve a trained model's function (the
-learned gamma is discarded). Function-preserving conversion of trained models is a separate step.
+This module holds the module class only; ``pipeline.bn`` holds the BN helpers and conversions
+(``convert_to_bounded_bn_``, ``convert_to_plain_bn_``), ``pipeline.bn_act`` the activation tails.
 
 ``pipeline.fuse_relu`` sets the ``relu`` flag, so training runs the fused BN+ReLU kernel.
 """
@@ -100,82 +99,3 @@ class BoundedBatchNorm2d(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"shift={self.bias is not None}{fused}"
         )
-
-
-def convert_to_bounded_bn_(
-    model: nn.Module, *, shift: bool = False, init_logit: float = 0.0
-) -> int:
-    """Replace every ``nn.BatchNorm2d`` in ``model`` with a fresh ``BoundedBatchNorm2d``, in place.
-
-    Returns:
-        The number of layers replaced.
-    """
-    replaced = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            from pipeline.bn_act import with_tail  # a norm-activation BN keeps its activation
-
-            bounded = with_tail(
-                BoundedBatchNorm2d(
-                    child.num_features, child.eps, child.momentum, shift=shift, init_logit=init_logit
-                ),
-                child,
-            )
-            setattr(
-                model, name, bounded.to(child.weight.device if child.weight is not None else "cpu")
-            )
-            replaced += 1
-        else:
-            replaced += convert_to_bounded_bn_(child, shift=shift, init_logit=init_logit)
-    return replaced
-
-
-def bn_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> BN module (plain or bounded) with a per-channel scale."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, BoundedBatchNorm2d)
-        or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine)
-    }
-
-
-def channel_importance(bn: nn.Module) -> torch.Tensor:
-    """Importance of each channel of a BN: sigmoid(w) for bounded BN, |gamma| for plain BN."""
-    if isinstance(bn, BoundedBatchNorm2d):
-        return bn.importance
-    return bn.weight.detach().abs()
-
-
-@torch.no_grad()
-def convert_to_plain_bn_(model: nn.Module) -> int:
-    """Replace every ``BoundedBatchNorm2d`` by the ``nn.BatchNorm2d`` it equals, in place.
-
-    gamma = sigmoid(w), beta = the shift (0 without one); running statistics are copied, so the
-    function is unchanged in eval and train mode. For tools that know only ``nn.BatchNorm2d``.
-
-    Returns:
-        The number of layers replaced.
-    """
-    fused = [n for n, m in model.named_modules() if isinstance(m, BoundedBatchNorm2d) and m.relu]
-    if fused:
-        raise ValueError(
-            f"convert_to_plain_bn_: {fused[0]!r} (BoundedBatchNorm2d) has a ReLU fused in, which "
-            "nn.BatchNorm2d cannot carry; call pipeline.fuse_relu.unfuse_bn_relu_(model) first"
-        )
-    replaced = 0
-    for name, child in list(model.named_children()):
-        if isinstance(child, BoundedBatchNorm2d):
-            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum)
-            plain.weight.copy_(child.importance)
-            plain.bias.copy_(child.bias if child.bias is not None else torch.zeros(1))
-            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-                getattr(plain, buffer).copy_(getattr(child, buffer))
-            plain = plain.to(child.weight.device).train(child.training)
-            if hasattr(child, "act"):  # BoundedBatchNormAct2d: keep its activation after the BN
-                plain = nn.Sequential(plain, child.drop, child.act)
-            setattr(model, name, plain)
-            replaced += 1
-        else:
-            replaced += convert_to_plain_bn_(child)
-    return replaced

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import bn_modules, channel_importance
+from pipeline.bn import bn_modules, channel_importance
 from pipeline.channel_graph import ChannelGraph
 from pipeline.costs import group_costs
 

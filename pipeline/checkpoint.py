@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.absorb import make_corrected_
 from pipeline.atomic import save_torch_atomic, write_json_atomic
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+from pipeline.bn import convert_to_bounded_bn_, is_bn
+from pipeline.corrected_conv import corrections, make_corrected_
 from pipeline.models import ModelSpec
 
 SHAPES = "shapes.json"
@@ -46,11 +46,7 @@ def shape_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "out_channels": m.out_channels,
                 "groups": m.groups,
                 "bias": m.bias is not None,
-                "corrections": {
-                    k: list(v.shape)
-                    for k in ("const_kernel", "const_map")
-                    if (v := getattr(m, k, None)) is not None
-                },
+                "corrections": {k: list(v.shape) for k, v in corrections(m).items()},
             }
         elif isinstance(m, nn.Linear):
             shapes[name] = {
@@ -58,7 +54,7 @@ def shape_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "in_features": m.in_features,
                 "out_features": m.out_features,
             }
-        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d)):
+        elif is_bn(m):
             shapes[name] = {"type": "BatchNorm", "num_features": m.num_features}
     return shapes
 

@@ -160,7 +160,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     from pipeline.checkpoint import save_pruned
     from pipeline.config import PruneConfig
-    from pipeline.run import prune_model
+    from pipeline.prune import prune_model
 
     out = check_out_folder(args.out, kind="prune", force=args.force, flag="--out")
     model, spec, example = _load_model(args)

@@ -34,11 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.bn import ZERO_SCALE_LOGIT
 from pipeline.bn_act import bn_tail, with_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import build_channel_graph, positively_homogeneous_bns
+from pipeline.corrected_conv import scale_corrections_
 from pipeline.fold import conv_bn_pairs
-from pipeline.prune import ZERO_SCALE_LOGIT
+from pipeline.rescale import outputs_changed_by, probe_inputs, reader_factors, scale_readers_
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +103,6 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _rel_err(model: nn.Module, original: nn.Module, x: torch.Tensor) -> float:
-    ref = original(x)
-    return float((model(x) - ref).abs().max()) / max(float(ref.abs().max()), 1e-300)
-
-
 def _verify(model: nn.Module, original: nn.Module, example: torch.Tensor, rtol: float) -> float:
     """Largest relative error on ``example`` and on 3x it (past the clip of ReLU6-like ops).
 
@@ -113,8 +110,8 @@ def _verify(model: nn.Module, original: nn.Module, example: torch.Tensor, rtol: 
     rounding (1e-5 of the output on a calibrated mobilenet_v2), which would fake or hide errors.
     """
     model64, original64 = copy.deepcopy(model).double(), copy.deepcopy(original).double()
-    x = example.double()
-    err = max(_rel_err(model64, original64, v) for v in (x, 3.0 * x))
+    inputs = probe_inputs(example.double())
+    err = outputs_changed_by(model64, inputs, [original64(x) for x in inputs], floor=1e-300)
     if err > rtol:
         raise ConversionError(
             f"converted model differs by {err:.2e} of the output scale in float64 (expected <= "
@@ -123,25 +120,12 @@ def _verify(model: nn.Module, original: nn.Module, example: torch.Tensor, rtol: 
     return err
 
 
-def _reader_factors(
-    graph, name: str, alpha: torch.Tensor
-) -> list[tuple[str, list[int], torch.Tensor]]:
-    """(reader, input positions, alpha of the BN channel at each position) for a BN's readers."""
-    channel_of = {g: c for c, g in enumerate(graph.layers[name].out_groups)}
-    out = []
-    for r, pos in graph.readers(set(channel_of)).items():
-        out.append((r, pos, alpha[[channel_of[graph.layers[r].in_groups[p]] for p in pos]]))
-    return out
-
-
 @torch.no_grad()
 def _move_into_readers_(model, graph, name, bn, alpha, scale) -> None:
     """The readers route for one BN whose paths to its readers are positively homogeneous."""
-    readers = _reader_factors(graph, name, alpha)
+    readers = reader_factors(graph, name, alpha)
     _set(model, name, _bounded_from(bn, scale, bn.bias.detach() / alpha, bn.running_var.detach()))
-    for r, pos, f in readers:
-        m = model.get_submodule(r)
-        m.weight[:, pos] *= f.view(-1, *[1] * (m.weight.dim() - 2))
+    scale_readers_(model, readers)
 
 
 @torch.no_grad()
@@ -149,9 +133,9 @@ def _move_into_producer_(model, conv_name, name, bn, alpha, scale) -> None:
     """The producer route: the conv feeding only this BN outputs alpha times more, as does its mean."""
     conv = model.get_submodule(conv_name)
     conv.weight *= alpha.view(-1, *[1] * (conv.weight.dim() - 1))
-    for key in ("bias", "const_kernel", "const_map"):  # everything the conv adds to its output
-        if getattr(conv, key, None) is not None:
-            getattr(conv, key).mul_(alpha.view(-1, *[1] * (getattr(conv, key).dim() - 1)))
+    if conv.bias is not None:  # with the corrections: everything the conv adds to its output
+        conv.bias.mul_(alpha)
+    scale_corrections_(conv, alpha)
     bounded = _bounded_from(bn, scale, bn.bias.detach(), bn.running_var.detach())
     bounded.running_mean.mul_(alpha)
     _set(model, name, bounded)

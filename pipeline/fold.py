@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.bn import bn_scale, is_bn
 from pipeline.bn_act import bn_tail, tail_module
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import trace
+from pipeline.corrected_conv import drop_kernel_, kernel_corrected, replace_corrections_, set_map_
+from pipeline.numerics import rel_err
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +53,6 @@ def fold_conv_bn_weights(
     b = conv_b if conv_b is not None else torch.zeros_like(mean)
     b = (b - mean) * k
     return w, (b + shift) if shift is not None else b
-
-
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
-    if isinstance(bn, BoundedBatchNorm2d):
-        return torch.sigmoid(bn.weight)
-    return bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -102,29 +99,20 @@ def fold_bn_(model: nn.Module) -> FoldReport:
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         w, b = fold_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, _bn_scale(bn), bn.bias
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn_scale(bn), bn.bias
         )
         conv.weight = nn.Parameter(w)
         conv.bias = nn.Parameter(b)
-        k = _bn_scale(bn) / torch.sqrt(bn.running_var + bn.eps)
-        for name in (
-            "const_kernel",
-            "const_map",
-        ):  # constant-channel corrections scale like outputs
-            if getattr(conv, name, None) is not None:
-                setattr(
-                    conv,
-                    name,
-                    getattr(conv, name) * k.view(-1, *([1] * (getattr(conv, name).dim() - 1))),
-                )
+        k = bn_scale(bn) / torch.sqrt(bn.running_var + bn.eps)
+        # constant-channel corrections scale like outputs
+        replace_corrections_(conv, lambda t, k=k: t * k.view(-1, *([1] * (t.dim() - 1))))
         parent, _, leaf = bn_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, tail_module(bn))
     folded_bns = {bn for _, bn in pairs}
     kept = tuple(
         n
         for n, m in modules.items()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, BoundedBatchNorm2d))
-        and n not in folded_bns
+        if is_bn(m) and n not in folded_bns
     )
     return FoldReport(tuple(pairs), kept, 0.0, 0.0)
 
@@ -146,17 +134,16 @@ def fold_bn(
     folded = copy.deepcopy(model).eval()
     report = fold_bn_(folded)
     ref, out = model.eval()(example), folded(example)
-    abs_err = float((ref - out).abs().max())
-    rel_err = abs_err / max(float(ref.abs().max()), 1e-12)
-    if rel_err > rtol:
-        raise FoldError(f"folded model differs by {rel_err:.2e} of the output scale (> {rtol:.0e})")
+    abs_err, err = float((ref - out).abs().max()), rel_err(out, ref)
+    if err > rtol:
+        raise FoldError(f"folded model differs by {err:.2e} of the output scale (> {rtol:.0e})")
     logger.info(
         "folded %d BN layers into convs, %d kept; max rel err %.2e",
         len(report.folded),
         len(report.kept),
-        rel_err,
+        err,
     )
-    return folded, FoldReport(report.folded, report.kept, abs_err, rel_err)
+    return folded, FoldReport(report.folded, report.kept, abs_err, err)
 
 
 @dataclass(frozen=True)
@@ -186,21 +173,13 @@ def _input_sizes(model: nn.Module, names: list[str], example: torch.Tensor) -> d
 
 def _to_constant_(conv: nn.Module, value: torch.Tensor) -> str:
     """Put a (1, C, H', W') correction into ``conv``'s bias when uniform, else its map."""
-    from pipeline.absorb import CorrectedConv2d
-
-    conv.const_kernel = None
     if bool((value == value[..., :1, :1]).all()):  # exactly uniform: a plain bias is exact
         bias = value[0, :, 0, 0] if conv.bias is None else conv.bias.detach() + value[0, :, 0, 0]
         conv.bias = nn.Parameter(bias.clone())
-        form = "bias"
-    else:
-        old = conv.const_map
-        conv.const_map = value[0].clone() if old is None else old + value[0]
-        form = "map"
-    if conv.const_map is None and isinstance(conv, CorrectedConv2d):
-        del conv.const_kernel, conv.const_map
-        conv.__class__ = nn.Conv2d  # nothing size-dependent is left
-    return form
+        drop_kernel_(conv)  # a plain conv again unless it also holds a map
+        return "bias"
+    set_map_(conv, value[0])
+    return "map"
 
 
 @torch.no_grad()
@@ -209,7 +188,7 @@ def fold_corrections_(
 ) -> StaticReport:
     """Replace every ``kernel`` correction by its value at ``example``'s size, in place.
 
-    The kernel form (``pipeline.absorb``) is exact at any input size but runs a conv of a ones
+    The kernel form (``pipeline.corrected_conv``) is exact at any input size but runs a conv of a ones
     map per forward; an export at a fixed spatial size needs only its value there: a bias where
     that value is uniform over positions (no border reaches the output), else a constant map,
     which refuses other sizes. The graph then holds exactly one Conv per conv layer, without
@@ -218,13 +197,7 @@ def fold_corrections_(
     Raises:
         FoldError: the static model differs from the kernel form beyond ``rtol``.
     """
-    from pipeline.absorb import CorrectedConv2d
-
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, CorrectedConv2d) and m.const_kernel is not None
-    ]
+    names = kernel_corrected(model)
     if not names:
         return StaticReport((), (), 0.0)
     model.eval()
@@ -236,7 +209,7 @@ def fold_corrections_(
         probe = example.new_empty(1, conv.in_channels, *sizes[name])
         forms[_to_constant_(conv, conv.kernel_correction(probe))].append(name)
     out = model(example)
-    rel = float((out - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+    rel = rel_err(out, ref)
     if rel > rtol:
         raise FoldError(
             f"static corrections differ from the kernel form by {rel:.2e} of the output scale "

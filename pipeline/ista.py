@@ -30,14 +30,15 @@ them. ``rescale_gamma_`` decides that from the graph's op types and skips the ot
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import bn_modules
+from pipeline.bn import bn_modules
 from pipeline.channel_graph import ChannelGraph, positively_homogeneous_bns
 from pipeline.costs import group_costs
+from pipeline.rescale import outputs_changed_by, probe_inputs, reader_factors, scale_readers_
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +70,6 @@ def layer_costs(
 
 
 @torch.no_grad()
-def _scale_bn_(
-    bn: nn.Module, readers: list[nn.Module], idx: Mapping[int, list[int]], alpha: float
-) -> None:
-    bn.weight.mul_(alpha)
-    bn.bias.mul_(alpha)
-    for reader, positions in zip(readers, idx.values(), strict=True):
-        reader.weight[:, positions] /= alpha
-
-
-@torch.no_grad()
 def rescale_gamma_(
     model: nn.Module,
     graph: ChannelGraph,
@@ -101,7 +92,7 @@ def rescale_gamma_(
     """
     modules = dict(model.named_modules())
     model.eval()
-    inputs = (example, 3 * example)
+    inputs = probe_inputs(example)
     references = [model(x) for x in inputs]
     eligible = positively_homogeneous_bns(model)
     done = []
@@ -115,18 +106,17 @@ def rescale_gamma_(
             or (only is not None and bn_name not in only)
         ):
             continue
-        positions = graph.readers(set(layer.out_groups))
-        if positions:
-            _scale_bn_(
-                bn, [modules[r] for r in positions], dict(enumerate(positions.values())), alpha
-            )
+        readers = reader_factors(graph, bn_name, torch.full_like(bn.weight, 1.0 / alpha))
+        if readers:
+            bn.weight.mul_(alpha)
+            bn.bias.mul_(alpha)
+            scale_readers_(model, readers)
             done.append(bn_name)
-    for x, reference in zip(inputs, references, strict=True):
-        err = float((model(x) - reference).abs().max()) / max(float(reference.abs().max()), 1e-12)
-        if err > 1e-4:
-            raise RuntimeError(
-                f"gamma/W rescaling changed the output by {err:.2e} of its scale; this is a bug "
-                "in positively_homogeneous_bns, please report it (train.penalty.rescale=1 avoids it)"
-            )
+    err = outputs_changed_by(model, inputs, references)
+    if err > 1e-4:
+        raise RuntimeError(
+            f"gamma/W rescaling changed the output by {err:.2e} of its scale; this is a bug "
+            "in positively_homogeneous_bns, please report it (train.penalty.rescale=1 avoids it)"
+        )
     logger.info("rescaled %d BN layers by alpha=%g", len(done), alpha)
     return done

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.bn import is_bn
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import ChannelGraph
 from pipeline.config import PenaltyConfig
@@ -81,7 +82,7 @@ def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, 
     return tuple(
         m.weight
         for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+        if is_bn(m) and not isinstance(m, BoundedBatchNorm2d) and m.weight is not None
     )
 
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, convert_to_bounded_bn_
+from pipeline.bn import bn_modules, convert_to_bounded_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.budget import BudgetController, ReceededShare, budget_weights
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import PenaltyConfig, PruneConfig, TrainConfig

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.absorb import RemovalReport, remove_groups
 from pipeline.atomic import (
     check_out_folder,
     partial_folder,
@@ -31,20 +29,14 @@ from pipeline.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
-from pipeline.channel_graph import ChannelGraph, build_channel_graph
+from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
-from pipeline.config import PruneConfig, RunConfig, dump_config, to_dict
+from pipeline.config import RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.models import ModelSpec, build_model
+from pipeline.plan import layer_widths
 from pipeline.polarise import Polariser
-from pipeline.prune import (
-    PrunePlan,
-    SelectionRules,
-    group_importance,
-    layer_widths,
-    make_plan,
-    select_groups,
-)
+from pipeline.prune import Pruned, prune_model
 from pipeline.resume import check_resume_config
 from pipeline.run_report import (
     DenseSummary,
@@ -55,7 +47,7 @@ from pipeline.run_report import (
     RunReport,
     ThresholdSummary,
 )
-from pipeline.threshold import NotBimodalError, auto_threshold
+from pipeline.threshold import NotBimodalError
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
 logger = logging.getLogger(__name__)
@@ -63,17 +55,6 @@ logger = logging.getLogger(__name__)
 
 class VerificationError(RuntimeError):
     """An exported artefact disagrees with PyTorch beyond tolerance (CLI exit code 1)."""
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """Result of the prune step."""
-
-    model: nn.Module
-    plan: PrunePlan
-    graph: ChannelGraph
-    importances: dict[int, float]
-    removal: RemovalReport
 
 
 def model_spec(cfg: RunConfig, data: DataBundle) -> ModelSpec:
@@ -134,41 +115,6 @@ def _build_and_train(
     if rescaled:
         rescale_gamma_(model.cpu(), graph, example, 1.0 / pen_cfg.rescale, only=rescaled)
     return model.cpu().eval(), logs
-
-
-def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pruned:
-    """Plan and apply a prune of a copy of ``model`` according to ``cfg``."""
-    graph = build_channel_graph(model, example)
-    importance = group_importance(model, graph, cfg.aggregate)
-    rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
-    if cfg.threshold == "ratio":
-        dropped, mode, value = (
-            select_groups(importance, graph, ratio=cfg.ratio, rules=rules),
-            "ratio",
-            cfg.ratio,
-        )
-    else:
-        value = (
-            auto_threshold(list(importance.values())).value
-            if cfg.threshold == "auto"
-            else float(cfg.threshold)
-        )
-        mode = "auto" if cfg.threshold == "auto" else "value"
-        dropped = select_groups(importance, graph, threshold=value, rules=rules)
-    plan = make_plan(graph, dropped, mode=mode, value=value)
-    pruned, plan, removal = remove_groups(
-        model.cpu(), graph, dropped, example, exact_borders=cfg.exact_borders, plan=plan
-    )
-    logger.info(
-        "pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
-        len(dropped),
-        len(importance),
-        mode,
-        value,
-        plan.channels_total,
-        plan.channels_kept,
-    )
-    return Pruned(pruned, plan, graph, importance, removal)
 
 
 def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.atomic import save_torch_atomic
-from pipeline.bounded_bn import BoundedBatchNorm2d, bn_modules, channel_importance
+from pipeline.bn import bn_modules, channel_importance, is_bn
 from pipeline.config import TrainConfig
 from pipeline.data import DataBundle
 from pipeline.polarise import Polariser, bn_param_groups
@@ -136,11 +136,7 @@ def recalibrate_bn_(
     BN scales move fast (they get ``bn_lr_mult`` x the learning rate), so exponential running
     statistics lag behind the weights; eval accuracy then understates the model.
     """
-    norms = [
-        m
-        for m in model.modules()
-        if isinstance(m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm))
-    ]
+    norms = [m for m in model.modules() if is_bn(m)]
     saved = [m.momentum for m in norms]
     for m in norms:
         m.running_mean.zero_()

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.absorb import CorrectedConv2d, remove_groups
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import ModelConfig
+from pipeline.corrected_conv import CorrectedConv2d
 from pipeline.fold import fold_bn
 from pipeline.models import build_model
+from pipeline.prune import make_plan, remove_groups, zero_groups_
 
 REL = 1e-5  # relative to the output scale
 _IO = {"num_classes": 10, "in_channels": 3}
@@ -70,7 +71,7 @@ def test_removal_equals_zeroed_scales_everywhere(case):
     graph = build_channel_graph(model, x)
     absorbable = [g.id for g in graph.groups if g.absorbable]
     dropped = set(absorbable[::3])
-    pruned, _, report = remove_groups(model, graph, dropped, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x)
     assert report.absorbed_groups == len(dropped) and report.corrections
     assert report.max_rel_err <= REL
     # and the correction survives folding
@@ -84,8 +85,8 @@ def test_interior_only_bias_reports_the_border_error():
     graph = build_channel_graph(model, x)
     b1 = [g.id for g in graph.groups if g.absorbable and any(n == "b1" for n, _ in g.bn_channels)]
     dropped = set(b1[::2])
-    _, _, exact = remove_groups(model, graph, dropped, x)
-    _, _, interior = remove_groups(model, graph, dropped, x, exact_borders=False)
+    _, exact = remove_groups(model, graph, make_plan(graph, dropped), x)
+    _, interior = remove_groups(model, graph, make_plan(graph, dropped), x, exact_borders=False)
     assert exact.max_rel_err <= REL
     assert interior.max_border_err > 0.01 and interior.max_rel_err > 10 * REL
 
@@ -96,12 +97,11 @@ def test_kernel_correction_is_exact_at_other_input_sizes():
     graph = build_channel_graph(model, x)
     b1 = [g.id for g in graph.groups if g.absorbable and any(n == "b1" for n, _ in g.bn_channels)]
     dropped = set(b1[::2])
-    pruned, _, report = remove_groups(model, graph, dropped, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x)
     assert ("c2", "kernel") in report.corrections
     assert isinstance(dict(pruned.named_modules())["c2"], CorrectedConv2d)
-    from pipeline.absorb import zero_scales_
 
-    zero_scales_(model, graph, dropped)
+    zero_groups_(model, graph, dropped)
     for size in (7, 16):
         y = torch.randn(2, 3, size, size)
         ref = model(y)
@@ -115,9 +115,8 @@ def test_corrected_model_exports_to_onnx(tmp_path):
     model = _shifted(Chain(avgpool=True))
     x = torch.randn(4, 3, 11, 11)
     graph = build_channel_graph(model, x)
-    pruned, _, _ = remove_groups(
-        model, graph, set([g.id for g in graph.groups if g.absorbable][::2]), x
-    )
+    dropped = set([g.id for g in graph.groups if g.absorbable][::2])
+    pruned, _ = remove_groups(model, graph, make_plan(graph, dropped), x)
     folded, _ = fold_bn(pruned, x)
     path = export_onnx(folded, x[:2], tmp_path / "m.onnx")
     assert verify_onnx(path, pruned, x, atol=1e-4).passed
@@ -142,7 +141,7 @@ def test_ista_zeros_are_removed_exactly():
         and all(float(model.get_submodule(n).weight[c]) == 0 for n, c in g.bn_channels)
     }
     assert zero
-    pruned, _, report = remove_groups(model, graph, zero, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, zero), x)
     ref = model(x)  # the ORIGINAL model: its zero-gamma channels were already constant
     assert (pruned(x) - ref).abs().max() <= REL * ref.abs().max()
     assert report.zeroing_err == 0.0
@@ -153,10 +152,9 @@ def _b1_groups(graph):
 
 
 def _exact_at_sizes(model, graph, dropped, pruned, sizes):
-    from pipeline.absorb import zero_scales_
 
     reference = copy.deepcopy(model)
-    zero_scales_(reference, graph, dropped)
+    zero_groups_(reference, graph, dropped)
     errs = []
     for size in sizes:
         y = torch.randn(2, 3, size, size)
@@ -171,7 +169,7 @@ def test_a_1x1_example_output_stays_exact_at_every_size():
     x = torch.randn(2, 3, 1, 1)  # c2 (3x3, padding 1) reads and writes 1x1 maps
     graph = build_channel_graph(model, x)
     dropped = set(_b1_groups(graph)[::2])
-    pruned, _, report = remove_groups(model, graph, dropped, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x)
     assert ("c2", "kernel") in report.corrections  # not the 1x1 map's value as a bias
     assert report.max_rel_err <= REL and report.other_size_rel_err <= REL
     assert max(_exact_at_sizes(model, graph, dropped, pruned, (1, 2, 3, 9))) <= REL
@@ -184,12 +182,11 @@ def test_vgg11_at_28px_stays_exact_at_twice_the_size():
     graph = build_channel_graph(model, x)
     dropped = {g.id for g in graph.groups if g.absorbable}
     dropped = set(sorted(dropped)[::2])
-    pruned, _, report = remove_groups(model, graph, dropped, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x)
     assert ("features.25", "kernel") in report.corrections  # the 3x3 conv at 1x1
-    from pipeline.absorb import zero_scales_
 
     reference = copy.deepcopy(model)
-    zero_scales_(reference, graph, dropped)
+    zero_groups_(reference, graph, dropped)
     for size in (28, 56, 84):
         y = torch.randn(2, 3, size, size)
         ref = reference(y)
@@ -201,7 +198,7 @@ def test_interior_bias_at_1x1_reports_its_border_error():
     x = torch.randn(2, 3, 1, 1)
     graph = build_channel_graph(model, x)
     dropped = set(_b1_groups(graph)[::2])
-    pruned, _, report = remove_groups(model, graph, dropped, x, exact_borders=False)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x, exact_borders=False)
     assert report.corrections and all(form == "bias" for _, form in report.corrections)
     assert report.max_border_err > 0.01  # a 1x1 map is all border
     # the bias is the interior value: exact far from the borders of a large input
@@ -217,7 +214,9 @@ def test_non_zero_padding_keeps_a_constant_constant(mode):
     graph = build_channel_graph(model, x)
     dropped = set(_b1_groups(graph)[::2])
     for exact in (True, False):  # exact mode used to call this a bug; interior mode reported 0.35
-        pruned, _, report = remove_groups(model, graph, dropped, x, exact_borders=exact)
+        pruned, report = remove_groups(
+            model, graph, make_plan(graph, dropped), x, exact_borders=exact
+        )
         assert ("c2", "bias") in report.corrections
         assert report.max_border_err == 0.0 and report.max_rel_err <= REL
         assert max(_exact_at_sizes(model, graph, dropped, pruned, (5, 11, 16))) <= REL
@@ -229,7 +228,7 @@ def test_position_dependent_constants_refuse_other_sizes():
     x = torch.randn(2, 3, 1, 1)  # 1x1: the pool's padding is invisible in one position
     graph = build_channel_graph(model, x)
     dropped = set(_b1_groups(graph)[::2])
-    pruned, _, report = remove_groups(model, graph, dropped, x)
+    pruned, report = remove_groups(model, graph, make_plan(graph, dropped), x)
     assert ("c2", "map") in report.corrections and report.max_rel_err <= REL
     with pytest.raises(RuntimeError, match="deployment input size"):
         pruned(torch.randn(1, 3, 8, 8))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+from pipeline.bn import convert_to_bounded_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.budget import BudgetController, ReceededShare, budget_weights
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import ModelConfig

@@ -20,8 +20,8 @@ from pipeline.prune import (
     SelectionRules,
     apply_plan_,
     make_plan,
-    mask_groups_,
     select_groups,
+    zero_groups_,
 )
 
 REL_TOL = 1e-5  # of the output's scale: fp32 sums over a few hundred terms in another order
@@ -66,7 +66,7 @@ def _prune_exactly(
     model: nn.Module, graph: ChannelGraph, dropped: set[int], x: torch.Tensor
 ) -> nn.Module:
     """Prune a copy of ``model``, assert it equals the masked copy, and return it."""
-    masked = mask_groups_(copy.deepcopy(model), graph, dropped)
+    masked = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=dropped)
     pruned = apply_plan_(copy.deepcopy(model), make_plan(graph, dropped))
     with torch.no_grad():
         want, got, before = masked(x), pruned(x), model(x)

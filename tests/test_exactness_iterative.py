@@ -11,15 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.absorb import CorrectedConv2d, remove_groups, zero_scales_
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+from pipeline.bn import convert_to_bounded_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import load_pruned, save_pruned
 from pipeline.config import ModelConfig, PenaltyConfig
 from pipeline.convert import convert_trained_to_bounded_
+from pipeline.corrected_conv import CorrectedConv2d
 from pipeline.models import build_model
 from pipeline.penalties import make_penalty
-from pipeline.prune import apply_plan_, make_plan, mask_groups_
+from pipeline.prune import apply_plan_, make_plan, remove_groups, zero_groups_
 
 REL = 1e-5  # of the output scale
 
@@ -61,7 +62,7 @@ def _rel(a, b):
 
 def _first_removal(model, x):
     graph = build_channel_graph(model, x)
-    pruned, _, _ = remove_groups(model, graph, set(_groups_of(graph, "b1")[::3]), x)
+    pruned, _ = remove_groups(model, graph, make_plan(graph, set(_groups_of(graph, "b1")[::3])), x)
     assert isinstance(pruned.c2, CorrectedConv2d) and pruned.c2.const_kernel is not None
     return pruned
 
@@ -72,7 +73,7 @@ def test_pruning_a_corrected_conv_equals_masking_it():
     graph = build_channel_graph(pruned, x)
     dropped = set(_groups_of(graph, "b2")[::2])  # outputs of the corrected c2
     assert all(g.prunable for g in graph.groups if g.id in dropped)
-    masked = mask_groups_(copy.deepcopy(pruned), graph, dropped)
+    masked = zero_groups_(copy.deepcopy(pruned), graph, dropped, shifts=dropped)
     again = apply_plan_(copy.deepcopy(pruned), make_plan(graph, dropped))
     assert again.c2.const_kernel.shape[0] == again.c2.out_channels == 12 - len(dropped)
     for size in (10, 7):  # the sliced kernel correction is exact at other sizes too
@@ -85,10 +86,10 @@ def test_removing_again_absorbs_into_the_corrected_conv():
     pruned = _first_removal(_shifted(Stack()), x)
     graph = build_channel_graph(pruned, x)
     dropped = set(_groups_of(graph, "b1")[::2]) | set(_groups_of(graph, "b2")[1::3])
-    twice, _, report = remove_groups(pruned, graph, dropped, x)
+    twice, report = remove_groups(pruned, graph, make_plan(graph, dropped), x)
     assert report.max_rel_err <= REL
     reference = copy.deepcopy(pruned)
-    zero_scales_(reference, graph, dropped)
+    zero_groups_(reference, graph, dropped)
     assert _rel(twice(x), reference(x)) <= REL
 
 
@@ -99,12 +100,16 @@ def test_a_saved_pruned_model_can_be_pruned_again(tmp_path):
     model = _shifted(build_model(ModelConfig(name="resnet20", width=0.5), **_io(spec)), seed=1)
     x = torch.randn(2, 3, 12, 12)
     graph = build_channel_graph(model, x)
-    first, _, _ = remove_groups(model, graph, {g.id for g in graph.removable_groups[::3]}, x)
+    first, _ = remove_groups(
+        model, graph, make_plan(graph, {g.id for g in graph.removable_groups[::3]}), x
+    )
     assert any(isinstance(m, CorrectedConv2d) for m in first.modules())
     save_pruned(first, tmp_path, spec=spec)
     loaded, _ = load_pruned(tmp_path)
     graph = build_channel_graph(loaded, x)
-    second, _, report = remove_groups(loaded, graph, {g.id for g in graph.removable_groups[::2]}, x)
+    second, report = remove_groups(
+        loaded, graph, make_plan(graph, {g.id for g in graph.removable_groups[::2]}), x
+    )
     assert report.max_rel_err <= REL
     assert sum(p.numel() for p in second.parameters()) < sum(p.numel() for p in first.parameters())
 
@@ -130,7 +135,7 @@ def _all_finite(model):
     )
 
 
-@pytest.mark.parametrize("zero", ["convert", "zero_scales_", "mask_groups_"])
+@pytest.mark.parametrize("zero", ["convert", "scales", "scales_and_shifts"])
 def test_a_penalty_step_after_zeroing_stays_finite(zero):
     x = torch.randn(4, 3, 8, 8)
     if zero == "convert":
@@ -144,7 +149,7 @@ def test_a_penalty_step_after_zeroing_stays_finite(zero):
         model = _shifted(model)
         graph = build_channel_graph(model, x)
         dropped = set(_groups_of(graph, "b1")[:3])
-        (zero_scales_ if zero == "zero_scales_" else mask_groups_)(model, graph, dropped)
+        zero_groups_(model, graph, dropped, shifts=dropped if zero == "scales_and_shifts" else ())
     assert float(torch.sigmoid(model.b1.weight).min()) == 0.0  # removal stays exact
     assert bool(torch.isfinite(model.b1.weight).all())
     value = _penalty_step_(model, x)

@@ -31,7 +31,7 @@ from torchvision.models.shufflenetv2 import channel_shuffle
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
-from pipeline.prune import SelectionRules, apply_plan_, make_plan, mask_groups_, select_groups
+from pipeline.prune import SelectionRules, apply_plan_, make_plan, select_groups, zero_groups_
 
 REL_TOL = 1e-5
 KINDS = (
@@ -265,7 +265,7 @@ def prune_and_compare(
     importance = {g.id: float(torch.rand((), generator=gen)) for g in graph.prunable_groups}
     rules = SelectionRules(min_channels=1, max_layer_ratio=1.0)
     dropped = select_groups(importance, graph, ratio=ratio, rules=rules)
-    masked = mask_groups_(copy.deepcopy(model), graph, dropped)
+    masked = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=dropped)
     pruned = apply_plan_(copy.deepcopy(model), make_plan(graph, dropped))
     with torch.no_grad():
         want, got = masked(x), pruned(x)

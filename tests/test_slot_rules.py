@@ -10,7 +10,8 @@ from torch import nn
 from pipeline import slot_rules
 from pipeline.channel_graph import build_channel_graph
 from pipeline.channel_slots import SlotInterpreter  # noqa: F401 - loads the registered rules
-from pipeline.prune import apply_plan_, make_plan, mask_groups_
+from pipeline.plan import make_plan
+from pipeline.remove import apply_plan_, zero_groups_
 from pipeline.slot_layers import batch_norm, conv, linear
 from pipeline.slot_rules import MODULE_OPS, Slots, module_rule, op_rule, register_op
 
@@ -164,7 +165,7 @@ def test_registering_a_rule_makes_an_unknown_op_pass_channels(monkeypatch):
     graph = build_channel_graph(model, x)
     groups = _b1_groups(graph)
     assert not graph.barriers and len(groups) == 4
-    masked = mask_groups_(copy.deepcopy(model), graph, [groups[0].id])
+    masked = zero_groups_(copy.deepcopy(model), graph, [groups[0].id], shifts=[groups[0].id])
     pruned = apply_plan_(copy.deepcopy(model), make_plan(graph, [groups[0].id]))
     with torch.no_grad():
         assert torch.allclose(pruned(x), masked(x), atol=1e-6)

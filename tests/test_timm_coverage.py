@@ -153,7 +153,9 @@ def _params(model: nn.Module) -> int:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(1e-30, float(want.abs().max()))
+    from pipeline.numerics import rel_err
+
+    return rel_err(got, want, floor=1e-30)
 
 
 def prepared(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
@@ -183,7 +185,7 @@ def run_recede(model: nn.Module, x: torch.Tensor, workdir: Path) -> tuple[Side, 
     from pipeline.config import PruneConfig
     from pipeline.export.onnx import export_onnx
     from pipeline.fold import fold_bn
-    from pipeline.run import prune_model
+    from pipeline.prune import prune_model
 
     start = time.perf_counter()
     pruned = prune_model(model, x, PruneConfig(threshold="ratio", ratio=RATIO))

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.bn import convert_to_bounded_bn_
 from pipeline.bn_act import BoundedBatchNormAct2d, bn_tail
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import GraphError, build_channel_graph, trace_with_leaves
 from pipeline.config import ModelConfig
 from pipeline.convert import convert_trained_to_bounded_
 from pipeline.fold import conv_bn_pairs, fold_bn
 from pipeline.models import ModelError, build_model
-from pipeline.prune import apply_plan_, make_plan, mask_groups_
+from pipeline.prune import apply_plan_, make_plan, zero_groups_
 
 timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d  # noqa: E402
@@ -92,7 +93,7 @@ def test_norm_act_prunes_exactly(act) -> None:
     assert not graph.barriers
     assert {name for g in graph.prunable_groups for name, _ in g.bn_channels} == {"bn1", "bn2"}
     dropped = {g.id for g in graph.prunable_groups[::2]}
-    masked = mask_groups_(copy.deepcopy(model), graph, dropped)
+    masked = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=dropped)
     pruned = apply_plan_(copy.deepcopy(masked), make_plan(graph, dropped))
     assert pruned.bn1.num_features < 8 and isinstance(pruned.bn1.act, act)
     assert _rel(pruned(X), masked(X)) < 1e-6

@@ -34,7 +34,8 @@ from sensitivity import calibrate_bn_, channel_sensitivity, randomise_affine_
 from torch import nn
 
 from pipeline.channel_graph import ChannelGraph, build_channel_graph
-from pipeline.prune import SelectionRules, apply_plan_, make_plan, mask_groups_, select_groups
+from pipeline.numerics import rel_err
+from pipeline.prune import SelectionRules, apply_plan_, make_plan, select_groups, zero_groups_
 
 PRUNE_TOL = 1e-9  # pruned vs masked, compared in float64 (errors 1e-15..1e-13)
 ONNX_TOL = 1e-4  # ONNX Runtime vs PyTorch in float32 (errors up to 6.5e-5 of the output scale)
@@ -186,7 +187,7 @@ def _params(model: nn.Module) -> int:
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got - want).abs().max().item() / max(1e-30, want.abs().max().item())
+    return rel_err(got, want, floor=1e-30)
 
 
 def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> float:
@@ -223,7 +224,7 @@ def check_model(name: str, workdir: Path, seed: int = 0) -> CoverageResult:
     importance = {g.id: float(torch.rand((), generator=gen)) for g in graph.prunable_groups}
     dropped = select_groups(importance, graph, ratio=RATIO, rules=SelectionRules(min_channels=1))
     # recalibrated once masked, so the kept channels still matter; pruned from the masked model
-    masked = calibrate_bn_(mask_groups_(model, graph, dropped), (8, 3, size, size), gen)
+    masked = calibrate_bn_(zero_groups_(model, graph, dropped, shifts=dropped), (8, 3, size, size), gen)
     pruned = apply_plan_(copy.deepcopy(masked), make_plan(graph, dropped))
     sensitivity = channel_sensitivity(masked, x[:2], _removed(graph, dropped))
     with torch.no_grad():  # in float64, so rounding (1e-5 in fp32) cannot hide a wrong channel

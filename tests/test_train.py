@@ -1,6 +1,7 @@
 import torch
 
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_bounded_bn_
+from pipeline.bn import convert_to_bounded_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.config import PenaltyConfig, TrainConfig
 from pipeline.penalties import make_penalty
 from pipeline.train import make_optimizer

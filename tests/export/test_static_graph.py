@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from pipeline.absorb import CorrectedConv2d
 from pipeline.config import ModelConfig, PruneConfig
+from pipeline.corrected_conv import CorrectedConv2d
 from pipeline.fold import FoldError, fold_bn, fold_corrections_
 from pipeline.models import build_model
-from pipeline.run import prune_model
+from pipeline.prune import prune_model
 
 REL = 1e-5
 
@@ -107,7 +107,7 @@ def test_folded_corrections_match_the_kernel_form_at_the_example_size(demo_prune
 def test_a_uniform_correction_becomes_a_plain_bias() -> None:
     conv = nn.Conv2d(4, 3, 3, padding=1)
     ref = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), conv).eval()
-    from pipeline.absorb import make_corrected_
+    from pipeline.corrected_conv import make_corrected_
 
     make_corrected_(conv, kernel=torch.randn(3, 1, 3, 3))
     x = torch.randn(2, 4, 5, 5)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import BoundedBatchNorm2d, convert_to_plain_bn_
+from pipeline.bn import convert_to_plain_bn_
+from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.fold import FoldError, fold_bn_
 from pipeline.fuse_relu import (
     ReLUFusedIntoBN,

@@ -1,0 +1,204 @@
+"""Plans: which channel groups to drop, chosen by importance within selection rules.
+
+A plan is data: frozen dataclasses keyed by module qualified names with the kept indices of
+every layer that changes. It can be printed, saved as JSON and applied later
+(``pipeline.remove``).
+
+Group importance aggregates the importances of the BN channels that gate the group (sigmoid(w)
+for bounded BN, |gamma| for plain BN). The default aggregate is ``max``: a group is only as
+unimportant as its most important member, so a residual channel that one block still relies on
+is kept. ``mean`` and ``sum`` are available; ``sum`` favours keeping wide coupled groups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from pipeline.bn import channel_importance
+from pipeline.channel_graph import ChannelGraph, LayerChannels
+
+
+class PruneError(ValueError):
+    """A plan cannot be made or applied; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Kept input and output channel indices of one layer."""
+
+    name: str
+    kind: str
+    keep_in: tuple[int, ...]
+    keep_out: tuple[int, ...]
+    conv_groups: int = 1
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Which channel groups to drop, and the resulting per-layer kept indices."""
+
+    dropped_groups: tuple[int, ...]
+    layers: tuple[LayerPlan, ...]
+    threshold_mode: str
+    threshold_value: float | None
+    channels_total: int
+    channels_kept: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrunePlan:
+        raw = json.loads(text)
+        layers = tuple(
+            LayerPlan(
+                l["name"], l["kind"], tuple(l["keep_in"]), tuple(l["keep_out"]), l["conv_groups"]
+            )
+            for l in raw.pop("layers")
+        )
+        return cls(layers=layers, dropped_groups=tuple(raw.pop("dropped_groups")), **raw)
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Constraints on which groups may go.
+
+    Args:
+        min_channels: every layer keeps at least this many output channels.
+        max_layer_ratio: no layer loses more than this fraction of its output channels.
+        round_to: kept output channels of each conv/linear rounded up to a multiple of this.
+    """
+
+    min_channels: int = 4
+    max_layer_ratio: float = 0.95
+    round_to: int = 1
+
+
+def group_importance(
+    model: nn.Module, graph: ChannelGraph, aggregate: str = "max"
+) -> dict[int, float]:
+    """Importance of each prunable group, aggregated over its BN channels."""
+    modules = dict(model.named_modules())
+    groups = graph.removable_groups
+    per_bn = {
+        name: channel_importance(modules[name]).tolist()  # python floats: no per-element tensor ops
+        for name in {n for g in groups for n, _ in g.bn_channels}
+    }
+    reduce = {"max": max, "sum": sum, "mean": lambda v: sum(v) / len(v)}[aggregate]
+    return {g.id: float(reduce([per_bn[name][c] for name, c in g.bn_channels])) for g in groups}
+
+
+def _layer_floors(graph: ChannelGraph, rules: SelectionRules) -> dict[str, tuple[Counter, int]]:
+    """Per layer: how many output channels each group holds, and how many must stay."""
+    floors = {}
+    for name, layer in graph.layers.items():
+        total = len(layer.out_groups)
+        floor = max(rules.min_channels, math.ceil((1.0 - rules.max_layer_ratio) * total))
+        floors[name] = (Counter(layer.out_groups), min(floor, total))
+    return floors
+
+
+def select_groups(
+    importance: Mapping[int, float],
+    graph: ChannelGraph,
+    *,
+    threshold: float | None = None,
+    ratio: float | None = None,
+    rules: SelectionRules = SelectionRules(),
+) -> set[int]:
+    """Drop groups below ``threshold``, or the ``ratio`` least important ones, within ``rules``."""
+    if (threshold is None) == (ratio is None):
+        raise PruneError("select_groups needs exactly one of threshold or ratio")
+    order = sorted(importance, key=lambda g: (importance[g], g))
+    target = len(order) if threshold is not None else int(math.floor(ratio * len(order)))
+    floors = _layer_floors(graph, rules)
+    member_of: dict[int, list[str]] = {}
+    for name, (counts, _) in floors.items():
+        for g in counts:
+            member_of.setdefault(g, []).append(name)
+    kept = {name: len(graph.layers[name].out_groups) for name in floors}
+    dropped: set[int] = set()
+    for g in order:
+        if len(dropped) >= target or (threshold is not None and importance[g] >= threshold):
+            break
+        layers = member_of.get(g, [])
+        if all(kept[n] - floors[n][0][g] >= floors[n][1] for n in layers):
+            dropped.add(g)
+            for n in layers:
+                kept[n] -= floors[n][0][g]
+    if rules.round_to > 1:
+        _round_kept(dropped, importance, graph, floors, rules.round_to)
+    return dropped
+
+
+def _round_kept(
+    dropped: set[int],
+    importance: Mapping[int, float],
+    graph: ChannelGraph,
+    floors: dict[str, tuple[Counter, int]],
+    multiple: int,
+) -> None:
+    """Restore the most important dropped groups until kept counts are multiples."""
+    for _ in range(len(graph.layers) + 1):
+        changed = False
+        for name, layer in graph.layers.items():
+            if layer.kind == "bn":
+                continue
+            kept = sum(1 for g in layer.out_groups if g not in dropped)
+            candidates = sorted(
+                (g for g in floors[name][0] if g in dropped), key=lambda g: -importance[g]
+            )
+            while kept % multiple and candidates:
+                g = candidates.pop(0)
+                dropped.discard(g)
+                kept += floors[name][0][g]
+                changed = True
+        if not changed:
+            return
+
+
+def make_plan(
+    graph: ChannelGraph, dropped: Iterable[int], *, mode: str = "ratio", value: float | None = None
+) -> PrunePlan:
+    """Turn a set of dropped groups into per-layer kept indices."""
+    dropped = frozenset(dropped)
+    removable = {g.id for g in graph.removable_groups}
+    if not dropped <= removable:
+        raise PruneError(
+            f"groups {sorted(dropped - removable)[:10]} are not removable; "
+            "drop only ids from graph.removable_groups"
+        )
+    layers, total, kept = [], 0, 0
+    for layer in graph.layers.values():
+        keep_in = tuple(i for i, g in enumerate(layer.in_groups) if g not in dropped)
+        keep_out = tuple(i for i, g in enumerate(layer.out_groups) if g not in dropped)
+        if not keep_out or not keep_in:
+            raise PruneError(
+                f"dropping groups would remove every channel of {describe(layer)}; keep at "
+                "least one (raise prune.min_channels or drop fewer groups)"
+            )
+        if layer.kind == "bn":
+            total, kept = total + len(layer.out_groups), kept + len(keep_out)
+        if len(keep_in) < len(layer.in_groups) or len(keep_out) < len(layer.out_groups):
+            layers.append(LayerPlan(layer.name, layer.kind, keep_in, keep_out, layer.conv_groups))
+    return PrunePlan(tuple(sorted(dropped)), tuple(layers), mode, value, total, kept)
+
+
+def layer_widths(graph: ChannelGraph, plan: PrunePlan | None = None) -> dict[str, tuple[int, int]]:
+    """Kept and total output channels of each conv/linear layer (for reports and plots)."""
+    changed = {l.name: len(l.keep_out) for l in (plan.layers if plan else ())}
+    return {
+        name: (changed.get(name, len(l.out_groups)), len(l.out_groups))
+        for name, l in graph.layers.items()
+        if l.kind == "conv"
+    }
+
+
+def describe(layer: LayerChannels) -> str:
+    return f"{layer.name} ({layer.kind}, {len(layer.in_groups)}->{len(layer.out_groups)})"
