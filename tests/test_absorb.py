@@ -11,7 +11,7 @@ from pipeline.config import ModelConfig
 from pipeline.corrected_conv import CorrectedConv2d
 from pipeline.fold import fold_bn
 from pipeline.models import build_model
-from pipeline.prune import make_plan, remove_groups, zero_groups_
+from pipeline.prune import PruneError, make_plan, remove_groups, zero_groups_
 
 REL = 1e-5  # relative to the output scale
 _IO = {"num_classes": 10, "in_channels": 3}
@@ -232,3 +232,33 @@ def test_position_dependent_constants_refuse_other_sizes():
     assert ("c2", "map") in report.corrections and report.max_rel_err <= REL
     with pytest.raises(RuntimeError, match="deployment input size"):
         pruned(torch.randn(1, 3, 8, 8))
+
+
+def test_removal_is_computed_and_checked_in_float64():
+    """The check sees real approximations far below float32 rounding, and the result keeps the
+    model's dtype (a deep untrained float32 net once failed the check on rounding alone)."""
+    model = _shifted(Chain())
+    x = torch.randn(3, 3, 11, 11)
+    graph = build_channel_graph(model, x)
+    plan = make_plan(graph, set([g.id for g in graph.groups if g.absorbable][::3]))
+    pruned, report = remove_groups(model, graph, plan, x)
+    assert report.max_rel_err < 1e-12  # float32 arithmetic alone would leave ~1e-7
+    assert {p.dtype for p in pruned.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the input is untouched
+
+
+def test_an_absorption_off_by_a_millionth_is_refused(monkeypatch):
+    import pipeline.absorb as absorb
+
+    real = absorb._attach
+
+    def slightly_off(layer, form, value, keep_out):
+        real(layer, form, value * (1 + 1e-5), keep_out)
+
+    monkeypatch.setattr(absorb, "_attach", slightly_off)
+    model = _shifted(Chain())
+    x = torch.randn(3, 3, 11, 11)
+    graph = build_channel_graph(model, x)
+    plan = make_plan(graph, set([g.id for g in graph.groups if g.absorbable][::3]))
+    with pytest.raises(PruneError, match="computed in float64"):
+        remove_groups(model, graph, plan, x)
