@@ -72,7 +72,8 @@ class ExportSummary:
     def from_checks(
         cls, pruned: OnnxVerification, dense: OnnxVerification, onnx_path: str
     ) -> ExportSummary:
-        """``onnx_path`` is where the pruned ONNX file ends up (the final run folder)."""
+        """``onnx_path`` is the pruned ONNX file, relative to the run folder (reports never carry
+        absolute paths, so a run folder can be moved or shipped)."""
         return cls(
             onnx_path=onnx_path,
             max_abs_err=pruned.max_abs_err,
