@@ -19,7 +19,7 @@ from pipeline.bn_act import bn_tail, tail_module
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_graph import trace
 from pipeline.corrected_conv import drop_kernel_, kernel_corrected, replace_corrections_, set_map_
-from pipeline.numerics import rel_err
+from pipeline.numerics import float_dtype, rel_err
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def fold_bn(
     Raises:
         FoldError: the folded model disagrees with the original beyond tolerance.
     """
-    dtype = {p.dtype for p in model.parameters() if p.is_floating_point()} or {torch.float32}
-    unfolded = copy.deepcopy(model.eval()).double()  # float64: see below
+    dtype = float_dtype(model)
+    unfolded = copy.deepcopy(model.eval()).double()  # float64: numerics.float_dtype says why
     folded = copy.deepcopy(unfolded)
     report = fold_bn_(folded)
     ref, out = unfolded(example.double()), folded(example.double())
@@ -147,7 +147,7 @@ def fold_bn(
             f"folded model differs by {err:.2e} of the output scale, computed in float64 "
             f"(> {rtol:.0e})"
         )
-    folded = folded.to(dtype.pop() if len(dtype) == 1 else torch.float32)
+    folded = folded.to(dtype)
     logger.info(
         "folded %d BN layers into convs, %d kept; max rel err %.2e",
         len(report.folded),

@@ -21,7 +21,7 @@ from pipeline.absorb import absorb_, larger_input, scale_bound
 from pipeline.bn import zero_scale_
 from pipeline.channel_graph import ChannelGraph
 from pipeline.corrected_conv import replace_corrections_
-from pipeline.numerics import rel_err
+from pipeline.numerics import float_dtype, rel_err
 from pipeline.plan import LayerPlan, PruneError, PrunePlan
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def zero_groups_(
 
 EXACT_RTOL = 1e-6
 """Largest float64 error, relative to the output scale, an exact removal may show (see
-``_float_dtype``; exact absorption measures about 1e-13)."""
+``numerics.float_dtype``; exact absorption measures about 1e-13)."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +190,8 @@ def remove_groups(
     if bad:
         raise PruneError(f"groups {bad[:10]} cannot be removed exactly ({by_id[bad[0]].reason})")
     approximate = {g for g in dropped if not by_id[g].absorbable}
-    dtype = _float_dtype(model)
-    model, example = copy.deepcopy(model.eval()).double(), example.double()  # see _float_dtype
+    dtype = float_dtype(model)
+    model, example = copy.deepcopy(model.eval()).double(), example.double()  # float_dtype says why
     reference = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=approximate)
     pruned = apply_plan_(copy.deepcopy(reference), plan)
     keep_out = {l.name: list(l.keep_out) for l in plan.layers}
@@ -213,20 +213,6 @@ def remove_groups(
         _check_exact(report, example)
     _log(report, len(dropped))
     return pruned.to(dtype), report
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of ``model``'s parameters, which the pruned copy is returned in.
-
-    Removal computes in float64 and casts the result back: constant absorption is exact in
-    arithmetic, but in float32 the corrections and the check carry rounding of the size of the
-    intermediate activations, which in a deep untrained net (timm's ``mobileone_s0``) reached
-    1.7e-4 of the output scale and failed an exact removal (2e-13 in float64). Computing in
-    float64 makes the float32 result the exactly pruned model, rounded once, and lets the check
-    tell a real approximation from rounding at a 1e-6 bound.
-    """
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def _log(report: RemovalReport, dropped: int) -> None:
