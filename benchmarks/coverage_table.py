@@ -66,11 +66,19 @@ def main() -> int:
     parser.add_argument("--fast", action="store_true", help="only the default test subset")
     parser.add_argument("--timm", action="store_true", help="timm families beside Torch-Pruning")
     parser.add_argument("--resume", action="store_true", help="--timm: run only models not listed")
+    parser.add_argument(
+        "--reuse-baseline",
+        action="store_true",
+        help="--timm: keep the Torch-Pruning cells of models already in the table (its side does "
+        "not depend on recede's code) and rerun only recede's",
+    )
     args = parser.parse_args()
     if args.timm:
         from timm_coverage import timm_main
 
-        return timm_main(args.models, fast=args.fast, resume=args.resume)
+        return timm_main(
+            args.models, fast=args.fast, resume=args.resume, reuse_baseline=args.reuse_baseline
+        )
     check = _load_check()
     names = args.models or [n for n in check.BN_MODELS if not args.fast or n in check.FAST]
     lines = [

@@ -38,14 +38,16 @@ def _side(r, side) -> str:
     return f"{100 * r.removed(side):.0f}% | {side.onnx_rel_err:.1e} {ok} | {side.seconds:.0f} |"
 
 
-def _row(family: str, r, check) -> str:
+def _row(family: str, r, check, baseline: str | None = None) -> str:
+    """One table row; ``baseline``: Torch-Pruning's three cells kept from an earlier run."""
     first, middle, _ = r.sensitivity
     barriers = "; ".join(sorted(set(r.barriers)))[:160].replace("|", "/") or "0"
     status = "pass" if r.passes() else "FAIL"
+    tp = f"{baseline} |" if baseline is not None else _side(r, r.torch_pruning)
     return (
         f"| {family} | {r.model} | {r.input_size} | {r.params_before / 1e6:.2f} | "
         f"{_side(r, r.recede)} {len(r.barriers)}: {barriers} | {first:.0e} / {middle:.0e} | "
-        f"{_side(r, r.torch_pruning)} {status} |"
+        f"{tp} {status} |"
     )
 
 
@@ -83,14 +85,28 @@ def _summary(lines: list[str], check) -> list[str]:
     ]
 
 
-def timm_main(names: list[str], *, fast: bool = False, resume: bool = False) -> int:
+def _baselines(check) -> dict[str, str]:
+    """Model -> Torch-Pruning's three cells in the committed table."""
+    if not OUT.exists():
+        return {}
+    rows = [_cells(x) for x in OUT.read_text().splitlines() if x.startswith("| ")]
+    return {
+        c[1]: " | ".join(c[9:12]) for c in rows if len(c) == 13 and c[1] in check.FAMILIES.values()
+    }
+
+
+def timm_main(
+    names: list[str], *, fast: bool = False, resume: bool = False, reuse_baseline: bool = False
+) -> int:
     """Run the timm table over ``names`` (default: every family, or the fast handful).
 
-    ``resume`` keeps the rows already in the table and runs only the models it lacks.
+    ``resume`` keeps the rows already in the table and runs only the models it lacks;
+    ``reuse_baseline`` keeps Torch-Pruning's cells from the table and reruns only recede.
     """
     check = _load_check()
     families = {m: f for f, m in check.FAMILIES.items()}
     picked = names or [m for m in families if not fast or m in check.FAST]
+    baselines = _baselines(check) if reuse_baseline else {}
     lines = list(HEADER)
     if resume and OUT.exists():
         lines += [
@@ -106,9 +122,10 @@ def timm_main(names: list[str], *, fast: bool = False, resume: bool = False) -> 
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m for m in picked if m not in done]:
-            r = check.check_timm(name, Path(tmp))
+            baseline = baselines.get(name)
+            r = check.check_timm(name, Path(tmp), with_torch_pruning=baseline is None)
             results.append(r)
-            lines.append(_row(families.get(name, name), r, check))
+            lines.append(_row(families.get(name, name), r, check, baseline))
             print(lines[-1], flush=True)
             _write(names, fast, picked, start, load_start, lines, check)
     return 0 if all(r.passes() for r in results) else 1

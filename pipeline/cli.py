@@ -167,6 +167,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(
         threshold=args.threshold,
         ratio=args.ratio,
+        scope=args.scope,
         min_channels=args.min_channels,
         round_to=args.round_to,
     )

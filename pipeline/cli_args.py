@@ -121,6 +121,13 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         default="ratio",
         help="'ratio' (default: use --ratio), 'auto' (valley of the importances) or a number",
     )
+    p.add_argument(
+        "--scope",
+        choices=("global", "layer"),
+        default="global",
+        help="with --ratio: rank all groups together (global, default) or drop the ratio from "
+        "every layer alike (layer, like Torch-Pruning's default)",
+    )
     p.add_argument("--min-channels", type=_number(int, 1), default=4)
     p.add_argument(
         "--round-to",

@@ -183,10 +183,13 @@ class PruneConfig:
 
     ``threshold``: ``ratio`` prunes the ``ratio`` least important channel groups; ``auto`` cuts at
     the valley of the bimodal importance distribution; a float prunes groups below that value.
+    ``scope`` (ratio only): ``global`` ranks all groups together; ``layer`` drops ``ratio`` of
+    each layer's groups (``pipeline.plan.select_groups``).
     """
 
     threshold: str | float = "auto"
     ratio: float = 0.5
+    scope: str = "global"
     aggregate: str = "max"
     min_channels: int = 4
     max_layer_ratio: float = 0.95
@@ -208,6 +211,13 @@ class PruneConfig:
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"prune.ratio must be in [0, 1), got {self.ratio!r}")
         _check_choice("prune.aggregate", self.aggregate, ("max", "mean", "sum"))
+        _check_choice("prune.scope", self.scope, ("global", "layer"))
+        _check(
+            "prune.scope",
+            self.scope == "global" or self.threshold == "ratio",
+            "'global' unless prune.threshold is 'ratio' (a per-layer cut needs a ratio)",
+            self.scope,
+        )
         if self.min_channels < 1:
             raise ConfigError(f"prune.min_channels must be >= 1, got {self.min_channels!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:

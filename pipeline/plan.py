@@ -80,6 +80,9 @@ class SelectionRules:
     round_to: int = 1
 
 
+SCOPES = ("global", "layer")
+
+
 def group_importance(
     model: nn.Module, graph: ChannelGraph, aggregate: str = "max"
 ) -> dict[int, float]:
@@ -111,25 +114,44 @@ def select_groups(
     threshold: float | None = None,
     ratio: float | None = None,
     rules: SelectionRules = SelectionRules(),
+    scope: str = "global",
 ) -> set[int]:
-    """Drop groups below ``threshold``, or the ``ratio`` least important ones, within ``rules``."""
+    """Drop groups below ``threshold``, or the ``ratio`` least important ones, within ``rules``.
+
+    ``scope="global"`` ranks every group against every other (what a polarised model wants: the
+    valley is one global cut). ``scope="layer"`` (ratio only) drops ``ratio`` of the groups of
+    each *layer set*: the groups written by the same layers, so a plain conv is one set and a
+    residual stream, whose channels every block of a stage writes, is one set. Every layer then
+    loses the same fraction, like Torch-Pruning's default (``global_pruning=False``) uniform
+    ratio; it suits models whose importances were never polarised, where a global ranking of
+    unrelated scales decides nothing.
+    """
     if (threshold is None) == (ratio is None):
         raise PruneError("select_groups needs exactly one of threshold or ratio")
+    if scope not in SCOPES or (scope == "layer" and ratio is None):
+        raise PruneError(f"scope must be one of {SCOPES} ('layer' with a ratio), got {scope!r}")
     order = sorted(importance, key=lambda g: (importance[g], g))
-    target = len(order) if threshold is not None else int(math.floor(ratio * len(order)))
     floors = _layer_floors(graph, rules)
     member_of: dict[int, list[str]] = {}
     for name, (counts, _) in floors.items():
         for g in counts:
             member_of.setdefault(g, []).append(name)
+    layer_set = {g: frozenset(member_of.get(g, ())) if scope == "layer" else None for g in order}
+    targets = Counter(layer_set.values())
+    for key, size in targets.items():
+        targets[key] = size if threshold is not None else int(math.floor(ratio * size))
     kept = {name: len(graph.layers[name].out_groups) for name in floors}
     dropped: set[int] = set()
+    taken: Counter = Counter()
     for g in order:
-        if len(dropped) >= target or (threshold is not None and importance[g] >= threshold):
+        if threshold is not None and importance[g] >= threshold:
             break
+        if taken[layer_set[g]] >= targets[layer_set[g]]:
+            continue
         layers = member_of.get(g, [])
         if all(kept[n] - floors[n][0][g] >= floors[n][1] for n in layers):
             dropped.add(g)
+            taken[layer_set[g]] += 1
             for n in layers:
                 kept[n] -= floors[n][0][g]
     if rules.round_to > 1:

@@ -66,7 +66,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pr
     rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
     if cfg.threshold == "ratio":
         dropped, mode, value = (
-            select_groups(importance, graph, ratio=cfg.ratio, rules=rules),
+            select_groups(importance, graph, ratio=cfg.ratio, rules=rules, scope=cfg.scope),
             "ratio",
             cfg.ratio,
         )
