@@ -14,6 +14,13 @@ barrier or graph input/output touches it, and every conv/linear that reads it re
 the mask. Under that rule, removing the group is exactly equal to masking it. An op the graph
 does not understand is a barrier: its inputs and outputs are pinned and it is reported with its
 location. Nothing is ever guessed.
+
+A group that no BN gates (timm's ``conv_head``, VGG's fully connected layers as convs) is
+*weight-gated*: its mask zeroes the filter rows (and bias) of the convs/linears that write it,
+and the same exactness rules are decided by a second interpretation under that mask. Such
+groups carry no trained importance, so only ``prune.scope=layer`` selects them, by the L2 norm
+of their filter rows (``pipeline.plan.weight_importance``); ``prunable_groups`` and
+``removable_groups`` stay the BN-gated ones that training, budgets and thresholds act on.
 """
 
 from __future__ import annotations
@@ -69,6 +76,11 @@ class ChannelGroup:
     reason: str = ""
     absorbable: bool = False  # removal equals zeroing only the scale, once act(beta) is absorbed
 
+    @property
+    def weight_gated(self) -> bool:
+        """No BN gates it: its mask zeroes the filter rows (scale) and biases (shift) of its writers."""
+        return not self.bn_channels
+
 
 @dataclass(frozen=True)
 class ChannelGraph:
@@ -81,13 +93,28 @@ class ChannelGraph:
 
     @property
     def prunable_groups(self) -> tuple[ChannelGroup, ...]:
-        """Groups whose removal equals zeroing their BN scale and shift (``apply_plan_``)."""
-        return tuple(g for g in self.groups if g.prunable)
+        """BN-gated groups whose removal equals zeroing their BN scale and shift (``apply_plan_``)."""
+        return tuple(g for g in self.groups if g.prunable and not g.weight_gated)
 
     @property
     def removable_groups(self) -> tuple[ChannelGroup, ...]:
-        """Prunable groups plus those removable exactly with constant absorption (``remove_groups``)."""
-        return tuple(g for g in self.groups if g.prunable or g.absorbable)
+        """BN-gated groups removable exactly, with constant absorption (``remove_groups``)."""
+        return tuple(g for g in self.groups if (g.prunable or g.absorbable) and not g.weight_gated)
+
+    @property
+    def weight_groups(self) -> tuple[ChannelGroup, ...]:
+        """Groups no BN gates, removable exactly by zeroing their writers' filter rows."""
+        return tuple(g for g in self.groups if (g.prunable or g.absorbable) and g.weight_gated)
+
+    def writers(self, group: int) -> list[tuple[str, int]]:
+        """(conv/linear, output row) pairs that write ``group``; depthwise convs pass it on."""
+        return [
+            (name, i)
+            for name, layer in self.layers.items()
+            if layer.kind != "bn" and not layer.depthwise
+            for i, g in enumerate(layer.out_groups)
+            if g == group
+        ]
 
     def readers(self, groups: set[int]) -> dict[str, list[int]]:
         """Conv/linear layers (not depthwise) that read ``groups`` -> their input positions."""
@@ -187,11 +214,15 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     try:
         gm, opaque = trace_with_leaves(model)
         interp = SlotInterpreter(gm, opaque)
+        writer_masked = SlotInterpreter(gm, opaque, writer_mask=True)
         with torch.no_grad():
             interp.run(example[:1])
+            writer_masked.run(example[:1])
     finally:
         model.train(was_training)
-    return _finalise(interp, tuple(example.shape[1:]))
+    if writer_masked.uf.parent != interp.uf.parent:  # flags never change ids; refuse if they did
+        raise GraphError("the writer-masked interpretation grouped channels differently (a bug)")
+    return _finalise(interp, writer_masked, tuple(example.shape[1:]))
 
 
 def _roots(parent: list[int]) -> np.ndarray:
@@ -215,7 +246,9 @@ def _group_numbers(interp: SlotInterpreter) -> np.ndarray:
     return number[root]
 
 
-def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelGraph:
+def _finalise(
+    interp: SlotInterpreter, writer_masked: SlotInterpreter, input_shape: tuple[int, ...]
+) -> ChannelGraph:
     """Resolve union-find roots into numbered groups and decide which are prunable."""
     gid_of = _group_numbers(interp)
 
@@ -232,13 +265,14 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
     for gate in interp.gates:
         for c, g in enumerate(group_ids(gate.ids)):
             bn_channels.setdefault(g, []).append((gate.bn, c))
-    groups = _groups(interp, gid_of, layers, bn_channels)
+    groups = _groups(interp, writer_masked, gid_of, layers, bn_channels)
     graph = ChannelGraph(layers, groups, tuple(interp.barriers), input_shape)
     logger.info(
-        "channel graph: %d layers, %d groups (%d prunable), %d barriers",
+        "channel graph: %d layers, %d groups (%d prunable, %d weight-gated), %d barriers",
         len(layers),
         len(groups),
         len(graph.prunable_groups),
+        len(graph.weight_groups),
         len(graph.barriers),
     )
     return graph
@@ -246,34 +280,55 @@ def _finalise(interp: SlotInterpreter, input_shape: tuple[int, ...]) -> ChannelG
 
 def _groups(
     interp: SlotInterpreter,
+    writer_masked: SlotInterpreter,
     gid_of: np.ndarray,
     layers: dict[str, LayerChannels],
     bn_channels: dict[int, list[tuple[str, int]]],
 ) -> tuple[ChannelGroup, ...]:
-    """Every group with its size and whether removing it is exact (prunable, absorbable)."""
+    """Every group with its size and whether removing it is exact (prunable, absorbable).
+
+    BN-gated groups are judged by ``interp``'s reads (under the BN mask), the others by
+    ``writer_masked``'s (under the writer mask).
+    """
 
     def groups_of(ids: torch.Tensor) -> set[int]:
         return {g for g in gid_of[ids.numpy()].tolist() if g >= 0}
 
+    def bad_and_varying(reads: list) -> tuple[set[int], set[int]]:
+        return (
+            set().union(*(groups_of(r.ids[~r.zero]) for r in reads)),
+            set().union(*(groups_of(r.ids[~r.const]) for r in reads)),
+        )
+
     pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
-    bad_reads = set().union(*(groups_of(r.ids[~r.zero]) for r in interp.reads))
-    varying_reads = set().union(*(groups_of(r.ids[~r.const]) for r in interp.reads))
+    bad_bn, varying_bn = bad_and_varying(interp.reads)
+    bad_w, varying_w = bad_and_varying(writer_masked.reads)
+    written = {
+        g
+        for layer in layers.values()
+        if layer.kind != "bn" and not layer.depthwise
+        for g in layer.out_groups
+    }
     sizes: Counter[int] = Counter()
     for layer in layers.values():
         sizes.update(layer.in_groups)
         sizes.update(layer.out_groups)
     groups = []
     for g in range(int(gid_of.max(initial=-1)) + 1):
+        gated = g in bn_channels
+        bad_reads, varying_reads = (bad_bn, varying_bn) if gated else (bad_w, varying_w)
         reason = (
             "touches a graph input/output or a barrier"
             if g in pinned
-            else "no affine BatchNorm gates it"
-            if g not in bn_channels
+            else "no BatchNorm gates it and no conv/linear writes it"
+            if not gated and g not in written
             else "a conv/linear reads it before its BN"
+            if gated and g in bad_reads
+            else "a conv/linear reads it where zeroed filters leave a varying value"
             if g in bad_reads
             else ""
         )
-        absorbable = g not in pinned and g in bn_channels and g not in varying_reads
+        absorbable = g not in pinned and (gated or g in written) and g not in varying_reads
         groups.append(
             ChannelGroup(
                 g, tuple(bn_channels.get(g, ())), sizes.get(g, 0), not reason, reason, absorbable

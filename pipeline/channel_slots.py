@@ -81,9 +81,12 @@ def _is_tensors(value: Any) -> bool:
 class SlotInterpreter(fx.Interpreter):
     """Runs the graph on real values and propagates slot/zero tensors beside them."""
 
-    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, opaque: dict[str, str] | None = None, *, writer_mask: bool = False
+    ) -> None:
         super().__init__(gm)
         self.opaque = opaque or {}  # submodules kept whole by the tracing fallback -> why
+        self.writer_mask = writer_mask  # flags under zeroed filter rows (pipeline.slot_layers)
         self.uf = UnionFind()
         self.slots: dict[fx.Node, Any] = {}
         self.layers: dict[str, LayerRecord] = {}

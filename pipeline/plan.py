@@ -97,6 +97,23 @@ def group_importance(
     return {g.id: float(reduce([per_bn[name][c] for name, c in g.bn_channels])) for g in groups}
 
 
+def weight_importance(model: nn.Module, graph: ChannelGraph) -> dict[int, float]:
+    """L2 norm of the filter rows that write each weight-gated group (no BN gates it).
+
+    Comparable only within one layer set, so only ``scope="layer"`` selection uses it; on a
+    different scale from BN importances, it never enters a global ranking.
+    """
+    modules = dict(model.named_modules())
+    out = {}
+    for g in graph.weight_groups:
+        sq = sum(
+            float(modules[n].weight[r].detach().double().pow(2).sum())
+            for n, r in graph.writers(g.id)
+        )
+        out[g.id] = math.sqrt(sq)
+    return out
+
+
 def _layer_floors(graph: ChannelGraph, rules: SelectionRules) -> dict[str, tuple[Counter, int]]:
     """Per layer: how many output channels each group holds, and how many must stay."""
     floors = {}
@@ -190,11 +207,11 @@ def make_plan(
 ) -> PrunePlan:
     """Turn a set of dropped groups into per-layer kept indices."""
     dropped = frozenset(dropped)
-    removable = {g.id for g in graph.removable_groups}
+    removable = {g.id for g in graph.removable_groups + graph.weight_groups}
     if not dropped <= removable:
         raise PruneError(
             f"groups {sorted(dropped - removable)[:10]} are not removable; "
-            "drop only ids from graph.removable_groups"
+            "drop only ids from graph.removable_groups or graph.weight_groups"
         )
     layers, total, kept = [], 0, 0
     for layer in graph.layers.values():

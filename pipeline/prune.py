@@ -24,6 +24,7 @@ from pipeline.plan import (
     layer_widths,
     make_plan,
     select_groups,
+    weight_importance,
 )
 from pipeline.remove import RemovalReport, apply_plan_, remove_groups, zero_groups_
 from pipeline.threshold import auto_threshold
@@ -42,6 +43,7 @@ __all__ = [
     "prune_model",
     "remove_groups",
     "select_groups",
+    "weight_importance",
     "zero_groups_",
 ]
 
@@ -63,6 +65,8 @@ def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pr
     """Plan and apply a prune of a copy of ``model`` according to ``cfg``."""
     graph = build_channel_graph(model, example)
     importance = group_importance(model, graph, cfg.aggregate)
+    if cfg.scope == "layer":  # weight-gated groups rank only within their own layers
+        importance |= weight_importance(model, graph)
     rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
     if cfg.threshold == "ratio":
         dropped, mode, value = (

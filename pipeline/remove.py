@@ -114,7 +114,8 @@ def zero_groups_(
 
     With ``shifts=groups`` this is the masked model that a plain ``apply_plan_`` must equal;
     with scales only it is the reference that :func:`remove_groups` absorbs constants against.
-    Returns ``model``.
+    A weight-gated group (no BN) has its writers' filter rows as its scale and their biases as
+    its shift (``pipeline.channel_graph``). Returns ``model``.
     """
     modules, scales, shifts = dict(model.named_modules()), set(groups), set(shifts)
     with torch.no_grad():
@@ -126,6 +127,12 @@ def zero_groups_(
                 zero_scale_(bn, c)
                 if g.id in shifts and bn.bias is not None:
                     bn.bias[c] = 0.0
+            if g.weight_gated:
+                for name, row in graph.writers(g.id):
+                    layer = modules[name]
+                    layer.weight[row] = 0.0
+                    if g.id in shifts and layer.bias is not None:
+                        layer.bias[row] = 0.0
     return model
 
 

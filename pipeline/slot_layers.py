@@ -3,6 +3,11 @@
 Registered by layer type (``pipeline.slot_rules``); a subclass (bounded BN, timm's ``BatchNormAct2d``,
 a corrected conv) uses its base class's rule. Each rule records the layer on the interpreter
 (``LayerRecord``), and a conv/linear that reads channels across their axis records a ``Read``.
+
+A conv/linear's fresh output channels are not zero under a BN mask (the BN after it does the
+zeroing). Under a *writer mask* (``SlotInterpreter(writer_mask=True)``: the channel's filter
+rows and bias zeroed, the mask of a group that no BN gates) they are zero, and constant (the
+bias) once only the rows are zeroed.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def conv(interp: SlotInterpreter, n: fx.Node, m: nn.Conv2d, value: torch.Tensor)
         out = interp.record(n.target, "conv", p_in, lambda: interp.uf.new(cout // g).repeat(g), g)
     else:
         out = interp.record(n.target, "conv", p_in, lambda: interp.uf.new(cout), g)
-    zero = torch.zeros(cout, dtype=torch.bool)
+    zero = torch.full((cout,), interp.writer_mask)
     return _on_channels(out, zero, zero, shape=value.shape, dim=1)
 
 
@@ -92,7 +97,7 @@ def linear(interp: SlotInterpreter, n: fx.Node, m: nn.Linear, value: torch.Tenso
     p_in, z_in, c_in = interp.channels_of(x, -1, n)
     interp.read(n.target, p_in, z_in, c_in)
     out = interp.record(n.target, "linear", p_in, lambda: interp.uf.new(m.out_features))
-    zero = torch.zeros(m.out_features, dtype=torch.bool)
+    zero = torch.full((m.out_features,), interp.writer_mask)
     return _on_channels(out, zero, zero, shape=value.shape, dim=-1)
 
 

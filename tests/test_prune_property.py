@@ -260,11 +260,17 @@ def cases(draw: st.DrawFn) -> dict:
 def prune_and_compare(
     model: nn.Module, graph: ChannelGraph, ratio: float, x: torch.Tensor, seed: int
 ) -> tuple[set[int], float]:
-    """Drop ``ratio`` of the prunable groups at random; return them and the relative error."""
+    """Drop ``ratio`` of the prunable groups at random; return them and the relative error.
+
+    Weight-gated groups (no BN: their writers' filter rows and biases are the mask) are drawn
+    too, and the selection scope alternates with the seed.
+    """
     gen = torch.Generator().manual_seed(seed)
-    importance = {g.id: float(torch.rand((), generator=gen)) for g in graph.prunable_groups}
+    candidates = graph.prunable_groups + tuple(g for g in graph.weight_groups if g.prunable)
+    importance = {g.id: float(torch.rand((), generator=gen)) for g in candidates}
     rules = SelectionRules(min_channels=1, max_layer_ratio=1.0)
-    dropped = select_groups(importance, graph, ratio=ratio, rules=rules)
+    scope = ("global", "layer")[seed % 2]
+    dropped = select_groups(importance, graph, ratio=ratio, rules=rules, scope=scope)
     masked = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=dropped)
     pruned = apply_plan_(copy.deepcopy(model), make_plan(graph, dropped))
     with torch.no_grad():
@@ -319,12 +325,16 @@ def test_pruning_equals_masking_on_random_cnns() -> None:
         seen["examples"] += 1
         if dropped:
             seen["with drops"] += 1
+            seen["weight-gated drops"] += any(
+                not g.bn_channels for g in graph.groups if g.id in dropped
+            )
             seen.update(s.kind for s in case["specs"])
             seen.update(("head:" + case["head"],))
 
     with _one_thread():
         check()
     assert seen["with drops"] >= 0.6 * seen["examples"], (seen, replay)  # 151 of 200 when written
+    assert seen["weight-gated drops"] >= 10, (seen, replay)  # BN-less convs: 1 norm in 5
     missing = {*KINDS, *(f"head:{h}" for h in HEADS)} - set(seen)
     assert not missing, f"never pruned a model containing {missing}: {seen}; {replay}"
 
