@@ -25,7 +25,9 @@ of their filter rows (``pipeline.plan.weight_importance``); ``prunable_groups`` 
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.channel_slots import SlotInterpreter
@@ -130,10 +133,10 @@ class ChannelGraph:
 MAX_FALLBACK_LEAVES = 64  # retries of the tracing fallback before giving up
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Collection[str] = ()) -> None:
-        super().__init__()
-        self.leaves = frozenset(leaves)  # submodules kept whole because fx cannot trace them
+class _Leaves:
+    """Which modules the tracers keep whole (mixed into both tracers below)."""
+
+    leaves: frozenset[str] = frozenset()  # submodules kept whole because fx cannot trace them
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Subclasses of torch.nn layers (bounded BN, corrected convs) stay whole, like their bases;
@@ -143,8 +146,53 @@ class _Tracer(fx.Tracer):
             or isinstance(
                 m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Linear)
             )
-            or super().is_leaf_module(m, qualname)
+            or super().is_leaf_module(m, qualname)  # type: ignore[misc]
         )
+
+
+class _Tracer(_Leaves, fx.Tracer):
+    def __init__(self, leaves: Collection[str] = ()) -> None:
+        super().__init__()
+        self.leaves = frozenset(leaves)
+
+
+class _ValueProxy(MetaProxy):
+    """A proxy that knows its value's device (``MetaProxy`` answers a placeholder "meta")."""
+
+    @property
+    def device(self) -> torch.device:
+        value = getattr(self, "_tensor_meta", None)
+        return value.device if value is not None else super().device
+
+
+class _ShapeTracer(_Leaves, MetaTracer):
+    """fx tracing with the example's concrete values beside every proxy.
+
+    torch's ``MetaTracer`` carries meta tensors; here it carries the real example instead
+    (batch 1), because leaf modules run their own forward on it with their real parameters.
+
+    ``x.shape[-1] < 7`` then evaluates to a plain bool, so branches on shapes, as in timm's VGG
+    ``ConvMlp``, trace; the graph is specialised to the example's shape. That is enough here:
+    the graph only tells which channels move together, and ``remove_groups`` verifies the
+    removal at the example and at a larger size.
+    """
+
+    allow_insert_stateless_mods = False  # never add modules to the user's model
+
+    def proxy(self, node: fx.Node) -> MetaProxy:
+        return _ValueProxy(node, self)
+
+    def __init__(self, leaves: Collection[str], example: torch.Tensor) -> None:
+        super().__init__()
+        self.leaves = frozenset(leaves)
+        self.example = example
+
+    def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:  # noqa: ANN001
+        first = next(iter(inspect.signature(root.forward).parameters))
+        meta = {first: self.example}
+        with warnings.catch_warnings(), torch.no_grad():  # values only; no autograd history
+            warnings.simplefilter("ignore")  # "Could not compute metadata" where a value fails
+            return super().trace(root, meta_args=meta, concrete_args=concrete_args)
 
 
 def _offending_submodule(model: nn.Module, err: BaseException) -> str | None:
@@ -163,22 +211,34 @@ def _offending_submodule(model: nn.Module, err: BaseException) -> str | None:
     return found
 
 
-def trace_with_leaves(model: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
-    """fx-trace ``model``; a submodule fx cannot trace is retried as a leaf (an opaque module).
+def trace_with_leaves(
+    model: nn.Module, example: torch.Tensor | None = None
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """fx-trace ``model``; what fx cannot trace is retried with shapes, then kept whole.
 
-    Returns the graph module and ``{submodule: why it was kept whole}``. The channel graph pins
-    the inputs and outputs of those leaves as barriers, so an untraceable corner costs only its
-    own channels.
+    First plain symbolic tracing. If that fails and an ``example`` is given, tracing is retried
+    with the example's concrete shapes (``_ShapeTracer``: control flow on shapes resolves). A
+    submodule that still fails is retried as a leaf (an opaque module), found from the
+    traceback. Returns the graph module and ``{submodule: why it was kept whole}``. The channel
+    graph pins the inputs and outputs of those leaves as barriers, so an untraceable corner
+    costs only its own channels.
 
     Raises:
         GraphError: the root module's own forward is untraceable, or the fallback gives up.
     """
     leaves: dict[str, str] = {}
+    with_shapes = False
     while True:
         try:
-            graph = _Tracer(leaves).trace(model)
+            tracer = _ShapeTracer(leaves, example) if with_shapes else _Tracer(leaves)
+            graph = tracer.trace(model)
+            if with_shapes:
+                logger.info("traced with the example's shapes %s", tuple(example.shape))
             return fx.GraphModule(model, graph, class_name=type(model).__name__), leaves
         except Exception as err:  # fx raises many types; re-raise with guidance
+            if example is not None and not with_shapes:
+                with_shapes = True  # retry whole, with concrete shapes, before keeping parts whole
+                continue
             culprit = _offending_submodule(model, err)
             if culprit is None or culprit in leaves or len(leaves) >= MAX_FALLBACK_LEAVES:
                 raise GraphError(
@@ -212,7 +272,7 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     was_training = model.training
     model.eval()  # trace the inference graph: no aux heads, no training-only branches
     try:
-        gm, opaque = trace_with_leaves(model)
+        gm, opaque = trace_with_leaves(model, example[:1])
         interp = SlotInterpreter(gm, opaque)
         writer_masked = SlotInterpreter(gm, opaque, writer_mask=True)
         with torch.no_grad():

@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.bn import convert_to_bounded_bn_
@@ -173,6 +174,44 @@ def test_tracing_fallback_pins_only_the_untraceable_part() -> None:
     assert "torch.fx cannot trace it" in graph.barriers[0].op
     gated = {name for g in graph.prunable_groups for name, _ in g.bn_channels}
     assert gated == {"a.1", "c.1"}  # b.1 feeds the opaque gate: pinned
+
+
+class ShapeBranch(nn.Module):
+    """timm's VGG ``ConvMlp``: a branch on the input's spatial size."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, 8, 3)
+
+    def forward(self, x):
+        if x.shape[-2] < 7 or x.shape[-1] < 7:
+            x = F.adaptive_avg_pool2d(x, (7, 7))
+        return self.conv(x)
+
+
+class WithShapeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.mlp = ShapeBranch(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.mlp(self.a(x))).mean((2, 3)))
+
+
+def test_shape_branches_trace_with_the_example_shapes() -> None:
+    """A branch on shapes resolves from the example; without one the module is kept whole."""
+    model = WithShapeBranch().eval()
+    _, leaves = trace_with_leaves(model)
+    assert list(leaves) == ["mlp"]
+    _, leaves = trace_with_leaves(model, X[:1])
+    assert not leaves
+    graph = build_channel_graph(model, X)
+    assert not graph.barriers
+    assert {g.id for g in graph.weight_groups} == set(graph.layers["mlp.conv"].out_groups)
+    assert {n for g in graph.prunable_groups for n, _ in g.bn_channels} == {"a.1"}
+    assert not list(model.named_children())[3:], "tracing added modules to the model"
 
 
 def test_untraceable_root_is_refused() -> None:
