@@ -53,7 +53,7 @@ def _row(family: str, r, check, baseline: str | None = None) -> str:
 
 HEADER = [
     "| family | model | input | params (M) | recede: params removed | recede: ONNX vs PyTorch "
-    "(rel) | recede s | barriers | 10% channel: first / middle | Torch-Pruning: params removed "
+    "(rel) | recede s | barriers | one channel lost: first / middle | Torch-Pruning: params removed "
     "| TP: ONNX vs PyTorch (rel) | TP s | status |",
     "|---|---|---:|---:|---:|---|---:|---|---|---:|---|---:|---|",
 ]
@@ -142,7 +142,7 @@ def _write(names, fast, picked, start, load_start, lines, check) -> None:
         "",
         "*params removed* counts every parameter (the 1000-class head included). *barriers* are",
         "the ops whose channels recede pins (and why), including submodules the tracing fallback",
-        "kept whole. *10% channel* is how far scaling one kept BN channel by 1.1 moves the pruned",
+        "kept whole. *one channel lost* is how far zeroing one live kept BN channel moves the pruned",
         "model's output (median of five channels of the BN at 1/6 and 1/2 of the network): it must",
         f"exceed {check.ONNX_TOL:g}, or the ONNX check could not see such an error. *status* is the",
         "issue's goal for recede: >= 30% of parameters removed, verified, check sensitive.",
