@@ -162,6 +162,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.config import PruneConfig
     from pipeline.prune import prune_model
 
+    if args.scope == "layer" and args.threshold != "ratio":
+        raise UsageError(
+            f"--scope layer drops a ratio from every layer, so it needs --threshold ratio (the "
+            f"default); got --threshold {args.threshold}. Drop --threshold or use --scope global"
+        )
     out = check_out_folder(args.out, kind="prune", force=args.force, flag="--out")
     model, spec, example = _load_model(args)
     cfg = PruneConfig(
@@ -290,13 +295,15 @@ def _print_graph(args: argparse.Namespace) -> None:
 
     model, _, example = _load_model(args)
     graph = build_channel_graph(model, example)
+    weight = {g.id for g in graph.weight_groups}
     print(
         f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, "
-        f"{len(graph.prunable_groups)} prunable"
+        f"{len(graph.prunable_groups)} prunable, {len(weight)} weight-gated "
+        "(no BN; removed only with --scope layer)"
     )
     reasons: dict[str, int] = {}
     for g in graph.groups:
-        if not g.prunable:
+        if not g.prunable and g.id not in weight:
             reasons[g.reason] = reasons.get(g.reason, 0) + 1
     for reason, n in sorted(reasons.items()):
         print(f"  {n} groups kept: {reason}")

@@ -79,3 +79,17 @@ def test_user_factory(tmp_path):
     assert code == 0
     assert torch.load(tmp_path / "model.pt", weights_only=True)
     assert (tmp_path / "shapes.json").is_file() and not (tmp_path / "manifest.json").exists()
+
+
+def test_layer_scope_prunes_the_bn_less_classifier_layer(tmp_path, capsys):
+    """mobilenet_v3_small's hidden Linear(576, 1024) has no BN: only --scope layer prunes it."""
+    widths = {}
+    for scope in ("global", "layer"):
+        out = tmp_path / scope
+        args = ["--model", "torchvision:mobilenet_v3_small", "--input-shape", "1,3,64,64"]
+        assert main(["prune", *args, "--scope", scope, "--out", str(out)]) == 0
+        state = torch.load(out / "model.pt", weights_only=True)
+        widths[scope] = state["classifier.0.weight"].shape[0]
+    assert widths == {"global": 1024, "layer": 512}
+    assert main(["export", str(tmp_path / "layer")]) == 0
+    assert "-> ok" in capsys.readouterr().out

@@ -83,6 +83,11 @@ FLAG_CASES = {
     "ratio_inf": (["--ratio", "inf"], "argument --ratio"),
     "min_channels_zero": (["--min-channels", "0"], "argument --min-channels"),
     "round_to_zero": (["--round-to", "0"], "argument --round-to"),
+    "scope_unknown": (["--scope", "wide"], "argument --scope"),
+    "scope_layer_with_threshold": (
+        ["--scope", "layer", "--threshold", "auto"],
+        "--scope layer drops a ratio from every layer, so it needs --threshold ratio",
+    ),
     "shape_three_dims": (["--input-shape", "3,16,16"], "--input-shape: expected N,C,H,W"),
     "shape_zero": (["--input-shape", "1,3,0,16"], "argument --input-shape"),
 }
