@@ -70,20 +70,6 @@ def _bns_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Modul
     return order
 
 
-def _bn_outputs(model: nn.Module, x: torch.Tensor, bns: list[nn.Module]) -> dict[int, torch.Tensor]:
-    """Each BN's first output on ``x``, keyed by ``id``."""
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [
-        bn.register_forward_hook(lambda m, i, o: seen.setdefault(id(m), o.detach())) for bn in bns
-    ]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def _scale_channel(output: torch.Tensor, c: int) -> torch.Tensor:
     output = output.clone()
     output[:, c] *= 1.0 + PERTURBATION
@@ -103,26 +89,22 @@ def _effect(model: nn.Module, bn: nn.Module, c: int, x: torch.Tensor, ref: torch
 def channel_sensitivity(
     model: nn.Module, x: torch.Tensor, skip: frozenset[tuple[str, int]] = frozenset()
 ) -> tuple[float, float, float]:
-    """Output change from a 1% change of one BN channel at 1/6, 1/2 and 5/6 of the network.
+    """Output change from scaling one BN channel by 1 + PERTURBATION at 1/6, 1/2, 5/6 of the net.
 
-    Each entry is the median, over ``CHANNELS`` channels of that BN spread evenly over the live
-    ones not in ``skip`` (pass the removed channels, which cannot matter), of
-    ``max |y' - y| / max |y|``. The median, not the best channel: a typical channel must be
-    visible. *Live*: the BN's output (after the activation a BN subclass carries) is not zero
-    everywhere on ``x``; a channel an activation switches off on ``x`` is invisible to any check
-    on ``x`` and says nothing about the check (untrained timm nets had up to half of a BN's
-    channels dead, which made the median 0). A BN with no live channel reports 0.
+    Each entry is the median of ``max |y' - y| / max |y|`` over the live channels among
+    ``2 * CHANNELS`` channels of that BN spread evenly over those not in ``skip`` (pass the
+    removed channels, which cannot matter). The median, not the best channel: a typical channel
+    must be visible. *Live*: changing it changes the output on ``x`` at all. A channel that an
+    activation switches off on ``x``, or that a later slice or gate drops, is invisible to any
+    check on ``x`` and says nothing about the check (in untrained timm nets up to half of a
+    BN's channels were dead on ``x``, which made the plain median 0). No live channel: 0.
     """
     bns = _bns_in_order(model, x)
-    outputs = _bn_outputs(model, x, [bn for _, bn in bns])
     ref = model(x)
     out = []
     for name, bn in (bns[len(bns) // 6], bns[len(bns) // 2], bns[5 * len(bns) // 6]):
-        live = outputs[id(bn)].transpose(0, 1).flatten(1).abs().amax(1) > 0
-        kept = [c for c in range(bn.num_features) if (name, c) not in skip and bool(live[c])]
-        if not kept:
-            out.append(0.0)
-            continue
-        picks = kept[:: max(1, len(kept) // CHANNELS)][:CHANNELS]
-        out.append(float(torch.tensor([_effect(model, bn, c, x, ref) for c in picks]).median()))
+        kept = [c for c in range(bn.num_features) if (name, c) not in skip]
+        picks = kept[:: max(1, len(kept) // (2 * CHANNELS))][: 2 * CHANNELS]
+        effects = [e for e in (_effect(model, bn, c, x, ref) for c in picks) if e > 0]
+        out.append(float(torch.tensor(effects).median()) if effects else 0.0)
     return tuple(out)

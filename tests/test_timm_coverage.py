@@ -15,8 +15,8 @@ so the check can see a wrong channel), then
 Errors are relative to the output scale: ``max |a - b| / max |reference|`` (an untrained
 inception gives logits of order 1e10, where any absolute tolerance is meaningless) and must be
 at most ``ONNX_TOL``. The check proves it can fail: losing one kept channel (its BN output
-zeroed: the mistake a pruner makes when it drops or swaps the wrong channel; median of five live
-channels) in the first and middle third of the pruned model must move its output by more than
+zeroed: the mistake a pruner makes when it drops or swaps the wrong channel; median over the
+live ones of ten channels) in the first and middle third of the pruned model must move its output by more than
 ``ONNX_TOL``. Smaller changes are too small for random deep nets: a 10% change of one channel
 moved untrained regnetz_b16, efficientnetv2_rw_t and tinynet_a by only 1e-5 to 5e-5 of their
 output. A representative handful runs by default; every family runs under
