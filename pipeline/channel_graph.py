@@ -179,13 +179,29 @@ class _ShapeTracer(_Leaves, MetaTracer):
 
     allow_insert_stateless_mods = False  # never add modules to the user's model
 
-    def proxy(self, node: fx.Node) -> MetaProxy:
-        return _ValueProxy(node, self)
-
     def __init__(self, leaves: Collection[str], example: torch.Tensor) -> None:
         super().__init__()
         self.leaves = frozenset(leaves)
         self.example = example
+        self._running_leaf = False
+
+    def proxy(self, node: fx.Node) -> MetaProxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind: str, target, args, kwargs, *rest, **more) -> MetaProxy:  # noqa: ANN001
+        # MetaTracer computes a leaf module's value by running its forward; the submodules that
+        # forward calls (a BatchNormAct2d's activation, an opaque block's convs) must run as
+        # plain code then, not be recorded as nodes of the graph being traced.
+        self._running_leaf = kind == "call_module"
+        try:
+            return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        finally:
+            self._running_leaf = False
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):  # noqa: ANN001, ANN201
+        if self._running_leaf:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:  # noqa: ANN001
         first = next(iter(inspect.signature(root.forward).parameters))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -25,6 +27,7 @@ from pipeline.models import ModelError, build_model
 from pipeline.prune import apply_plan_, make_plan, zero_groups_
 
 timm = pytest.importorskip("timm")
+ROOT = Path(__file__).resolve().parents[1]
 from timm.layers import BatchNormAct2d  # noqa: E402
 
 
@@ -169,6 +172,19 @@ def test_tracing_fallback_pins_only_the_untraceable_part() -> None:
     model = WithGate().eval()
     _, leaves = trace_with_leaves(model)
     assert list(leaves) == ["gate"] and "control flow" in leaves["gate"]
+    # Traced with values, the opaque gate runs as plain code: its conv is no node of the graph.
+    # In a fresh process: the first such trace in a process is the one that went wrong.
+    code = (
+        "from test_timm_layers import WithGate, X\n"
+        "from pipeline.channel_graph import trace_with_leaves\n"
+        "gm, leaves = trace_with_leaves(WithGate().eval(), X[:1])\n"
+        "print(list(leaves), [n.target for n in gm.graph.nodes if n.op == 'call_module'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = ["a.0", "a.1", "a.2", "b.0", "b.1", "b.2", "gate", "c.0", "c.1", "c.2", "fc"]
+    assert done.stdout.strip() == f"['gate'] {calls}"
     graph = build_channel_graph(model, X)
     assert [b.module for b in graph.barriers] == ["gate"]
     assert "torch.fx cannot trace it" in graph.barriers[0].op
