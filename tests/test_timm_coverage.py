@@ -25,9 +25,13 @@ output. A representative handful runs by default; every family runs under
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -201,6 +205,28 @@ def run_recede(model: nn.Module, x: torch.Tensor, workdir: Path) -> tuple[Side, 
     return side, pruned
 
 
+TP_TIMEOUT_S = 300  # Torch-Pruning ran for over 10 minutes on rexnet_100 without finishing
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (no limit off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):  # noqa: ANN001, ARG001
+        raise TimeoutError(f"did not finish in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def run_torch_pruning(model: nn.Module, x: torch.Tensor, workdir: Path) -> Side:
     """Torch-Pruning 1.6 MagnitudePruner at 50%, torch.onnx export, ONNX Runtime parity."""
     import torch_pruning as tp
@@ -208,26 +234,32 @@ def run_torch_pruning(model: nn.Module, x: torch.Tensor, workdir: Path) -> Side:
     start = time.perf_counter()
     model = copy.deepcopy(model).eval()
     try:
-        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-        pruner = tp.pruner.MagnitudePruner(
-            model,
-            x[:1],
-            importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=RATIO,
-            ignored_layers=head,
-        )
-        pruner.step()
-        with torch.no_grad():
-            model(x)
-        path = workdir / "tp.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), str(path), opset_version=17, dynamo=False)
-        err = _ort_rel_err(path, model, x)
-        path.unlink()
+        with _time_limit(TP_TIMEOUT_S):
+            return _torch_pruning(tp, model, x, workdir, start)
     except Exception as error:  # noqa: BLE001 - a failed baseline is a table entry
         first = (str(error).strip().splitlines() or [""])[0][:160]
         return Side(error=f"{type(error).__name__}: {first}", seconds=time.perf_counter() - start)
+
+
+def _torch_pruning(tp, model: nn.Module, x: torch.Tensor, workdir: Path, start: float) -> Side:  # noqa: ANN001
+    """The Torch-Pruning run itself; ``tp`` is the imported module."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        x[:1],
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=RATIO,
+        ignored_layers=head,
+    )
+    pruner.step()
+    with torch.no_grad():
+        model(x)
+    path = workdir / "tp.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), opset_version=17, dynamo=False)
+    err = _ort_rel_err(path, model, x)
+    path.unlink()
     return Side(_params(model), err, time.perf_counter() - start)
 
 
