@@ -253,17 +253,57 @@ def binary(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
     return Slots(ids, zero.expand(value.shape), const.expand(value.shape))
 
 
+def _tie_along(interp: SlotInterpreter, ids: torch.Tensor, dim: Any) -> bool:
+    """Union the ids that meet along ``dim`` where they still vary along another axis.
+
+    An op that combines the entries along ``dim`` (a sum, a softmax) makes them one unit: output
+    entry ``c`` depends on every ``x[..., p, c, ...]``, so removing all of them with ``c`` is
+    exact. That holds when ``dim`` is a split-off axis such as the paths axis of a selective-
+    kernel block ``(B, paths, C, H, W)``, where ``C`` keeps distinct ids. Combining over the
+    channel axis itself would fuse every channel into one group; that returns False (a barrier).
+    """
+    if not isinstance(dim, int):
+        return False
+    d = dim % ids.dim()
+    (slots,) = compact(ids, keep=d)
+    per = slots.movedim(d, 0).reshape(slots.shape[d], -1)
+    if per.shape[1] < 2 or bool((per[0] == per[0, :1]).all()):
+        return False  # nothing but the combined axis carries channels
+    for row in per[1:]:
+        interp.uf.union_pairs(per[0], row)
+    return True
+
+
 @register_op(*REDUCE)
 def reduce(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
-    """Reductions over axes other than channels keep each channel's id."""
+    """Reductions over axes other than channels keep each channel's id.
+
+    Over a split-off axis whose ids vary (the paths of a selective kernel) the ids meeting
+    along it become one group (:func:`_tie_along`).
+    """
     x = interp.tensor_args(n)[0]
     dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
     keep = bool(n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False))
     if dim is None or isinstance(dim, fx.Node):
         return interp.barrier(n, op, value, "reduces every axis")
     lo = x.ids.amin(dim=dim, keepdim=keep)
-    if not torch.equal(lo, x.ids.amax(dim=dim, keepdim=keep)):
+    varies = not torch.equal(lo, x.ids.amax(dim=dim, keepdim=keep))
+    if varies and not _tie_along(interp, x.ids, dim):
         return interp.barrier(n, op, value, "reduces over the channel axis")
     zero = x.zero.to(torch.uint8).amin(dim=dim, keepdim=keep).bool()
     const = x.const.to(torch.uint8).amin(dim=dim, keepdim=keep).bool()
     return Slots(lo, zero, const)
+
+
+@register_op("softmax", "log_softmax")
+def softmax(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+    """A softmax ties the entries it normalises together (:func:`_tie_along`); never zero."""
+    x = interp.tensor_args(n)[0]
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    if not isinstance(dim, int) or value.shape != x.ids.shape:
+        return interp.barrier(n, op, value, "softmax over no fixed axis")
+    varies = not torch.equal(x.ids.amin(dim, keepdim=True), x.ids.amax(dim, keepdim=True))
+    if varies and not _tie_along(interp, x.ids, dim):
+        return interp.barrier(n, op, value, "normalises across the channel axis")
+    const = x.const.to(torch.uint8).amin(dim, keepdim=True).bool().expand(value.shape)
+    return Slots(x.ids, torch.zeros((), dtype=torch.bool).expand(value.shape), const)

@@ -166,15 +166,34 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return rel_err(got, want, floor=1e-30)
 
 
+def randomise_layer_scales_(model: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Draw timm's layer scales (``LayerScale``, ``LayerScale2d``) like BN scales.
+
+    timm initialises them at 1e-5 (FastViT and other ViT-style CNN blocks), which makes every
+    block nearly the identity: losing a whole channel inside one moved untrained ``fastvit_t8``
+    by 3e-6 of its output, so no check could see an error there. Trained layer scales are not
+    that small.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            gamma = getattr(m, "gamma", None)
+            if "LayerScale" in type(m).__name__ and isinstance(gamma, nn.Parameter):
+                sign = torch.where(torch.rand(gamma.shape, generator=gen) < 0.5, -1.0, 1.0)
+                gamma.copy_(sign * (torch.rand(gamma.shape, generator=gen) + 0.5))
+    return model
+
+
 def prepared(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """Untrained ``name`` with random BN affine and calibrated statistics, and a batch of 2."""
+    """Untrained ``name`` with random BN affine and layer scales, calibrated BN statistics, and
+    a batch of 2."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     size = INPUT_SIZE.get(name, DEFAULT_SIZE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False).eval()
-    model = calibrate_bn_(randomise_affine_(model, gen), (8, 3, size, size), gen)
+    model = randomise_layer_scales_(randomise_affine_(model, gen), gen)
+    model = calibrate_bn_(model, (8, 3, size, size), gen)
     return model, torch.randn(2, 3, size, size, generator=gen)
 
 
