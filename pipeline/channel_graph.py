@@ -290,15 +290,33 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     try:
         gm, opaque = trace_with_leaves(model, example[:1])
         interp = SlotInterpreter(gm, opaque)
-        writer_masked = SlotInterpreter(gm, opaque, writer_mask=True)
         with torch.no_grad():
             interp.run(example[:1])
-            writer_masked.run(example[:1])
+            writer_masked = None
+            if _writes_without_bn(interp):  # only then is the second interpretation needed
+                writer_masked = SlotInterpreter(gm, opaque, writer_mask=True)
+                writer_masked.run(example[:1])
     finally:
         model.train(was_training)
-    if writer_masked.uf.parent != interp.uf.parent:  # flags never change ids; refuse if they did
+    if writer_masked is not None and writer_masked.uf.parent != interp.uf.parent:
         raise GraphError("the writer-masked interpretation grouped channels differently (a bug)")
     return _finalise(interp, writer_masked, tuple(example.shape[1:]))
+
+
+def _writes_without_bn(interp: SlotInterpreter) -> bool:
+    """Whether a conv/linear writes a channel that no BN gates and nothing pins."""
+    root = _roots(interp.uf.parent)
+
+    def roots(ids: list[torch.Tensor]) -> set[int]:
+        return set(root[torch.cat(ids).numpy()].tolist()) if ids else set()
+
+    covered = roots([g.ids for g in interp.gates])
+    covered |= roots([torch.tensor(sorted(interp.uf.pinned), dtype=torch.long)])
+    return any(
+        roots([rec.out_ids]) - covered
+        for rec in interp.layers.values()
+        if rec.kind != "bn" and not (rec.conv_groups == len(rec.in_ids) == len(rec.out_ids))
+    )
 
 
 def _roots(parent: list[int]) -> np.ndarray:
@@ -323,7 +341,7 @@ def _group_numbers(interp: SlotInterpreter) -> np.ndarray:
 
 
 def _finalise(
-    interp: SlotInterpreter, writer_masked: SlotInterpreter, input_shape: tuple[int, ...]
+    interp: SlotInterpreter, writer_masked: SlotInterpreter | None, input_shape: tuple[int, ...]
 ) -> ChannelGraph:
     """Resolve union-find roots into numbered groups and decide which are prunable."""
     gid_of = _group_numbers(interp)
@@ -356,7 +374,7 @@ def _finalise(
 
 def _groups(
     interp: SlotInterpreter,
-    writer_masked: SlotInterpreter,
+    writer_masked: SlotInterpreter | None,
     gid_of: np.ndarray,
     layers: dict[str, LayerChannels],
     bn_channels: dict[int, list[tuple[str, int]]],
@@ -364,7 +382,7 @@ def _groups(
     """Every group with its size and whether removing it is exact (prunable, absorbable).
 
     BN-gated groups are judged by ``interp``'s reads (under the BN mask), the others by
-    ``writer_masked``'s (under the writer mask).
+    ``writer_masked``'s (under the writer mask; ``None`` when no such group exists).
     """
 
     def groups_of(ids: torch.Tensor) -> set[int]:
@@ -378,7 +396,7 @@ def _groups(
 
     pinned = groups_of(torch.tensor(sorted(interp.uf.pinned), dtype=torch.long))
     bad_bn, varying_bn = bad_and_varying(interp.reads)
-    bad_w, varying_w = bad_and_varying(writer_masked.reads)
+    bad_w, varying_w = bad_and_varying(writer_masked.reads if writer_masked else [])
     written = {
         g
         for layer in layers.values()
