@@ -127,13 +127,24 @@ def timm_main(
             results.append(r)
             lines.append(_row(families.get(name, name), r, check, baseline))
             print(lines[-1], flush=True)
-            _write(names, fast, picked, start, load_start, lines, check)
+            reused = sum(r.model in baselines for r in results)
+            _write(picked, start, load_start, lines, check, reused)
     return 0 if all(r.passes() for r in results) else 1
 
 
-def _write(names, fast, picked, start, load_start, lines, check) -> None:
-    """Rewrite the table after every model, so a run cut short still leaves its rows."""
+def _write(picked, start, load_start, lines, check, reused: int = 0) -> None:
+    """Rewrite the table after every model, so a run cut short still leaves its rows.
+
+    ``reused``: rows whose Torch-Pruning cells came from the previous table.
+    """
     total = time.perf_counter() - start
+    command = "python " + " ".join(["benchmarks/coverage_table.py", *sys.argv[1:]])
+    kept = (
+        f"; Torch-Pruning's cells of {reused} models kept from the previous run of the same "
+        "check (that side does not depend on recede's code)"
+        if reused
+        else ""
+    )
     cpu = platform.processor() or platform.machine()
     header = [
         "# timm coverage: recede beside Torch-Pruning",
@@ -148,11 +159,11 @@ def _write(names, fast, picked, start, load_start, lines, check) -> None:
         f"exceed {check.ONNX_TOL:g}, or the ONNX check could not see such an error. *status* is the",
         "issue's goal for recede: >= 30% of parameters removed, verified, check sensitive.",
         "",
-        f"Command: `nice -n 19 python benchmarks/coverage_table.py --timm"
-        f"{' --fast' if fast else ''}{' ' + ' '.join(names) if names else ''}` "
-        f"({len(lines) - len(HEADER)} of {len(picked)} models; this session {total:.0f} s; timm {check.timm.__version__}, torch "
+        f"Command: `{command}` "
+        f"({len(lines) - len(HEADER)} of {len(picked)} models{kept}; this run {total:.0f} s; "
+        f"timm {check.timm.__version__}, torch "
         f"{torch.__version__}, {cpu}, 2-core CPU, no GPU, shared with other jobs: load "
-        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; 2026-12-01).",
+        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end; {time.strftime('%Y-%m-%d')}).",
         "",
     ]
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,13 @@ Errors are relative to the output scale: ``max |a - b| / max |reference|`` (an u
 inception gives logits of order 1e10, where any absolute tolerance is meaningless) and must be
 at most ``ONNX_TOL``. The check proves it can fail: losing one kept channel (its BN output
 zeroed: the mistake a pruner makes when it drops or swaps the wrong channel; median over the
-live ones of ten channels) in the first and middle third of the pruned model must move its output by more than
-``ONNX_TOL``. Smaller changes are too small for random deep nets: a 10% change of one channel
-moved untrained regnetz_b16, efficientnetv2_rw_t and tinynet_a by only 1e-5 to 5e-5 of their
-output. A representative handful runs by default; every family runs under
-``pytest -m slow`` and ``python benchmarks/coverage_table.py --timm`` writes the table.
+live ones of ten channels) in the first and middle third of the pruned model must move its
+output by more than ``ONNX_TOL``. Smaller changes are too small for random deep nets: a 10%
+change of one channel moved untrained regnetz_b16, efficientnetv2_rw_t and tinynet_a by only
+1e-5 to 5e-5 of their output. Layer scales are drawn like BN scales (timm starts them at 1e-5,
+which makes a block nearly the identity). A representative handful runs by default; every
+family runs under ``pytest -m slow`` and ``python benchmarks/coverage_table.py --timm`` writes
+the table.
 """
 
 from __future__ import annotations
