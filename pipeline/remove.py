@@ -151,7 +151,7 @@ class RemovalReport:
     max_border_err: float  # left by exact_borders=False
     zeroing_err: float  # output change from zeroing the scales (and approximate shifts)
     max_rel_err: float  # pruned vs the zeroed reference
-    scale_bound: float  # max |scale * x_hat| of removed channels: per-channel change bound
+    scale_bound: float  # max |scale * x_hat| of removed BN channels: per-channel change bound
     other_size_rel_err: float = 0.0  # pruned vs reference at a larger input size, where it runs
 
 

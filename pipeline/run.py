@@ -314,7 +314,9 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     widths = layer_widths(pruned.graph, pruned.plan)
-    plots = plot_run(out, np.array(list(pruned.importances.values())), cut, widths, rows)
+    bn_gated = {g.id for g in pruned.graph.removable_groups}  # not filter norms (scope=layer)
+    scales = [v for g, v in pruned.importances.items() if g in bn_gated]
+    plots = plot_run(out, np.array(scales), cut, widths, rows)
     write_json_atomic(out / "report.json", report.to_dict())
     write_text_atomic(out / "report.md", render_markdown(report.to_dict()))
     _write_release_manifest(cfg, out, exported.paths, plots, report)
