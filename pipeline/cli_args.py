@@ -94,7 +94,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
         help="a saved model folder, or a `recede train`/`recede run` folder",
     )
     p.add_argument(
-        "--model", help="torchvision:<name>, timm:<name>, vgg, resnet20/56, or package.module:factory"
+        "--model",
+        help="torchvision:<name>, timm:<name>, vgg, resnet20/56, or package.module:factory",
     )
     p.add_argument(
         "--input-shape", type=_input_shape, help="example input N,C,H,W, e.g. 1,3,224,224"

@@ -146,7 +146,9 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
-    compile: bool = False  # torch.compile the training forward/backward (pipeline.train.maybe_compile)
+    compile: bool = (
+        False  # torch.compile the training forward/backward (pipeline.train.maybe_compile)
+    )
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     target: float | None = None  # fraction of prunable groups (or MACs) to recede; None: fixed λ
     target_cost: str = "groups"  # what `target` counts: "groups" or "macs"

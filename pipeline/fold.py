@@ -109,11 +109,7 @@ def fold_bn_(model: nn.Module) -> FoldReport:
         parent, _, leaf = bn_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, tail_module(bn))
     folded_bns = {bn for _, bn in pairs}
-    kept = tuple(
-        n
-        for n, m in modules.items()
-        if is_bn(m) and n not in folded_bns
-    )
+    kept = tuple(n for n, m in modules.items() if is_bn(m) and n not in folded_bns)
     return FoldReport(tuple(pairs), kept, 0.0, 0.0)
 
 

@@ -28,7 +28,6 @@ MARKER = ".recede.json"  # the same name as pipeline.atomic.MARKER
 _SHOWN = 5
 
 
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -36,6 +35,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
 
 class IntegrityError(ValueError):
     """A folder's files do not match its index (CLI exit 2); the message names each file."""

@@ -305,7 +305,9 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
         pruned=after,
         threshold=ThresholdSummary(pruned.plan.threshold_mode, pruned.plan.threshold_value),
         export=ExportSummary.from_checks(
-            check, exported.checks["dense"], Path(check.path).name  # relative to the run folder
+            check,
+            exported.checks["dense"],
+            Path(check.path).name,  # relative to the run folder
         ),
         latency=tuple(rows),
         groups=_groups(pruned),

@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.bn_act import bn_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.corrected_conv import corrections
 from pipeline.slot_ops import ZERO_BREAKING, ZERO_KEEPING
 from pipeline.slot_rules import MODULE_OPS, Slots, expand_channels, op_name, register_module
 
@@ -86,7 +87,9 @@ def conv(interp: SlotInterpreter, n: fx.Node, m: nn.Conv2d, value: torch.Tensor)
         out = interp.record(n.target, "conv", p_in, lambda: interp.uf.new(cout // g).repeat(g), g)
     else:
         out = interp.record(n.target, "conv", p_in, lambda: interp.uf.new(cout), g)
-    zero = torch.full((cout,), interp.writer_mask)
+    # Under the writer mask a correction (what a past prune absorbed) still adds itself, and it
+    # varies with position and input size: such a writer's channels are neither zero nor const.
+    zero = torch.full((cout,), interp.writer_mask and not corrections(m))
     return _on_channels(out, zero, zero, shape=value.shape, dim=1)
 
 

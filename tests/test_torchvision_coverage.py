@@ -224,7 +224,9 @@ def check_model(name: str, workdir: Path, seed: int = 0) -> CoverageResult:
     importance = {g.id: float(torch.rand((), generator=gen)) for g in graph.prunable_groups}
     dropped = select_groups(importance, graph, ratio=RATIO, rules=SelectionRules(min_channels=1))
     # recalibrated once masked, so the kept channels still matter; pruned from the masked model
-    masked = calibrate_bn_(zero_groups_(model, graph, dropped, shifts=dropped), (8, 3, size, size), gen)
+    masked = calibrate_bn_(
+        zero_groups_(model, graph, dropped, shifts=dropped), (8, 3, size, size), gen
+    )
     pruned = apply_plan_(copy.deepcopy(masked), make_plan(graph, dropped))
     sensitivity = channel_sensitivity(masked, x[:2], _removed(graph, dropped))
     with torch.no_grad():  # in float64, so rounding (1e-5 in fp32) cannot hide a wrong channel

@@ -123,3 +123,36 @@ def test_layer_scope_needs_a_ratio() -> None:
         PruneConfig(threshold="auto", scope="layer")
     with pytest.raises(ConfigError, match="prune.scope"):
         PruneConfig(threshold="ratio", scope="per-layer")
+
+
+class _PaddedReader(nn.Module):
+    """A BN-less 3x3 conv that reads a BN trunk: pruning the trunk gives it a kernel correction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.mid = nn.Conv2d(6, 8, 3, padding=1)  # bias, no BN
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.trunk(x))).mean((2, 3)))
+
+
+def test_a_corrected_writer_keeps_its_channels() -> None:
+    """After a first prune the writer carries a kernel correction: its zeroed rows leave a value
+    that varies with position and input size, which no bias can absorb at every size."""
+    torch.manual_seed(0)
+    model = _PaddedReader().eval()
+    with torch.no_grad():
+        model.trunk[1].bias.uniform_(0.5, 1.0)  # act(beta) > 0: the reader gets a correction
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = build_channel_graph(model, x)
+    assert set(graph.layers["mid"].out_groups) <= {g.id for g in graph.weight_groups}
+    trunk = sorted(graph.layers["trunk.0"].out_groups)[:3]
+    first, report = remove_groups(model, graph, make_plan(graph, trunk), x)
+    assert ("mid", "kernel") in report.corrections
+    graph = build_channel_graph(first, x)
+    mid = set(graph.layers["mid"].out_groups)
+    assert not mid & {g.id for g in graph.weight_groups}
+    with pytest.raises(PruneError, match="not removable"):
+        make_plan(graph, sorted(mid)[:2])

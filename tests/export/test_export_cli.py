@@ -43,7 +43,9 @@ def test_all_writes_verified_onnx_fp16_and_a_manifest(release, pruned) -> None:
     assert export["opset"] == 17 and export["input"]["shape"] == ["batch", 3, 16, 16]
     assert export["input"]["dtype"]["onnx-fp16"] == "float16"
     by_format = {v["format"]: v for v in export["verification"]}
-    assert by_format["onnx"]["precision"] == "fp32" and by_format["onnx-fp16"]["precision"] == "fp16"
+    assert (
+        by_format["onnx"]["precision"] == "fp32" and by_format["onnx-fp16"]["precision"] == "fp16"
+    )
     assert all(v["passed"] and v["max_abs_err"] <= v["bound"] for v in by_format.values())
 
 

@@ -129,7 +129,10 @@ def test_training_fusion_is_undone_on_leaving_even_on_error():
     with fused_for_training(net, (3, 8, 8), enabled=True) as pairs:
         assert len(pairs) == 2 and _fused_count(net) == 2
     assert _fused_count(net) == 0 and type(net.a[2]) is nn.ReLU
-    with pytest.raises(RuntimeError, match="boom"), fused_for_training(net, (3, 8, 8), enabled=True):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        fused_for_training(net, (3, 8, 8), enabled=True),
+    ):
         assert _fused_count(net) == 2
         raise RuntimeError("boom")
     assert _fused_count(net) == 0
