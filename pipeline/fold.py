@@ -17,9 +17,9 @@ from torch import nn
 from pipeline.bn import bn_scale, is_bn
 from pipeline.bn_act import bn_tail, tail_module
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_graph import trace
 from pipeline.corrected_conv import drop_kernel_, kernel_corrected, replace_corrections_, set_map_
 from pipeline.numerics import float_dtype, rel_err
+from pipeline.tracing import trace
 
 logger = logging.getLogger(__name__)
 

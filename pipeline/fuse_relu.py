@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_graph import GraphError, trace
+from pipeline.tracing import GraphError, trace
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def fuse_bn_relu_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
         The ``(bn, relu)`` qualified names fused.
 
     Raises:
-        ValueError: torch.fx cannot trace the model (message from ``channel_graph.trace``).
+        ValueError: torch.fx cannot trace the model (message from ``tracing.trace``).
         RuntimeError: the fused model's output differs from the unfused one on ``example``.
     """
     pairs = _fusable_pairs(model)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from sensitivity import randomise_affine_
 from torch import nn
 
 from pipeline.channel_graph import build_channel_graph
@@ -55,13 +56,7 @@ class ChannelMean(nn.Module):
 
 
 def _randomised(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model.eval()
+    return randomise_affine_(model, torch.Generator().manual_seed(1)).eval()
 
 
 @pytest.mark.parametrize("log", [False, True])

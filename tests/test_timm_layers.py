@@ -19,12 +19,13 @@ from torch import nn
 from pipeline.bn import convert_to_bounded_bn_
 from pipeline.bn_act import BoundedBatchNormAct2d, bn_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.channel_graph import GraphError, build_channel_graph, trace_with_leaves
+from pipeline.channel_graph import GraphError, build_channel_graph
 from pipeline.config import ModelConfig
 from pipeline.convert import convert_trained_to_bounded_
 from pipeline.fold import conv_bn_pairs, fold_bn
 from pipeline.models import ModelError, build_model
 from pipeline.prune import apply_plan_, make_plan, zero_groups_
+from pipeline.tracing import trace_with_leaves
 
 timm = pytest.importorskip("timm")
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_tracing_fallback_pins_only_the_untraceable_part() -> None:
     # In a fresh process: the first such trace in a process is the one that went wrong.
     code = (
         "from test_timm_layers import WithGate, X\n"
-        "from pipeline.channel_graph import trace_with_leaves\n"
+        "from pipeline.tracing import trace_with_leaves\n"
         "gm, leaves = trace_with_leaves(WithGate().eval(), X[:1])\n"
         "print(list(leaves), [n.target for n in gm.graph.nodes if n.op == 'call_module'])\n"
     )
