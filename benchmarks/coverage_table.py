@@ -16,7 +16,6 @@ of one channel in each third of the network moves the output. Writes the table t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -25,19 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from _checks import load_check  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "test_torchvision_coverage.py"
 
 
 def _load_check():
-    """Import the test module by path, so the table comes from the very check pytest runs."""
-    sys.path.insert(0, str(CHECK.parent))  # the test imports its helpers from tests/
-    spec = importlib.util.spec_from_file_location("torchvision_coverage", CHECK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_check(CHECK, "torchvision_coverage")
 
 
 def _passes(r, check) -> bool:

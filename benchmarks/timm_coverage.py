@@ -6,7 +6,6 @@ one model per family and writes ``benchmarks/results/timm_coverage.md``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _checks import load_check  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "test_timm_coverage.py"
@@ -22,13 +22,7 @@ OUT = ROOT / "benchmarks" / "results" / "timm_coverage.md"
 
 
 def _load_check():
-    """Import the test module by path, so the table comes from the very check pytest runs."""
-    sys.path.insert(0, str(CHECK.parent))  # the test imports its helpers from tests/
-    spec = importlib.util.spec_from_file_location("timm_coverage_check", CHECK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_check(CHECK, "timm_coverage_check")
 
 
 def _side(r, side) -> str:
