@@ -191,14 +191,16 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> float:
-    """Export with recede's exporter and return ONNX Runtime's error relative to output scale."""
+    """Export with recede's exporter and return ONNX Runtime's error relative to output scale.
+
+    Both are maxima over every batch ``verify_onnx`` runs (the example and, the batch axis being
+    dynamic, one sample more): dividing by the example's scale alone once made efficientnet_b1
+    fail at 1.9e-3, when its extra sample's output was 50 times larger (true error 2.2e-5).
+    """
     from pipeline.export.onnx import export_onnx, verify_onnx
 
-    with torch.no_grad():
-        scale = max(1e-30, model(example).abs().max().item())
     export_onnx(model, example, path)
-    result = verify_onnx(path, model, example, atol=ONNX_TOL * scale)
-    return result.max_abs_err / scale
+    return verify_onnx(path, model, example, atol=0.0).max_rel_err
 
 
 def prepared(name: str, gen: torch.Generator) -> tuple[nn.Module, int]:
