@@ -108,7 +108,8 @@ def main() -> int:
         f"max |output|. *pruned vs masked* is compared in float64 (must be <= {check.PRUNE_TOL:g});",
         f"*ONNX vs PyTorch* in float32 (must be <= {check.ONNX_TOL:g}).",
         "*1% channel* is how far scaling one kept BN channel by 1.01 moves the masked model's",
-        "output (median of five channels of the BN at 1/6, 1/2 and 5/6 of the network): the",
+        "output (median over the live ones of ten channels of the BN at 1/6, 1/2 and 5/6 of the",
+        "network; live: changing it changes the output on the example at all): the",
         "smallest error each check could see. It must exceed the pruning tolerance in all three",
         "thirds and the ONNX tolerance in the first two. In the last third it can be as small as",
         "fp32 rounding in ONNX Runtime, so the ONNX check does not show that a 1% error in one",
@@ -123,7 +124,7 @@ def main() -> int:
         f"Command: `python benchmarks/coverage_table.py{' --fast' if args.fast else ''}` "
         f"({len(names)} models, {total:.0f} s total; torch {torch.__version__}, {cpu}, "
         f"{torch.get_num_threads()} threads; load average {load_start:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end).",
+        f"{os.getloadavg()[0]:.1f} at end; {time.strftime('%Y-%m-%d')}).",
         "",
     ]
     if args.fast:
