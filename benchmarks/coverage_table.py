@@ -34,21 +34,17 @@ def _load_check():
     return load_check(CHECK, "torchvision_coverage")
 
 
-def _passes(r, check) -> bool:
-    """The test's own assertions (see test_prunes_exactly_and_exports_to_onnx)."""
-    sensitive = min(r.sensitivity) > check.PRUNE_TOL and min(r.sensitivity[:2]) > check.ONNX_TOL
-    return sensitive and r.prune_rel_err <= check.PRUNE_TOL and r.onnx_rel_err <= check.ONNX_TOL
-
-
-def _row(r, fast: bool, check) -> str:
+def _row(r, fast: bool) -> str:
     kept = 100.0 * r.params_after / r.params_before
     first, middle, last = r.sensitivity
+    lost = r.loss_sensitivity
     return (
         f"| {r.model}{'' if fast else ' (slow)'} | {r.input_size} | "
         f"{r.params_before / 1e6:.2f} | {r.params_after / 1e6:.2f} | {kept:.0f}% | "
         f"{r.prunable} / {r.groups} | {r.dropped} | {r.barriers} | "
-        f"{r.prune_rel_err:.1e} | {r.onnx_rel_err:.1e} | {first:.1e} / {middle:.1e} / {last:.1e} | "
-        f"{r.seconds:.1f} | {'pass' if _passes(r, check) else 'FAIL'} |"
+        f"{r.prune_rel_err:.1e} | {r.onnx_rel_err:.1e} | {r.onnx_tolerance():.0e} | "
+        f"{first:.1e} / {middle:.1e} / {last:.1e} | {lost[0]:.0e} / {lost[1]:.0e} | "
+        f"{r.seconds:.1f} | {'; '.join(r.failures()) or 'pass'} |"
     )
 
 
@@ -77,9 +73,9 @@ def main() -> int:
     names = args.models or [n for n in check.BN_MODELS if not args.fast or n in check.FAST]
     lines = [
         "| model | input | params before (M) | params after (M) | params kept | prunable / groups "
-        "| dropped | barriers | pruned vs masked | ONNX vs PyTorch | 1% channel: first / middle / "
-        "last third | time (s) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| dropped | barriers | pruned vs masked | ONNX vs PyTorch | ONNX bound | 1% channel: first "
+        "/ middle / last third | lost channel: first / middle | time (s) | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     failures = 0
     start, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -87,10 +83,10 @@ def main() -> int:
         for name in names:
             try:
                 result = check.check_model(name, Path(tmp), seed=args.seed)
-                line = _row(result, name in check.FAST, check)
-                failures += line.endswith("FAIL |")
+                line = _row(result, name in check.FAST)
+                failures += bool(result.failures())
             except Exception as err:  # report every model, then fail at the end
-                line = f"| {name} | | | | | | | | | | | | ERROR: {type(err).__name__}: {err} |"
+                line = f"| {name} |{' |' * 13} ERROR: {type(err).__name__}: {err} |"
                 failures += 1
             print(line, flush=True)
             lines.append(line)
@@ -106,7 +102,11 @@ def main() -> int:
         "are dropped at random (`select_groups(ratio=0.5)`, `min_channels=1`), the masked model is",
         "recalibrated, and the pruned model is made from it. Errors are max abs errors divided by",
         f"max |output|. *pruned vs masked* is compared in float64 (must be <= {check.PRUNE_TOL:g});",
-        f"*ONNX vs PyTorch* in float32 (must be <= {check.ONNX_TOL:g}).",
+        f"*ONNX vs PyTorch* in float32 must be within the *ONNX bound*: {check.ONNX_TOL:g}, or",
+        f"{check.NOISE_FACTOR:g} times PyTorch's own float32 error against float64 where that is",
+        "larger (the deep random efficientnets amplify rounding: PyTorch itself is 1e-3 off).",
+        "*lost channel* is the same measure for losing one channel, the mistake a pruner or",
+        "exporter makes; it must exceed the ONNX bound in the first two thirds.",
         "*1% channel* is how far scaling one kept BN channel by 1.01 moves the masked model's",
         "output (median over the live ones of ten channels of the BN at 1/6, 1/2 and 5/6 of the",
         "network; live: changing it changes the output on the example at all): the",

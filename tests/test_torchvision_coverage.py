@@ -5,11 +5,14 @@ statistics on random data (``tests/sensitivity.py``; made-up statistics left mob
 their input, so any error passed), trace the channel graph, drop half of the prunable groups at
 random, recalibrate the masked model, and check (1) the model pruned from it equals it, in
 float64, to ``PRUNE_TOL`` and (2) ONNX Runtime equals PyTorch on the pruned model, in float32,
-to ``ONNX_TOL``; both relative to max |output|. Each check proves it could fail: a 1% change of
-one kept channel (median of five) in the first, middle and last third of the masked model must
-move its output by more than ``PRUNE_TOL``, and in the first and middle thirds by more than
-``ONNX_TOL`` (in the last third it can be as small as fp32 rounding in ONNX Runtime, so a
-1% error in one late channel is below what the ONNX check can see; a dropped channel is not).
+to ``ONNX_TOL`` or to twice PyTorch's own float32 error against float64, whichever is larger;
+both relative to max |output|. The second bound is for the deep random models (efficientnet
+b5-b7, v2_m, v2_l) whose calibrated BNs amplify rounding: there PyTorch in float32 is itself
+1e-3 away from the exact answer, and ONNX Runtime no further. Each check proves it could fail:
+a 1% change of one kept channel (median over live ones) in the first, middle and last third of
+the masked model must move its output by more than ``PRUNE_TOL``, and losing one kept channel
+(the mistake a pruner or exporter makes) in the first and middle thirds by more than the ONNX
+bound.
 A fast subset spanning every family runs by default; the rest are
 ``pytest.mark.slow`` (``make test-slow``). ``benchmarks/coverage_table.py`` runs the same
 :func:`check_model` over all of them and writes ``docs/torchvision_coverage.md``.
@@ -28,6 +31,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import sensitivity as sensitivity_module
 import torch
 import torchvision
 from sensitivity import calibrate_bn_, channel_sensitivity, randomise_affine_
@@ -39,6 +43,7 @@ from pipeline.prune import SelectionRules, apply_plan_, make_plan, select_groups
 
 PRUNE_TOL = 1e-9  # pruned vs masked, compared in float64 (errors 1e-15..1e-13)
 ONNX_TOL = 1e-4  # ONNX Runtime vs PyTorch in float32 (errors up to 6.5e-5 of the output scale)
+NOISE_FACTOR = 2.0  # ONNX Runtime may be as far from float64 as PyTorch's float32: twice apart
 RATIO = 0.5
 DEFAULT_SIZE = 64
 # The smallest input each model accepts. VGG needs 224 only for ONNX: the TorchScript exporter
@@ -167,6 +172,25 @@ class CoverageResult:
     onnx_rel_err: float
     seconds: float
     sensitivity: tuple[float, float, float]  # output change from a 1% channel change, per third
+    loss_sensitivity: tuple[float, float, float]  # ... from losing one channel, per third
+    fp32_noise: float  # PyTorch float32 vs float64 on the ONNX check's batches
+
+    def onnx_tolerance(self) -> float:
+        """``ONNX_TOL``, or ``NOISE_FACTOR`` times PyTorch's own float32 error if larger."""
+        return max(ONNX_TOL, NOISE_FACTOR * self.fp32_noise)
+
+    def failures(self) -> list[str]:
+        """The test's assertions that this result breaks (empty: it passes)."""
+        tol = self.onnx_tolerance()
+        checks = {
+            "drops too few groups": self.dropped >= 0.4 * self.prunable > 0,
+            "removes no parameter": self.params_after < self.params_before,
+            "a 1% channel change is below PRUNE_TOL": min(self.sensitivity) > PRUNE_TOL,
+            "a lost channel is below the ONNX bound": min(self.loss_sensitivity[:2]) > tol,
+            "pruned differs from masked": self.prune_rel_err <= PRUNE_TOL,
+            "ONNX differs from PyTorch": self.onnx_rel_err <= tol,
+        }
+        return [what for what, ok in checks.items() if not ok]
 
 
 def build_untrained(name: str) -> nn.Module:
@@ -190,17 +214,24 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return rel_err(got, want, floor=1e-30)
 
 
-def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> float:
-    """Export with recede's exporter and return ONNX Runtime's error relative to output scale.
+def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[float, float]:
+    """Export with recede's exporter; (ONNX Runtime vs PyTorch, PyTorch float32 vs float64).
 
-    Both are maxima over every batch ``verify_onnx`` runs (the example and, the batch axis being
-    dynamic, one sample more): dividing by the example's scale alone once made efficientnet_b1
-    fail at 1.9e-3, when its extra sample's output was 50 times larger (true error 2.2e-5).
+    Both relative to the output scale, as maxima over the batches ``verify_onnx`` runs (the
+    example and, the batch axis being dynamic, one sample more): dividing by the example's scale
+    alone once made efficientnet_b1 fail at 1.9e-3, when its extra sample's output was 50 times
+    larger (true error 2.2e-5).
     """
     from pipeline.export.onnx import export_onnx, verify_onnx
 
     export_onnx(model, example, path)
-    return verify_onnx(path, model, example, atol=0.0).max_rel_err
+    onnx_err = verify_onnx(path, model, example, atol=0.0).max_rel_err
+    batches = [example, torch.cat([example, example[:1].flip(-1)])]  # as verify_onnx runs them
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        pairs = [(model(b).double(), exact(b.double())) for b in batches]
+    noise = max(float((a - e).abs().max()) for a, e in pairs)
+    return onnx_err, noise / max(float(e.abs().max()) for _, e in pairs)
 
 
 def prepared(name: str, gen: torch.Generator) -> tuple[nn.Module, int]:
@@ -231,12 +262,14 @@ def check_model(name: str, workdir: Path, seed: int = 0) -> CoverageResult:
     )
     pruned = apply_plan_(copy.deepcopy(masked), make_plan(graph, dropped))
     sensitivity = channel_sensitivity(masked, x[:2], _removed(graph, dropped))
+    with mock.patch.object(sensitivity_module, "PERTURBATION", -1.0):  # the channel is lost
+        loss_sensitivity = channel_sensitivity(masked, x[:2], _removed(graph, dropped))
     with torch.no_grad():  # in float64, so rounding (1e-5 in fp32) cannot hide a wrong channel
         prune_err = _rel_err(pruned.double()(x.double()), masked.double()(x.double()))
     del masked, model
     pruned.float()
     example = torch.randn(2, 3, size, size, generator=gen)  # batch 2: nothing size-1 baked in
-    onnx_err = onnx_rel_err(pruned, example, workdir / f"{name}.onnx")
+    onnx_err, noise = onnx_rel_err(pruned, example, workdir / f"{name}.onnx")
     (workdir / f"{name}.onnx").unlink()
     return CoverageResult(
         name,
@@ -251,6 +284,8 @@ def check_model(name: str, workdir: Path, seed: int = 0) -> CoverageResult:
         onnx_err,
         time.perf_counter() - start,
         sensitivity,
+        loss_sensitivity,
+        noise,
     )
 
 
@@ -307,11 +342,4 @@ def fair_share_of_threads() -> Iterator[None]:
 @pytest.mark.usefixtures("fair_share_of_threads")
 def test_prunes_exactly_and_exports_to_onnx(name: str, tmp_path: Path) -> None:
     result = check_model(name, tmp_path)
-    assert result.dropped >= 0.4 * result.prunable > 0
-    assert result.params_after < result.params_before
-    # a 1% change of one channel must be visible, else the checks below could not fail; fp32
-    # rounding in ONNX Runtime reaches 6.5e-5, so its check sees only the first two thirds
-    assert min(result.sensitivity) > PRUNE_TOL, result
-    assert min(result.sensitivity[:2]) > ONNX_TOL, result
-    assert result.prune_rel_err <= PRUNE_TOL, result
-    assert result.onnx_rel_err <= ONNX_TOL, result
+    assert not result.failures(), (result.failures(), result)
