@@ -220,7 +220,7 @@ def onnx_rel_err(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[f
     Both relative to the output scale, as maxima over the batches ``verify_onnx`` runs (the
     example and, the batch axis being dynamic, one sample more): dividing by the example's scale
     alone once made efficientnet_b1 fail at 1.9e-3, when its extra sample's output was 50 times
-    larger (true error 2.2e-5).
+    larger (true error 3.9e-5).
     """
     from pipeline.export.onnx import export_onnx, verify_onnx
 
@@ -336,9 +336,23 @@ def fair_share_of_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in BN_MODELS]
-)
+# Measured misses (docs/torchvision_coverage.md), strict xfail so that a fix shows. Both are
+# random models too ill-conditioned for a float32 check: recalibrated after masking, their BNs
+# amplify rounding layer after layer.
+KNOWN_MISSES = {
+    "efficientnet_b7": "ONNX Runtime 8.1e-3 from PyTorch, whose own float32 error is 1.5e-3",
+    "efficientnet_v2_l": "PyTorch's own float32 error is 0.2 of the output: nothing verifiable",
+}
+
+
+def _marks(name: str) -> tuple:
+    miss = KNOWN_MISSES.get(name)
+    return (() if name in FAST else (pytest.mark.slow,)) + (
+        (pytest.mark.xfail(reason=miss, strict=True),) if miss else ()
+    )
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in BN_MODELS])
 @pytest.mark.usefixtures("fair_share_of_threads")
 def test_prunes_exactly_and_exports_to_onnx(name: str, tmp_path: Path) -> None:
     result = check_model(name, tmp_path)
