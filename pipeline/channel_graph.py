@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -113,13 +114,17 @@ class ChannelGraph:
 
     def writers(self, group: int) -> list[tuple[str, int]]:
         """(conv/linear, output row) pairs that write ``group``; depthwise convs pass it on."""
-        return [
-            (name, i)
-            for name, layer in self.layers.items()
-            if layer.kind != "bn" and not layer.depthwise
-            for i, g in enumerate(layer.out_groups)
-            if g == group
-        ]
+        return self._writer_index.get(group, [])
+
+    @cached_property
+    def _writer_index(self) -> dict[int, list[tuple[str, int]]]:
+        """Every group's writers, built in one pass (asking per group scanned every layer)."""
+        index: dict[int, list[tuple[str, int]]] = {}
+        for name, layer in self.layers.items():
+            if layer.kind != "bn" and not layer.depthwise:
+                for i, g in enumerate(layer.out_groups):
+                    index.setdefault(g, []).append((name, i))
+        return index
 
     def readers(self, groups: set[int]) -> dict[str, list[int]]:
         """Conv/linear layers (not depthwise) that read ``groups`` -> their input positions."""
