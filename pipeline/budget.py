@@ -18,8 +18,9 @@ Each step the controller
    keeps a still-too-weak strength from gathering the whole budget and then dropping it at once
    when it gets strong (the receding push grows as a channel weakens, so a set that starts to
    fall falls together);
-3. moves the strength multiplicatively, ``log lambda += gain * error``, three decades in a tenth
-   of training at full error, so the outcome does not depend on the starting strength. The error
+3. moves the strength multiplicatively, ``log lambda += gain * error``, ``train.strength_rate``
+   (default three) decades in a tenth of training at full error, so the outcome does not depend
+   on the starting strength. The error
    compares the schedule (allowed to trail by ``_LAG`` of the ramp) with a continuous *progress*:
    how far, in log importance, each group has come from the median starting importance towards
    the receded level. Unlike the receded share it moves as soon as groups move, so lambda stops
@@ -27,8 +28,13 @@ Each step the controller
 
 Deliberate differences from the seed paper: it trains with one fixed lambda per architecture on
 every channel (``../shared/REFERENCE.md``); here lambda is an output of the budget and the
-penalty acts on the scheduled set. ``train.target: null`` keeps the paper's fixed lambda on all
-channels.
+penalty acts on the scheduled set (``train.penalise: scheduled``). ``train.penalise: all`` is the
+paper's form under a budget: the penalty acts on every channel and only its strength follows the
+controller. ``train.target: null`` keeps the paper's fixed lambda on all channels.
+
+A target the layer floors cannot reach (``train.target 0.9`` with ``prune.max_layer_ratio 0.5``)
+is known before training: :meth:`ReceededShare.reachable` is the largest share the floors allow,
+and ``Polariser.prepare`` warns with both numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from torch import nn
 
 from pipeline.bn import bn_modules, channel_importance
 from pipeline.channel_graph import ChannelGraph
-from pipeline.costs import group_costs
+from pipeline.costs import KeptMacs, group_costs
 
 _LAG = 0.1  # the receded share may trail the schedule by this share of the ramp
 _SLACK = 0.05  # the penalised set runs ahead of the groups already on their way by this share
@@ -60,6 +66,7 @@ class ReceededShare:
         graph: ChannelGraph,
         weights: dict[int, float] | None = None,
         floors: tuple[int, float] = (1, 1.0),
+        macs_example: torch.Tensor | None = None,
     ) -> None:
         self.modules = list(bn_modules(model).items())
         offsets, start = {}, 0
@@ -76,23 +83,54 @@ class ReceededShare:
         w = torch.tensor([1.0 if weights is None else weights[g] for g in self.group_ids])
         self.weights = (w / w.sum()).double()
         self._layers = _layer_limits(graph, self.group_ids, *floors)
+        # with an example, shares are exact shares of the MACs (train.target_cost: macs)
+        self.macs = (
+            None if macs_example is None else KeptMacs(model, graph, macs_example, self.group_ids)
+        )
 
     def select(self, importance: torch.Tensor, share: float) -> torch.Tensor:
-        """The weakest groups up to ``share`` (cost-weighted) that pruning could remove together:
-        each layer keeps ``min_channels`` and ``1 - max_layer_ratio`` of its channels."""
+        """The weakest groups up to ``share`` that pruning could remove together: each layer
+        keeps ``min_channels`` and ``1 - max_layer_ratio`` of its channels. The share is
+        cost-weighted, or with ``macs`` the exact share of MACs the removal takes away."""
+        order = self._eligible(importance)
         chosen = torch.zeros(len(self.group_ids), dtype=torch.bool)
+        if self.macs is None:
+            reached = torch.cumsum(self.weights[order], 0) >= share
+            k = int(reached.nonzero()[0]) + 1 if bool(reached.any()) else len(order)
+            k = 0 if share <= 0 else k
+        else:  # the removed share grows with every group taken: bisect the prefix length
+            lo, hi = 0, len(order)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                chosen.zero_()
+                chosen[order[:mid]] = True
+                lo, hi = (lo, mid) if self.removed(chosen) >= share else (mid + 1, hi)
+            k = lo
+        chosen.zero_()
+        chosen[order[:k]] = True
+        return chosen
+
+    def _eligible(self, importance: torch.Tensor) -> torch.Tensor:
+        """Groups weakest first, leaving out those the layer floors keep."""
         room = dict(self._layers[1])
-        taken = 0.0
+        order = []
         for j in torch.argsort(importance).tolist():
-            if taken >= share:
-                break
             uses = self._layers[0][j]
             if all(room[name] >= n for name, n in uses):
-                chosen[j] = True
-                taken += float(self.weights[j])
+                order.append(j)
                 for name, n in uses:
                     room[name] -= n
-        return chosen
+        return torch.tensor(order, dtype=torch.long)
+
+    def removed(self, gone: torch.Tensor) -> float:
+        """Share (cost-weighted, or of the MACs) that the ``gone`` groups take away."""
+        if self.macs is None:
+            return float(self.weights[gone].sum())
+        return self.macs.removed_share((~gone).double())
+
+    def reachable(self) -> float:
+        """The largest share the layer floors let recede: what ``select`` takes at share 1."""
+        return self.removed(self.select(torch.zeros(len(self.group_ids)), 1.0))
 
     def channel_masks(self, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
         """BN name -> bool mask of its channels that belong to a chosen group."""
@@ -112,12 +150,15 @@ class ReceededShare:
         """Weighted mean of how far (in log importance) each group has come from ``top`` to
         ``level``: 0 at or above ``top``, 1 once receded. It moves as soon as groups move."""
         way = torch.log(top / importance.double().clamp_min(1e-30)) / math.log(top / level)
-        return float((self.weights * way.clamp(0.0, 1.0)).sum())
+        way = way.clamp(0.0, 1.0)
+        if self.macs is not None:  # a group half-way counts as half kept
+            return self.macs.removed_share(1.0 - way)
+        return float((self.weights * way).sum())
 
     def share(self, level: float, importance: torch.Tensor | None = None) -> float:
         """Weighted fraction of groups whose importance is below ``level``."""
         imp = self.group_importance() if importance is None else importance
-        return float(self.weights[imp < level].sum())
+        return self.removed(imp < level)
 
 
 def _layer_limits(
@@ -161,6 +202,10 @@ class BudgetController:
         strength: the starting strength (any value within three decades of a good one).
         level: importance under which a group counts as receded.
         ramp: share of ``total_steps`` over which the wanted share ramps up.
+        rate: decades lambda may move in a tenth of ``total_steps`` at full error.
+        delay: share of ``total_steps`` before the ramp starts: the penalised set is chosen
+            only once the loss has shaped the importances (at the first step every importance
+            is the same and the weakest groups are merely the first ones).
     """
 
     target: float
@@ -168,6 +213,8 @@ class BudgetController:
     strength: float
     level: float = 0.01
     ramp: float = 0.6
+    rate: float = 3.0
+    delay: float = 0.0
     step: int = 0
     top: float | None = None  # median group importance at the first step: where the way starts
     _chosen: torch.Tensor | None = None  # the penalised set, refreshed every select_every steps
@@ -175,6 +222,8 @@ class BudgetController:
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
             raise ValueError(f"target must be in (0, 1), got {self.target!r}")
+        if not 0.0 <= self.delay < 1.0:
+            raise ValueError(f"delay must be in [0, 1), got {self.delay!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps!r}")
         if not self.strength > 0:
@@ -182,13 +231,13 @@ class BudgetController:
 
     @property
     def gain(self) -> float:
-        """Per-step change of log lambda at full error: 3 decades in 10% of training."""
-        return math.log(1e3) / max(1.0, 0.1 * self.total_steps)
+        """Per-step change of log lambda at full error: ``rate`` decades in 10% of training."""
+        return self.rate * math.log(10.0) / max(1.0, 0.1 * self.total_steps)
 
     def scheduled(self, step: int | None = None) -> float:
         """Wanted receded share at ``step`` (default: the current one)."""
         step = self.step if step is None else step
-        return self.target * smoothstep(step / self._ramp_steps)
+        return self.target * smoothstep((step - self.delay * self.total_steps) / self._ramp_steps)
 
     def update_(self, tracker: ReceededShare) -> torch.Tensor:
         """Measure, move the strength, advance one step.
@@ -199,8 +248,11 @@ class BudgetController:
         """
         imp = tracker.group_importance()
         wanted = self.scheduled(self.step + 1)
-        if self.top is None:
+        if self.top is None and wanted > 0:  # where the way starts: after any delay
             self.top = max(float(imp.median()), 10 * self.level)
+        if self.top is None:  # the delay: the loss alone shapes the importances
+            self.step += 1
+            return torch.zeros(len(tracker.group_ids), dtype=torch.bool)
         moved = tracker.progress(self.level, self.top, imp)
         # the set grows only as fast as its groups recede: a strength still far too weak
         # must not gather the whole budget and then drop it at once when it gets strong
@@ -231,8 +283,13 @@ class BudgetController:
         return max(1.0, self.ramp * self.total_steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"strength": self.strength, "step": self.step, "top": self.top}
+        """Everything that decides the next step: a resumed run continues bit for bit, the
+        penalised set included (it is refreshed only every ``select_every`` steps)."""
+        chosen = None if self._chosen is None else self._chosen.clone()
+        return {"strength": self.strength, "step": self.step, "top": self.top, "chosen": chosen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strength, self.step = float(state["strength"]), int(state["step"])
         self.top = state.get("top")
+        chosen = state.get("chosen")
+        self._chosen = None if chosen is None else torch.as_tensor(chosen, dtype=torch.bool)

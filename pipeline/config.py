@@ -153,7 +153,10 @@ class TrainConfig:
     target: float | None = None  # fraction of prunable groups (or MACs) to recede; None: fixed λ
     target_cost: str = "groups"  # what `target` counts: "groups" or "macs"
     target_ramp: float = 0.6  # share of training over which the receded share ramps to target
+    target_delay: float = 0.0  # share of training before the ramp starts (importances form first)
     receded_below: float = 0.01  # a group has receded when its importance is below this
+    penalise: str = "scheduled"  # under a target: "scheduled" (the controller's set) or "all"
+    strength_rate: float = 3.0  # decades the controller may move lambda per tenth of training
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -177,6 +180,14 @@ class TrainConfig:
             raise ConfigError(f"train.target_ramp must be in (0, 1], got {self.target_ramp!r}")
         if not 0.0 < self.receded_below < 1.0:
             raise ConfigError(f"train.receded_below must be in (0, 1), got {self.receded_below!r}")
+        _check_choice("train.penalise", self.penalise, ("scheduled", "all"))
+        _check(
+            "train.target_delay",
+            self.target_delay >= 0.0 and self.target_delay + self.target_ramp <= 1.0,
+            "in [0, 1 - train.target_ramp] such as 0.1",
+            self.target_delay,
+        )
+        _check("train.strength_rate", self.strength_rate > 0, "> 0 such as 3", self.strength_rate)
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,46 @@ def group_costs(
             cost[g] += n * per_in * scale
     norm = image_area if form == "memory" else 1
     return {g.id: cost[g.id] / norm for g in graph.groups}
+
+
+class KeptMacs:
+    """Exact MACs of a model's conv and linear layers as a function of the groups it keeps.
+
+    A layer's MACs are ``scale * kept_in * kept_out`` (``scale`` = kernel area x output area /
+    conv groups; a depthwise conv: ``scale * kept_out``), so removing two groups that meet in one
+    layer saves exactly what it does, unlike the first-order ``group_costs``. ``kept`` may be
+    fractional (a group half-way to receding counts half), which makes it a smooth measure of how
+    far training has gone. Groups not listed (unprunable) always count as kept.
+    """
+
+    def __init__(
+        self, model: nn.Module, graph: ChannelGraph, example: torch.Tensor, group_ids: tuple
+    ) -> None:
+        position = {g: j for j, g in enumerate(group_ids)}
+        n = len(group_ids)
+        modules, areas = dict(model.named_modules()), output_areas(model, example)
+        self._layers: list[tuple[torch.Tensor, torch.Tensor, float, bool]] = []
+        for name, layer in graph.layers.items():
+            if layer.kind == "bn":
+                continue
+            m = modules[name]
+            kernel = 1 if isinstance(m, nn.Linear) else m.kernel_size[0] * m.kernel_size[1]
+            groups = 1 if isinstance(m, nn.Linear) or layer.depthwise else m.groups
+            index_in = torch.tensor([position.get(g, n) for g in layer.in_groups])
+            index_out = torch.tensor([position.get(g, n) for g in layer.out_groups])
+            scale = kernel * areas.get(name, 1) / groups
+            self._layers.append((index_in, index_out, scale, layer.depthwise))
+        self.dense = self.macs(torch.ones(n))
+
+    def macs(self, kept: torch.Tensor) -> float:
+        """MACs per sample when group ``j`` is kept to the extent ``kept[j]`` (0 to 1)."""
+        k = torch.cat([kept.double().cpu(), torch.ones(1, dtype=torch.float64)])
+        total = 0.0
+        for index_in, index_out, scale, depthwise in self._layers:
+            out = float(k[index_out].sum())
+            total += scale * (out if depthwise else float(k[index_in].sum()) * out)
+        return total
+
+    def removed_share(self, kept: torch.Tensor) -> float:
+        """Share of the dense MACs that disappears when ``kept`` groups are kept."""
+        return 1.0 - self.macs(kept) / max(self.dense, 1e-30)

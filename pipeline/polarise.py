@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.bn import bn_modules, convert_to_bounded_bn_
 from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.budget import BudgetController, ReceededShare, budget_weights
+from pipeline.budget import BudgetController, ReceededShare
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import PenaltyConfig, PruneConfig, TrainConfig
 from pipeline.penalties import Penalty, make_penalty
@@ -48,6 +48,7 @@ class Progress:
     strength: float
     wanted: float | None  # scheduled receded share (None without a target)
     receded: float  # measured receded share (cost-weighted as the target)
+    reachable: float | None = None  # the most the layer floors let recede (None without a target)
 
 
 @torch.no_grad()
@@ -126,8 +127,11 @@ class Polariser:
                 penalty.config.strength,
                 level=cfg.receded_below,
                 ramp=cfg.target_ramp,
+                rate=cfg.strength_rate,
+                delay=cfg.target_delay,
             )
         self.step = 0
+        self.reachable: float | None = None  # set by prepare under a target
         self._masks: list[torch.Tensor] = []
         self._signs: list[torch.Tensor] = []
 
@@ -163,10 +167,15 @@ class Polariser:
         penalty = make_penalty(
             _budget_penalty(cfg), model, example=example, backend=backend, graph=graph
         )
-        weights = budget_weights(model, graph, example, cfg.target_cost)
         prune = prune or PruneConfig()
-        tracker = ReceededShare(model, graph, weights, (prune.min_channels, prune.max_layer_ratio))
-        return cls(model, penalty, tracker, cfg, total_steps)
+        floors = (prune.min_channels, prune.max_layer_ratio)
+        macs = example if cfg.target_cost == "macs" else None  # exact MAC shares
+        tracker = ReceededShare(model, graph, None, floors, macs_example=macs)
+        polariser = cls(model, penalty, tracker, cfg, total_steps)
+        if cfg.target is not None:
+            polariser.reachable = tracker.reachable()
+            warn_unreachable(cfg, prune, polariser.reachable)
+        return polariser
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer param groups for the model (see ``bn_param_groups``)."""
@@ -222,6 +231,8 @@ class Polariser:
                     p.masked_fill_(mask & (torch.sign(p) != sign), 0.0)
 
     def _param_masks(self, chosen: torch.Tensor) -> list[torch.Tensor]:
+        if self.cfg.penalise == "all":  # the paper's form: every channel, the controller's lambda
+            return [torch.ones_like(p, dtype=torch.bool) for p in self.penalty.params]
         by_name = self.tracker.channel_masks(chosen)
         by_param = {id(m.weight): by_name[n] for n, m in self.tracker.modules}
         return [by_param[id(p)].to(p.device) for p in self.penalty.params]
@@ -230,7 +241,11 @@ class Polariser:
         """Step, strength, wanted and measured receded share."""
         wanted = self.controller.scheduled() if self.controller else None
         return Progress(
-            self.step, self.strength, wanted, self.tracker.share(self.cfg.receded_below)
+            self.step,
+            self.strength,
+            wanted,
+            self.tracker.share(self.cfg.receded_below),
+            self.reachable,
         )
 
     def state_dict(self) -> dict:
@@ -243,6 +258,37 @@ class Polariser:
         self.step = int(state["step"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
+
+
+def warn_unreachable(cfg: TrainConfig, prune: PruneConfig, reachable: float) -> bool:
+    """Log a warning, before any training, when the layer floors cap the receded share below
+    ``cfg.target``; return whether they do."""
+    if cfg.target is None or reachable >= cfg.target - 1e-9:
+        return False
+    logger.warning(
+        "train.target %.3f cannot be reached: prune.min_channels %d and prune.max_layer_ratio "
+        "%.2f let at most %.3f of the %s recede, and the strength would climb to its cap "
+        "chasing the rest; raise prune.max_layer_ratio or lower train.target to <= %.3f",
+        cfg.target,
+        prune.min_channels,
+        prune.max_layer_ratio,
+        reachable,
+        "MACs" if cfg.target_cost == "macs" else "prunable groups",
+        reachable,
+    )
+    return True
+
+
+def budget_outcome(target: float | None, receded: float | None, tolerance: float = 0.02) -> str:
+    """One line: whether training reached its budget, and what to change when it did not."""
+    if target is None or receded is None:
+        return "no budget (train.target is null): fixed penalty strength"
+    if receded >= target - tolerance:
+        return f"budget reached: receded {receded:.3f} of target {target:.3f}"
+    return (
+        f"budget MISSED: receded {receded:.3f}, target {target:.3f}; train longer "
+        "(train.epochs), raise prune.max_layer_ratio, or lower train.target"
+    )
 
 
 def _grad_of(p: torch.Tensor) -> torch.Tensor:
