@@ -46,6 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(Path(args.out, "report.md").read_text())
     print(f"wrote {args.out} in {round(report.seconds, 1)} s")
+    if report.budget is not None:
+        print(report.budget.outcome)
     return EXIT_OK
 
 
@@ -65,6 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
     accuracy = logs[-1].accuracy if logs else float("nan")
     print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}")
+    if cfg.train.target is not None and logs:
+        from pipeline.polarise import budget_outcome
+
+        print(budget_outcome(cfg.train.target, logs[-1].receded))
     return EXIT_OK
 
 

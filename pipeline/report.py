@@ -139,6 +139,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ["", "Dense", "Pruned", "Change"], ["---", "---:", "---:", "---:"], _summary_rows(report)
     )
     sections = ["# recede report", "## Before / after\n\n" + summary]
+    budget = report.get("budget") or {}
+    if budget.get("outcome"):
+        sections.insert(1, f"**Training budget:** {budget['outcome']}")
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
         sections[-1] += f"\n\nONNX file: `{onnx_path}`"

@@ -39,6 +39,7 @@ from pipeline.polarise import Polariser
 from pipeline.prune import Pruned, prune_model
 from pipeline.resume import check_resume_config
 from pipeline.run_report import (
+    BudgetSummary,
     DenseSummary,
     ExportSummary,
     GroupSummary,
@@ -209,6 +210,24 @@ def _summaries(
     return dense, after
 
 
+def budget_summary(cfg: RunConfig, logs: list) -> BudgetSummary:
+    """Target against what training receded (``train.target`` null: no budget)."""
+    from pipeline.polarise import budget_outcome
+
+    last = logs[-1] if logs else None
+    receded = last.receded if last is not None else None
+    target = cfg.train.target
+    reached = None if target is None or receded is None else receded >= target - 0.02
+    return BudgetSummary(
+        target=target,
+        cost=cfg.train.target_cost,
+        receded=receded,
+        reachable=last.reachable if last is not None else None,
+        reached=reached,
+        outcome=budget_outcome(target, receded),
+    )
+
+
 def _environment(cfg: RunConfig) -> dict[str, Any]:
     from pipeline.environment import environment
 
@@ -276,7 +295,7 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
     from pipeline.report import plot_run, render_markdown
 
     start = time.perf_counter()
-    model, _ = train_into(cfg, data, out, "trained", resume=resume)
+    model, logs = train_into(cfg, data, out, "trained", resume=resume)
     dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), _fixed_batch(data)
     try:
         pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
@@ -313,6 +332,7 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
         groups=_groups(pruned),
         environment=_environment(cfg),
         seconds=time.perf_counter() - start,
+        budget=budget_summary(cfg, logs),
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     widths = layer_widths(pruned.graph, pruned.plan)

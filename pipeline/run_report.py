@@ -113,6 +113,22 @@ class GroupSummary:
 
 
 @dataclass(frozen=True)
+class BudgetSummary:
+    """Whether training reached ``train.target``: what was asked, what receded, the verdict.
+
+    ``reachable`` is the largest share the layer floors allow (known before training); ``outcome``
+    is the one line the log and report.md print (``pipeline.polarise.budget_outcome``).
+    """
+
+    target: float | None
+    cost: str
+    receded: float | None
+    reachable: float | None
+    reached: bool | None
+    outcome: str
+
+
+@dataclass(frozen=True)
 class RunReport:
     """Everything ``recede run`` reports; ``seconds`` is the wall time of the whole run."""
 
@@ -124,6 +140,7 @@ class RunReport:
     groups: GroupSummary
     environment: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    budget: BudgetSummary | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report.json content (keys documented in the README)."""
@@ -136,6 +153,7 @@ class RunReport:
             "groups": asdict(self.groups),
             "environment": dict(self.environment),
             "seconds": round(self.seconds, 1),
+            "budget": asdict(self.budget) if self.budget else None,
         }
 
     def metrics(self) -> dict[str, Any]:

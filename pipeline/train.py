@@ -30,7 +30,7 @@ from pipeline.atomic import save_torch_atomic
 from pipeline.bn import bn_modules, channel_importance, is_bn
 from pipeline.config import TrainConfig
 from pipeline.data import DataBundle
-from pipeline.polarise import Polariser, bn_param_groups
+from pipeline.polarise import Polariser, bn_param_groups, budget_outcome
 from pipeline.threshold import importance_summary
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class EpochLog:
     strength: float | None = None  # penalty strength at the end of the epoch
     receded: float | None = None  # receded share (as the budget counts it)
     wanted: float | None = None  # the budget schedule's share at the end of the epoch
+    reachable: float | None = None  # the most the layer floors let recede (None: no budget)
 
 
 def seed_everything(seed: int) -> None:
@@ -217,6 +218,7 @@ def _epoch_log(model, data, polariser, device, epoch: int, losses: tuple, start:
         progress.strength if progress else None,
         progress.receded if progress else None,
         progress.wanted if progress else None,
+        progress.reachable if progress else None,
     )
 
 
@@ -276,6 +278,9 @@ def train_(
             if last is not None and distributed.is_main():
                 save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
                 state.save(last, [dataclasses.asdict(log) for log in logs])
+    if polariser is not None and polariser.controller is not None and logs:
+        outcome = budget_outcome(cfg.target, logs[-1].receded)
+        (logger.info if "reached" in outcome else logger.warning)("%s: %s", tag, outcome)
     return logs
 
 
