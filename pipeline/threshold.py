@@ -16,8 +16,9 @@ weak mode, not in the valley.
 Refusals (``NotBimodalError``, with advice to use a ratio):
 
 - one mode: no second peak whose dip (the density between the peaks) falls to at most
-  ``_MAX_DIP`` (0.1) of the lower peak, among modes holding at least 1% of the groups. A
-  skewed single mode, such as ``sigmoid(N(0, 3))``, has a long tail but no dip;
+  ``_MAX_DIP`` (0.1) of the lower peak, among modes holding at least 1% of the groups and at
+  least ``_MIN_MODE_COUNT`` (5) of them. A skewed single mode, such as ``sigmoid(N(0, 3))``,
+  has a long tail but no dip;
 - modes too close: the two sides' log-means are less than ``min_decades`` (1) apart. Two close
   bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
 
@@ -37,6 +38,9 @@ import numpy as np
 _FLOOR = 1e-30
 _GRID = 1024
 _MIN_MODE_SHARE = 0.01
+_MIN_MODE_COUNT = 5  # below ~300 groups 1% is 1-3 groups, and a lone tail sample made a "mode"
+_RECEDED_BELOW = 0.01  # train.receded_below's default: under it a group counts as receded
+_MAX_DISAGREEMENT = 0.25  # share of the groups by which the cut may differ from the receded set
 _MAX_DIP = 0.1
 
 
@@ -95,17 +99,19 @@ def _peaks(density: np.ndarray) -> np.ndarray:
     return np.flatnonzero(inner) + 1
 
 
-def _two_modes(density: np.ndarray, masses: np.ndarray) -> tuple[int, int, int] | None:
+def _two_modes(density: np.ndarray, masses: np.ndarray, n: int) -> tuple[int, int, int] | None:
     """``(low_peak, valley, top_peak)`` grid indices, or None.
 
     The top mode is the strongest-importance peak holding at least ``_MIN_MODE_SHARE`` of the
-    groups; the cut is the first valley below it deep enough against some significant peak
-    further down. Anchoring on the top mode (not the tallest peak) matters when the weak side
-    is itself split, say exact zeros plus a cluster of tiny values: the cut must keep every
-    weak cluster below it.
+    groups and at least ``_MIN_MODE_COUNT`` of them (at 100 groups, 1% is one sample of a
+    single mode's sparse tail, whose basin looked like a mode); the cut is the first valley
+    below it deep enough against some significant peak further down. Anchoring on the top mode
+    (not the tallest peak) matters when the weak side is itself split, say exact zeros plus a
+    cluster of tiny values: the cut must keep every weak cluster below it.
     """
     peaks = _peaks(density)
-    significant = [int(p) for p, m in zip(peaks, masses, strict=True) if m >= _MIN_MODE_SHARE]
+    least = max(_MIN_MODE_SHARE, _MIN_MODE_COUNT / n)
+    significant = [int(p) for p, m in zip(peaks, masses, strict=True) if m >= least]
     if len(significant) < 2:
         return None
     top = significant[-1]
@@ -136,11 +142,11 @@ def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
     if logs[-1] - logs[0] < 1e-9:
         return None, "every importance is the same"
     grid, density = log_density(logs)
-    modes = _two_modes(density, _basin_masses(grid, logs, density))
+    modes = _two_modes(density, _basin_masses(grid, logs, density), v.size)
     if modes is None:
         return None, (
             f"no valley dips to {_MAX_DIP} of the peaks around it between two modes that each "
-            f"hold {_MIN_MODE_SHARE:.0%} of the groups"
+            f"hold {_MIN_MODE_SHARE:.0%} of the groups and at least {_MIN_MODE_COUNT} of them"
         )
     lo, valley, hi = modes
     k = int(np.searchsorted(logs, grid[valley]))

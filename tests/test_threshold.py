@@ -66,6 +66,44 @@ def test_single_modes_are_refused_with_advice(name, values):
         auto_threshold(values)
 
 
+def _accepted(draw, n: int, draws: int = 100) -> int:
+    """How many of ``draws`` seeded samples of ``n`` importances the threshold accepts."""
+    accepted = 0
+    for seed in range(draws):
+        try:
+            auto_threshold(draw(np.random.default_rng(seed), n))
+            accepted += 1
+        except NotBimodalError:
+            pass
+    return accepted
+
+
+@pytest.mark.parametrize("n", [100, 300, 1000])
+@pytest.mark.parametrize(
+    "draw",
+    [
+        # 1% of 100 groups is one sample: a lone sample of the sparse weak tail made a "mode"
+        # (with the 1% share alone, 38 of 100 draws were accepted at n=100 and 5 at n=300)
+        pytest.param(lambda rng, n: np.abs(rng.normal(0.5, 0.3, n)), id="|N(0.5, 0.3)|"),
+        pytest.param(lambda rng, n: np.abs(rng.normal(0, 1, n)), id="|N(0, 1)|"),
+        pytest.param(lambda rng, n: np.exp(rng.normal(-1, 1, n)), id="log-normal"),
+        pytest.param(lambda rng, n: np.exp(rng.normal(-1, 2, n)), id="wide log-normal"),
+    ],
+)
+def test_a_single_mode_is_refused_at_small_sizes(draw, n):
+    assert _accepted(draw, n) <= 1
+
+
+@pytest.mark.parametrize("n", [100, 300, 1000])
+def test_two_modes_are_accepted_at_small_sizes(n):
+    def draw(rng, n):
+        weak = 10 ** rng.uniform(-4, -2.5, int(0.3 * n))
+        return np.concatenate([weak, rng.uniform(0.3, 0.9, n - weak.size)])
+
+    cuts = [auto_threshold(draw(np.random.default_rng(seed), n)) for seed in range(100)]
+    assert all(t.below == int(0.3 * n) for t in cuts)
+
+
 def test_close_modes_are_refused():
     rng = np.random.default_rng(2)
     close = np.concatenate([rng.normal(0.40, 0.01, 400), rng.normal(0.70, 0.01, 200)])
