@@ -19,6 +19,7 @@ linears, BNs). ``pipeline.slot_rules`` holds the registry and says how to add a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,13 @@ from pipeline.slot_rules import (
     module_rule,
     op_name,
     op_rule,
+)
+
+logger = logging.getLogger(__name__)
+
+_SHARED = (
+    "called more than once: shared weights hold one set of constant corrections, which "
+    "cannot be exact for every call's input"
 )
 
 
@@ -112,7 +120,11 @@ class SlotInterpreter(fx.Interpreter):
         module = self.module_of(n)
         layer_rule = module_rule(module) if module is not None else None
         if layer_rule is not None:
-            return layer_rule(self, n, module, value)
+            again = n.target in self.layers
+            out = layer_rule(self, n, module, value)
+            if again and self.layers[n.target].kind != "bn":  # a BN holds no corrections
+                self._shared(n, op_name(n, module))
+            return out
         op = op_name(n, module)
         if module is not None and type(module) not in MODULE_OPS:
             return self.barrier(n, op, value, self.opaque.get(n.target, "unsupported layer type"))
@@ -184,6 +196,20 @@ class SlotInterpreter(fx.Interpreter):
                 Barrier(op + (f" ({why})" if why else ""), n.name, self._location(n))
             )
         return self.pinned_like(value)
+
+    def _shared(self, n: fx.Node, op: str) -> None:
+        """Keep a conv/linear called more than once whole: pin its channels, with one barrier.
+
+        Its calls already share their ids (``record``); pinning them keeps every group it reads
+        or writes, because one correction per layer cannot absorb each call's constants.
+        """
+        record = self.layers[n.target]
+        self.uf.pin(record.in_ids)
+        self.uf.pin(record.out_ids)
+        if any(b.module == n.target and b.op.endswith(f"({_SHARED})") for b in self.barriers):
+            return
+        self.barriers.append(Barrier(f"{op} ({_SHARED})", n.name, n.target))
+        logger.warning("%s (%s) is %s; its channels are kept whole", n.target, op, _SHARED)
 
     def channels_of(
         self, s: Slots, dim: int, n: fx.Node

@@ -158,6 +158,24 @@ def _read_shapes(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _model_spec(spec: dict[str, Any], folder: Path) -> ModelSpec:
+    """``spec`` read as a ``ModelSpec``; a malformed one names the file and the key."""
+    path = folder / SHAPES if (folder / SHAPES).is_file() else folder / LEGACY_SHAPES
+    if not isinstance(spec["model"], dict):
+        raise CheckpointError(
+            f"{path}: key 'spec.model' must be a mapping such as {{'name': 'resnet20'}}, got "
+            f"{spec['model']!r}; restore the file or save the model again"
+        )
+    try:
+        return ModelSpec.from_dict(spec)
+    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(
+            f"{path}: key 'spec' does not describe a model ({err}); expected 'model' (a mapping), "
+            "'num_classes', 'in_channels' (integers) and 'input_shape' (a list of integers); "
+            "restore the file or save the model again"
+        ) from None
+
+
 def _describe_keys(obj: Any) -> str:
     if not isinstance(obj, dict):
         return type(obj).__name__
@@ -221,7 +239,7 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     folder = model_folder(out_dir)
     manifest = _read_shapes(folder)
     spec = manifest["spec"]
-    typed = ModelSpec.from_dict(spec)
+    typed = _model_spec(spec, folder)
     model = typed.build()
     if typed.bounded_bn:
         convert_to_bounded_bn_(model, shift=typed.bn_shift)

@@ -137,6 +137,20 @@ def _load_model(args: argparse.Namespace):
     return model, spec, example
 
 
+def _receded_below(args: argparse.Namespace) -> float | None:
+    """``train.receded_below`` from the config.yaml beside a --from model, if there is one.
+
+    With it the automatic threshold checks its cut against what training receded.
+    """
+    from pipeline.checkpoint import model_folder
+    from pipeline.config import load_config
+
+    if not args.source:
+        return None
+    config = model_folder(args.source).parent / "config.yaml"
+    return load_config(config).train.receded_below if config.is_file() else None
+
+
 def _prune_report(model, result, spec: ModelSpec, example) -> dict:
     from pipeline.bench import count_macs, count_params
 
@@ -182,7 +196,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         min_channels=args.min_channels,
         round_to=args.round_to,
     )
-    result = prune_model(model, example, cfg)
+    result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     report = _prune_report(model, result, spec, example)
     with staged_folder(out, kind="prune") as stage:
         save_pruned(result.model, stage, spec=spec)

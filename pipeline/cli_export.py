@@ -51,6 +51,11 @@ def _options(args: argparse.Namespace) -> tuple[Any, str | None]:
             f"lacks one ({reason}); {_TRT_FIX}, or pass --format onnx (or all)"
         )
     formats, warning = resolve_formats(args.format, reason)
+    if args.int8 and "tensorrt" not in formats:  # only a TensorRT engine has INT8 kernels
+        raise UsageError(
+            f"--int8 builds TensorRT INT8 kernels, and --format {args.format} makes no TensorRT "
+            "engine; pass --format tensorrt (or all) with --int8, or drop --int8"
+        )
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     try:
         options = ReleaseOptions(

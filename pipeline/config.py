@@ -421,6 +421,11 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunCo
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must be a mapping of sections such as train: and "
+                f"prune:, got a {type(data).__name__} at its top level; see configs/demo.yaml"
+            )
     return from_dict(RunConfig, apply_overrides(data, overrides))
 
 

@@ -4,7 +4,8 @@ Bounded BN's scale is sigmoid(w), in (0, 1), so a trained gamma outside that ran
 somewhere else. Per BN channel c with gamma_c:
 
 1. Sign: a negative gamma is made positive by negating the channel in the conv that feeds only
-   this BN (its weights, bias and the BN's running mean), since gamma * x_hat = (-gamma) * (-x_hat).
+   this BN (its weights, bias, the constant corrections a prune left on it, and the BN's running
+   mean), since gamma * x_hat = (-gamma) * (-x_hat).
 2. Magnitude: a scale above ``max_scale`` keeps ``max_scale`` and the factor
    ``alpha_c = |gamma_c| / max_scale`` moves out of the BN, in the spirit of the gamma/W rescaling
    trick, by one of two routes:
@@ -93,6 +94,8 @@ def _flip_negative_(
         conv.weight[neg] *= -1
         if conv.bias is not None:
             conv.bias[neg] *= -1
+        # a pruned conv also adds its removed inputs' constants: they are outputs too
+        scale_corrections_(conv, torch.where(neg, -1.0, 1.0).to(bn.weight.dtype))
         bn.running_mean[neg] *= -1
         bn.weight[neg] *= -1
     return int(neg.sum())

@@ -61,8 +61,19 @@ class Pruned:
     removal: RemovalReport
 
 
-def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pruned:
-    """Plan and apply a prune of a copy of ``model`` according to ``cfg``."""
+def prune_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    cfg: PruneConfig,
+    *,
+    receded_below: float | None = None,
+) -> Pruned:
+    """Plan and apply a prune of a copy of ``model`` according to ``cfg``.
+
+    ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: an
+    automatic threshold whose cut is far from the set of groups below it is refused
+    (``pipeline.threshold.auto_threshold``). None: the training is unknown.
+    """
     graph = build_channel_graph(model, example)
     importance = group_importance(model, graph, cfg.aggregate)
     if cfg.scope == "layer":  # weight-gated groups rank only within their own layers
@@ -76,7 +87,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, cfg: PruneConfig) -> Pr
         )
     else:
         value = (
-            auto_threshold(list(importance.values())).value
+            auto_threshold(list(importance.values()), receded_below=receded_below).value
             if cfg.threshold == "auto"
             else float(cfg.threshold)
         )

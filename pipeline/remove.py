@@ -216,7 +216,7 @@ def remove_groups(
         scale_bound(model, graph, dropped, example),
         _other_size_err(reference, pruned, larger_input(example)),
     )
-    if exact_borders:
+    if exact_borders or report.max_border_err == 0:  # nothing approximated: must be exact
         _check_exact(report, example)
     _log(report, len(dropped))
     return pruned.to(dtype), report
@@ -248,5 +248,6 @@ def _check_exact(report: RemovalReport, example: torch.Tensor) -> None:
                 f"pruned model differs from the zeroed reference by {err:.2e} of the output scale "
                 f"{where}, computed in float64 (expected <= {EXACT_RTOL:.0e}); this is a bug in "
                 "constant absorption or a layer that computes in lower precision; please report "
-                "it (prune.exact_borders=false removes it approximately meanwhile)"
+                "it with the model. No setting makes this removal exact: "
+                "prune.exact_borders=false would only skip this check, not the error"
             )

@@ -156,7 +156,7 @@ def _prune_and_finetune(
 ) -> tuple[Pruned, PrunedAccuracy]:
     """Prune, recalibrate BN, fine-tune; returns the result and the pruned model's accuracies."""
     cpu = torch.device("cpu")
-    pruned = prune_model(model, batch, cfg.prune)
+    pruned = prune_model(model, batch, cfg.prune, receded_below=cfg.train.receded_below)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
     before, recalibrated = evaluate(pruned.model, data.test, cpu), None
     if cfg.prune.recalibrate:  # downstream BN statistics still describe the unpruned network

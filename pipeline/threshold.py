@@ -16,8 +16,9 @@ weak mode, not in the valley.
 Refusals (``NotBimodalError``, with advice to use a ratio):
 
 - one mode: no second peak whose dip (the density between the peaks) falls to at most
-  ``_MAX_DIP`` (0.1) of the lower peak, among modes holding at least 1% of the groups. A
-  skewed single mode, such as ``sigmoid(N(0, 3))``, has a long tail but no dip;
+  ``_MAX_DIP`` (0.1) of the lower peak, among modes holding at least 1% of the groups and at
+  least ``_MIN_MODE_COUNT`` (5) of them. A skewed single mode, such as ``sigmoid(N(0, 3))``,
+  has a long tail but no dip;
 - modes too close: the two sides' log-means are less than ``min_decades`` (1) apart. Two close
   bumps around 0.5 are bimodal, yet cutting between them removes channels that matter.
 
@@ -37,6 +38,9 @@ import numpy as np
 _FLOOR = 1e-30
 _GRID = 1024
 _MIN_MODE_SHARE = 0.01
+_MIN_MODE_COUNT = 5  # below ~300 groups 1% is 1-3 groups, and a lone tail sample made a "mode"
+_RECEDED_BELOW = 0.01  # train.receded_below's default: under it a group counts as receded
+_MAX_DISAGREEMENT = 0.25  # share of the groups by which the cut may differ from the receded set
 _MAX_DIP = 0.1
 
 
@@ -56,6 +60,8 @@ class Threshold:
     below: int
     above: int
     dip: float = 0.0  # density at the cut over the smaller mode's peak (0: an empty valley)
+    main_mode: float = 0.0  # importance at the peak of the mode holding the most groups
+    main_share: float = 0.0  # the share of the groups that mode holds
 
 
 def ashman_d(low: np.ndarray, high: np.ndarray) -> float:
@@ -95,17 +101,19 @@ def _peaks(density: np.ndarray) -> np.ndarray:
     return np.flatnonzero(inner) + 1
 
 
-def _two_modes(density: np.ndarray, masses: np.ndarray) -> tuple[int, int, int] | None:
+def _two_modes(density: np.ndarray, masses: np.ndarray, n: int) -> tuple[int, int, int] | None:
     """``(low_peak, valley, top_peak)`` grid indices, or None.
 
     The top mode is the strongest-importance peak holding at least ``_MIN_MODE_SHARE`` of the
-    groups; the cut is the first valley below it deep enough against some significant peak
-    further down. Anchoring on the top mode (not the tallest peak) matters when the weak side
-    is itself split, say exact zeros plus a cluster of tiny values: the cut must keep every
-    weak cluster below it.
+    groups and at least ``_MIN_MODE_COUNT`` of them (at 100 groups, 1% is one sample of a
+    single mode's sparse tail, whose basin looked like a mode); the cut is the first valley
+    below it deep enough against some significant peak further down. Anchoring on the top mode
+    (not the tallest peak) matters when the weak side is itself split, say exact zeros plus a
+    cluster of tiny values: the cut must keep every weak cluster below it.
     """
     peaks = _peaks(density)
-    significant = [int(p) for p, m in zip(peaks, masses, strict=True) if m >= _MIN_MODE_SHARE]
+    least = max(_MIN_MODE_SHARE, _MIN_MODE_COUNT / n)
+    significant = [int(p) for p, m in zip(peaks, masses, strict=True) if m >= least]
     if len(significant) < 2:
         return None
     top = significant[-1]
@@ -136,11 +144,12 @@ def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
     if logs[-1] - logs[0] < 1e-9:
         return None, "every importance is the same"
     grid, density = log_density(logs)
-    modes = _two_modes(density, _basin_masses(grid, logs, density))
+    masses = _basin_masses(grid, logs, density)
+    modes = _two_modes(density, masses, v.size)
     if modes is None:
         return None, (
             f"no valley dips to {_MAX_DIP} of the peaks around it between two modes that each "
-            f"hold {_MIN_MODE_SHARE:.0%} of the groups"
+            f"hold {_MIN_MODE_SHARE:.0%} of the groups and at least {_MIN_MODE_COUNT} of them"
         )
     lo, valley, hi = modes
     k = int(np.searchsorted(logs, grid[valley]))
@@ -155,17 +164,35 @@ def split(values: Sequence[float] | np.ndarray) -> tuple[Threshold | None, str]:
         below=k,
         above=int(v.size - k),
         dip=float(density[valley] / min(density[lo], density[hi])),
+        main_mode=float(10 ** grid[_peaks(density)[int(np.argmax(masses))]]),
+        main_share=float(masses.max()),
     ), ""
 
 
 _ADVICE = (
     "train longer or set train.target (the share of channel groups to recede), or set "
-    "prune.threshold=ratio with prune.ratio=0.5 (or another fraction)"
+    "prune.threshold=ratio with prune.ratio=0.5 (or another fraction; on `recede prune`, "
+    "--threshold ratio --ratio 0.5)"
 )
 
 
-def auto_threshold(values: Sequence[float] | np.ndarray, *, min_decades: float = 1.0) -> Threshold:
-    """The valley between the two modes, or ``NotBimodalError`` with advice."""
+def auto_threshold(
+    values: Sequence[float] | np.ndarray,
+    *,
+    min_decades: float = 1.0,
+    receded_below: float | None = None,
+) -> Threshold:
+    """The valley between the two modes, or ``NotBimodalError`` with advice.
+
+    Args:
+        values: one importance per channel group.
+        min_decades: the least distance between the two sides' log-means.
+        receded_below: the importance under which training counted a group as receded
+            (``train.receded_below``), when the caller knows the model was trained that way:
+            a cut that drops a share of the groups far (``_MAX_DISAGREEMENT``) from the share
+            below it is refused. None: the model's training is unknown, and only the majority
+            mode is checked, against the default level 0.01.
+    """
     result, why = split(values)
     if result is None:
         raise NotBimodalError(f"importance distribution is not bimodal ({why}); {_ADVICE}")
@@ -174,7 +201,41 @@ def auto_threshold(values: Sequence[float] | np.ndarray, *, min_decades: float =
             f"the two importance modes are only {result.decades:.2f} decades apart (needs >= "
             f"{min_decades}): the weak channels are not weak enough to drop; {_ADVICE}"
         )
+    _check_majority_kept(result, receded_below or _RECEDED_BELOW)
+    if receded_below is not None:
+        _check_agrees_with_training(result, values, receded_below)
     return result
+
+
+def _check_majority_kept(cut: Threshold, receded_below: float) -> None:
+    """Refuse a cut that drops the mode holding the most groups while that mode has not receded.
+
+    A small strong cluster above the bulk (one layer at |gamma| 1.5 over an L1-trained bulk at
+    0.03) has a valley below it too; cutting there removed 97% of the network.
+    """
+    if receded_below <= cut.main_mode < cut.value:
+        n = cut.below + cut.above
+        raise NotBimodalError(
+            f"the valley at {cut.value:.3g} would drop the largest mode ({cut.main_share:.0%} "
+            f"of {n} groups, around {cut.main_mode:.3g}, above {receded_below:g} where a group "
+            f"counts as receded) and keep {cut.above}: that mode is the network, not the "
+            f"receded channels; {_ADVICE}"
+        )
+
+
+def _check_agrees_with_training(
+    cut: Threshold, values: Sequence[float] | np.ndarray, receded_below: float
+) -> None:
+    """Refuse a cut whose dropped share is far from the share training receded."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    receded = int((v < receded_below).sum())
+    if abs(cut.below - receded) > _MAX_DISAGREEMENT * v.size:
+        raise NotBimodalError(
+            f"the valley at {cut.value:.3g} would drop {cut.below} of {v.size} groups, but "
+            f"training receded {receded} (importance below train.receded_below "
+            f"{receded_below:g}); a cut that far from the receded set (more than "
+            f"{_MAX_DISAGREEMENT:.0%} of the groups) is not the valley training made; {_ADVICE}"
+        )
 
 
 def importance_summary(values: Sequence[float] | np.ndarray) -> dict[str, float]:

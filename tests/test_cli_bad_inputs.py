@@ -7,6 +7,7 @@ file under the test folder (hidden ones included: sizes and mtimes) before and a
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -191,7 +192,18 @@ def _legacy_empty(folder: Path) -> None:
     (folder / "manifest.json").write_text("{}")
 
 
+def _spec_model_a_name(folder: Path) -> None:
+    shapes = json.loads((folder / "shapes.json").read_text())
+    shapes["spec"]["model"] = "resnet20"  # a name where the model config belongs
+    (folder / "shapes.json").write_text(json.dumps(shapes))
+
+
 DAMAGE = {
+    # the message used to be "config must be a mapping, got 'resnet20'": no file, no key
+    "spec_model_not_a_mapping": (
+        _spec_model_a_name,
+        "shapes.json: key 'spec.model' must be a mapping such as {'name': 'resnet20'}, got 'resnet20'",
+    ),
     "weights_truncated": (_truncate, "model.pt"),
     "weights_empty": (lambda f: (f / "model.pt").write_bytes(b""), "model.pt is empty"),
     "weights_evil_pickle": (_evil, "refused without running it"),
@@ -235,6 +247,11 @@ EXPORT_FLAGS = {
     "atol_nan": (["--atol", "nan"], "argument --atol"),
     "opset_low": (["--opset", "5"], "--opset: expected an integer in [17"),
     "format_unknown": (["--format", "tflite"], "invalid choice: 'tflite'"),
+    # --int8 was ignored without a word by an ONNX export
+    "int8_without_tensorrt": (
+        ["--format", "onnx", "--int8"],
+        "--int8 builds TensorRT INT8 kernels, and --format onnx makes no TensorRT engine",
+    ),
 }
 
 
@@ -340,6 +357,13 @@ def test_bad_config_for_train(case, tmp_path, capsys):
     extra, fragment = CONFIG_CASES[case]
     argv = ["train", "-c", "configs/demo.yaml", *SMALL, *extra, "--out", str(tmp_path / "o")]
     assert_refused(tmp_path, capsys, argv, fragment)
+
+
+def test_a_config_that_is_a_list_names_its_file(tmp_path, capsys):
+    config = tmp_path / "listed.yaml"
+    config.write_text("- train:\n    epochs: 1\n")
+    argv = ["train", "-c", str(config), *SMALL, "--out", str(tmp_path / "o")]
+    assert_refused(tmp_path, capsys, argv, f"config file '{config}' must be a mapping of sections")
 
 
 def test_cifar_missing_from_an_empty_root(tmp_path, capsys):

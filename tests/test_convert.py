@@ -140,3 +140,24 @@ def test_variance_route_is_exact_or_refuses():
         tiny.bn.running_var[1] = 1e-6  # (1e-6 + eps) / alpha^2 - eps < 0
     with pytest.raises(ConversionError, match="bn: channel 1 .* too small to carry the factor"):
         convert_trained_to_bounded_(tiny, x)
+
+
+def test_a_sign_flip_carries_the_corrections_of_an_earlier_prune():
+    """Negating a conv that carries constant corrections must negate them too (1.3e-1 before)."""
+    from pipeline.config import PruneConfig
+    from pipeline.corrected_conv import corrections
+    from pipeline.prune import prune_model
+
+    model, x = _trained_like(Clipped(nn.ReLU()), size=12), torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        model.b1.bias.abs_()  # the dropped channels' constants pass the ReLU
+    cfg = PruneConfig(threshold="ratio", ratio=0.4, min_channels=1)
+    pruned = prune_model(model, x, cfg).model
+    assert corrections(pruned.c2)  # b1's dropped shifts live on in c2
+    with torch.no_grad():
+        pruned.b2.weight.copy_(torch.linspace(-1.5, 0.5, pruned.b2.num_features))
+    original = copy.deepcopy(pruned)
+    report = convert_trained_to_bounded_(pruned, x)
+    assert report.flipped_channels > 0
+    y = 3 * x
+    assert (pruned(y) - original(y)).abs().max() <= RTOL * original(y).abs().max()
