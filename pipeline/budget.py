@@ -83,6 +83,9 @@ class ReceededShare:
         w = torch.tensor([1.0 if weights is None else weights[g] for g in self.group_ids])
         self.weights = (w / w.sum()).double()
         self._layers = _layer_limits(graph, self.group_ids, *floors)
+        # a group with a frozen BN scale (requires_grad=False) cannot be made to recede
+        frozen = {n for n, m in self.modules if m.weight is not None and not m.weight.requires_grad}
+        self._frozen = [any(n in frozen for n, _ in g.bn_channels) for g in groups]
         # with an example, shares are exact shares of the MACs (train.target_cost: macs)
         self.macs = (
             None if macs_example is None else KeptMacs(model, graph, macs_example, self.group_ids)
@@ -111,12 +114,12 @@ class ReceededShare:
         return chosen
 
     def _eligible(self, importance: torch.Tensor) -> torch.Tensor:
-        """Groups weakest first, leaving out those the layer floors keep."""
+        """Groups weakest first, leaving out those the layer floors keep and frozen ones."""
         room = dict(self._layers[1])
         order = []
         for j in torch.argsort(importance).tolist():
             uses = self._layers[0][j]
-            if all(room[name] >= n for name, n in uses):
+            if not self._frozen[j] and all(room[name] >= n for name, n in uses):
                 order.append(j)
                 for name, n in uses:
                     room[name] -= n

@@ -76,14 +76,20 @@ class Penalty:
 
 
 def scale_parameters(model: nn.Module, *, bounded: bool) -> tuple[nn.Parameter, ...]:
-    """The per-channel scale parameters of every bounded (or plain affine) BN in ``model``."""
+    """The per-channel scale parameters of every bounded (or plain affine) BN in ``model``.
+
+    A scale the user froze (``requires_grad=False``) is left out: no penalty gradient is
+    written into it, and no clamp or shrink touches it.
+    """
     if bounded:
-        return tuple(m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d))
-    return tuple(
-        m.weight
-        for m in model.modules()
-        if is_bn(m) and not isinstance(m, BoundedBatchNorm2d) and m.weight is not None
-    )
+        scales = (m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d))
+    else:
+        scales = (
+            m.weight
+            for m in model.modules()
+            if is_bn(m) and not isinstance(m, BoundedBatchNorm2d) and m.weight is not None
+        )
+    return tuple(w for w in scales if w.requires_grad)
 
 
 def make_penalty(
@@ -105,4 +111,7 @@ def make_penalty(
     graph = graph if graph is not None else build_channel_graph(model, example)
     costs = layer_costs(model, graph, example, config.cost)
     modules = dict(model.named_modules())
-    return Penalty(config, tuple(modules[n].weight for n in costs), backend, tuple(costs.values()))
+    trained = [n for n in costs if modules[n].weight.requires_grad]  # frozen: left alone
+    return Penalty(
+        config, tuple(modules[n].weight for n in trained), backend, tuple(costs[n] for n in trained)
+    )

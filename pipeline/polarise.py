@@ -132,6 +132,7 @@ class Polariser:
             )
         self.step = 0
         self.reachable: float | None = None  # set by prepare under a target
+        self._momentum_checked = False
         self._masks: list[torch.Tensor] = []
         self._signs: list[torch.Tensor] = []
 
@@ -220,6 +221,9 @@ class Polariser:
         saved = (
             [p.detach().clone() for p in self.penalty.params] if budget and method == "ista" else []
         )
+        if method == "ista" and not self._momentum_checked:
+            _warn_ista_momentum(optimizer, self.penalty.params)
+            self._momentum_checked = True
         self.penalty.after_step_(_lr_of(optimizer, self.penalty.params[0]), self.strength)
         with torch.no_grad():
             for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=False):
@@ -295,6 +299,20 @@ def _grad_of(p: torch.Tensor) -> torch.Tensor:
     if p.grad is None:
         p.grad = torch.zeros_like(p)
     return p.grad
+
+
+def _warn_ista_momentum(optimizer: torch.optim.Optimizer, params: tuple) -> None:
+    """ISTA needs plain SGD on gamma: momentum carries a shrunk gamma through zero again."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0.0) and any(id(p) in ids for p in group["params"]):
+            logger.warning(
+                "ISTA's BN gammas are in an optimizer group with momentum %g: momentum carries "
+                "a shrunk gamma through zero, so the exact zeros do not stay; build the "
+                "optimizer from Polariser.param_groups(...), which gives them momentum 0",
+                group["momentum"],
+            )
+            return
 
 
 def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:

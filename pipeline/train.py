@@ -76,8 +76,12 @@ def make_optimizer(
     """SGD with BN parameters at ``bn_lr_mult`` x lr and no weight decay (ISTA: see polarise)."""
     if polariser is not None:
         groups = polariser.param_groups(lr, cfg.weight_decay)
-    else:
-        groups = bn_param_groups(model, lr, cfg.weight_decay, cfg.bn_lr_mult)
+    else:  # ISTA's gammas still get their momentum-0 group without a polariser
+        from pipeline.penalties import scale_parameters
+
+        ista = cfg.penalty.method == "ista"
+        plain = scale_parameters(model, bounded=False) if ista else ()
+        groups = bn_param_groups(model, lr, cfg.weight_decay, cfg.bn_lr_mult, plain)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
