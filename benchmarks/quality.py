@@ -1,27 +1,48 @@
-"""Accuracy against pruned fraction: recede's budget-driven methods beside their peers.
+"""Accuracy against MACs kept: recede's budget-driven methods beside Torch-Pruning at its strongest.
 
-Every method gets the same data, model, training epochs, fine-tune epochs and learning rates:
+Every method gets the same data, model, total epochs (``--epochs`` of training, then
+``--finetune-epochs`` after the cut), learning rates and seed, and every cell is pruned to the
+same budget, stated as the share of the dense model's MACs that is *kept* (``--macs-kept``):
 
-- ``receding``, ``l1``, ``polarization``, ``ista``: trained with ``train.target`` set to the
-  cell's target (the budget controller drives the strength from a deliberately weak start),
-  then pruned at the automatic valley threshold (at the target ratio if the valley is refused,
-  which the cell records);
-- ``ucs``: trained without a penalty, pruned per layer by smallest scale at the target fraction
-  (the seed paper's reference code);
-- ``tp-bn`` and ``tp-mag``: the same unpenalised model, pruned by Torch-Pruning 1.6's public
-  ``MetaPruner`` with its BN-scale and its magnitude importance, global ranking, at the target
-  ratio (``pip install 'recede[bench]'``).
+- ``receding``, ``l1``, ``polarization``, ``ista`` (recede): trained with ``train.target = 1 -
+  kept`` counted in MACs (``train.target_cost: macs``); the budget controller drives the
+  strength from a deliberately weak start. Pruned at the automatic valley threshold; when the
+  valley is refused or keeps more than the budget, the cut moves up the importance ranking until
+  the MACs fit (the cell records ``cut``: ``auto`` or ``macs``).
+- ``ucs``: trained without a penalty (plain BN), pruned per layer by smallest |gamma| at one
+  shared fraction, raised until the MACs fit (the seed paper's reference code).
+- ``tp-mag``: the same unpenalised model, pruned by Torch-Pruning 1.6's ``MagnitudePruner`` (L1
+  magnitude, the ``l1`` method of its ``benchmarks/main.py``).
+- ``tp-slim``: Network Slimming through Torch-Pruning: ``BNScalePruner`` (reg 1e-5) with its sparse
+  training (``pruner.regularize(model)`` after every ``backward()``, ``update_regularizer()``
+  every epoch), as ``--method slim`` of Torch-Pruning's CIFAR benchmark.
+- ``tp-group``: the DepGraph paper's group regularisation: ``GroupNormPruner`` with
+  ``GroupMagnitudeImportance(p=2)`` (reg 5e-4, alpha 4) and the same sparse training, as
+  ``--method group_sl`` there.
 
-Per cell: accuracy before fine-tuning, after BN recalibration and after fine-tuning; params;
-MACs; the achieved pruned fraction; ONNX Runtime CPU p50 at batch 1 and 32 of the folded model.
+Torch-Pruning's pruners follow its benchmark's ``progressive_pruning``: global ranking,
+``iterative_steps=400``, ``pruning_ratio=1.0``, step until the MACs fit; ``max_pruning_ratio`` is
+``--max-layer-ratio`` (0.95, recede's own ceiling, where Torch-Pruning's benchmark uses 1.0, which
+can delete whole layers of these small nets). The classifier is ignored, as there.
 
-    python benchmarks/quality.py --quick                 # <= 10 min on 2 cores
-    python benchmarks/quality.py                         # the grid in benchmarks/RESULTS.md
-    python benchmarks/quality.py --device cuda           # the same grid on a GPU
-    python benchmarks/quality_report.py RESULTS_JSON     # RESULTS.md and plots from the JSON
+Per cell: accuracy before fine-tuning, after BN recalibration and after fine-tuning; params; MACs
+(and the kept fraction); ONNX Runtime CPU p50 at batch 1 and 32 of the folded model. The dense
+reference is the unpenalised plain-BN model trained for the same total epochs.
 
-Results are appended cell by cell to the JSON (written atomically), so an interrupted grid keeps
-what it finished and ``--resume`` skips the cells already there.
+``--ablation`` runs the receding method's factors one at a time from its configuration
+(``RECEDING_VARIANTS``); ``--starts`` runs the cliff check (the same cell from starting strengths
+decades apart).
+
+    python benchmarks/quality.py --quick                      # digits, a few minutes on 2 cores
+    python benchmarks/quality.py --data fashion_mnist --image-size 28 --train-limit 10000 \\
+        --epochs 3 --finetune-epochs 1                        # the grid in benchmarks/RESULTS.md
+    python benchmarks/quality.py --device cuda --data fashion_mnist --image-size 28  # full set
+    python benchmarks/quality_report.py RESULTS_JSON          # RESULTS.md and plots from the JSON
+
+Every dependency and the data set are checked before any training (exit 2 names what is missing
+and how to get it). Each cell logs its result and the grid's elapsed time and ETA. Results are
+written atomically after every cell, so an interrupted grid keeps what it finished and
+``--resume`` skips the cells already there.
 """
 
 from __future__ import annotations
@@ -31,7 +52,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -42,6 +62,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_data import example_batch, load_tensor_data, training_view  # noqa: E402
+from quality_peers import (  # noqa: E402
+    TorchPruningSparsity,
+    fit_macs,
+    tp_progressive,
+    tp_pruner,
+    ucs_prune,
+)
 
 from pipeline.atomic import write_json_atomic  # noqa: E402
 from pipeline.bench import count_macs, count_params, environment  # noqa: E402
@@ -54,55 +84,111 @@ from pipeline.config import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
-from pipeline.data import DataBundle, load_data  # noqa: E402
+from pipeline.data import DataBundle, DataError  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
 from pipeline.prune import prune_model  # noqa: E402
-from pipeline.run import _fixed_batch, build_and_train  # noqa: E402
+from pipeline.run import build_and_train  # noqa: E402
 from pipeline.threshold import NotBimodalError  # noqa: E402
-from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_  # noqa: E402
+from pipeline.train import (  # noqa: E402
+    evaluate,
+    recalibrate_bn_,
+    resolve_device,
+    seed_everything,
+    train_,
+)
 
 logger = logging.getLogger("quality")
 
 CONTROLLED = ("receding", "l1", "polarization", "ista")
-BASELINES = ("ucs", "tp-bn", "tp-mag")
+BASELINES = ("ucs", "tp-mag", "tp-slim", "tp-group")
+SPARSE_TP = ("tp-slim", "tp-group")
 # A deliberately weak starting strength: the controller must find the right one itself.
 START_STRENGTH = {"receding": 1e-4, "l1": 1e-5, "polarization": 1e-5, "ista": 1e-5}
 MODELS = {
     "vgg": ModelConfig(name="vgg", depth=11, width=0.5),
     "resnet20": ModelConfig(name="resnet20", width=1.0),
 }
+# The receding method's factors, one at a time from ``default`` (what recede ships). Keys of each
+# variant: TrainConfig fields, ``bias`` (the penalty's shift b), ``plain_finetune`` (survivors
+# fine-tuned as plain BN, so their scale is no longer capped at 1).
+RECEDING_DEFAULT: dict[str, Any] = {"bn_shift": True, "bias": 0.0}
+RECEDING_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no BN shift": {"bn_shift": False},
+    "all channels (paper form)": {"penalise": "all"},
+    "all channels, b=3": {"penalise": "all", "bias": 3.0},
+    "shift b=3": {"bias": 3.0},
+    "ramp 0.3": {"target_ramp": 0.3},
+    "ramp 0.9": {"target_ramp": 0.9},
+    "lambda rate 1 decade": {"strength_rate": 1.0},
+    "plain-BN survivors": {"plain_finetune": True},
+    "delay 0.2": {"target_delay": 0.2},
+    "N(0,1) logits (reference init)": {"bn_init": "normal"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """What to run: every (model, method, target, seed) cell shares the rest."""
+    """What to run: every (model, method, kept, seed) cell shares the rest."""
 
     data: DataConfig
     models: tuple[str, ...]
     methods: tuple[str, ...]
-    targets: tuple[float, ...]
+    kept: tuple[float, ...]  # share of the dense MACs each cell keeps
     seeds: tuple[int, ...]
     epochs: int
     finetune_epochs: int
     lr: float = 0.05
     finetune_lr: float = 0.01
     device: str = "cpu"
-    min_channels: int = 4
+    min_channels: int = 2
     max_layer_ratio: float = 0.95
+    receding: tuple[tuple[str, Any], ...] = ()  # overrides of RECEDING_DEFAULT (a variant)
 
 
-def _train_config(
-    grid: Grid, model: str, method: str, target: float | None, seed: int, start: float | None = None
-) -> RunConfig:
+class Clock:
+    """Progress over the grid in epoch units (a training or fine-tune epoch is one), with ETA."""
+
+    def __init__(self, total_units: float) -> None:
+        self.total, self.done, self.start = max(total_units, 1e-9), 0.0, time.perf_counter()
+
+    def advance(self, units: float, what: str) -> None:
+        self.done += units
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * max(0.0, self.total - self.done) if self.done else 0.0
+        logger.info(
+            "[%3.0f%%] %s | elapsed %s, ETA %s",
+            100 * min(1.0, self.done / self.total),
+            what,
+            _hms(elapsed),
+            _hms(eta),
+        )
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60:d}:{m % 60:02d}:{s:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and measurement shared by every cell.
+
+
+def _train_config(grid: Grid, method: str, kept: float | None, seed: int, start=None):
+    """The RunConfig of one cell; ``method`` ``none`` trains without a penalty (plain BN)."""
+    overrides = {**RECEDING_DEFAULT, **dict(grid.receding)} if method == "receding" else {}
+    overrides.pop("plain_finetune", None)
+    bias = overrides.pop("bias", 0.0)
     strength = START_STRENGTH.get(method, 0.0) if start is None else start
-    penalty = PenaltyConfig(method=method, strength=strength, bias=0.0)
     train = TrainConfig(
         epochs=grid.epochs,
         lr=grid.lr,
         seed=seed,
         device=grid.device,
-        penalty=penalty,
-        target=target,
-        bn_shift=method == "receding",
+        penalty=PenaltyConfig(method=method, strength=strength, bias=bias),
+        target=None if kept is None else 1.0 - kept,
+        target_cost="macs",
+        **overrides,
     )
     prune = PruneConfig(
         threshold="auto",
@@ -111,7 +197,94 @@ def _train_config(
         finetune_epochs=grid.finetune_epochs,
         finetune_lr=grid.finetune_lr,
     )
-    return RunConfig(data=grid.data, model=MODELS[model], train=train, prune=prune)
+    return train, prune
+
+
+def _seed_cell(data: DataBundle, seed: int) -> None:
+    """Every training in a cell starts from ``seed``: the global RNGs and the training loader's
+    own shuffling generator, so a cell's result does not depend on the cells run before it in
+    the same process (before 2026-12-04 16:30 the loader's generator ran on across cells)."""
+    seed_everything(seed)
+    if data.train.generator is not None:
+        data.train.generator.manual_seed(seed)
+
+
+def _train_plain(
+    grid: Grid, data: DataBundle, model_name: str, seed: int, regulariser=None
+) -> nn.Module:
+    """A plain-BN model (PyTorch's own init) trained ``grid.epochs``, with an optional
+    Torch-Pruning regulariser standing in for the polariser (``TorchPruningSparsity``)."""
+    _seed_cell(data, seed)
+    model = build_model(
+        MODELS[model_name], num_classes=data.num_classes, in_channels=data.in_channels
+    )
+    train, _ = _train_config(grid, "none", None, seed)
+    sparsity = regulariser(model) if regulariser else None
+    train_(model, training_view(data), train, epochs=grid.epochs, lr=grid.lr, polariser=sparsity)
+    return model.cpu().eval(), sparsity
+
+
+def _finetune(model: nn.Module, data: DataBundle, grid: Grid, seed: int) -> dict[str, float]:
+    """Accuracy raw, after BN recalibration and after ``grid.finetune_epochs``; in place."""
+    device = resolve_device(grid.device)
+    train, _ = _train_config(grid, "none", None, seed)
+    acc = {"acc_raw": evaluate(model.to(device), data.test, device)}
+    _seed_cell(data, seed)
+    recalibrate_bn_(model, data.train, device)
+    acc["acc_recal"] = evaluate(model, data.test, device)
+    train_(
+        model,
+        training_view(data),
+        train,
+        epochs=grid.finetune_epochs,
+        lr=grid.finetune_lr,
+        polariser=None,
+        tag="finetune",
+    )
+    acc["acc_ft"] = evaluate(model, data.test, device)
+    return acc
+
+
+def _measure(model: nn.Module, data: DataBundle, batch: torch.Tensor, dense: dict) -> dict:
+    model = model.cpu().eval()
+    channels = sum(m.weight.numel() for m in bn_modules(model).values())
+    macs = count_macs(model, data.input_shape)
+    return {
+        "params": count_params(model),
+        "macs": macs,
+        "macs_kept": macs / dense["macs_dense"],
+        "pruned_channels": 1 - channels / dense["channels_dense"],
+        **_ort_p50(model, batch, data.input_shape),
+    }
+
+
+def _ort_p50(model: nn.Module, batch: torch.Tensor, input_shape) -> dict[str, float]:
+    """ONNX Runtime CPU p50 (ms) of the folded model at batch 1 and 32, one thread (grids run
+    two processes side by side on two cores; read these as rough, not as the latency bench)."""
+    from pipeline.bench import bench_onnxruntime
+    from pipeline.export.onnx import export_onnx
+    from pipeline.fold import fold_bn
+
+    folded, _ = fold_bn(model.cpu().eval(), batch, rtol=1e-3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(folded, batch[:2], Path(tmp) / "m.onnx")
+        return {
+            f"ort_p50_b{b}": bench_onnxruntime(
+                path, input_shape, batch=b, threads=1, runs=30, warmup=10
+            ).p50_ms
+            for b in (1, 32)
+        }
+
+
+def _dense_facts(model: nn.Module, data: DataBundle, grid: Grid, batch: torch.Tensor) -> dict:
+    device = resolve_device(grid.device)
+    return {
+        "acc_dense": evaluate(model.to(device), data.test, device),
+        "params_dense": count_params(model.cpu()),
+        "macs_dense": count_macs(model.cpu(), data.input_shape),
+        "channels_dense": sum(m.weight.numel() for m in bn_modules(model).values()),
+        "importances": _group_importances(model.cpu().eval(), batch),
+    }
 
 
 def _group_importances(model: nn.Module, batch: torch.Tensor) -> list[float]:
@@ -122,205 +295,166 @@ def _group_importances(model: nn.Module, batch: torch.Tensor) -> list[float]:
     return [float(f"{v:.4g}") for v in values]
 
 
-def _ort_p50(
-    model: nn.Module, batch: torch.Tensor, input_shape: tuple[int, ...]
-) -> dict[str, float]:
-    """ONNX Runtime CPU p50 (ms) of the folded model at batch 1 and 32, two threads."""
-    from pipeline.bench import bench_onnxruntime
-    from pipeline.export.onnx import export_onnx
-    from pipeline.fold import fold_bn
-
-    folded, _ = fold_bn(model.cpu().eval(), batch, rtol=1e-3)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(folded, batch[:2], Path(tmp) / "m.onnx")
-        return {
-            f"ort_p50_b{b}": bench_onnxruntime(
-                path, input_shape, batch=b, threads=2, runs=50
-            ).p50_ms
-            for b in (1, 32)
-        }
-
-
-def _finish(
-    cell: dict, pruned: nn.Module, data: DataBundle, cfg: RunConfig, batch: torch.Tensor
-) -> dict:
-    """Recalibrate, fine-tune and measure a pruned model; fills ``cell``."""
-    device = resolve_device(cfg.train.device)
-    cell["acc_raw"] = evaluate(pruned.to(device), data.test, device)
-    recalibrate_bn_(pruned, data.train, device)
-    cell["acc_recal"] = evaluate(pruned, data.test, device)
-    train_(
-        pruned,
-        data,
-        cfg.train,
-        epochs=cfg.prune.finetune_epochs,
-        lr=cfg.prune.finetune_lr,
-        polariser=None,
-        tag="finetune",
-    )
-    cell["acc_ft"] = evaluate(pruned, data.test, device)
-    pruned = pruned.cpu().eval()
-    channels = sum(m.weight.numel() for m in bn_modules(pruned).values())
-    cell.update(
-        params=count_params(pruned),
-        macs=count_macs(pruned, data.input_shape),
-        pruned_channels=1 - channels / cell["channels_dense"],
-        **_ort_p50(pruned, batch, data.input_shape),
-    )
-    return cell
-
-
-def _dense_facts(
-    model: nn.Module, data: DataBundle, device: torch.device, batch: torch.Tensor
-) -> dict:
-    return {
-        "acc_dense": evaluate(model.to(device), data.test, device),
-        "params_dense": count_params(model.cpu()),
-        "macs_dense": count_macs(model.cpu(), data.input_shape),
-        "channels_dense": sum(m.weight.numel() for m in bn_modules(model).values()),
-        "importances": _group_importances(model.cpu().eval(), batch),
-    }
-
-
-def _prune_at_target(
-    model: nn.Module, batch: torch.Tensor, cfg: RunConfig, target: float
-) -> tuple[Any, str]:
-    try:
-        return prune_model(model, batch, cfg.prune), "auto"
-    except NotBimodalError as err:
-        logger.warning("auto threshold refused (%s); pruning at ratio %.2f", err, target)
-        ratio = dataclasses.replace(cfg.prune, threshold="ratio", ratio=target)
-        return prune_model(model, batch, ratio), "ratio"
+# ---------------------------------------------------------------------------------------------
+# recede's controlled methods.
 
 
 def controlled_cell(
-    grid: Grid,
-    data: DataBundle,
-    model_name: str,
-    method: str,
-    target: float,
-    seed: int,
-    start: float | None = None,
+    grid: Grid, data: DataBundle, model_name: str, method: str, kept: float, seed: int, start=None
 ) -> dict:
-    """Train with the budget controller at ``target``, prune at the valley, fine-tune, measure."""
-    cfg = _train_config(grid, model_name, method, target, seed, start)
-    seed_everything(seed)
-    model, logs = build_and_train(cfg, data, None)
-    batch = _fixed_batch(data)
-    cell = _dense_facts(model, data, resolve_device(grid.device), batch)
-    last = logs[-1]
-    cell.update(strength=last.strength, receded=last.receded)
-    pruned, cell["threshold_mode"] = _prune_at_target(model.cpu().eval(), batch, cfg, target)
-    cell["threshold"] = pruned.plan.threshold_value
-    cell["pruned_groups"] = len(pruned.plan.dropped_groups) / len(pruned.importances)
-    return _finish(cell, pruned.model, data, cfg, batch)
+    """Train under the budget controller, prune at the valley (or to the MACs), fine-tune."""
+    train, prune = _train_config(grid, method, kept, seed, start)
+    cfg = RunConfig(data=grid.data, model=MODELS[model_name], train=train, prune=prune)
+    _seed_cell(data, seed)
+    model, logs = build_and_train(cfg, training_view(data), None)
+    batch = example_batch(data)
+    dense = _dense_facts(model, data, grid, batch)
+    cell = {**dense, "strength": logs[-1].strength, "receded": logs[-1].receded}
+    pruned, cell["cut"] = _prune_to_budget(model, batch, prune, kept, dense, data.input_shape)
+    if dict(grid.receding).get("plain_finetune") and method == "receding":
+        convert_to_plain_bn_(pruned)
+    cell.update(_finetune(pruned, data, grid, seed))
+    cell.update(_measure(pruned, data, batch, dense))
+    return cell
 
 
-def _ucs(model: nn.Module, batch: torch.Tensor, target: float) -> nn.Module:
-    """Per-layer uniform pruning by smallest scale: each BN layer loses ``target`` of its groups."""
-    from pipeline.channel_graph import build_channel_graph
-    from pipeline.prune import group_importance, make_plan, remove_groups
+def _prune_to_budget(model, batch, prune: PruneConfig, kept: float, dense: dict, shape):
+    """The valley cut when it fits the MACs budget (2% slack); else the importance cut that does."""
+    budget = int(kept * dense["macs_dense"] * 1.02)
+    try:
+        pruned = prune_model(model, batch, prune).model
+        if count_macs(pruned, shape) <= budget:
+            return pruned, "auto"
+    except NotBimodalError as err:
+        logger.warning("auto threshold refused (%s); cutting to the MACs budget", err)
+    values = sorted(dense["importances"])
 
-    graph = build_channel_graph(model, batch)
-    importance = group_importance(model, graph, "max")
-    home: dict[int, str] = {}
-    for name, layer in graph.layers.items():
-        for g in layer.out_groups:
-            if layer.kind == "bn" and g in importance:
-                home.setdefault(g, name)
-    dropped: set[int] = set()
-    for name in dict.fromkeys(home.values()):
-        mine = sorted((g for g, h in home.items() if h == name), key=lambda g: importance[g])
-        dropped |= set(mine[: math.floor(target * len(mine))])
-    return remove_groups(model, graph, make_plan(graph, dropped), batch)[0]
+    def at(position: float) -> nn.Module:
+        value = values[min(len(values) - 1, int(position * (len(values) - 1)))]
+        cut = max(value * (1 + 1e-6), 1e-38)  # importances can underflow to exactly 0
+        return prune_model(model, batch, dataclasses.replace(prune, threshold=cut)).model
 
-
-def _torch_pruning(
-    model: nn.Module, batch: torch.Tensor, target: float, kind: str, grid: Grid
-) -> nn.Module:
-    """Torch-Pruning 1.6 ``MetaPruner`` with BN-scale or magnitude importance, global ranking."""
-    import torch_pruning as tp
-
-    model = copy.deepcopy(model).cpu().eval()
-    convert_to_plain_bn_(model)  # Torch-Pruning knows nn.BatchNorm2d, not recede's bounded BN
-    importance = (
-        tp.importance.BNScaleImportance()
-        if kind == "tp-bn"
-        else tp.importance.MagnitudeImportance(p=2)
-    )
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    pruner = tp.pruner.MetaPruner(
-        model,
-        batch[:1],
-        importance=importance,
-        pruning_ratio=target,
-        global_pruning=True,
-        max_pruning_ratio=grid.max_layer_ratio,
-        ignored_layers=head,
-    )
-    pruner.step()
-    return model
+    return fit_macs(at, 0.0, 1.0, int(kept * dense["macs_dense"]), shape), "macs"
 
 
-def baseline_cells(grid: Grid, data: DataBundle, model_name: str, seed: int) -> list[dict]:
-    """Train once without a penalty; prune it by every baseline at every target."""
-    cfg = _train_config(grid, model_name, "none", None, seed)
-    seed_everything(seed)
-    model, _ = build_and_train(cfg, data, None)
-    batch = _fixed_batch(data)
-    dense = _dense_facts(model, data, resolve_device(grid.device), batch)
+# ---------------------------------------------------------------------------------------------
+# Baselines: UCS and Torch-Pruning's recipes.
+
+
+def baseline_cells(grid: Grid, data: DataBundle, model_name: str, seed: int, clock: Clock):
+    """Train the plain and the sparse models once; prune each by its recipe at every budget."""
+    batch = example_batch(data)
+    methods = [m for m in grid.methods if m in BASELINES]
+    dense_model, _ = _train_plain(grid, data, model_name, seed)
+    dense = _dense_facts(dense_model, data, grid, batch)
+    reference = copy.deepcopy(dense_model)
+    ref = _finetune(reference, data, grid, seed)  # dense, same total epochs as every cell
+    dense["acc_dense_same_epochs"] = ref["acc_ft"]
+    clock.advance(grid.epochs + grid.finetune_epochs, f"{model_name} seed {seed}: dense trained")
     cells = []
-    for method in (m for m in grid.methods if m in BASELINES):
-        for target in grid.targets:
-            base = copy.deepcopy(model).cpu().eval()
-            pruned = (
-                _ucs(base, batch, target)
-                if method == "ucs"
-                else _torch_pruning(base, batch, target, method, grid)
-            )
-            cell = {
-                **_key(model_name, method, target, seed),
-                **dense,
-                "threshold_mode": "ratio",
-                "epochs": grid.epochs,
-            }
-            cell["pruned_groups"] = None
-            cells.append(_finish(cell, pruned, data, cfg, batch))
-            logger.info("%s", _line(cells[-1]))
+    for method in methods:
+        trained = dense_model
+        if method in SPARSE_TP:
+            trained = _sparse_tp_model(grid, data, model_name, seed, method, batch)
+            clock.advance(grid.epochs, f"{model_name} seed {seed}: {method} sparse training")
+        facts = (
+            {**dense, **_dense_facts(trained, data, grid, batch)}
+            if trained is not dense_model
+            else dense
+        )
+        facts["acc_dense_same_epochs"] = ref["acc_ft"]
+        for kept in grid.kept:
+            cell = {**_key(model_name, method, kept, seed), **facts, "cut": "macs"}
+            pruned = _baseline_prune(trained, batch, method, kept, grid, data, facts)
+            cell.update(_finetune(pruned, data, grid, seed))
+            cell.update(_measure(pruned, data, batch, facts))
+            cell["epochs"] = grid.epochs
+            cells.append(cell)
+            clock.advance(grid.finetune_epochs, _line(cell))
     return cells
 
 
-def _key(model: str, method: str, target: float, seed: int) -> dict:
-    return {"model": model, "method": method, "target": target, "seed": seed}
+def _sparse_tp_model(grid, data, model_name, seed, method, batch) -> nn.Module:
+    """A model trained with the Torch-Pruning recipe's own sparsity regulariser."""
+
+    def regulariser(model: nn.Module) -> TorchPruningSparsity:
+        pruner = tp_pruner(model, batch, method, grid.max_layer_ratio)
+        return TorchPruningSparsity(pruner, model, len(data.train))
+
+    model, _ = _train_plain(grid, data, model_name, seed, regulariser)
+    return model
+
+
+def _baseline_prune(trained, batch, method, kept, grid, data, dense) -> nn.Module:
+    shape, budget = data.input_shape, int(kept * dense["macs_dense"])
+    if method == "ucs":
+        return fit_macs(
+            lambda f: ucs_prune(trained, batch, f, grid.min_channels, grid.max_layer_ratio),
+            0.0,
+            grid.max_layer_ratio,
+            budget,
+            shape,
+        )
+    model = copy.deepcopy(trained).cpu().eval()
+    return tp_progressive(
+        tp_pruner(model, batch, method, grid.max_layer_ratio), model, budget, shape
+    )
+
+
+def _key(model: str, method: str, kept: float, seed: int) -> dict:
+    return {"model": model, "method": method, "kept": kept, "seed": seed}
 
 
 def _line(c: dict) -> str:
     return (
-        f"{c['model']} {c['method']} target {c['target']:.2f} seed {c['seed']}: dense {c['acc_dense']:.4f} "
+        f"{c['model']} {c['method']} kept {c['kept']:.2f} seed {c['seed']}: "
         f"raw {c['acc_raw']:.4f} recal {c['acc_recal']:.4f} ft {c['acc_ft']:.4f} "
-        f"pruned channels {c['pruned_channels']:.3f}"
+        f"MACs kept {c['macs_kept']:.3f} ({c['cut']})"
     )
 
 
-def run_grid(grid: Grid, out: Path, resume: bool) -> dict:
-    """Run every cell not yet in ``out``; rewrite ``out`` after each one."""
+# ---------------------------------------------------------------------------------------------
+# Grid, ablation and cliff check.
+
+
+def _units(grid: Grid, cells: list[tuple]) -> float:
+    """Epoch units the listed (model, method, kept, seed) cells will cost."""
+    e, f = grid.epochs, grid.finetune_epochs
+    units = sum(e + f for c in cells if c[1] in CONTROLLED)
+    base = {(c[0], c[3]) for c in cells if c[1] in BASELINES}
+    units += len(base) * (e + f) + sum(f for c in cells if c[1] in BASELINES)
+    units += e * len({(c[0], c[1], c[3]) for c in cells if c[1] in SPARSE_TP})
+    return units
+
+
+def _open_results(out: Path, resume: bool, grid: Grid) -> dict:
     results = json.loads(out.read_text()) if resume and out.exists() else {"cells": []}
-    results.setdefault("grids", []).append(dataclasses.asdict(grid))  # one per invocation
+    results.setdefault("grids", []).append(dataclasses.asdict(grid))
     results.update(
         environment=environment(),
         started=results.get("started", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
     )
-    done = {(c["model"], c["method"], c["target"], c["seed"]) for c in results["cells"]}
-    data = load_data(grid.data, seed=0)
+    return results
+
+
+def run_grid(grid: Grid, data: DataBundle, out: Path, resume: bool) -> dict:
+    """Run every cell not yet in ``out``; rewrite ``out`` after each one."""
+    results = _open_results(out, resume, grid)
+    done = {(c["model"], c["method"], c["kept"], c["seed"]) for c in results["cells"]}
+    todo = [
+        (model, m, k, s)
+        for model in grid.models
+        for s in grid.seeds
+        for m in grid.methods
+        for k in grid.kept
+        if (model, m, k, s) not in done
+    ]
+    clock = Clock(_units(grid, todo))
+    logger.info("%d cells to run (%d already in %s)", len(todo), len(done), out)
     for model_name in grid.models:
         for seed in grid.seeds:
-            todo = [
-                (m, t)
-                for m in grid.methods
-                for t in grid.targets
-                if (model_name, m, t, seed) not in done
-            ]
-            if any(m in BASELINES for m, _ in todo):
+            mine = [c for c in todo if c[0] == model_name and c[3] == seed]
+            if any(c[1] in BASELINES for c in mine):
                 results["cells"] = [
                     c
                     for c in results["cells"]
@@ -328,39 +462,101 @@ def run_grid(grid: Grid, out: Path, resume: bool) -> dict:
                         c["model"] == model_name and c["seed"] == seed and c["method"] in BASELINES
                     )
                 ]
-                results["cells"] += baseline_cells(grid, data, model_name, seed)
+                results["cells"] += baseline_cells(grid, data, model_name, seed, clock)
                 write_json_atomic(out, results)
-            for method, target in ((m, t) for m, t in todo if m in CONTROLLED):
+            for _, method, kept, _ in (c for c in mine if c[1] in CONTROLLED):
                 start = time.perf_counter()
                 cell = {
-                    **_key(model_name, method, target, seed),
-                    **controlled_cell(grid, data, model_name, method, target, seed),
+                    **_key(model_name, method, kept, seed),
+                    **controlled_cell(grid, data, model_name, method, kept, seed),
                 }
                 cell.update(seconds=round(time.perf_counter() - start, 1), epochs=grid.epochs)
+                if method == "receding":
+                    cell["variant"] = dict(grid.receding)
                 results["cells"].append(cell)
-                logger.info("%s", _line(cell))
                 write_json_atomic(out, results)
+                clock.advance(grid.epochs + grid.finetune_epochs, _line(cell))
     return results
 
 
-def run_sweep(grid: Grid, starts: list[float], out: Path) -> dict:
+def run_ablation(grid: Grid, data: DataBundle, out: Path, variants: list[str]) -> dict:
+    """The receding method's factors one at a time, for every model, kept share and seed."""
+    results = _open_results(out, True, grid)
+    ablation = results.setdefault("ablation", [])
+    have = {(c["variant"], c["model"], c["kept"], c["seed"]) for c in ablation}
+    cells = [
+        (v, m, k, s)
+        for v in variants
+        for m in grid.models
+        for k in grid.kept
+        for s in grid.seeds
+        if (v, m, k, s) not in have
+    ]
+    clock = Clock(len(cells) * (grid.epochs + grid.finetune_epochs))
+    for variant, model_name, kept, seed in cells:
+        varied = dataclasses.replace(grid, receding=tuple(RECEDING_VARIANTS[variant].items()))
+        cell = controlled_cell(varied, data, model_name, "receding", kept, seed)
+        ablation.append({"variant": variant, **_key(model_name, "receding", kept, seed), **cell})
+        write_json_atomic(out, results)
+        clock.advance(grid.epochs + grid.finetune_epochs, f"{variant!r}: {_line(ablation[-1])}")
+    return results
+
+
+def run_sweep(grid: Grid, data: DataBundle, starts: list[float], out: Path) -> dict:
     """The cliff check: the same controlled cells from starting strengths decades apart."""
-    results = json.loads(out.read_text()) if out.exists() else {"cells": [], "grids": []}
-    data = load_data(grid.data, seed=0)
+    results = _open_results(out, True, grid)
     sweep = results.setdefault("sweep", [])
+    methods = [m for m in grid.methods if m in CONTROLLED]
+    clock = Clock(
+        len(methods) * len(grid.kept) * len(starts) * (grid.epochs + grid.finetune_epochs)
+    )
     for model_name in grid.models:
-        for method in (m for m in grid.methods if m in CONTROLLED):
-            for target in grid.targets:
+        for method in methods:
+            for kept in grid.kept:
                 for start in starts:
                     cell = controlled_cell(
-                        grid, data, model_name, method, target, grid.seeds[0], start
+                        grid, data, model_name, method, kept, grid.seeds[0], start
                     )
                     sweep.append(
-                        {**_key(model_name, method, target, grid.seeds[0]), "start": start, **cell}
+                        {**_key(model_name, method, kept, grid.seeds[0]), "start": start, **cell}
                     )
-                    logger.info("start %.0e: %s", start, _line(sweep[-1]))
                     write_json_atomic(out, results)
+                    clock.advance(
+                        grid.epochs + grid.finetune_epochs, f"start {start:.0e}: {_line(sweep[-1])}"
+                    )
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+class SetupError(Exception):
+    """A dependency, data set or output path is missing; exit 2 before any training."""
+
+
+def check_ready(grid: Grid, out: Path) -> DataBundle:
+    """Everything a grid needs, checked before the first epoch; returns the data."""
+    needs = {"onnxruntime": "pip install 'recede[onnx]'"}
+    if any(m.startswith("tp-") for m in grid.methods):
+        needs["torch_pruning"] = "pip install 'recede[bench]' (Torch-Pruning 1.6.1)"
+    for module, fix in needs.items():
+        try:
+            __import__(module)
+        except ImportError:
+            raise SetupError(f"{module} is not installed but the grid needs it; {fix}") from None
+    if grid.device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise SetupError(f"--out {out}: its folder is not writable ({err})") from None
+    try:
+        return load_tensor_data(grid.data)
+    except DataError as err:
+        raise SetupError(f"--data {grid.data.name}: {err}") from None
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
@@ -369,10 +565,10 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         return Grid(
             data,
             ("vgg",),
-            args.methods or ("receding", "l1", "ucs", "tp-bn"),
-            tuple(args.targets or (0.5, 0.9)),
+            tuple(args.methods or ("receding", "l1", "ucs", "tp-mag")),
+            tuple(args.macs_kept or (0.3,)),
             tuple(range(args.seeds or 1)),
-            args.epochs or 8,
+            args.epochs or 6,
             args.finetune_epochs if args.finetune_epochs is not None else 2,
             device=args.device,
         )
@@ -385,52 +581,78 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     return Grid(
         data,
         tuple(args.models),
-        args.methods or CONTROLLED + BASELINES,
-        tuple(args.targets or (0.5, 0.7, 0.9)),
+        tuple(args.methods or CONTROLLED + BASELINES),
+        tuple(args.macs_kept or (0.3, 0.1)),
         tuple(range(args.seeds or 2)),
-        args.epochs or 15,
-        args.finetune_epochs if args.finetune_epochs is not None else 3,
+        args.epochs or 3,
+        args.finetune_epochs if args.finetune_epochs is not None else 1,
         device=args.device,
+        receding=tuple(RECEDING_VARIANTS[args.variant].items()),
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="digits, VGG, 1 seed, targets 0.5/0.9: <= 10 min on 2 cores",
-    )
+    p.add_argument("--quick", action="store_true", help="digits, VGG, 1 seed, 30%% MACs kept")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist", "cifar10"))
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--data", default="fashion_mnist", choices=("digits", "fashion_mnist", "cifar10")
+    )
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--train-limit", type=int, default=None, help="first N training images")
     p.add_argument("--models", nargs="+", default=["vgg", "resnet20"], choices=sorted(MODELS))
     p.add_argument("--methods", nargs="+", choices=CONTROLLED + BASELINES)
-    p.add_argument("--targets", nargs="+", type=float)
-    p.add_argument("--seeds", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--macs-kept", nargs="+", type=float, help="shares of dense MACs kept (0.3 0.1)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 2)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 3)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs after the cut (default 1)")
+    p.add_argument(
+        "--variant",
+        default="default",
+        choices=sorted(RECEDING_VARIANTS),
+        help="the receding configuration the grid uses",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     p.add_argument("--resume", action="store_true", help="skip cells already in --out")
-    p.add_argument(
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--starts",
         nargs="+",
         type=float,
-        help="instead of the grid: the cliff check, each controlled cell from these strengths",
+        help="instead of the grid: the cliff check from these starting strengths",
     )
-    args = p.parse_args(argv)
+    mode.add_argument(
+        "--ablation",
+        nargs="*",
+        choices=sorted(RECEDING_VARIANTS),
+        help="instead of the grid: the receding factors (all when none named)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     grid = grid_from_args(args)
+    try:
+        data = check_ready(grid, args.out)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.starts:
-        results = run_sweep(grid, args.starts, args.out)
+        results = run_sweep(grid, data, args.starts, args.out)
         logger.info("%d sweep cells in %s", len(results["sweep"]), args.out)
-        return 0
-    results = run_grid(grid, args.out, args.resume)
-    logger.info("%d cells in %s", len(results["cells"]), args.out)
+    elif args.ablation is not None:
+        results = run_ablation(grid, data, args.out, args.ablation or list(RECEDING_VARIANTS))
+        logger.info("%d ablation cells in %s", len(results["ablation"]), args.out)
+    else:
+        results = run_grid(grid, data, args.out, args.resume)
+        logger.info("%d cells in %s", len(results["cells"]), args.out)
     return 0
 
 
