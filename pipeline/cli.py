@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     """Build ``--model`` for one example of ``input_shape`` (C, H, W); returns (model, spec).
 
-    A user factory's own exception becomes a UsageError naming it.
+    A user factory's own exception (or sys.exit) becomes a UsageError naming the flag.
     """
     from pipeline.config import ModelConfig
     from pipeline.models import ModelError, ModelSpec
@@ -86,14 +86,8 @@ def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     spec = ModelSpec(ModelConfig(name=args.model), args.num_classes, in_channels, input_shape)
     try:
         model = spec.build()
-    except ModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - user code may raise anything; name it, exit 2
-        raise UsageError(
-            f"--model {args.model}: building it raised {type(err).__name__}: {err}; expected "
-            f"an nn.Module built with num_classes={args.num_classes}, "
-            f"in_channels={in_channels}; fix the factory or the flags"
-        ) from None
+    except ModelError as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
     return model, spec
 
 
