@@ -231,11 +231,23 @@ def folder_kind(path: Path) -> str | None:
 
 
 def _unwritable_reason(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder``, or None; writes nothing."""
+    """Why files cannot be created in ``folder``, or None; leaves nothing behind.
+
+    Mode bits are not the whole story (root passes ``os.access`` on /proc, where no file can
+    be created), so a uniquely named probe file is created and removed at once, and the
+    folder's times are put back.
+    """
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         return "read-only file system"
     if not os.access(folder, os.W_OK | os.X_OK):
         return "permission denied"
+    probe, before = folder / f".recede-probe-{secrets.token_hex(4)}", folder.stat()
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as err:
+        return f"creating a file there fails: {err.strerror}"
+    probe.unlink()
+    os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if never probed
     return None
 
 
