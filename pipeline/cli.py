@@ -371,6 +371,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_INPUT
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left: staging folders are removed on the way out, except one kept to resume."""
+    from pipeline.atomic import partial_folder
+
+    out = getattr(args, "out", None)
+    if out and partial_folder(out).is_dir():
+        return f"interrupted; {out} is unchanged, the unfinished {partial_folder(out)} is kept for --resume"
+    return "interrupted; nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recede`` console script; returns the exit code."""
     args = _parse(argv)
@@ -393,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _input_errors() as err:
         print(f"recede {args.command}: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"recede {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
