@@ -403,26 +403,40 @@ def test_cifar_missing_from_an_empty_root(tmp_path, capsys):
 
 
 def test_fashion_mnist_missing_from_an_empty_root(tmp_path, capsys, monkeypatch):
-    import urllib.error
-
+    """No Debian files and nothing at data.root: exit 2 naming both, no download tried and
+    nothing created inside data.root (torchvision made FashionMNIST/raw there, then fetched)."""
     import torchvision.datasets.mnist
 
     import pipeline.data
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("network unreachable")
-
+    tried = []
     monkeypatch.setattr(pipeline.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
-    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(
+        torchvision.datasets.mnist, "download_and_extract_archive", lambda *a, **k: tried.append(a)
+    )
     (tmp_path / "data").mkdir()
     sets = ["--set", "data.name=fashion_mnist", "--set", f"data.root={tmp_path / 'data'}"]
     argv = ["train", "-c", "configs/demo.yaml", *SMALL, *sets, "--out", str(tmp_path / "o")]
-    # torchvision creates its own raw/ folder inside data.root before downloading
-    before = {k for k in snapshot(tmp_path) if not k.startswith("data/")}
-    assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = assert_refused(tmp_path, capsys, argv, "apt-get install dataset-fashion-mnist")
     assert "data.root" in err and "FashionMNIST/raw" in err, err
-    assert {k for k in snapshot(tmp_path) if not k.startswith("data/")} == before
+    assert tried == [] and list((tmp_path / "data").iterdir()) == []
+
+
+def test_ctrl_c_while_staging_prints_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import pipeline.checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.checkpoint, "save_pruned", interrupted)
+    err = assert_refused(
+        tmp_path,
+        capsys,
+        ["prune", *TINY, "--out", str(tmp_path / "o")],
+        "recede prune: interrupted; nothing was written",
+        code=130,
+    )
+    assert err.count("\n") == 1, err
 
 
 def test_no_command(tmp_path, capsys):
