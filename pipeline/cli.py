@@ -272,6 +272,12 @@ def _verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
 
     if not args.force:
         verify_folder(folder)
+    else:
+        logger.warning(
+            "--force: %s is used UNCHECKED; its files may have been changed since recede "
+            "wrote them",
+            folder,
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
