@@ -167,6 +167,20 @@ def test_out_holds_foreign_files(tmp_path, capsys):
     assert_refused(tmp_path, capsys, argv, "pass --force to replace its contents")
 
 
+def test_shapes_num_classes_that_the_weights_contradict(tmp_path, capsys):
+    """num_classes 10 -> 7 in shapes.json was accepted by prune --from and carried on."""
+    src = tmp_path / "src"
+    assert (
+        main(["prune", "--model", "resnet20", "--num-classes", "10", *TINY[2:], "--out", str(src)])
+        == 0
+    )
+    shapes = json.loads((src / "shapes.json").read_text())
+    shapes["spec"]["num_classes"] = 7
+    (src / "shapes.json").write_text(json.dumps(shapes))
+    argv = ["prune", "--from", str(src), "--out", str(tmp_path / "o")]
+    assert_refused(tmp_path, capsys, argv, "spec.num_classes 7 builds a model with 7 outputs")
+
+
 def test_out_where_no_file_can_be_created(tmp_path, capsys):
     """root passes os.access on /proc, where nothing can be created: refused before the prune."""
     argv = ["prune", *TINY, "--out", "/proc/nope"]
