@@ -231,11 +231,23 @@ def folder_kind(path: Path) -> str | None:
 
 
 def _unwritable_reason(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder``, or None; writes nothing."""
+    """Why files cannot be created in ``folder``, or None; leaves nothing behind.
+
+    Mode bits are not the whole story (root passes ``os.access`` on /proc, where no file can
+    be created), so a uniquely named probe file is created and removed at once, and the
+    folder's times are put back.
+    """
     if os.statvfs(folder).f_flag & os.ST_RDONLY:
         return "read-only file system"
     if not os.access(folder, os.W_OK | os.X_OK):
         return "permission denied"
+    probe, before = folder / f".recede-probe-{secrets.token_hex(4)}", folder.stat()
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as err:
+        return f"creating a file there fails: {err.strerror}"
+    probe.unlink()
+    os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))  # as if never probed
     return None
 
 
@@ -337,9 +349,32 @@ def partial_folder(final: str | os.PathLike[str]) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
+def _old_copies(final: Path) -> list[Path]:
+    """The ``.<name>.old.*`` folders a swap leaves while it runs, oldest first."""
+    olds = [p for p in final.parent.glob(f".{final.name}.old.*") if p.is_dir()]
+    return sorted(olds, key=lambda p: p.stat().st_ctime)
+
+
+def _restore_orphan(final: Path) -> None:
+    """Put back the last complete copy a swap killed between its two renames left hidden.
+
+    Such a kill leaves ``final`` missing and the previous folder as ``.<name>.old.*``; it is
+    the only complete copy there is, so it goes back into place before anything else happens.
+    """
+    olds = _old_copies(final)
+    if final.exists() or not olds:
+        return
+    os.rename(olds[-1], final)
+    _fsync_dir(final.parent)
+    logger.warning(
+        "restored %s from %s, left hidden by a write killed while swapping it in",
+        final,
+        olds[-1].name,
+    )
+
+
 def _prepare_partial(final: Path, partial: Path, start: str) -> None:
-    for old in final.parent.glob(f".{final.name}.old.*"):
-        shutil.rmtree(old, ignore_errors=True)  # a swap killed half-way
+    _restore_orphan(final)
     if partial.exists() and start != "resume":
         shutil.rmtree(partial)
     if start != "empty" and not partial.exists() and final.is_dir():
@@ -349,14 +384,13 @@ def _prepare_partial(final: Path, partial: Path, start: str) -> None:
 
 
 def _swap_into_place(partial: Path, final: Path) -> None:
+    """Rename ``partial`` onto ``final``; older copies are deleted only once it is in place."""
     if final.exists():
-        old = final.parent / f".{final.name}.old.{secrets.token_hex(4)}"
-        os.rename(final, old)
-        os.rename(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(partial, final)
+        os.rename(final, final.parent / f".{final.name}.old.{secrets.token_hex(4)}")
+    os.rename(partial, final)
     _fsync_dir(final.parent)
+    for old in _old_copies(final):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_index(folder: Path, kind: str) -> None:

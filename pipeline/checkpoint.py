@@ -10,6 +10,7 @@ re-shaping the layers named in the manifest, and loading the state dict with
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -29,6 +30,9 @@ LEGACY_SHAPES = "manifest.json"  # the name before run folders got a release man
 WEIGHTS = "model.pt"
 MODEL_SUBFOLDERS = ("model", "trained")  # `recede train` and `recede run` save the model there
 _SPEC_KEYS = ("model", "num_classes", "in_channels", "input_shape")
+
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -241,6 +245,7 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = manifest["spec"]
     typed = _model_spec(spec, folder)
     model = typed.build()
+    classes = _output_width(model.eval(), typed.input_shape)  # the head is never pruned
     if typed.bounded_bn:
         convert_to_bounded_bn_(model, shift=typed.bn_shift)
     state = load_state_dict_file(folder / WEIGHTS)
@@ -252,4 +257,24 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{folder / WEIGHTS} does not fit the model its shape manifest describes "
             f"({type(err).__name__}: {str(err)[:300]}); save both files again together"
         ) from None
-    return model.eval(), spec
+    got = _output_width(model.eval(), typed.input_shape)
+    if None not in (classes, got) and classes != got:  # an edited spec would be carried on
+        raise CheckpointError(
+            f"{folder / SHAPES}: spec.num_classes {typed.num_classes} builds a model with "
+            f"{classes} outputs, but the weights in {folder / WEIGHTS} give {got}; expected "
+            "them to agree; restore shapes.json (or save the model again)"
+        )
+    return model, spec
+
+
+def _output_width(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """Width of ``model``'s 2-D output for one example, or None if it cannot be told."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:  # judged elsewhere
+        logger.debug("no output width: %s", err)
+        return None
+    return out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None

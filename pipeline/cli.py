@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     """Build ``--model`` for one example of ``input_shape`` (C, H, W); returns (model, spec).
 
-    A user factory's own exception becomes a UsageError naming it.
+    A user factory's own exception (or sys.exit) becomes a UsageError naming the flag.
     """
     from pipeline.config import ModelConfig
     from pipeline.models import ModelError, ModelSpec
@@ -86,14 +86,8 @@ def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     spec = ModelSpec(ModelConfig(name=args.model), args.num_classes, in_channels, input_shape)
     try:
         model = spec.build()
-    except ModelError:
-        raise
-    except Exception as err:  # noqa: BLE001 - user code may raise anything; name it, exit 2
-        raise UsageError(
-            f"--model {args.model}: building it raised {type(err).__name__}: {err}; expected "
-            f"an nn.Module built with num_classes={args.num_classes}, "
-            f"in_channels={in_channels}; fix the factory or the flags"
-        ) from None
+    except ModelError as err:
+        raise UsageError(f"--model {args.model}: {err}") from None
     return model, spec
 
 
@@ -278,6 +272,12 @@ def _verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
 
     if not args.force:
         verify_folder(folder)
+    else:
+        logger.warning(
+            "--force: %s is used UNCHECKED; its files may have been changed since recede "
+            "wrote them",
+            folder,
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -377,6 +377,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_INPUT
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C left: staging folders are removed on the way out, except one kept to resume."""
+    from pipeline.atomic import partial_folder
+
+    out = getattr(args, "out", None)
+    if out and partial_folder(out).is_dir():
+        return f"interrupted; {out} is unchanged, the unfinished {partial_folder(out)} is kept for --resume"
+    return "interrupted; nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recede`` console script; returns the exit code."""
     args = _parse(argv)
@@ -399,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _input_errors() as err:
         print(f"recede {args.command}: error: {err}", file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"recede {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -152,7 +152,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         "--out", help="release folder with the artefacts and manifest.json (default: DIR itself)"
     )
     _add_force(p)
-    p.add_argument("--opset", type=_number(int, 17, 30), default=17)
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset, 17 to the exporter's highest (20)"
+    )
     p.add_argument(
         "--atol",
         type=_number(float, 0.0, open_="low"),
@@ -194,7 +196,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batches", type=_number(int, 1), nargs="+", default=[1, 32])
     p.add_argument(
-        "--threads", type=_number(int, 1), default=2, help="torch threads and ORT intra-op"
+        "--threads",
+        type=_number(int, 1, 256),  # config.MAX_THREADS
+        default=2,
+        help="torch threads and ORT intra-op",
     )
     p.add_argument("--runs", type=_number(int, 50), default=50)  # bench.MIN_RUNS
     p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")

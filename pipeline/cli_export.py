@@ -41,8 +41,16 @@ def _out_folder(args: argparse.Namespace, folder: Path) -> Path:
 
 def _options(args: argparse.Namespace) -> tuple[Any, str | None]:
     """The release options and a warning (TensorRT skipped by --format all)."""
+    from pipeline.config import MIN_OPSET, exporter_max_opset
     from pipeline.export.release import ReleaseOptions, resolve_formats
     from pipeline.export.tensorrt import unavailable_reason
+
+    top = exporter_max_opset()
+    if not MIN_OPSET <= args.opset <= top:
+        raise UsageError(
+            f"--opset: expected an integer in [{MIN_OPSET}, {top}] (what this torch's ONNX "
+            f"exporter emits), got {args.opset}; pass --opset {MIN_OPSET}"
+        )
 
     reason = unavailable_reason() if args.format in ("tensorrt", "all") else None
     if args.format == "tensorrt" and reason is not None:

@@ -18,6 +18,18 @@ from typing import Any
 
 import yaml
 
+MIN_OPSET = 17  # pipeline.export.onnx.MIN_OPSET: what the exports are verified at
+MAX_THREADS = 256  # a fixed cap, not the CPU count: a config travels between machines
+
+
+def exporter_max_opset() -> int:
+    """The highest opset torch's TorchScript ONNX exporter (the one recede uses) can emit."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return 20  # torch 2.x
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid. The message says how to fix it."""
@@ -251,8 +263,10 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "export")
-        if self.opset < 17:
-            raise ConfigError(f"export.opset must be >= 17, got {self.opset!r}")
+        top = exporter_max_opset()
+        _check(
+            "export.opset", MIN_OPSET <= self.opset <= top, f"in [{MIN_OPSET}, {top}]", self.opset
+        )
         _check("export.atol", self.atol > 0, "> 0 such as 1e-4", self.atol)
 
 
@@ -267,7 +281,12 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "bench")
-        _check("bench.threads", self.threads >= 1, ">= 1", self.threads)
+        _check(
+            "bench.threads",
+            1 <= self.threads <= MAX_THREADS,
+            f"in [1, {MAX_THREADS}]",
+            self.threads,
+        )
         _check("bench.warmup", self.warmup >= 0, ">= 0", self.warmup)
         if self.runs < 50:
             raise ConfigError(f"bench.runs must be >= 50 for stable p99, got {self.runs!r}")

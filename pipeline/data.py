@@ -4,7 +4,8 @@
 scikit-learn, so it works offline) split 80/20 with a fixed seed and resized bilinearly.
 ``fashion_mnist`` reads through ``torchvision.datasets.FashionMNIST``; Debian's
 ``dataset-fashion-mnist`` files are used when present (decompressed once into a cache folder in
-torchvision's layout), otherwise torchvision downloads. ``cifar10``/``cifar100``/``imagefolder``
+torchvision's layout), otherwise a copy in torchvision's layout under ``data.root``. Nothing is
+downloaded and nothing is created inside ``data.root``. ``cifar10``/``cifar100``/``imagefolder``
 need ``data.root``.
 """
 
@@ -133,13 +134,11 @@ def _torchvision(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
 
     size = [T.Resize(cfg.image_size)]
     if cfg.name == "fashion_mnist":
-        root, download = (
-            (_fashion_root(), False) if DEBIAN_FASHION_MNIST.is_dir() else (_root(cfg), True)
-        )
+        root = _fashion_root() if DEBIAN_FASHION_MNIST.is_dir() else _root(cfg)
         tf = T.Compose([*size, T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
-        return (
-            D.FashionMNIST(root, True, tf, download=download),
-            D.FashionMNIST(root, False, tf, download=download),
+        return (  # download=False: torchvision would create data.root/FashionMNIST/raw first
+            D.FashionMNIST(root, True, tf, download=False),
+            D.FashionMNIST(root, False, tf, download=False),
             10,
             1,
         )
@@ -155,8 +154,7 @@ def _torchvision(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
 
 def _root(cfg: DataConfig) -> Path:
     hint = {
-        "fashion_mnist": "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-        "or set data.root to a folder where torchvision may download it",
+        "fashion_mnist": _FASHION_FIX,
         "cifar10": "download CIFAR-10 with torchvision.datasets.CIFAR10(root, download=True) on a machine with network",
         "cifar100": "download CIFAR-100 with torchvision.datasets.CIFAR100(root, download=True)",
         "imagefolder": "point data.root at a folder with train/<class>/*.jpg and val/<class>/*.jpg",
@@ -174,8 +172,12 @@ def _root(cfg: DataConfig) -> Path:
 _LAYOUT = {
     "cifar10": "cifar-10-batches-py/ from cifar-10-python.tar.gz",
     "cifar100": "cifar-100-python/ from cifar-100-python.tar.gz",
-    "fashion_mnist": "FashionMNIST/raw/*-ubyte, or Debian's dataset-fashion-mnist package",
+    "fashion_mnist": "FashionMNIST/raw/*-ubyte",
 }
+_FASHION_FIX = (
+    "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or set "
+    "data.root to a folder holding FashionMNIST/raw/*-ubyte"
+)
 
 
 def _torchvision_checked(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
@@ -188,8 +190,11 @@ def _torchvision_checked(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
             f"data.name={cfg.name}: {where} holds no usable copy of the dataset "
             f"({type(err).__name__}: {str(err).split('. You can use')[0][:200]}); expected "
             f"the torchvision layout there ({_LAYOUT.get(cfg.name, 'train/ and val/')}); "
-            "put the files in place (recede downloads nothing but Fashion-MNIST) or fix "
-            "data.root"
+            + (
+                _FASHION_FIX
+                if cfg.name == "fashion_mnist"
+                else "put the files in place (recede downloads nothing) or fix data.root"
+            )
         ) from None
 
 

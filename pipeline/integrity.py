@@ -100,14 +100,35 @@ def indexed_root(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+_WRITTEN_BY_RECEDE = (  # files only a recede command writes, with what they mark
+    ("config.yaml", "report.json"),
+    ("plan.json", "model.pt"),
+    ("config.yaml", "model"),
+    ("manifest.json",),
+)
+
+
+def _refuse_unindexed(path: Path) -> None:
+    for folder in (path, path.parent):
+        for names in _WRITTEN_BY_RECEDE:
+            if folder.is_dir() and all((folder / n).exists() for n in names):
+                raise IntegrityError(
+                    f"{folder} holds {' and '.join(names)}, as recede writes them, but no "
+                    f"index {MARKER}: it was deleted, so the files cannot be checked; rerun the "
+                    "command that wrote the folder, or pass --force to use it unchecked"
+                )
+
+
 def verify_folder(path: str | os.PathLike[str]) -> None:
     """Raise :class:`IntegrityError` unless every file under ``path``'s folder matches its index.
 
-    A folder without a marker (a model saved by ``pipeline.checkpoint.save_pruned`` from a
-    user's own code) has no index and passes: there is nothing recede wrote to compare with.
+    A bare model folder without a marker (``pipeline.checkpoint.save_pruned`` from a user's own
+    code) has no index and passes; a folder a recede command wrote (known by its files) whose
+    marker was deleted is refused, or deleting it would switch the check off.
     """
     root = indexed_root(path)
     if root is None:
+        _refuse_unindexed(Path(path))
         return
     problems = _problems(root)
     if problems:

@@ -179,6 +179,44 @@ def _factory(spec: str) -> Callable[..., nn.Module]:
         ) from err
 
 
+def _call_factory(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """Call the user factory ``name``; whatever it raises, or a ``sys.exit``, is a ModelError.
+
+    Named by ``--model`` or by ``model.name`` in a config, a factory fails the same way: with
+    a message naming it, never a traceback, and never an exit code of its own choosing.
+    """
+    factory = _factory(name)
+    if not callable(factory):
+        raise ModelError(
+            f"model factory {name!r} is a {type(factory).__name__}, not a callable; expected "
+            "'package.module:function' naming a function or class that returns an nn.Module"
+        )
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: pass nothing
+        params = {}
+    given = {"num_classes": num_classes, "in_channels": in_channels}
+    kwargs = {k: v for k, v in given.items() if k in params}
+    try:
+        model = factory(**kwargs)
+    except ModelError:
+        raise
+    except SystemExit as err:  # user code must not decide recede's exit code
+        raise ModelError(
+            f"model factory {name!r} called sys.exit({err.code!r}) while building the model; "
+            "expected it to return an nn.Module or raise an exception; remove the sys.exit call"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - user code may raise anything; name it
+        raise ModelError(
+            f"model factory {name!r}: building it raised {type(err).__name__}: {err}; expected "
+            f"an nn.Module built with num_classes={num_classes}, in_channels={in_channels}; "
+            "fix the factory or the settings it was given"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory {name!r} returned {type(model).__name__}, expected an nn.Module")
+    return model
+
+
 def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.Module:
     """Build the model named by ``cfg.name`` (see module docstring for accepted specs)."""
     name = cfg.name
@@ -191,19 +229,7 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int) -> nn.M
     if name.startswith("timm:"):
         return _timm(name.split(":", 1)[1], num_classes, in_channels)
     if ":" in name:
-        factory = _factory(name)
-        params = inspect.signature(factory).parameters
-        kwargs = {
-            k: v
-            for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-            if k in params
-        }
-        model = factory(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise ModelError(
-                f"factory {name!r} returned {type(model).__name__}, expected an nn.Module"
-            )
-        return model
+        return _call_factory(name, num_classes, in_channels)
     raise ModelError(
         f"unknown model {name!r}; use vgg, resnet20, resnet56, torchvision:<name>, "
         "timm:<name> or package.module:factory"

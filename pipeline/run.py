@@ -33,6 +33,7 @@ from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
 from pipeline.config import RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
+from pipeline.feasibility import check_feasible
 from pipeline.models import ModelSpec, build_model
 from pipeline.plan import layer_widths
 from pipeline.polarise import Polariser
@@ -132,10 +133,12 @@ def open_training(
     Raises:
         OutputError: ``out`` cannot be written (see ``pipeline.atomic.check_out_folder``).
         CheckpointError: ``resume`` with a training config that differs from the folder's.
+        ConfigError: the model cannot be built or would not fit (``pipeline.feasibility``).
     """
     final = check_out_folder(out, kind=kind, force=force, flag="--out")
     if resume:
         check_resume_config(cfg, final)
+    check_feasible(cfg)  # the model builds and fits: refused now, not after data or training
     return final, load_data(cfg.data, seed=cfg.train.seed)
 
 

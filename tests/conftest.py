@@ -3,6 +3,12 @@ an SE gate and a linear head."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +65,48 @@ def tiny_net() -> nn.Module:
 @pytest.fixture
 def tiny_bounded_net() -> nn.Module:
     return randomise_bn_(TinyNet(bounded=True)).eval()
+
+
+# --- Child processes ------------------------------------------------------------------------
+# Tests that start `recede` in a subprocess judge what it wrote, never how fast: a child that
+# outlives TOO_SLOW_S on a busy machine skips the test ("machine too slow"), it does not fail it.
+# Every child runs in its own session, so cleanup can end it and anything it started.
+
+TOO_SLOW_S = 1800.0
+
+
+def finish_or_skip(
+    proc: subprocess.Popen, what: str, timeout: float | None = None
+) -> tuple[int, str]:
+    """Wait for ``proc``; its exit code and stderr, or a skip if the machine is too slow."""
+    try:
+        _, err = proc.communicate(timeout=timeout if timeout is not None else TOO_SLOW_S)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"machine too slow: {what} still running after {timeout or TOO_SLOW_S} s")
+    return proc.returncode, err or ""
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``children(cmd, **popen_kwargs)`` starts a child; all are killed when the test ends."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+        started.append(subprocess.Popen(cmd, start_new_session=True, **kwargs))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        kill_children(started)
+
+
+def kill_children(started: list[subprocess.Popen]) -> None:
+    """SIGKILL each child's session (the child and whatever it started) and reap the child."""
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()

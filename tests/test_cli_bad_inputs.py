@@ -31,6 +31,13 @@ def list_factory():
     return [1, 2]
 
 
+def exiting_factory(num_classes: int):
+    raise SystemExit(0)  # would have made `recede prune` exit 0 having written nothing
+
+
+NOT_CALLABLE = 42
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /tmp/recede-pwned",))
@@ -109,6 +116,8 @@ MODEL_CASES = {
     ),
     "factory_returns_list": (["--model", f"{__name__}:list_factory"], "expected an nn.Module"),
     "factory_not_importable": (["--model", "no_such_pkg.nets:build"], "cannot import"),
+    "factory_exits": (["--model", f"{__name__}:exiting_factory"], "called sys.exit(0)"),
+    "factory_not_callable": (["--model", f"{__name__}:NOT_CALLABLE"], "is a int, not a callable"),
     "unknown_model": (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
     "unknown_torchvision": (["--model", "torchvision:nosuch"], "unknown torchvision model"),
     "input_too_small": (
@@ -156,6 +165,26 @@ def test_out_holds_foreign_files(tmp_path, capsys):
     (tmp_path / "o" / "notes.txt").write_text("mine")
     argv = ["prune", *TINY, "--out", str(tmp_path / "o")]
     assert_refused(tmp_path, capsys, argv, "pass --force to replace its contents")
+
+
+def test_shapes_num_classes_that_the_weights_contradict(tmp_path, capsys):
+    """num_classes 10 -> 7 in shapes.json was accepted by prune --from and carried on."""
+    src = tmp_path / "src"
+    assert (
+        main(["prune", "--model", "resnet20", "--num-classes", "10", *TINY[2:], "--out", str(src)])
+        == 0
+    )
+    shapes = json.loads((src / "shapes.json").read_text())
+    shapes["spec"]["num_classes"] = 7
+    (src / "shapes.json").write_text(json.dumps(shapes))
+    argv = ["prune", "--from", str(src), "--out", str(tmp_path / "o")]
+    assert_refused(tmp_path, capsys, argv, "spec.num_classes 7 builds a model with 7 outputs")
+
+
+def test_out_where_no_file_can_be_created(tmp_path, capsys):
+    """root passes os.access on /proc, where nothing can be created: refused before the prune."""
+    argv = ["prune", *TINY, "--out", "/proc/nope"]
+    assert_refused(tmp_path, capsys, argv, "--out /proc/nope: cannot write in /proc")
 
 
 def test_prune_refuses_to_overwrite_a_run_folder(tmp_path, capsys):
@@ -246,6 +275,7 @@ EXPORT_FLAGS = {
     "atol_zero": (["--atol", "0"], "argument --atol"),
     "atol_nan": (["--atol", "nan"], "argument --atol"),
     "opset_low": (["--opset", "5"], "--opset: expected an integer in [17"),
+    "opset_beyond_the_exporter": (["--opset", "1000"], "--opset: expected an integer in [17, "),
     "format_unknown": (["--format", "tflite"], "invalid choice: 'tflite'"),
     # --int8 was ignored without a word by an ONNX export
     "int8_without_tensorrt": (
@@ -309,6 +339,7 @@ def test_bench_garbage_onnx(model_dir, tmp_path, capsys):
 BENCH_FLAGS = {
     "runs_too_few": (["--runs", "10"], "--runs: expected an integer in [50"),
     "threads_zero": (["--threads", "0"], "argument --threads"),
+    "threads_huge": (["--threads", "100000"], "--threads: expected an integer in [1, 256]"),
     "batch_zero": (["--batches", "0"], "argument --batches"),
 }
 
@@ -349,13 +380,25 @@ CONFIG_CASES = {
     "lr_text": (["--set", "train.lr=abc"], "train.lr"),
     "missing_config_file": (["-c", "configs/nope.yaml"], "nope.yaml"),
     "imagefolder_without_root": (["--set", "data.name=imagefolder"], "needs data.root"),
+    # Each of these used to train (or load data) first and fail after: checked up front now.
+    "opset_beyond_the_exporter": (["--set", "export.opset=1000"], "export.opset must be in [17,"),
+    "threads_huge": (["--set", "bench.threads=100000"], "bench.threads must be in [1, 256]"),
+    "image_size_huge": (["--set", "data.image_size=100000"], "data.image_size=100000: one example"),
+    "width_huge": (["--set", "model.width=1000"], "model.width=1000.0 gives vgg 9.22e+12 param"),
+    "factory_raises": (
+        ["--set", f"model.name={__name__}:raising_factory"],
+        "building it raised RuntimeError: cannot build with 10 classes",
+    ),
+    "factory_not_callable": (["--set", f"model.name={__name__}:NOT_CALLABLE"], "not a callable"),
+    "factory_exits": (["--set", f"model.name={__name__}:exiting_factory"], "called sys.exit(0)"),
 }
 
 
+@pytest.mark.parametrize("command", ["train", "run"])
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_bad_config_for_train(case, tmp_path, capsys):
+def test_bad_config_for_train(case, command, tmp_path, capsys):
     extra, fragment = CONFIG_CASES[case]
-    argv = ["train", "-c", "configs/demo.yaml", *SMALL, *extra, "--out", str(tmp_path / "o")]
+    argv = [command, "-c", "configs/demo.yaml", *SMALL, *extra, "--out", str(tmp_path / "o")]
     assert_refused(tmp_path, capsys, argv, fragment)
 
 
@@ -374,26 +417,40 @@ def test_cifar_missing_from_an_empty_root(tmp_path, capsys):
 
 
 def test_fashion_mnist_missing_from_an_empty_root(tmp_path, capsys, monkeypatch):
-    import urllib.error
-
+    """No Debian files and nothing at data.root: exit 2 naming both, no download tried and
+    nothing created inside data.root (torchvision made FashionMNIST/raw there, then fetched)."""
     import torchvision.datasets.mnist
 
     import pipeline.data
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("network unreachable")
-
+    tried = []
     monkeypatch.setattr(pipeline.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
-    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(
+        torchvision.datasets.mnist, "download_and_extract_archive", lambda *a, **k: tried.append(a)
+    )
     (tmp_path / "data").mkdir()
     sets = ["--set", "data.name=fashion_mnist", "--set", f"data.root={tmp_path / 'data'}"]
     argv = ["train", "-c", "configs/demo.yaml", *SMALL, *sets, "--out", str(tmp_path / "o")]
-    # torchvision creates its own raw/ folder inside data.root before downloading
-    before = {k for k in snapshot(tmp_path) if not k.startswith("data/")}
-    assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = assert_refused(tmp_path, capsys, argv, "apt-get install dataset-fashion-mnist")
     assert "data.root" in err and "FashionMNIST/raw" in err, err
-    assert {k for k in snapshot(tmp_path) if not k.startswith("data/")} == before
+    assert tried == [] and list((tmp_path / "data").iterdir()) == []
+
+
+def test_ctrl_c_while_staging_prints_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import pipeline.checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.checkpoint, "save_pruned", interrupted)
+    err = assert_refused(
+        tmp_path,
+        capsys,
+        ["prune", *TINY, "--out", str(tmp_path / "o")],
+        "recede prune: interrupted; nothing was written",
+        code=130,
+    )
+    assert err.count("\n") == 1, err
 
 
 def test_no_command(tmp_path, capsys):

@@ -96,3 +96,14 @@ def test_a_marker_without_an_index_is_refused(run_dir, tmp_path):
     (folder / ".recede.json").write_text('{"kind": "run"}')
     with pytest.raises(IntegrityError, match="holds no file index"):
         verify_folder(folder)
+
+
+@pytest.mark.parametrize("sub", ["", "pruned"])
+def test_deleting_the_index_does_not_switch_the_check_off(run_dir, tmp_path, capsys, caplog, sub):
+    folder = _copy(run_dir, tmp_path)
+    (folder / ".recede.json").unlink()
+    with pytest.raises(IntegrityError, match="no index .recede.json: it was deleted"):
+        verify_folder(folder / sub)
+    assert main(["bench", str(folder / sub), *BENCH]) == 2
+    assert main(["inspect", str(folder), "--force"]) == 0
+    assert "UNCHECKED" in caplog.text

@@ -16,6 +16,7 @@ from pipeline.config import DataConfig, ModelConfig, TrainConfig
 from pipeline.data import load_data
 from pipeline.models import build_model
 from pipeline.train import DivergedError, train_
+from tests.conftest import TOO_SLOW_S, finish_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [
@@ -24,40 +25,46 @@ TRAIN = [
 ]  # fmt: skip
 
 
-def _recede(args: list[str]) -> subprocess.Popen:
+def _recede(children, args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same sums every run
     cmd = ["nice", "-n", "19", sys.executable, "-m", "pipeline.cli", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    return children(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
+    code, err = finish_or_skip(proc, "recede train")
+    assert code == 0, err
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "model" / "model.pt", weights_only=True)
 
 
-def _kill_mid_epoch(out: Path) -> None:
-    """Start training, SIGKILL it during epoch 2 (after epoch 1's checkpoint), check it died."""
-    proc = _recede([*TRAIN, "--out", str(out)])
+def _kill_mid_epoch(children, out: Path) -> None:
+    """Start training, SIGKILL it during epoch 2 (after epoch 1's checkpoint), check it died.
+
+    It waits for the checkpoint file however long that takes on a busy machine (the verdict
+    is on the weights, not the time); past TOO_SLOW_S the test is skipped."""
+    proc = _recede(children, [*TRAIN, "--out", str(out)])
     last = out.parent / f".{out.name}.partial" / "checkpoints" / "train_last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+    waited = 0.0
+    while not last.exists() and proc.poll() is None:
+        if waited > TOO_SLOW_S:
+            pytest.skip(f"machine too slow: no epoch finished in {TOO_SLOW_S:.0f} s")
         time.sleep(0.05)
+        waited += 0.05
     time.sleep(0.3)  # into epoch 2
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
     assert last.exists() and not out.exists()
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path):
-    reference = _recede([*TRAIN, "--out", str(tmp_path / "ref")])
-    _kill_mid_epoch(tmp_path / "run")
+def test_killed_training_resumes_to_the_same_weights(tmp_path, children):
+    reference = _recede(children, [*TRAIN, "--out", str(tmp_path / "ref")])
+    _kill_mid_epoch(children, tmp_path / "run")
     _finish(reference)
-    _finish(_recede([*TRAIN, "--out", str(tmp_path / "run"), "--resume"]))
+    _finish(_recede(children, [*TRAIN, "--out", str(tmp_path / "run"), "--resume"]))
     ref, resumed = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert ref.keys() == resumed.keys()
     for name in ref:
