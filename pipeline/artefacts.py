@@ -57,6 +57,26 @@ def _onnx_input(path: Path) -> tuple[tuple[int, ...], int | None]:
     return tuple(dims[1:]), dims[0] or None
 
 
+def _check_against_manifest(folder: Path, onnx: Path) -> None:
+    """Refuse to pair ``onnx`` with ``folder``'s weights when the release manifest beside them
+    (in the folder or its parent run folder) records other bytes for either: a stale ONNX
+    beside re-saved weights would be timed as if it were that model."""
+    from pipeline.export.manifest import verify_manifest
+
+    for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
+        if not manifest.is_file():
+            continue
+        mine = (folder.name + "/", "model.pt", onnx.name)
+        problems = [p for p in verify_manifest(manifest) if any(m in p for m in mine)]
+        if problems:
+            raise ArtefactError(
+                f"{folder}: its files no longer match {manifest}: {'; '.join(problems)}; "
+                f"expected the weights and {onnx.name} the manifest records; re-export with "
+                f"`recede export {folder}` so the ONNX is built from these weights"
+            )
+        return
+
+
 def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
     """Load ``folder``'s model, fold its BNs and pair it with ``onnx`` when that exists."""
     import torch
@@ -70,6 +90,7 @@ def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
     folded, _ = fold_bn(model, example)
     fixed = None
     if onnx is not None and onnx.is_file():
+        _check_against_manifest(folder, onnx)
         onnx_shape, fixed = _onnx_input(onnx)
         if onnx_shape != shape:
             raise ArtefactError(

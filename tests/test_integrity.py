@@ -107,3 +107,24 @@ def test_deleting_the_index_does_not_switch_the_check_off(run_dir, tmp_path, cap
     assert main(["bench", str(folder / sub), *BENCH]) == 2
     assert main(["inspect", str(folder), "--force"]) == 0
     assert "UNCHECKED" in caplog.text
+
+
+def test_a_stale_onnx_beside_re_saved_weights_is_never_timed(run_dir, tmp_path, capsys):
+    """Even with the index deleted and --force, the release manifest's SHA-256 of the weights
+    decides whether the ONNX beside them may be timed as that model."""
+    import torch
+
+    folder = _copy(run_dir, tmp_path)
+    (folder / ".recede.json").unlink()
+    weights = folder / "pruned" / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] * 1.5  # the weights change, pruned.onnx does not
+    torch.save(state, weights)
+    assert main(["bench", str(folder), *BENCH, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer match" in err and "manifest.json" in err and "recede export" in err
+    shutil.rmtree(folder)
+    folder = _copy(run_dir, tmp_path)  # the same, untouched but for the index: it is timed
+    (folder / ".recede.json").unlink()
+    assert main(["bench", str(folder), *BENCH, "--force"]) == 0
