@@ -156,9 +156,12 @@ def check_resume_config(cfg: Any, final: Path) -> None:
     from pipeline.atomic import partial_folder
     from pipeline.config import load_config, to_dict
 
+    from pipeline.checkpoint import load_state_dict_file
+
     folder = partial_folder(final) if partial_folder(final).is_dir() else Path(final)
     stored = folder / "config.yaml"
-    if not (folder / "checkpoints" / "train_last.pt").is_file() or not stored.is_file():
+    last = folder / "checkpoints" / "train_last.pt"
+    if not last.is_file() or not stored.is_file():
         return  # nothing to resume: training starts at epoch 1
     before, now = to_dict(load_config(stored)), to_dict(cfg)
     keys = changed_training_keys(before, now)
@@ -171,3 +174,4 @@ def check_resume_config(cfg: Any, final: Path) -> None:
             "data.num_workers/eval_batch_size and post-training prune settings may change); "
             "pass the original settings, or start afresh without --resume"
         )
+    load_state_dict_file(last, plain=False)  # a truncated checkpoint refuses before any staging

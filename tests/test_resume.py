@@ -131,7 +131,7 @@ def _interrupted(tmp_path: Path, overrides: list[str]) -> Path:
     out = tmp_path / "run"
     partial = partial_folder(out)
     (partial / "checkpoints").mkdir(parents=True)
-    (partial / "checkpoints" / "train_last.pt").write_bytes(b"ckpt")
+    torch.save({"model": {}}, partial / "checkpoints" / "train_last.pt")
     (partial / "config.yaml").write_text(dump_config(load_config("configs/demo.yaml", overrides)))
     return out
 
@@ -169,3 +169,23 @@ def test_resume_allows_settings_that_do_not_change_training(tmp_path):
     check_resume_config(load_config("configs/demo.yaml", changed), out)
     with pytest.raises(ValueError, match=r"train.epochs \(checkpoint 6, now 7\)"):
         check_resume_config(load_config("configs/demo.yaml", [*changed, "train.epochs=7"]), out)
+
+
+def test_a_truncated_checkpoint_refuses_before_anything_is_staged(tmp_path, capsys):
+    """A finished folder whose train_last.pt is truncated: --resume exits 2 naming the file and
+    leaves no .partial copy beside --out (it used to copy the folder, then fail on the load)."""
+    from pipeline.cli import main
+    from pipeline.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    last = out / "checkpoints" / "train_last.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, last)
+    last.write_bytes(last.read_bytes()[:200])
+    (out / "config.yaml").write_text(dump_config(load_config("configs/demo.yaml", [])))
+    (out / "model").mkdir()  # a finished `recede train` folder, as far as its files tell
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["train", "-c", "configs/demo.yaml", "--out", str(out), "--resume"]
+    assert main(argv) == 2
+    assert "train_last.pt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
