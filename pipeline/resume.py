@@ -154,9 +154,8 @@ def check_resume_config(cfg: Any, final: Path) -> None:
             both values.
     """
     from pipeline.atomic import partial_folder
-    from pipeline.config import load_config, to_dict
-
     from pipeline.checkpoint import load_state_dict_file
+    from pipeline.config import load_config, to_dict
 
     folder = partial_folder(final) if partial_folder(final).is_dir() else Path(final)
     stored = folder / "config.yaml"
