@@ -310,7 +310,9 @@ def controlled_cell(
     batch = example_batch(data)
     dense = _dense_facts(model, data, grid, batch)
     cell = {**dense, "strength": logs[-1].strength, "receded": logs[-1].receded}
-    pruned, cell["cut"] = _prune_to_budget(model, batch, prune, kept, dense, data.input_shape)
+    pruned, cell["cut"] = _prune_to_budget(
+        model, batch, prune, kept, dense, data.input_shape, train.receded_below
+    )
     if dict(grid.receding).get("plain_finetune") and method == "receding":
         convert_to_plain_bn_(pruned)
     cell.update(_finetune(pruned, data, grid, seed))
@@ -318,15 +320,19 @@ def controlled_cell(
     return cell
 
 
-def _prune_to_budget(model, batch, prune: PruneConfig, kept: float, dense: dict, shape):
-    """The valley cut when it fits the MACs budget (2% slack); else the importance cut that does."""
+def _prune_to_budget(model, batch, prune: PruneConfig, kept: float, dense: dict, shape, level):
+    """recede's cut when it fits the MACs budget (2% slack): the valley, else the receded level
+    (what the budget counted); else the importance cut that fits."""
     budget = int(kept * dense["macs_dense"] * 1.02)
     try:
         pruned = prune_model(model, batch, prune).model
         if count_macs(pruned, shape) <= budget:
             return pruned, "auto"
     except NotBimodalError as err:
-        logger.warning("auto threshold refused (%s); cutting to the MACs budget", err)
+        logger.warning("auto threshold refused (%s); cutting at the receded level", err)
+    pruned = prune_model(model, batch, dataclasses.replace(prune, threshold=level)).model
+    if count_macs(pruned, shape) <= budget:
+        return pruned, "receded"
     values = sorted(dense["importances"])
 
     def at(position: float) -> nn.Module:

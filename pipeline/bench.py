@@ -268,7 +268,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass of one sample, in eval mode.
 
     Counted with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs // 2), which counts matrix
-    multiplies and convolutions; elementwise ops, norms and pooling are not counted.
+    multiplies and convolutions; elementwise ops, norms and pooling are not counted. The count
+    is of a second forward pass: a pruned conv's constant-channel correction is a conv over a
+    ones map computed once per input size and then added as a stored tensor (as the folded and
+    exported model does), so it is not a per-sample cost.
 
     Args:
         model: The network; a copy is run, so its mode is left alone.
@@ -280,8 +283,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     net = copy.deepcopy(model).eval()
     param = next(net.parameters(), None)
     x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x)
+    with torch.no_grad():
+        net(x)  # fills per-size caches (a pruned conv's constant correction) the copy lost
+        with FlopCounterMode(display=False) as counter:
+            net(x)
     return int(counter.get_total_flops()) // 2
 
 
