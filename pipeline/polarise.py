@@ -283,11 +283,22 @@ def warn_unreachable(cfg: TrainConfig, prune: PruneConfig, reachable: float) -> 
     return True
 
 
-def budget_outcome(target: float | None, receded: float | None, tolerance: float = 0.02) -> str:
-    """One line: whether training reached its budget, and what to change when it did not."""
+BUDGET_TOLERANCE = 0.02  # a receded share this far under the target still counts as reached
+
+
+def budget_reached(target: float | None, receded: float | None) -> bool | None:
+    """Whether training reached ``target`` (None without a budget)."""
     if target is None or receded is None:
+        return None
+    return receded >= target - BUDGET_TOLERANCE
+
+
+def budget_outcome(target: float | None, receded: float | None) -> str:
+    """One line: whether training reached its budget, and what to change when it did not."""
+    reached = budget_reached(target, receded)
+    if reached is None:
         return "no budget (train.target is null): fixed penalty strength"
-    if receded >= target - tolerance:
+    if reached:
         return f"budget reached: receded {receded:.3f} of target {target:.3f}"
     return (
         f"budget MISSED: receded {receded:.3f}, target {target:.3f}; train longer "

@@ -215,18 +215,17 @@ def _summaries(
 
 def budget_summary(cfg: RunConfig, logs: list) -> BudgetSummary:
     """Target against what training receded (``train.target`` null: no budget)."""
-    from pipeline.polarise import budget_outcome
+    from pipeline.polarise import budget_outcome, budget_reached
 
     last = logs[-1] if logs else None
     receded = last.receded if last is not None else None
     target = cfg.train.target
-    reached = None if target is None or receded is None else receded >= target - 0.02
     return BudgetSummary(
         target=target,
         cost=cfg.train.target_cost,
         receded=receded,
         reachable=last.reachable if last is not None else None,
-        reached=reached,
+        reached=budget_reached(target, receded),
         outcome=budget_outcome(target, receded),
     )
 

@@ -30,7 +30,7 @@ from pipeline.atomic import save_torch_atomic
 from pipeline.bn import bn_modules, channel_importance, is_bn
 from pipeline.config import TrainConfig
 from pipeline.data import DataBundle
-from pipeline.polarise import Polariser, bn_param_groups, budget_outcome
+from pipeline.polarise import Polariser, bn_param_groups, budget_outcome, budget_reached
 from pipeline.threshold import importance_summary
 
 logger = logging.getLogger(__name__)
@@ -283,8 +283,9 @@ def train_(
                 save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
                 state.save(last, [dataclasses.asdict(log) for log in logs])
     if polariser is not None and polariser.controller is not None and logs:
-        outcome = budget_outcome(cfg.target, logs[-1].receded)
-        (logger.info if "reached" in outcome else logger.warning)("%s: %s", tag, outcome)
+        reached = budget_reached(cfg.target, logs[-1].receded)
+        log = logger.info if reached else logger.warning
+        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded))
     return logs
 
 

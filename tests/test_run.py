@@ -44,6 +44,11 @@ def test_report_has_every_promised_key(run_dir):
         "channels_total",
     }
     assert report["threshold"] == {"mode": "ratio", "value": 0.4}
+    budget = report["budget"]  # target vs achieved, and the verdict the log and report.md state
+    assert budget["target"] == 0.5 and budget["receded"] is not None
+    assert budget["reached"] == (budget["receded"] >= 0.48)
+    assert budget["outcome"].startswith("budget reached" if budget["reached"] else "budget MISSED")
+    assert budget["outcome"] in (run_dir / "report.md").read_text()
     assert report["export"]["opset"] >= 17 and report["export"]["max_abs_err"] <= 1e-4
     assert set(report["environment"]) >= {"torch", "onnxruntime", "python", "cpu"}
     assert 0.0 <= report["pruned"]["accuracy"] <= 1.0

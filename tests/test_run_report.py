@@ -55,7 +55,9 @@ def test_to_dict_keeps_the_report_json_keys_and_order():
     report = _report(_export()).to_dict()
     assert list(report) == [
         "dense", "pruned", "threshold", "export", "latency", "groups", "environment", "seconds",
+        "budget",
     ]  # fmt: skip
+    assert report["budget"] is None  # this report states no budget
     assert list(report["export"]) == [
         "onnx_path", "max_abs_err", "max_rel_err", "opset", "passed", "bound", "tolerance",
         "dense_max_abs_err", "dense_passed", "dense_bound",
