@@ -61,20 +61,30 @@ def _check_against_manifest(folder: Path, onnx: Path) -> None:
     """Refuse to pair ``onnx`` with ``folder``'s weights when the release manifest beside them
     (in the folder or its parent run folder) records other bytes for either: a stale ONNX
     beside re-saved weights would be timed as if it were that model."""
-    from pipeline.export.manifest import verify_manifest
+    import json
 
+    from pipeline.integrity import file_sha256
+
+    mine = {(folder / "model.pt").resolve(), onnx.resolve()}
     for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
-        if not manifest.is_file():
-            continue
-        mine = (folder.name + "/", "model.pt", onnx.name)
-        problems = [p for p in verify_manifest(manifest) if any(m in p for m in mine)]
-        if problems:
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))["artefacts"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # no manifest here (or not one of recede's): nothing recorded to compare
+        changed = [
+            str(path)
+            for entry in entries
+            if isinstance(entry, dict)
+            and (path := (manifest.parent / str(entry.get("path", ""))).resolve()) in mine
+            and path.is_file()
+            and file_sha256(path) != entry.get("sha256")
+        ]
+        if changed:
             raise ArtefactError(
-                f"{folder}: its files no longer match {manifest}: {'; '.join(problems)}; "
-                f"expected the weights and {onnx.name} the manifest records; re-export with "
-                f"`recede export {folder}` so the ONNX is built from these weights"
+                f"{folder}: {', '.join(changed)} no longer match {manifest}: the weights or "
+                f"the ONNX changed after export; expected the bytes the manifest records; "
+                f"re-export with `recede export {folder}` so the ONNX is built from these weights"
             )
-        return
 
 
 def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
