@@ -65,7 +65,7 @@ def _check_against_manifest(folder: Path, onnx: Path) -> None:
 
     from pipeline.integrity import file_sha256
 
-    mine = {(folder / "model.pt").resolve(), onnx.resolve()}
+    mine = {(folder / "model.pt").resolve()}  # the ONNX itself: its own checks come next
     for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
         try:
             entries = json.loads(manifest.read_text(encoding="utf-8"))["artefacts"].values()
@@ -81,8 +81,8 @@ def _check_against_manifest(folder: Path, onnx: Path) -> None:
         ]
         if changed:
             raise ArtefactError(
-                f"{folder}: {', '.join(changed)} no longer match {manifest}: the weights or "
-                f"the ONNX changed after export; expected the bytes the manifest records; "
+                f"{folder}: {', '.join(changed)} no longer match {manifest}: the weights "
+                f"changed after {onnx.name} was exported; expected the bytes the manifest records; "
                 f"re-export with `recede export {folder}` so the ONNX is built from these weights"
             )
 
