@@ -7,8 +7,9 @@ same budget, stated as the share of the dense model's MACs that is *kept* (``--m
 - ``receding``, ``l1``, ``polarization``, ``ista`` (recede): trained with ``train.target = 1 -
   kept`` counted in MACs (``train.target_cost: macs``); the budget controller drives the
   strength from a deliberately weak start. Pruned at the automatic valley threshold; when the
-  valley is refused or keeps more than the budget, the cut moves up the importance ranking until
-  the MACs fit (the cell records ``cut``: ``auto`` or ``macs``).
+  valley is refused or keeps more than the budget (2% slack), at the receded level
+  ``train.receded_below`` (the set the budget counted); else the cut moves up the importance
+  ranking until the MACs fit (the cell records ``cut``: ``auto``, ``receded`` or ``macs``).
 - ``ucs``: trained without a penalty (plain BN), pruned per layer by smallest |gamma| at one
   shared fraction, raised until the MACs fit (the seed paper's reference code).
 - ``tp-mag``: the same unpenalised model, pruned by Torch-Pruning 1.6's ``MagnitudePruner`` (L1
