@@ -290,7 +290,11 @@ def plot_histograms(cells: list[dict], path: Path) -> Path:
     from pipeline.report import _new_figure, _save
 
     picks: dict[str, dict] = {}
-    for c in sorted(cells, key=lambda c: (c["kept"], c["seed"])):
+    models = sorted({c["model"] for c in cells if c["method"] in CONTROLLED})
+    model = "vgg" if "vgg" in models else models[0]  # one model, so the panels compare
+    for c in sorted(
+        (c for c in cells if c["model"] == model), key=lambda c: (c["kept"], c["seed"])
+    ):
         key = c["method"] if c["method"] in CONTROLLED else None
         if key:
             picks.setdefault(key, c)
