@@ -65,7 +65,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_data import example_batch, load_tensor_data, training_view  # noqa: E402
+from quality_data import load_tensor_data, training_view  # noqa: E402
 from quality_peers import (  # noqa: E402
     TorchPruningSparsity,
     fit_macs,
@@ -88,7 +88,7 @@ from pipeline.config import (  # noqa: E402
 from pipeline.data import DataBundle, DataError  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.prune import prune_model  # noqa: E402
-from pipeline.run import build_and_train  # noqa: E402
+from pipeline.run import build_and_train, example_batch  # noqa: E402
 from pipeline.threshold import NotBimodalError  # noqa: E402
 from pipeline.train import (  # noqa: E402
     evaluate,

@@ -53,7 +53,3 @@ def training_view(data: DataBundle, n: int = 1000) -> DataBundle:
     if x is None:
         return data
     return dataclasses.replace(data, test=DataLoader(TensorDataset(x, y), data.test.batch_size))
-
-
-def example_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
-    return next(iter(data.test))[0][:n].cpu()

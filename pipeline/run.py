@@ -92,7 +92,7 @@ def _build_and_train(
 ) -> tuple[nn.Module, list]:
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     pen_cfg = cfg.train.penalty
-    example = _fixed_batch(data, 2)
+    example = example_batch(data, 2)
     steps = cfg.train.epochs * len(distributed.shard_loader(data.train, cfg.train.seed))
     polariser = Polariser.prepare(
         model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune
@@ -119,7 +119,8 @@ def _build_and_train(
     return model.cpu().eval(), logs
 
 
-def _fixed_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
+def example_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
+    """The first ``n`` test images: the example every stage traces and verifies with."""
     return next(iter(data.test))[0][:n].cpu()
 
 
@@ -298,7 +299,7 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
 
     start = time.perf_counter()
     model, logs = train_into(cfg, data, out, "trained", resume=resume)
-    dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), _fixed_batch(data)
+    dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), example_batch(data)
     try:
         pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
     except NotBimodalError as err:
