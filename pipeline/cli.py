@@ -286,7 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.artefacts import check_batches, unique_labels
     from pipeline.backends import ReplayMismatchError
     from pipeline.bench import SweepConfig, bench_markdown, bench_report, runnable, sweep
-    from pipeline.run import VerificationError
+    from pipeline.checks import VerificationError
 
     _check_bench_outputs(args)
     settings = _bench_settings(args)
@@ -401,12 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from pipeline.fold import FoldError
-    from pipeline.run import VerificationError
+    from pipeline.checks import VerificationError  # FoldError and ExactnessError are ones
 
     try:
         return args.handler(args)
-    except (VerificationError, FoldError) as err:
+    except VerificationError as err:
         print(f"recede {args.command}: verification failed: {err}", file=sys.stderr)
         return EXIT_VERIFY
     except _input_errors() as err:

@@ -171,6 +171,21 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=_number(int, 2, 4096), default=32)
     p.add_argument("--opt-batch", type=_number(int, 1, 4096), default=1)
     p.add_argument("--calib-batches", type=_number(int, 1, 10000), default=16)
+    p.add_argument(
+        "--require",
+        choices=("tensorrt",),
+        action="append",
+        default=[],
+        help="make a missing artefact fatal: `--format all --require tensorrt` exits 2 where "
+        "no TensorRT engine can be built, instead of warning and skipping it",
+    )
+    p.add_argument(
+        "--accept-insensitive",
+        action="store_true",
+        help="write the release even when a check could not have seen a wrong model (its "
+        "outputs barely depend on the input); the verdict `insensitive` stays in the manifest. "
+        "Default: such an export fails with exit code 1",
+    )
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:

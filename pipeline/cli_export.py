@@ -52,7 +52,18 @@ def _options(args: argparse.Namespace) -> tuple[Any, str | None]:
             f"exporter emits), got {args.opset}; pass --opset {MIN_OPSET}"
         )
 
+    required = "tensorrt" in (args.require or [])
+    if required and args.format not in ("tensorrt", "all"):
+        raise UsageError(
+            f"--require tensorrt asks for an engine, and --format {args.format} builds none; "
+            "pass --format all (or tensorrt), or drop --require"
+        )
     reason = unavailable_reason() if args.format in ("tensorrt", "all") else None
+    if required and reason is not None:
+        raise UsageError(
+            f"--require tensorrt: this machine cannot build a TensorRT engine ({reason}); "
+            f"{_TRT_FIX}, or drop --require tensorrt"
+        )
     if args.format == "tensorrt" and reason is not None:
         raise UsageError(
             f"--format tensorrt needs the tensorrt package and a CUDA GPU, and this machine "
@@ -118,11 +129,17 @@ def _release_config(folder: Path, out: Path, spec: dict, options: Any) -> dict[s
     }
 
 
-def _write(stage: Path, folder: Path, out: Path, loaded: tuple, options: Any, calibration) -> Any:
-    """Export, verify and write the manifest into ``stage``; returns the release."""
+def _write(
+    stage: Path, folder: Path, out: Path, loaded: tuple, options: Any, calibration, accept: bool
+) -> Any:
+    """Export, verify and write the manifest into ``stage``; returns the release.
+
+    A failed check, or an insensitive one unless ``accept``, raises ``VerificationError``
+    before the manifest is written, so ``out`` stays as it was.
+    """
+    from pipeline.checks import raise_unless_verified
     from pipeline.export.manifest import MANIFEST_NAME, write_manifest
     from pipeline.export.release import FILES, export_release
-    from pipeline.run import VerificationError
 
     model, spec = loaded
     for name in (*FILES.values(), MANIFEST_NAME):  # nothing stale from an earlier export
@@ -130,17 +147,20 @@ def _write(stage: Path, folder: Path, out: Path, loaded: tuple, options: Any, ca
     release = export_release(
         model, tuple(spec["input_shape"]), stage, options, calibration=calibration
     )
-    failed = [c for c in release.checks if not c.passed]
-    if failed:
-        raise VerificationError(
-            "; ".join(
-                f"{c.path} differs from PyTorch by {c.max_abs_err:.2e} > {c.bound:.2e} "
-                f"allowed ({c.tolerance})"
-                for c in failed
-            )  # fmt: skip
-            + f"; {out} is left unchanged"
+    for check in release.all_checks():
+        print(
+            f"{out / check.path if check.path else check.what}: {check.precision}, {check.line()}"
         )
-    metrics = {c.format: {"max_abs_err": c.max_abs_err, "bound": c.bound} for c in release.checks}
+    raise_unless_verified(
+        release.all_checks(), accept_insensitive=accept, where=f"{out} is left unchanged"
+    )
+    metrics = {
+        c.what: {
+            "max_abs_err": c.max_abs_err, "bound": c.bound, "input_effect": c.input_effect,
+            "sensitivity": c.sensitivity, "verdict": c.verdict,
+        }
+        for c in release.all_checks()
+    }  # fmt: skip
     write_manifest(
         stage,
         {name: stage / rel for name, rel in release.files.items()},
@@ -166,11 +186,8 @@ def export_command(args: argparse.Namespace) -> int:
     in_place = out == folder.absolute()
     kind, start = ("prune", "copy") if in_place else ("export", "empty")
     with staged_folder(out, kind=kind, start=start) as stage:
-        release = _write(stage, folder, out, (model, spec), options, calibration)
-    for c in release.checks:
-        print(
-            f"{out / c.path}: {c.precision}, opset {options.opset}, max abs err "
-            f"{c.max_abs_err:.2e} (allowed {c.bound:.2e}, rel {c.max_rel_err:.2e}) -> ok"
+        release = _write(
+            stage, folder, out, (model, spec), options, calibration, args.accept_insensitive
         )
     print(f"{out / 'manifest.json'}: {len(release.files)} artefacts")
     return EXIT_OK

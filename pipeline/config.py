@@ -260,6 +260,7 @@ class ExportConfig:
     atol: float = 1e-4
     tensorrt: bool = False
     fp16: bool = False
+    accept_insensitive: bool = False  # see pipeline.checks: an unverifiable export fails the run
 
     def __post_init__(self) -> None:
         _check_types(self, "export")

@@ -17,15 +17,17 @@ from torch import nn
 from pipeline.bn import bn_scale, is_bn
 from pipeline.bn_act import bn_tail, tail_module
 from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.checks import Check, VerificationError, insensitivity_hint, judge
 from pipeline.corrected_conv import drop_kernel_, kernel_corrected, replace_corrections_, set_map_
+from pipeline.export.tolerance import Tolerance
 from pipeline.numerics import float_dtype, rel_err
 from pipeline.tracing import trace
 
 logger = logging.getLogger(__name__)
 
 
-class FoldError(RuntimeError):
-    """Folding changed the model's outputs beyond tolerance."""
+class FoldError(VerificationError):
+    """Folding changed the model's outputs beyond tolerance (a failed verification: exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class FoldReport:
     kept: tuple[str, ...]
     max_abs_err: float
     max_rel_err: float
+    check: Check | None = None  # the float64 folded-vs-unfolded check (None: not verified)
 
 
 def fold_conv_bn_weights(
@@ -138,19 +141,21 @@ def fold_bn(
     report = fold_bn_(folded)
     ref, out = unfolded(example.double()), folded(example.double())
     abs_err, err = float((ref - out).abs().max()), rel_err(out, ref)
-    if err > rtol:
+    check = judge(
+        "fold", [(ref.numpy(), out.numpy())], Tolerance(rtol, 0.0, "fp64"),
+        hint=insensitivity_hint(model),
+    )  # fmt: skip
+    if check.verdict == "failed":
         raise FoldError(
             f"folded model differs by {err:.2e} of the output scale, computed in float64 "
-            f"(> {rtol:.0e})"
+            f"(> {rtol:.0e}): {check.cause}"
         )
     folded = folded.to(dtype)
     logger.info(
-        "folded %d BN layers into convs, %d kept; max rel err %.2e",
-        len(report.folded),
-        len(report.kept),
-        err,
-    )
-    return folded, FoldReport(report.folded, report.kept, abs_err, err)
+        "folded %d BN layers into convs, %d kept; %s", len(report.folded), len(report.kept),
+        check.line(),
+    )  # fmt: skip
+    return folded, FoldReport(report.folded, report.kept, abs_err, err, check)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from torch import nn
 from pipeline.absorb import absorb_, larger_input, scale_bound
 from pipeline.bn import zero_scale_
 from pipeline.channel_graph import ChannelGraph
+from pipeline.checks import Check, VerificationError, insensitivity_hint, judge
 from pipeline.corrected_conv import replace_corrections_
+from pipeline.export.tolerance import Tolerance
 from pipeline.numerics import float_dtype, rel_err
 from pipeline.plan import LayerPlan, PruneError, PrunePlan
 
@@ -141,6 +143,11 @@ EXACT_RTOL = 1e-6
 ``numerics.float_dtype``; exact absorption measures about 1e-13)."""
 
 
+class ExactnessError(PruneError, VerificationError):
+    """The pruned model is not the zeroed model: a failed verification (CLI exit code 1), and a
+    :class:`PruneError` for callers that catch those."""
+
+
 @dataclass(frozen=True)
 class RemovalReport:
     """What an exact removal did and how exact it was."""
@@ -153,6 +160,7 @@ class RemovalReport:
     max_rel_err: float  # pruned vs the zeroed reference
     scale_bound: float  # max |scale * x_hat| of removed BN channels: per-channel change bound
     other_size_rel_err: float = 0.0  # pruned vs reference at a larger input size, where it runs
+    check: Check | None = None  # the float64 pruned-vs-zeroed check, where exactness is required
 
 
 def _other_size_err(reference: nn.Module, pruned: nn.Module, x: torch.Tensor | None) -> float:
@@ -205,18 +213,24 @@ def remove_groups(
     corrections, border = absorb_(
         reference, pruned, graph.readers(dropped), keep_out, example, exact_borders
     )
-    ref_out = reference(example)
+    ref_out, out = reference(example), pruned(example)
+    enforced = exact_borders or border == 0  # nothing approximated: must be exact
+    check = judge(
+        "removal", [(ref_out.numpy(), out.numpy())], Tolerance(EXACT_RTOL, 0.0, "fp64"),
+        hint=insensitivity_hint(model),
+    ) if enforced else None  # fmt: skip
     report = RemovalReport(
         len(dropped) - len(approximate),
         len(approximate),
         tuple(corrections),
         border,
         rel_err(ref_out, model(example)),
-        rel_err(pruned(example), ref_out),
+        rel_err(out, ref_out),
         scale_bound(model, graph, dropped, example),
         _other_size_err(reference, pruned, larger_input(example)),
+        check,
     )
-    if exact_borders or report.max_border_err == 0:  # nothing approximated: must be exact
+    if enforced:
         _check_exact(report, example)
     _log(report, len(dropped))
     return pruned.to(dtype), report
@@ -225,7 +239,7 @@ def remove_groups(
 def _log(report: RemovalReport, dropped: int) -> None:
     logger.info(
         "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e "
-        "(%.2e at a larger size); zeroing changed outputs by %.2e (scale bound %.2e)",
+        "(%.2e at a larger size); zeroing changed outputs by %.2e (scale bound %.2e); %s",
         dropped,
         report.absorbed_groups,
         report.approximate_groups,
@@ -234,6 +248,7 @@ def _log(report: RemovalReport, dropped: int) -> None:
         report.other_size_rel_err,
         report.zeroing_err,
         report.scale_bound,
+        f"check: {report.check.line()}" if report.check else "approximate removal, not checked",
     )
 
 
@@ -244,7 +259,7 @@ def _check_exact(report: RemovalReport, example: torch.Tensor) -> None:
         (report.other_size_rel_err, "at a larger input size"),
     ):
         if err > EXACT_RTOL:
-            raise PruneError(
+            raise ExactnessError(
                 f"pruned model differs from the zeroed reference by {err:.2e} of the output scale "
                 f"{where}, computed in float64 (expected <= {EXACT_RTOL:.0e}); this is a bug in "
                 "constant absorption or a layer that computes in lower precision; please report "

@@ -120,6 +120,31 @@ def _latency_section(
     return "## Latency\n\n" + latency_markdown([_as_row(r) for r in raw_rows], macs=macs)
 
 
+def _verification_section(checks: list[Mapping[str, Any]]) -> str:
+    """Every check (``pipeline.checks.Check`` dicts): error, bound, what a wrong input would
+    move, the ratio, the verdict, and the cause where it is not ``ok``."""
+    rows = [
+        (
+            f"{c['what']}" + (f" (`{c['path']}`)" if c.get("path") else ""),
+            c["precision"],
+            f"{c['max_abs_err']:.2e}",
+            f"{c['bound']:.2e}",
+            f"{c['input_effect']:.2e}",
+            f"{c['sensitivity']:.3g}x",
+            f"**{c['verdict']}**" + (f": {c['cause']}" if c.get("cause") else ""),
+        )
+        for c in checks
+    ]
+    header = ["Check", "Precision", "Max abs err", "Bound", "Wrong-input effect", "Effect/bound",
+              "Verdict"]  # fmt: skip
+    note = (
+        "A check catches any error above its bound; the wrong-input effect is how far the "
+        "reference output moves when a sample's input is swapped for another's, so a check is "
+        "only evidence when that effect is well above the bound (`insensitive` otherwise)."
+    )
+    return "## Verification\n\n" + note + "\n\n" + _table(header, ["---"] * len(header), rows)
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """Render a run report as Markdown: before/after, latency and environment sections.
 
@@ -145,6 +170,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
         sections[-1] += f"\n\nONNX file: `{onnx_path}`"
+    if (report.get("export") or {}).get("checks"):
+        sections.append(_verification_section(report["export"]["checks"]))
     if report.get("latency"):
         macs = {k: (report.get(k) or {}).get("macs") for k in (REFERENCE_MODEL, "pruned")}
         sections.append(_latency_section(report["latency"], macs))

@@ -31,6 +31,7 @@ from pipeline.atomic import (
 )
 from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
+from pipeline.checks import Check, raise_unless_verified
 from pipeline.config import RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.feasibility import check_feasible
@@ -53,10 +54,6 @@ from pipeline.threshold import NotBimodalError
 from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
 
 logger = logging.getLogger(__name__)
-
-
-class VerificationError(RuntimeError):
-    """An exported artefact disagrees with PyTorch beyond tolerance (CLI exit code 1)."""
 
 
 def model_spec(cfg: RunConfig, data: DataBundle) -> ModelSpec:
@@ -272,7 +269,8 @@ def run_pipeline(
     Raises:
         OutputError: ``out`` is a file, not writable, in use, or another command's folder
             (unless ``force``).
-        VerificationError: the pruned ONNX model disagrees with PyTorch beyond ``export.atol``.
+        VerificationError: a fold, removal or ONNX check failed, or could not have seen a wrong
+            model and ``export.accept_insensitive`` is off (``pipeline.checks``).
     """
     final, data = open_training(cfg, out, kind="run", resume=resume, force=force)
     if not distributed.is_main():
@@ -281,14 +279,17 @@ def run_pipeline(
     start = "resume" if resume else "empty"
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume)
-    export = report.export
-    for label, err, bound in export.failures():  # the folder is in place: it is the evidence
-        raise VerificationError(
-            f"{label} ONNX differs from PyTorch by {err:.2e} > {bound:.2e} allowed "
-            f"({export.tolerance}, export.atol {cfg.export.atol:.0e}); "
-            f"see {final / 'report.json'}"
-        )
+    raise_unless_verified(  # after the move: the folder in place is the evidence
+        [Check.from_dict(c) for c in report.export.checks],
+        accept_insensitive=cfg.export.accept_insensitive,
+        where=f"export.atol {cfg.export.atol:.0e}; see {final / 'report.json'}",
+    )
     return report
+
+
+def _removal_check(pruned: Pruned) -> list[Check]:
+    """The removal's own float64 check, where exactness was required."""
+    return [pruned.removal.check] if pruned.removal.check else []
 
 
 def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: bool) -> RunReport:
@@ -330,6 +331,7 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
             check,
             exported.checks["dense"],
             Path(check.path).name,  # relative to the run folder
+            [*_removal_check(pruned), *exported.all_checks()],
         ),
         latency=tuple(rows),
         groups=_groups(pruned),

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.export.onnx import OnnxVerification
+    from pipeline.checks import Check
     from pipeline.timing import LatencyRow
 
 
@@ -67,13 +67,20 @@ class ExportSummary:
     dense_max_abs_err: float
     dense_passed: bool
     dense_bound: float
+    verdict: str = "ok"
+    sensitivity: float = 0.0
+    checks: list[dict[str, Any]] = field(default_factory=list)  # every Check, as dicts
 
     @classmethod
     def from_checks(
-        cls, pruned: OnnxVerification, dense: OnnxVerification, onnx_path: str
+        cls, pruned: Check, dense: Check, onnx_path: str, checks: list[Check] = ()
     ) -> ExportSummary:
         """``onnx_path`` is the pruned ONNX file, relative to the run folder (reports never carry
-        absolute paths, so a run folder can be moved or shipped)."""
+        absolute paths, so a run folder can be moved or shipped); ``checks`` are every check of
+        the run (removal, folds, ONNX), recorded with relative paths."""
+        from dataclasses import replace
+        from pathlib import PurePath
+
         return cls(
             onnx_path=onnx_path,
             max_abs_err=pruned.max_abs_err,
@@ -85,6 +92,9 @@ class ExportSummary:
             dense_max_abs_err=dense.max_abs_err,
             dense_passed=dense.passed,
             dense_bound=dense.bound,
+            verdict=pruned.verdict,
+            sensitivity=pruned.sensitivity,
+            checks=[replace(c, path=c.path and PurePath(c.path).name).to_dict() for c in checks],
         )
 
     def failures(self) -> list[tuple[str, float, float]]:

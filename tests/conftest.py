@@ -110,3 +110,28 @@ def kill_children(started: list[subprocess.Popen]) -> None:
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+class NearConstantNet(nn.Module):
+    """A trained-looking net whose outputs barely depend on the input: a large head bias over
+    a head weight of 1e-6, so two samples' logits differ by a few 1e-6 (issue: such a net's
+    ONNX check printed `ok` against a bound of 1e-5 that no wrong model could exceed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(8, 5)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):  # distinct importances, non-initial statistics
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.1)
+                    m.running_var.fill_(2.0)
+            self.head.weight.mul_(1e-6)
+            self.head.bias.copy_(torch.arange(5.0) + 1.0)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))

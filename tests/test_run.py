@@ -112,15 +112,17 @@ def test_a_failing_dense_export_fails_the_run(tmp_path, monkeypatch):
     import dataclasses
 
     import pipeline.export.onnx as onnx_export
-    from pipeline.run import VerificationError
+    from pipeline.checks import VerificationError
 
     real = onnx_export.verify_onnx
 
     def dense_fails(path, *args, **kwargs):
         result = real(path, *args, **kwargs)
-        return dataclasses.replace(result, passed=result.passed and Path(path).name != "dense.onnx")
+        if Path(path).name != "dense.onnx":
+            return result
+        return dataclasses.replace(result, verdict="failed", cause="injected")
 
     monkeypatch.setattr(onnx_export, "verify_onnx", dense_fails)
     cfg = load_config("configs/demo.yaml", [*SMALL, "prune.finetune_epochs=0"])
-    with pytest.raises(VerificationError, match="dense ONNX differs"):
+    with pytest.raises(VerificationError, match=r"dense \(dense.onnx\) failed verification: injected"):
         run_pipeline(cfg, tmp_path / "run")

@@ -60,7 +60,7 @@ def test_to_dict_keeps_the_report_json_keys_and_order():
     assert report["budget"] is None  # this report states no budget
     assert list(report["export"]) == [
         "onnx_path", "max_abs_err", "max_rel_err", "opset", "passed", "bound", "tolerance",
-        "dense_max_abs_err", "dense_passed", "dense_bound",
+        "dense_max_abs_err", "dense_passed", "dense_bound", "verdict", "sensitivity", "checks",
     ]  # fmt: skip
     assert report["pruned"]["accuracy_recalibrated"] is None
     assert report["threshold"] == {"mode": "ratio", "value": 0.4}

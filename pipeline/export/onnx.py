@@ -26,7 +26,6 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from pipeline.checks import Check
+
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
@@ -44,31 +45,6 @@ OUTPUT_NAME = "output"
 MIN_OPSET = 17
 _DYNAMO_MIN_OPSET = 18
 _INSTALL_HINT = "pip install 'recede[onnx]'"
-
-
-@dataclass(frozen=True)
-class OnnxVerification:
-    """Result of :func:`verify_onnx`.
-
-    Attributes:
-        max_abs_err: Largest absolute difference between ONNX Runtime and PyTorch outputs.
-        max_rel_err: ``max_abs_err`` divided by the largest absolute PyTorch output.
-        passed: Whether the error is within ``tolerance`` and every output shape matched.
-        opset: Default-domain opset of the ONNX graph.
-        path: The ONNX file that was checked.
-        batch_sizes: Batch sizes that were run (two when the batch axis is dynamic).
-        bound: The largest error the tolerance allowed on these outputs.
-        tolerance: The policy applied (``pipeline.export.tolerance``), as a dict.
-    """
-
-    max_abs_err: float
-    max_rel_err: float
-    passed: bool
-    opset: int
-    path: str
-    batch_sizes: tuple[int, ...] = ()
-    bound: float = 0.0
-    tolerance: dict[str, Any] | None = None
 
 
 def _import_onnx() -> Any:
@@ -315,24 +291,16 @@ def onnx_precision(session: Any) -> str:
     return "fp16" if session.get_inputs()[0].type == "tensor(float16)" else "fp32"
 
 
-def _compare(session: Any, model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """Max |ONNX - PyTorch| and max |PyTorch| over ``batches``; inf error on bad shape or NaN."""
-    import numpy as np
-
+def _outputs(session: Any, model: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
+    """(PyTorch, ONNX Runtime) outputs per batch, as float64 and float32 numpy arrays."""
     input_name = session.get_inputs()[0].name
-    max_abs, max_ref = 0.0, 0.0
-    for batch in batches:
-        ref = _reference(model, batch).numpy()
-        got = session.run(None, {input_name: _as_input(session, batch)})[0]
-        if got.shape != ref.shape:
-            logger.error(
-                "ONNX output shape %s != PyTorch %s at batch %d", got.shape, ref.shape, len(batch)
-            )
-            return float("inf"), float(np.abs(ref).max(initial=0.0))
-        err = float(np.abs(got.astype(np.float64) - ref).max(initial=0.0))
-        max_abs = max(max_abs, err if np.isfinite(err) else float("inf"))  # NaN must fail
-        max_ref = max(max_ref, float(np.abs(ref).max(initial=0.0)))
-    return max_abs, max_ref
+    return [
+        (
+            _reference(model, batch).double().numpy(),
+            session.run(None, {input_name: _as_input(session, batch)})[0],
+        )
+        for batch in batches
+    ]
 
 
 def verify_onnx(
@@ -342,7 +310,8 @@ def verify_onnx(
     *,
     atol: float | None = None,
     tolerance: Tolerance | None = None,
-) -> OnnxVerification:
+    what: str | None = None,
+) -> Check:
     """Check an ONNX file and compare ONNX Runtime (CPU) with PyTorch on the same inputs.
 
     Runs ``onnx.checker.check_model`` first, then both runtimes on ``inputs`` and, if the batch
@@ -355,40 +324,31 @@ def verify_onnx(
         atol: Absolute floor of the tolerance (None: the policy's default).
         tolerance: The policy to apply; None: ``tolerance_for`` the graph's input precision
             (fp32 or fp16) with ``atol``.
+        what: Name of the check (None: ``onnx`` or ``onnx-fp16`` by the graph's precision).
 
     Returns:
-        The errors, whether they are within the tolerance, and the graph's opset.
+        The check (``pipeline.checks``): errors, bound, sensitivity, verdict, opset.
 
     Raises:
         ImportError: If onnx or onnxruntime is not installed.
         onnx.checker.ValidationError: If the graph is invalid.
     """
+    from pipeline.checks import insensitivity_hint, judge
+
     onnx, ort = _import_onnx(), _import_onnxruntime()
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batches = _batches(inputs.detach().cpu().float(), _batch_is_dynamic(session))
-    max_abs, max_ref = _compare(session, model, batches)
-    max_rel = max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf"))
     tolerance = tolerance or tolerance_for(onnx_precision(session), atol=atol)
-    result = OnnxVerification(
-        max_abs_err=max_abs,
-        max_rel_err=max_rel,
-        passed=tolerance.allows(max_abs, max_ref),
-        opset=_default_opset(proto),
+    result = judge(
+        what or ("onnx-fp16" if onnx_precision(session) == "fp16" else "onnx"),
+        _outputs(session, model, batches),
+        tolerance,
         path=str(path),
-        batch_sizes=tuple(len(b) for b in batches),
-        bound=tolerance.bound(max_ref),
-        tolerance=tolerance.to_dict(),
+        hint=insensitivity_hint(model),
+        opset=_default_opset(proto),
     )
-    log = logger.info if result.passed else logger.error
-    log(
-        "ONNX verification %s: max abs err %.3g (allowed %.3g: %s), rel %.3g, batches %s",
-        "passed" if result.passed else "FAILED",
-        max_abs,
-        result.bound,
-        result.tolerance,
-        max_rel,
-        result.batch_sizes,
-    )
+    log = logger.info if result.passed else logger.warning
+    log("ONNX verification of %s: %s", path, result.line())
     return result

@@ -10,7 +10,7 @@ byte-identical ONNX files: the trace input is seeded and the exporter is determi
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from pipeline.checks import Check
     from pipeline.export.calibration import CalibrationFeed
 
 logger = logging.getLogger(__name__)
@@ -75,30 +76,21 @@ class ReleaseOptions:
 
 
 @dataclass(frozen=True)
-class ArtefactCheck:
-    """One artefact's verification against PyTorch."""
-
-    format: str
-    path: str  # relative to the release folder
-    precision: str
-    max_abs_err: float
-    max_rel_err: float
-    bound: float
-    passed: bool
-    tolerance: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Release:
     """What :func:`export_release` wrote and verified."""
 
-    checks: tuple[ArtefactCheck, ...]
+    checks: tuple[Check, ...]  # one per artefact, ``what`` is its format
     files: dict[str, str]  # artefact name -> path relative to the release folder
     details: dict[str, Any]  # opset, builder flags, input spec, folding: for the manifest
+    fold: Check | None = None  # the float64 folded-vs-unfolded check
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks) and (self.fold is None or self.fold.passed)
+
+    def all_checks(self) -> list[Check]:
+        """The fold check, then every artefact's."""
+        return [*([self.fold] if self.fold else []), *self.checks]
 
 
 def resolve_formats(choice: str, tensorrt_reason: str | None) -> tuple[tuple[str, ...], str | None]:
@@ -125,38 +117,31 @@ def verification_input(input_shape: tuple[int, ...], batch: int) -> torch.Tensor
     return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
 
 
-def _onnx_check(fmt: str, path: Path, model: nn.Module, batch: torch.Tensor, atol) -> ArtefactCheck:
-    from pipeline.export.onnx import verify_onnx
-
-    check = verify_onnx(path, model, batch, atol=atol if fmt == "onnx" else None)
-    precision = check.tolerance["precision"] if check.tolerance else "fp32"
-    return ArtefactCheck(
-        fmt, path.name, precision, check.max_abs_err, check.max_rel_err, check.bound,
-        check.passed, check.tolerance or {},
-    )  # fmt: skip
-
-
 def _export_onnx_formats(
     folded: nn.Module, model: nn.Module, out: Path, batch: torch.Tensor, options: ReleaseOptions
-) -> list[ArtefactCheck]:
-    from pipeline.export.onnx import export_onnx
+) -> list[Check]:
+    from dataclasses import replace
+
+    from pipeline.export.verify import export_checked
 
     wanted = [f for f in ("onnx", "onnx-fp16") if f in options.formats]
     if "tensorrt" in options.formats and "onnx" not in wanted:
         wanted.insert(0, "onnx")  # the engine is built from it
     checks = []
     for fmt in wanted:
-        path = export_onnx(
-            folded, batch[:2], out / FILES[fmt], opset=options.opset,
-            simplify=options.simplify, half=fmt == "onnx-fp16",
+        check = export_checked(
+            folded, model, batch, out / FILES[fmt], opset=options.opset, what=fmt,
+            half=fmt == "onnx-fp16", simplify=options.simplify, atol=options.atol,
         )  # fmt: skip
-        checks.append(_onnx_check(fmt, path, model, batch, options.atol))
+        checks.append(replace(check, path=FILES[fmt]))  # relative to the release folder
     return checks
 
 
 def _build_and_check_engine(
     model: nn.Module, out: Path, batch: torch.Tensor, options: ReleaseOptions, calibration
-) -> ArtefactCheck:
+) -> Check:
+    from dataclasses import replace
+
     from pipeline.export.tensorrt import build_engine, verify_engine
 
     engine = build_engine(
@@ -167,10 +152,7 @@ def _build_and_check_engine(
         timing_cache=out / FILES["timing_cache"],
     )  # fmt: skip
     check = verify_engine(engine, model, batch, precision=options.trt_precision)
-    return ArtefactCheck(
-        "tensorrt", engine.name, options.trt_precision, check.max_abs_err, check.max_rel_err,
-        check.bound, check.passed, check.tolerance,
-    )  # fmt: skip
+    return replace(check, path=engine.name)
 
 
 def export_release(
@@ -204,7 +186,7 @@ def export_release(
     checks = _export_onnx_formats(folded, model, out, batch, options)
     if "tensorrt" in options.formats:
         checks.append(_build_and_check_engine(model, out, batch, options, calibration))
-    files = {c.format: c.path for c in checks}
+    files = {c.what: c.path for c in checks}
     if "tensorrt" in files:
         files["timing_cache"] = FILES["timing_cache"]
     details = {
@@ -221,9 +203,10 @@ def export_release(
         },
         "folded_bns": len(fold.folded),
         "fold_rel_err": fold.max_rel_err,
-        "verification": [asdict(c) for c in checks],
+        "fold": fold.check.to_dict() if fold.check else None,
+        "verification": [c.to_dict() for c in checks],
     }
-    return Release(tuple(checks), files, details)
+    return Release(tuple(checks), files, details, fold.check)
 
 
 def _builder_flags(options: ReleaseOptions) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,8 @@ from pipeline.export.tolerance import Tolerance, tolerance_for
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from pipeline.checks import Check
 
 logger = logging.getLogger(__name__)
 
@@ -371,19 +372,6 @@ def engine_latency(
     return time_callable(lambda: runner(x), warmup=warmup, runs=runs, sync=torch.cuda.synchronize)
 
 
-@dataclass(frozen=True)
-class EngineVerification:
-    """Engine vs PyTorch on the same inputs, judged by ``pipeline.export.tolerance``."""
-
-    max_abs_err: float
-    max_rel_err: float
-    passed: bool
-    bound: float
-    tolerance: dict[str, Any]
-    batch_sizes: tuple[int, ...]
-    path: str
-
-
 def verify_engine(
     engine_path: str | Path,
     model: nn.Module,
@@ -391,7 +379,7 @@ def verify_engine(
     *,
     precision: str = "fp32",
     tolerance: Tolerance | None = None,
-) -> EngineVerification:
+) -> Check:
     """Run the engine and the float32 PyTorch model on ``inputs`` and on a batch one larger.
 
     Args:
@@ -403,27 +391,18 @@ def verify_engine(
     """
     import torch
 
+    from pipeline.checks import insensitivity_hint, judge
+
     tolerance = tolerance or tolerance_for(precision)
     runner = TrtRunner(engine_path)
-    batches = [inputs, torch.cat([inputs, inputs[:1].flip(-1)])]
-    max_abs, max_ref = 0.0, 0.0
-    for batch in batches:
+    pairs = []
+    for batch in (inputs, torch.cat([inputs, inputs[:1].flip(-1)])):
         with torch.inference_mode():
             ref = model.cpu().eval()(batch.cpu().float()).double()
-        got = runner(batch).double().cpu()
-        err = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
-        max_abs = max(max_abs, err if err == err else float("inf"))  # NaN must fail
-        max_ref = max(max_ref, float(ref.abs().max()))
-    result = EngineVerification(
-        max_abs,
-        max_abs / max_ref if max_ref > 0 else (0.0 if max_abs == 0 else float("inf")),
-        tolerance.allows(max_abs, max_ref),
-        tolerance.bound(max_ref),
-        tolerance.to_dict(),
-        tuple(len(b) for b in batches),
-        str(engine_path),
+        pairs.append((ref.numpy(), runner(batch).double().cpu().numpy()))
+    result = judge(
+        "tensorrt", pairs, tolerance, path=str(engine_path), hint=insensitivity_hint(model)
     )
-    log = logger.info if result.passed else logger.error
-    log("TensorRT verification %s: max abs err %.3g (allowed %.3g)",
-        "passed" if result.passed else "FAILED", max_abs, result.bound)  # fmt: skip
+    log = logger.info if result.passed else logger.warning
+    log("TensorRT verification of %s: %s", engine_path, result.line())
     return result

@@ -42,7 +42,7 @@ def test_all_writes_verified_onnx_fp16_and_a_manifest(release, pruned) -> None:
     export = manifest["export"]
     assert export["opset"] == 17 and export["input"]["shape"] == ["batch", 3, 16, 16]
     assert export["input"]["dtype"]["onnx-fp16"] == "float16"
-    by_format = {v["format"]: v for v in export["verification"]}
+    by_format = {v["what"]: v for v in export["verification"]}
     assert (
         by_format["onnx"]["precision"] == "fp32" and by_format["onnx-fp16"]["precision"] == "fp16"
     )
@@ -72,7 +72,7 @@ def test_a_failed_verification_exits_1_and_writes_nothing(pruned, tmp_path, monk
     out = tmp_path / "release"
     assert main(["export", str(pruned), "--format", "onnx-fp16", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "model.fp16.onnx differs from PyTorch" in err and "left unchanged" in err
+    assert "(model.fp16.onnx) failed verification" in err and "left unchanged" in err
     assert not out.exists() and not list(tmp_path.glob(".release*partial"))
 
 

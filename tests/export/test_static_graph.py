@@ -38,6 +38,7 @@ def demo_pruned() -> tuple[nn.Module, torch.Tensor]:
         _shifted_demo_vgg(), x, PruneConfig(threshold="ratio", max_layer_ratio=0.5)
     )
     assert sum(form == "kernel" for _, form in result.removal.corrections) >= 3
+    assert result.removal.check.verdict == "ok"  # float64: sensitive where fp32 ONNX is not
     return result.model, x
 
 
@@ -143,4 +144,8 @@ def test_pruned_onnx_has_one_conv_per_conv_and_no_correction_nodes(demo_pruned, 
     assert not {"Shape", "Slice", "ConstantOfShape", "Constant"} & set(ops)
     maps = sum(isinstance(m, CorrectedConv2d) for m in model.modules())
     assert ops["Add"] <= maps  # at most one constant Add per corrected conv
-    assert verify_onnx(path, model, x).passed
+    check = verify_onnx(path, model, x)
+    # This random VGG's output moves by only ~2e-5 of its scale between inputs, below the fp32
+    # bound, so the ONNX check is honestly `insensitive` here: it bounds the error, and the
+    # evidence of exactness is the float64 removal check (sensitive, see demo_pruned).
+    assert check.verdict == "insensitive" and check.max_abs_err <= check.bound
