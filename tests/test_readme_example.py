@@ -195,6 +195,14 @@ def test_a_wrong_command_fails_the_check(line, why):
     assert len(found) == 1 and why in found[0], found
 
 
+def test_a_typo_in_the_real_readme_is_caught():
+    """The same check on the README itself, with one flag and one value mistyped."""
+    text = README.read_text()
+    assert "--scope layer" in text and "--ratio 0.5" in text
+    assert len(problems(text.replace("--scope layer", "--scope layr", 1))) == 1
+    assert len(problems(text.replace("--ratio 0.5", "--ratios 0.5", 1))) == 1
+
+
 def test_the_check_passes_good_lines_and_skips_heredoc_bodies():
     text = (
         "```bash\nset -euo pipefail\nrecede prune --model vgg --input-shape 1,3,32,32 \\\n"
