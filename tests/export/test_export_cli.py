@@ -142,3 +142,18 @@ def test_unwritable_out_is_refused_before_any_work(pruned, tmp_path, capsys, mon
     argv = ["export", str(pruned), "--format", "all", "--out", str(parent / "release")]
     _refused(argv, capsys, "cannot write in")
     assert list(parent.iterdir()) == []
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="this machine can build engines")
+@pytest.mark.parametrize("fmt", ["all", "onnx"])
+def test_require_tensorrt_is_refused_up_front_where_no_engine_can_be_built(
+    pruned, tmp_path, capsys, fmt
+) -> None:
+    out = tmp_path / "release"
+    assert (
+        main(["export", str(pruned), "--format", fmt, "--require", "tensorrt", "--out", str(out)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--require tensorrt" in err and ("TensorRT" in err or "builds none" in err)
+    assert not out.exists() and not list(tmp_path.glob(".*"))
