@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipeline.channel_slots import SlotInterpreter
-from pipeline.slot_layers import BN_TYPES, tail_ops
+from pipeline.slot_layers import SLOT_BN_CLASSES, tail_ops
 from pipeline.slot_rules import Barrier, op_name
 from pipeline.tracing import GraphError, trace, trace_with_leaves
 
@@ -143,7 +143,7 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph
     Raises:
         GraphError: the model cannot be traced, or it has no BatchNorm to gate channels.
     """
-    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+    if not any(isinstance(m, SLOT_BN_CLASSES) for m in model.modules()):
         raise GraphError(
             f"{type(model).__name__} has no BatchNorm layer: recede ranks channels by BN scale, so "
             "there is nothing to prune. Add BatchNorm after convs (or use a BN variant of the model)."
@@ -348,7 +348,7 @@ def positively_homogeneous_bns(model: nn.Module) -> set[str]:
         node.target
         for node in gm.graph.nodes
         if node.op == "call_module"
-        and isinstance(modules.get(node.target), BN_TYPES)
+        and isinstance(modules.get(node.target), SLOT_BN_CLASSES)
         and _homogeneous_tail(modules[node.target])
         and _homogeneous_to_readers(node, modules)
     }

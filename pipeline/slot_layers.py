@@ -27,7 +27,9 @@ from pipeline.slot_rules import MODULE_OPS, Slots, expand_channels, op_name, reg
 if TYPE_CHECKING:
     from pipeline.channel_slots import SlotInterpreter
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, BoundedBatchNorm2d)
+SLOT_BN_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, BoundedBatchNorm2d)
+"""The exact BN classes the channel graph has a slot rule for (registered by type); every BN
+*family* test uses ``pipeline.bn.BN_TYPES`` / ``is_bn`` instead."""
 
 
 def tail_ops(bn: nn.Module) -> list[str] | None:
@@ -104,7 +106,7 @@ def linear(interp: SlotInterpreter, n: fx.Node, m: nn.Linear, value: torch.Tenso
     return _on_channels(out, zero, zero, shape=value.shape, dim=-1)
 
 
-@register_module(*BN_TYPES)
+@register_module(*SLOT_BN_CLASSES)
 def batch_norm(interp: SlotInterpreter, n: fx.Node, m: nn.Module, value: torch.Tensor) -> Any:
     """A BN keeps ids and gates them: zeroing its scale and shift zeroes its channels."""
     ops = tail_ops(m)

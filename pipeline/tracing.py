@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
-from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.bn import BN_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ class _Leaves:
         # so do BN subclasses such as timm's BatchNormAct2d (see pipeline.bn_act).
         return (
             qualname in self.leaves
-            or isinstance(
-                m, (BoundedBatchNorm2d, nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Linear)
-            )
+            or isinstance(m, (*BN_TYPES, nn.Conv2d, nn.Linear))
             or super().is_leaf_module(m, qualname)  # type: ignore[misc]
         )
 
