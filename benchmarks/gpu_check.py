@@ -163,8 +163,8 @@ def run_tests_stage(out: Path, dry_run: bool, budget_s: float) -> dict[str, Any]
     if not importable("pytest"):
         return {"status": "skipped", "detail": "pytest is not importable here; install pytest"}
     # Built-in plugins only, as on a bare machine (an installed one that cannot load, e.g.
-    # xdist without execnet, would stop pytest); on CUDA the kernel conftest compiles Triton.
-    env = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"} | ({"TRITON_INTERPRET": "1"} if dry_run else {})
+    # xdist without execnet, would stop pytest).
+    env = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", **triton_env(dry_run)}
     start = time.monotonic()
     candidates = [p.relative_to(ROOT) for p in gpu_test_files(ROOT / "tests")]
     left_out = missing_imports(candidates, env, budget_s)
@@ -324,11 +324,12 @@ def latency_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
 
 
 def kernels_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
-    """``kernels.bench``: the per-op table (CUDA only) and each case's training steps, one case
-    at a time so a case cut off by the budget keeps the ones before it."""
+    """``kernels.bench``: the per-op table (CUDA only) and the training steps, one case and
+    variant at a time, so one that fails (recorded in ``errors``) or is cut off by the budget
+    keeps the rows before it; ``speedup`` is against the same case's eager step."""
     from kernels.bench import CASES, VARIANTS, cuda_op_timings, step_timings
 
-    result: dict[str, Any] = {"ops": [], "steps": []}
+    result: dict[str, Any] = {"ops": [], "steps": [], "errors": []}
     if dry_run:
         opts = dict(device="cpu", variants=["eager"], batch_size=2, image_size=16, steps=2)
         opts.update(warmup=1, cases=["vgg10"])
@@ -336,18 +337,33 @@ def kernels_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
     else:
         opts = dict(device="cuda", variants=list(VARIANTS), batch_size=None, image_size=None)
         opts.update(steps=50, warmup=10, cases=list(CASES))
-        result["ops"] = [{**r, "speedup": r["torch"] / r["triton"]} for r in cuda_op_timings()]
+        try:
+            result["ops"] = [{**r, "speedup": r["torch"] / r["triton"]} for r in cuda_op_timings()]
+        except Exception as err:  # recorded; the training steps still run
+            result["errors"].append(f"per-op table: {err!r}")
     result["settings"] = dict(opts)
     _write_json(progress, result)
     for case in opts["cases"]:
-        args = argparse.Namespace(**{**opts, "cases": [case]}, compile_backend="inductor")
-        result["steps"] += step_timings(args)
-        _write_json(progress, result)
-    result["status"] = "ok"
+        for variant in opts["variants"]:
+            args = {**opts, "cases": [case], "variants": [variant], "compile_backend": "inductor"}
+            try:
+                result["steps"] += step_timings(argparse.Namespace(**args))
+            except Exception as err:
+                result["errors"].append(f"{case} {variant}: {err!r}")
+            eager = {r["case"]: r["step"] for r in result["steps"] if r["variant"] == "eager"}
+            for row in result["steps"]:
+                row["speedup"] = eager[row["case"]] / row["step"] if row["case"] in eager else None
+            _write_json(progress, result)
+    result["status"] = "failed" if result["errors"] else "ok"
     return result
 
 
 # --- running stages -------------------------------------------------------------------------
+
+
+def triton_env(dry_run: bool) -> dict[str, str]:
+    """Triton compiles on the GPU and interprets in a dry run, whatever the caller's shell set."""
+    return {"TRITON_INTERPRET": "1" if dry_run else "0"}
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -385,7 +401,8 @@ def run_python_stage(name: str, out: Path, dry_run: bool, budget_s: float) -> di
     progress = out / f".{name}.json"
     progress.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--out", str(out)]
-    result = run_child(cmd + ["--dry-run"] * dry_run, out / f"{name}.log", budget_s, {})
+    log = out / f"{name}.log"
+    result = run_child(cmd + ["--dry-run"] * dry_run, log, budget_s, triton_env(dry_run))
     written = json.loads(progress.read_text()) if progress.is_file() else {}
     progress.unlink(missing_ok=True)
     if result["status"] == "exited":
@@ -536,8 +553,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         line += "".join(f"\n- left out {f}: needs {', '.join(m)}" for f, m in left.items())
         parts += ["## pytest -m gpu", line]
     parts += _latency_md(stages.get("latency", {})) + _kernels_md(stages.get("kernels", {}))
-    errors = stages.get("latency", {}).get("errors")
-    parts += ["## Latency errors\n\n" + "\n".join(f"- {e}" for e in errors)] if errors else []
+    for name in ("latency", "kernels"):
+        errors = stages.get(name, {}).get("errors")
+        parts += [f"## {name} errors\n\n" + "\n".join(f"- {e}" for e in errors)] if errors else []
     return "\n\n".join(parts) + "\n"
 
 

@@ -168,3 +168,12 @@ def test_demo_constants_match_configs_demo_yaml():
     assert (cfg.data.name, cfg.data.image_size) == ("digits", demo["image_size"])  # 1 channel
     rules = gpu_check.DEMO_RULES
     assert (cfg.prune.min_channels, cfg.prune.max_layer_ratio) == tuple(rules.values())
+
+
+def test_a_stage_that_crashes_is_recorded_with_its_last_line(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_stage.py"
+    fake.write_text("raise RuntimeError('boom in the stage')\n")
+    monkeypatch.setattr(gpu_check, "__file__", str(fake))
+    result = gpu_check.run_python_stage("kernels", tmp_path, True, budget_s=600)
+    assert result["status"] == "error" and "boom in the stage" in result["detail"]
+    assert (tmp_path / "kernels.log").is_file() and not (tmp_path / ".kernels.json").exists()
