@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-slow test-gpu lint bench clean
+.PHONY: demo test test-slow test-gpu gpu-check lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m 'gpu or trt'
+
+# On a lent CUDA machine, nothing installed (docs/gpu-check.md); GPU_CHECK_ARGS=--dry-run on a CPU.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline kernels tests benchmarks

@@ -268,11 +268,48 @@ def check_writable(path: str | os.PathLike[str], flag: str) -> None:
         )
 
 
+def nested_outputs(folder: str | os.PathLike[str]) -> list[Path]:
+    """Folders below ``folder`` (not itself) that another recede command wrote, e.g. a release
+    exported with ``export DIR --out DIR/rel``: each carries its own marker. Unfinished writes
+    (``.<name>.partial``) do not count: they hold nothing complete."""
+    root = Path(folder)
+    return sorted(
+        marker.parent
+        for marker in root.rglob(MARKER)
+        if marker.parent != root
+        and marker.is_file()
+        and not any(part.endswith(".partial") for part in marker.relative_to(root).parts)
+    )
+
+
+def _check_no_nested_outputs(out: Path, path: str | os.PathLike[str], flag: str, force: bool):
+    """Replacing ``out`` deletes every folder inside it; one recede wrote is never deleted
+    silently: refused, or with ``force`` deleted with a warning naming it."""
+    nested = nested_outputs(out)
+    if not nested:
+        return
+    names = ", ".join(str(p) for p in nested[:5]) + (" ..." if len(nested) > 5 else "")
+    if force:
+        logger.warning(
+            "--force: replacing %s deletes the recede output folders in it: %s", out, names
+        )
+        return
+    raise OutputError(
+        f"{flag} {path} holds another recede output folder ({names}, `recede "
+        f"{folder_kind(nested[0]) or 'export'}`), which replacing {path} would delete; expected "
+        f"a folder without recede outputs inside; move it out, pick another {flag}, or pass "
+        "--force to delete it with the folder"
+    )
+
+
 def check_out_folder(path: str | os.PathLike[str], *, kind: str, force: bool, flag: str) -> Path:
     """Refuse an output path that is a file, unwritable, or a folder of something else.
 
     A folder written by the same command (``kind``) is replaced as a whole; any other non-empty
-    folder only with ``force``.
+    folder only with ``force``. A folder holding another recede output folder below it (a
+    release exported into it with ``export DIR --out DIR/rel``) is refused without ``force``,
+    even when the same command wrote it: replacing it would delete that release, and a release
+    is never deleted silently (with ``force`` it is deleted with a warning naming it).
     """
     out = Path(path).absolute()
     if out.exists() and not out.is_dir():
@@ -288,6 +325,8 @@ def check_out_folder(path: str | os.PathLike[str], *, kind: str, force: bool, fl
             f"{flag} {path} holds {what}, expected an empty folder or one from `recede {kind}`; "
             f"pick another folder, or pass --force to replace its contents as a whole"
         )
+    if out.is_dir():
+        _check_no_nested_outputs(out, path, flag, force)
     return out
 
 

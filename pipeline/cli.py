@@ -91,15 +91,52 @@ def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     return model, spec
 
 
+def _failed_check(err: AssertionError, model) -> str:
+    """What a model's own shape assertion says: its message, else the asserting line of code
+    with the sizes it names (timm's ``_assert(H % self.block_size == 0, '')`` has no message),
+    and the model's default input size when it declares one (timm's ``pretrained_cfg``)."""
+    import re
+    import traceback
+
+    frames = [
+        f for f in traceback.walk_tb(err.__traceback__) if "assert" not in f[0].f_code.co_name
+    ]
+    said = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    if frames:  # the innermost frame that is not an assert helper (torch._assert, timm's)
+        frame, lineno = frames[-1]
+        line = traceback.FrameSummary(frame.f_code.co_filename, lineno, None).line or ""
+        sizes = []
+        for name in dict.fromkeys(re.findall(r"[A-Za-z_][\w.]*", line)):
+            head, *attrs = name.split(".")
+            value = frame.f_locals.get(head)
+            for attr in attrs:
+                value = getattr(value, attr, None)
+            if isinstance(value, int) or (isinstance(value, tuple) and value):
+                sizes.append(f"{name}={tuple(value) if isinstance(value, tuple) else value}")
+        where = f"{Path(frame.f_code.co_filename).name}:{lineno}"
+        said = f"{said + '; ' if said else ''}`{line}` failed ({where}{', ' if sizes else ''}"
+        said += ", ".join(sizes) + ")"
+    default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return said + (f"; its default input size is {'x'.join(map(str, default))}" if default else "")
+
+
 def _check_forward(model, example, what: str) -> None:
-    """Run the model once, so an input it cannot take is reported before any work."""
+    """Run the model once, so an input it cannot take is reported before any work.
+
+    A model that checks its own input with ``assert`` (timm's attention blocks want H and W a
+    multiple of their block size) is reported the same way, with the failed check as it reads
+    in the model's code, and never as an ``AssertionError`` traceback.
+    """
     import torch
 
     try:
         with torch.no_grad():
             model(example)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
+        if isinstance(err, AssertionError):
+            first = _failed_check(err, model)
+        else:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise UsageError(
             f"{what}: the model cannot take an input of shape {tuple(example.shape)} "
             f"({type(err).__name__}: {first}); expected a shape it accepts, e.g. a larger "

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 MIN_OPSET = 17  # pipeline.export.onnx.MIN_OPSET: what the exports are verified at
 MAX_THREADS = 256  # a fixed cap, not the CPU count: a config travels between machines
 
@@ -399,6 +397,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``a.b=v`` overrides (v parsed as YAML) to a nested dict, returning a new dict."""
+    import yaml  # here, not at the top: pipeline.models needs this module, not PyYAML
+
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     if not isinstance(out, dict):
         raise ConfigError(f"a config must be a mapping of sections such as train:, got {out!r}")
@@ -419,6 +419,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 
 def _parse_value(key: str, raw: str) -> Any:
+    import yaml
+
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as err:
@@ -430,6 +432,8 @@ def _parse_value(key: str, raw: str) -> Any:
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides."""
+    import yaml
+
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -451,4 +455,6 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunCo
 
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML text."""
+    import yaml
+
     return yaml.safe_dump(to_dict(config), sort_keys=False)
