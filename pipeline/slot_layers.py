@@ -12,7 +12,7 @@ bias) once only the rows are zeroed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,10 +22,14 @@ from pipeline.bn_act import bn_tail
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.corrected_conv import corrections
 from pipeline.slot_ops import ZERO_BREAKING, ZERO_KEEPING
-from pipeline.slot_rules import MODULE_OPS, Slots, expand_channels, op_name, register_module
-
-if TYPE_CHECKING:
-    from pipeline.channel_slots import SlotInterpreter
+from pipeline.slot_rules import (
+    MODULE_OPS,
+    Interpreter,
+    Slots,
+    expand_channels,
+    op_name,
+    register_module,
+)
 
 SLOT_BN_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, BoundedBatchNorm2d)
 """The exact BN classes the channel graph has a slot rule for (registered by type); every BN
@@ -74,7 +78,7 @@ def _on_channels(*per_channel: torch.Tensor, shape: torch.Size, dim: int) -> Slo
 
 
 @register_module(nn.Conv2d)
-def conv(interp: SlotInterpreter, n: fx.Node, m: nn.Conv2d, value: torch.Tensor) -> Slots:
+def conv(interp: Interpreter, n: fx.Node, m: nn.Conv2d, value: torch.Tensor) -> Slots:
     """New ids per output channel; depthwise passes ids through; groups tie in-group indices."""
     x = interp.slots[n.args[0]]
     p_in, z_in, c_in = interp.channels_of(x, 1, n)
@@ -96,7 +100,7 @@ def conv(interp: SlotInterpreter, n: fx.Node, m: nn.Conv2d, value: torch.Tensor)
 
 
 @register_module(nn.Linear)
-def linear(interp: SlotInterpreter, n: fx.Node, m: nn.Linear, value: torch.Tensor) -> Slots:
+def linear(interp: Interpreter, n: fx.Node, m: nn.Linear, value: torch.Tensor) -> Slots:
     """New ids per output feature; the input features are read."""
     x = interp.slots[n.args[0]]
     p_in, z_in, c_in = interp.channels_of(x, -1, n)
@@ -107,7 +111,7 @@ def linear(interp: SlotInterpreter, n: fx.Node, m: nn.Linear, value: torch.Tenso
 
 
 @register_module(*SLOT_BN_CLASSES)
-def batch_norm(interp: SlotInterpreter, n: fx.Node, m: nn.Module, value: torch.Tensor) -> Any:
+def batch_norm(interp: Interpreter, n: fx.Node, m: nn.Module, value: torch.Tensor) -> Any:
     """A BN keeps ids and gates them: zeroing its scale and shift zeroes its channels."""
     ops = tail_ops(m)
     if ops is None:

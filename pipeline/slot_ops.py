@@ -6,15 +6,19 @@ Each table below is one op family; its rule is registered for every name in it
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from pipeline.slot_rules import Slots, compact, expand_channels, op_name, register_op
-
-if TYPE_CHECKING:
-    from pipeline.channel_slots import SlotInterpreter
+from pipeline.slot_rules import (
+    Interpreter,
+    Slots,
+    compact,
+    expand_channels,
+    op_name,
+    register_op,
+)
 
 ZERO_KEEPING = frozenset(
     {
@@ -103,7 +107,7 @@ REDUCE = frozenset({"mean", "sum", "amax", "amin"})
 
 
 @register_op(*ZERO_KEEPING, *ZERO_BREAKING)
-def elementwise(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def elementwise(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """One-input element-wise functions: ids pass through; ``zero`` survives iff ``f(0) == 0``."""
     x = interp.tensor_args(n)[0]
     if not isinstance(value, torch.Tensor) or value.shape != x.ids.shape:
@@ -113,7 +117,7 @@ def elementwise(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any
 
 
 @register_op(*PER_CHANNEL)
-def per_channel(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def per_channel(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """Spatial ops that keep channel c in channel c (pooling, resize, spatial pad)."""
     x = interp.tensor_args(n)[0]
     if value.dim() != x.ids.dim() or value.dim() < 2 or value.shape[1] != x.ids.shape[1]:
@@ -125,7 +129,7 @@ def per_channel(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any
 
 
 @register_op(*INDEX)
-def index(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def index(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """Apply the same index-moving op to the slot and zero tensors."""
     module = interp.module_of(n)
     results = []
@@ -146,7 +150,7 @@ def index(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
     return type(ids)(Slots(i, z, c) for i, z, c in zip(ids, zero, const, strict=False))
 
 
-def _channel_split(interp: SlotInterpreter, n: fx.Node, out: Any) -> str:
+def _channel_split(interp: Interpreter, n: fx.Node, out: Any) -> str:
     """Tie or refuse index ops that cut or select along the channel axis.
 
     The pruned model re-runs the same Python code on fewer channels. Pieces whose size is
@@ -176,7 +180,7 @@ def _channel_split(interp: SlotInterpreter, n: fx.Node, out: Any) -> str:
     return ""
 
 
-def _split_pieces(interp: SlotInterpreter, n: fx.Node, name: str, x: torch.Tensor, out: Any) -> str:
+def _split_pieces(interp: Interpreter, n: fx.Node, name: str, x: torch.Tensor, out: Any) -> str:
     pos = 1 if name == "unbind" else 2
     dim = n.kwargs.get("dim", n.args[pos] if len(n.args) > pos else 0)
     if dim % x.dim() != 1:
@@ -191,7 +195,7 @@ def _split_pieces(interp: SlotInterpreter, n: fx.Node, name: str, x: torch.Tenso
     return ""
 
 
-def _split_axis(interp: SlotInterpreter, n: fx.Node, x: torch.Tensor, out: torch.Tensor) -> str:
+def _split_axis(interp: Interpreter, n: fx.Node, x: torch.Tensor, out: torch.Tensor) -> str:
     """``view`` that splits channels C into (a, b): tie across the factor that is a literal."""
     if not (
         out.dim() == x.dim() + 1
@@ -212,7 +216,7 @@ def _split_axis(interp: SlotInterpreter, n: fx.Node, x: torch.Tensor, out: torch
     return ""
 
 
-def _operands(interp: SlotInterpreter, n: fx.Node) -> list[tuple[Slots | None, float | None]]:
+def _operands(interp: Interpreter, n: fx.Node) -> list[tuple[Slots | None, float | None]]:
     """(slots, None) for tensor operands, (None, scalar) for numbers and 1-element tensors."""
     ops: list[tuple[Slots | None, float | None]] = []
     for a in list(n.args[:2]) + [v for k, v in n.kwargs.items() if k == "other"]:
@@ -225,7 +229,7 @@ def _operands(interp: SlotInterpreter, n: fx.Node) -> list[tuple[Slots | None, f
 
 
 @register_op(*ADD, *MUL)
-def binary(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def binary(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """Broadcasting element-wise ops: aligned channels become one group."""
     operands = _operands(interp, n)
     tensors = [s for s, _ in operands if s is not None]
@@ -253,7 +257,7 @@ def binary(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
     return Slots(ids, zero.expand(value.shape), const.expand(value.shape))
 
 
-def _tie_along(interp: SlotInterpreter, ids: torch.Tensor, dim: Any) -> bool:
+def _tie_along(interp: Interpreter, ids: torch.Tensor, dim: Any) -> bool:
     """Union the ids that meet along ``dim`` where they still vary along another axis.
 
     An op that combines the entries along ``dim`` (a sum, a softmax) makes them one unit: output
@@ -275,7 +279,7 @@ def _tie_along(interp: SlotInterpreter, ids: torch.Tensor, dim: Any) -> bool:
 
 
 @register_op(*REDUCE)
-def reduce(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def reduce(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """Reductions over axes other than channels keep each channel's id.
 
     Over a split-off axis whose ids vary (the paths of a selective kernel) the ids meeting
@@ -296,7 +300,7 @@ def reduce(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
 
 
 @register_op("softmax", "log_softmax")
-def softmax(interp: SlotInterpreter, n: fx.Node, op: str, value: Any) -> Any:
+def softmax(interp: Interpreter, n: fx.Node, op: str, value: Any) -> Any:
     """A softmax ties the entries it normalises together (:func:`_tie_along`); never zero."""
     x = interp.tensor_args(n)[0]
     dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)

@@ -28,17 +28,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-if TYPE_CHECKING:
-    from pipeline.channel_slots import SlotInterpreter
 
-OpRule = Callable[["SlotInterpreter", fx.Node, str, Any], Any]
-ModuleRule = Callable[["SlotInterpreter", fx.Node, Any, Any], Any]
+class Interpreter(Protocol):
+    """What a slot rule may use of the interpreter that calls it.
+
+    ``pipeline.channel_slots.SlotInterpreter`` is the one implementation; the rules are typed
+    against this protocol, so they import nothing from the interpreter (no import circle, not
+    even a type-only one).
+    """
+
+    env: dict[fx.Node, Any]
+    uf: UnionFind
+    slots: dict[fx.Node, Any]
+    writer_mask: bool
+
+    def module_of(self, n: fx.Node) -> nn.Module | None: ...
+    def pinned_like(self, value: Any) -> Any: ...
+    def tensor_args(self, n: fx.Node) -> list[Slots]: ...
+    def substituted(self, n: fx.Node, pick: str) -> tuple[tuple, dict]: ...
+    def barrier(self, n: fx.Node, op: str, value: Any, why: str = "") -> Any: ...
+    def channels_of(
+        self, s: Slots, dim: int, n: fx.Node
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def record(
+        self,
+        name: str,
+        kind: str,
+        in_ids: torch.Tensor,
+        make_out: Callable[[], torch.Tensor],
+        groups: int = 1,
+    ) -> torch.Tensor: ...
+    def read(
+        self, layer: str, ids: torch.Tensor, zero: torch.Tensor, const: torch.Tensor
+    ) -> None: ...
+    def gate(self, bn: str, ids: torch.Tensor) -> None: ...
+
+
+OpRule = Callable[[Interpreter, fx.Node, str, Any], Any]
+ModuleRule = Callable[[Interpreter, fx.Node, Any, Any], Any]
 _OP_RULES: dict[str, OpRule] = {}
 _MODULE_RULES: dict[type[nn.Module], ModuleRule] = {}
 
