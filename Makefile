@@ -36,7 +36,7 @@ clean:
 	rm -rf runs .pytest_cache build *.egg-info
 
 bench: $(STAMP)
-	$(PY) -m kernels.bench
+	$(PY) benchmarks/kernel_bench.py
 	$(PY) -m pip install --quiet 'torch-pruning==1.6.1'
 	$(PY) benchmarks/prune_speed.py
 	$(VENV)/bin/recede run -c configs/fashion_mnist.yaml --out runs/fashion_mnist

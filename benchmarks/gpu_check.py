@@ -10,7 +10,7 @@ status and figures) and one ``DIR/<stage>.log`` per stage. Stages, in this order
 - ``latency``: the demo model (``configs/demo.yaml``: VGG-11 at width 0.5, 1x32x32 digits, 10
   classes) dense, against a pruned copy, timed by ``pipeline.bench.measure`` (the code
   ``recede bench`` runs) as CUDA-graph replays at batches 1, 2, 4, ..., 128 in fp32 and fp16.
-- ``kernels``: ``kernels.bench``'s per-op table and training steps (eager, Triton, compiled).
+- ``kernels``: ``benchmarks/kernel_bench.py``'s per-op table and training steps (eager, Triton, compiled).
 
 Decisions:
 
@@ -324,10 +324,10 @@ def latency_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
 
 
 def kernels_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
-    """``kernels.bench``: the per-op table (CUDA only) and the training steps, one case and
+    """``benchmarks/kernel_bench.py``: the per-op table (CUDA only) and the training steps, one case and
     variant at a time, so one that fails (recorded in ``errors``) or is cut off by the budget
     keeps the rows before it; ``speedup`` is against the same case's eager step."""
-    from kernels.bench import CASES, VARIANTS, cuda_op_timings, step_timings
+    from benchmarks.kernel_bench import CASES, VARIANTS, cuda_op_timings, step_timings
 
     result: dict[str, Any] = {"ops": [], "steps": [], "errors": []}
     if dry_run:
@@ -515,7 +515,7 @@ def _kernels_md(ker: dict[str, Any]) -> list[str]:
             for r in ker["steps"]
         ]
         header = ["training step", "variant", "ms per step", "vs eager", "penalty ms", "share %"]
-        parts += ["## Training steps (kernels.bench)", table(header, rows)]
+        parts += ["## Training steps (benchmarks/kernel_bench.py)", table(header, rows)]
     return parts
 
 

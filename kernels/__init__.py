@@ -10,5 +10,5 @@ launch for all layers), ``ista_shrink`` (proximal step, one launch for all layer
 op's module registers it as a PyTorch custom op, ``torch.ops.recede.<name>``, so
 ``torch.compile`` and CUDA graphs see one op per call. Shared: ``_packing`` (the flat buffer the
 one-launch ops work on), ``_dispatch`` (backend choice) and ``_bounded_bn_kernels``.
-``python -m kernels.bench`` times them and whole training steps.
+``benchmarks/kernel_bench.py`` times them and whole training steps.
 """

@@ -2,7 +2,9 @@
 
 Every import counts, including those deferred into a function body (a deferred import is still
 a dependency; deferring it only hides the cycle from the interpreter). Imports under
-``if TYPE_CHECKING:`` are annotations only and are skipped.
+``if TYPE_CHECKING:`` are annotations only: they are skipped for the runtime graph, and counted
+in a second graph that must be free of cycles too (a type-only circle is still a circle in the
+design). ``kernels/`` is the lower layer: it imports nothing from ``pipeline/``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imported(tree: ast.AST, here: str, is_package: bool) -> set[str]:
+def _imported(tree: ast.AST, here: str, is_package: bool, type_checking: bool = False) -> set[str]:
     found: set[str] = set()
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if isinstance(node, ast.If) and _is_type_checking(node) and not type_checking:
             stack.extend(node.orelse)
             continue
         if isinstance(node, ast.Import):
@@ -49,13 +51,14 @@ def _imported(tree: ast.AST, here: str, is_package: bool) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it imports (a package counts as its ``__init__``)."""
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (a package counts as its ``__init__``);
+    ``type_checking`` counts the imports under ``if TYPE_CHECKING:`` too."""
     files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        targets = _imported(tree, name, path.name == "__init__.py")
+        targets = _imported(tree, name, path.name == "__init__.py", type_checking)
         graph[name] = {t for t in targets if t in files and t != name}
     return graph
 
@@ -100,3 +103,23 @@ def test_project_imports_have_no_cycle():
     assert "pipeline.cli" in graph and "kernels.bounded_bn" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_type_checking_imports_have_no_cycle_either():
+    guarded = ast.parse("if TYPE_CHECKING:\n    import pipeline.bench\n")
+    assert "pipeline.bench" in _imported(guarded, "pipeline.run", False, type_checking=True)
+    graph = import_graph(type_checking=True)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle through TYPE_CHECKING: " + " -> ".join(cycle or [])
+
+
+def test_kernels_import_nothing_from_pipeline():
+    graph = import_graph(type_checking=True)
+    upward = {
+        (module, target)
+        for module, targets in graph.items()
+        if module.split(".")[0] == "kernels"
+        for target in targets
+        if target.split(".")[0] == "pipeline"
+    }
+    assert not upward, f"kernels/ -> pipeline/ imports: {sorted(upward)}"

@@ -1,4 +1,7 @@
-"""Benchmark the kernel ops and whole training steps; run as ``python -m kernels.bench``.
+"""Benchmark the kernel ops and whole training steps: ``python benchmarks/kernel_bench.py``.
+
+It lives in ``benchmarks/`` because it builds models with ``pipeline`` (bounded BN, fused
+BN+ReLU), and ``kernels/`` imports nothing from ``pipeline/``.
 
 Training steps (both devices): forward, cross-entropy, backward, the receding penalty over every
 bounded-BN logit, SGD step; for each case, ``eager`` (torch reference BN and penalty), ``triton``
@@ -16,18 +19,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.bounded_bn import bounded_batch_norm
-from kernels.ista_shrink import ista_shrink_
-from kernels.l1_penalty import l1_penalty_
-from kernels.polarization_penalty import polarization_penalty_
-from kernels.receding_penalty import receding_penalty_
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the checkout is importable without install
+    sys.path.insert(0, str(ROOT))
+
+from kernels.bounded_bn import bounded_batch_norm  # noqa: E402
+from kernels.ista_shrink import ista_shrink_  # noqa: E402
+from kernels.l1_penalty import l1_penalty_  # noqa: E402
+from kernels.polarization_penalty import polarization_penalty_  # noqa: E402
+from kernels.receding_penalty import receding_penalty_  # noqa: E402
 
 # VGG-style widths, "M" = 2x2 max-pool: 10 conv layers, 1472 BN channels.
 VGG10 = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M", 256, 256)
@@ -231,7 +240,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the options, run the benchmark for the device, print markdown tables."""
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python benchmarks/kernel_bench.py", description=__doc__)
     default = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default)
     parser.add_argument(
