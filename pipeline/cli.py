@@ -53,8 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + shapes."""
-    from pipeline.atomic import staged_folder
     from pipeline.distributed import is_main
+    from pipeline.output_folders import staged_folder
     from pipeline.run import open_training, train_as_worker, train_into
 
     cfg = _config(args)
@@ -203,14 +203,10 @@ def _prune_report(model, result, spec: ModelSpec, example) -> dict:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model (a torchvision/factory spec, or a saved model, train or run folder)."""
-    from pipeline.atomic import (
-        check_out_folder,
-        staged_folder,
-        write_json_atomic,
-        write_text_atomic,
-    )
+    from pipeline.atomic import write_json_atomic, write_text_atomic
     from pipeline.checkpoint import save_pruned
     from pipeline.config import PruneConfig
+    from pipeline.output_folders import check_out_folder, staged_folder
     from pipeline.prune import prune_model
 
     if args.scope == "layer" and args.threshold != "ratio":
@@ -276,7 +272,7 @@ def _bench_settings(args: argparse.Namespace) -> list[Setting]:
 
 
 def _check_bench_outputs(args: argparse.Namespace) -> None:
-    from pipeline.atomic import check_writable
+    from pipeline.output_folders import check_writable
 
     for flag in ("--json", "--markdown", "--plot"):
         path = getattr(args, flag.lstrip("-"))
@@ -419,7 +415,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 def _interrupted(args: argparse.Namespace) -> str:
     """What Ctrl-C left: staging folders are removed on the way out, except one kept to resume."""
-    from pipeline.atomic import partial_folder
+    from pipeline.output_folders import partial_folder
 
     out = getattr(args, "out", None)
     if out and partial_folder(out).is_dir():

@@ -23,7 +23,7 @@ _TRT_FIX = "install it with pip install 'recede[tensorrt]' on a machine with an 
 
 
 def _out_folder(args: argparse.Namespace, folder: Path) -> Path:
-    from pipeline.atomic import check_out_folder, check_writable
+    from pipeline.output_folders import check_out_folder, check_writable
 
     if args.out is None:  # in place, as before --out existed
         for place in (folder, folder.parent):
@@ -173,8 +173,8 @@ def _write(
 
 def export_command(args: argparse.Namespace) -> int:
     """Export a saved model folder (ONNX, FP16 ONNX, TensorRT), verify each, write a manifest."""
-    from pipeline.atomic import staged_folder
     from pipeline.checkpoint import load_pruned, model_folder
+    from pipeline.output_folders import staged_folder
 
     folder = model_folder(args.dir)
     model, spec = load_pruned(folder)  # a damaged folder is refused here, naming the file

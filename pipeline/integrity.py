@@ -1,6 +1,6 @@
 """Check that an output folder is still what recede wrote: every file against its SHA-256.
 
-Just before :func:`pipeline.atomic.staged_folder` moves a finished run, train, prune or export
+Just before :func:`pipeline.output_folders.staged_folder` moves a finished run, train, prune or export
 folder into place, it records the SHA-256 of every file in it (``config.yaml``, reports,
 ``checkpoints/``, ``pruned/``, ONNX files, plots, the release ``manifest.json``) in the folder's
 marker ``.recede.json`` under ``files``. :func:`verify_folder` recomputes them: a changed,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-MARKER = ".recede.json"  # the same name as pipeline.atomic.MARKER
+MARKER = ".recede.json"  # the same name as pipeline.output_folders.MARKER
 _SHOWN = 5
 
 

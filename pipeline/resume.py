@@ -146,16 +146,16 @@ def check_resume_config(cfg: Any, final: Path) -> None:
     one its checkpoints were written under.
 
     The folder resumed is the partial one a failed or killed run left, else the finished one
-    (as ``pipeline.atomic.staged_folder`` picks it); its ``config.yaml`` is the resolved config,
+    (as ``pipeline.output_folders.staged_folder`` picks it); its ``config.yaml`` is the resolved config,
     written by the same run before its first checkpoint.
 
     Raises:
         CheckpointError: A key that affects training differs; the message lists each one with
             both values.
     """
-    from pipeline.atomic import partial_folder
     from pipeline.checkpoint import load_state_dict_file
     from pipeline.config import load_config, to_dict
+    from pipeline.output_folders import partial_folder
 
     folder = partial_folder(final) if partial_folder(final).is_dir() else Path(final)
     stored = folder / "config.yaml"

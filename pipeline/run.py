@@ -22,13 +22,7 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.atomic import (
-    check_out_folder,
-    partial_folder,
-    staged_folder,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pipeline.atomic import write_json_atomic, write_text_atomic
 from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
 from pipeline.checks import Check, raise_unless_verified
@@ -36,6 +30,7 @@ from pipeline.config import RunConfig, dump_config, to_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.feasibility import check_feasible
 from pipeline.models import ModelSpec, build_model
+from pipeline.output_folders import check_out_folder, partial_folder, staged_folder
 from pipeline.plan import layer_widths
 from pipeline.polarise import Polariser
 from pipeline.prune import Pruned, prune_model
@@ -129,7 +124,7 @@ def open_training(
     The setup ``recede run`` and ``recede train`` share, done before any training.
 
     Raises:
-        OutputError: ``out`` cannot be written (see ``pipeline.atomic.check_out_folder``).
+        OutputError: ``out`` cannot be written (see ``pipeline.output_folders.check_out_folder``).
         CheckpointError: ``resume`` with a training config that differs from the folder's.
         ConfigError: the model cannot be built or would not fit (``pipeline.feasibility``).
     """
@@ -263,7 +258,7 @@ def run_pipeline(
     return None, and rank 0 alone prunes, fine-tunes, exports and writes the folder.
 
     The folder is built in ``.<out>.partial`` beside ``out`` and moved into place at the end
-    (see ``pipeline.atomic.staged_folder``); after a failure the partial folder stays, and
+    (see ``pipeline.output_folders.staged_folder``); after a failure the partial folder stays, and
     ``resume`` continues its training from the last checkpoint.
 
     Raises:

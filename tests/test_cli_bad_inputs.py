@@ -302,15 +302,15 @@ def test_export_tensorrt_without_tensorrt_is_refused_before_onnx(model_dir, tmp_
 
 
 def test_export_into_a_read_only_folder(model_dir, tmp_path, capsys, monkeypatch):
-    import pipeline.atomic
+    import pipeline.output_folders
 
     if os.geteuid() == 0:  # root writes anywhere: make the folder report itself read-only
-        real = pipeline.atomic._unwritable_reason
+        real = pipeline.output_folders._unwritable_reason
 
         def read_only(folder: Path) -> str | None:
             return "read-only file system" if folder == model_dir else real(folder)
 
-        monkeypatch.setattr(pipeline.atomic, "_unwritable_reason", read_only)
+        monkeypatch.setattr(pipeline.output_folders, "_unwritable_reason", read_only)
     else:
         model_dir.chmod(0o555)
     try:

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from pipeline.atomic import OutputError, check_out_folder, nested_outputs
 from pipeline.cli import main
+from pipeline.output_folders import OutputError, check_out_folder, nested_outputs
 
 TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
 

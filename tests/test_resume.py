@@ -125,8 +125,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(digits, tmp_path):
 
 def _interrupted(tmp_path: Path, overrides: list[str]) -> Path:
     """A partial train folder as a killed run leaves it: its config and a last checkpoint."""
-    from pipeline.atomic import partial_folder
     from pipeline.config import dump_config, load_config
+    from pipeline.output_folders import partial_folder
 
     out = tmp_path / "run"
     partial = partial_folder(out)

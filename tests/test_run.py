@@ -124,5 +124,7 @@ def test_a_failing_dense_export_fails_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export, "verify_onnx", dense_fails)
     cfg = load_config("configs/demo.yaml", [*SMALL, "prune.finetune_epochs=0"])
-    with pytest.raises(VerificationError, match=r"dense \(dense.onnx\) failed verification: injected"):
+    with pytest.raises(
+        VerificationError, match=r"dense \(dense.onnx\) failed verification: injected"
+    ):
         run_pipeline(cfg, tmp_path / "run")

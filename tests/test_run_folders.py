@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import OutputError, file_lock, partial_folder, staged_folder
+from pipeline.atomic import file_lock
 from pipeline.checkpoint import load_pruned
 from pipeline.cli import main
+from pipeline.output_folders import OutputError, partial_folder, staged_folder
 from tests.conftest import finish_or_skip, kill_children
 
 ROOT = Path(__file__).resolve().parents[1]

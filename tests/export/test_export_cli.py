@@ -129,13 +129,13 @@ def test_all_warns_when_it_skips_tensorrt(pruned, tmp_path, capsys, caplog) -> N
 
 
 def test_unwritable_out_is_refused_before_any_work(pruned, tmp_path, capsys, monkeypatch) -> None:
-    import pipeline.atomic
+    import pipeline.output_folders
 
     parent = tmp_path / "locked"
     parent.mkdir()
-    real = pipeline.atomic._unwritable_reason
+    real = pipeline.output_folders._unwritable_reason
     monkeypatch.setattr(  # root writes anywhere: make the folder report itself read-only
-        pipeline.atomic,
+        pipeline.output_folders,
         "_unwritable_reason",
         lambda folder: "read-only file system" if folder == parent else real(folder),
     )
