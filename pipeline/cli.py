@@ -395,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
+    from pipeline.progress import set_quiet
+
+    set_quiet(args.quiet)  # bars only: log lines stay
     quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 alone logs progress
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
