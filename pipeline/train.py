@@ -293,7 +293,7 @@ def train_(
     if polariser is not None and polariser.controller is not None and logs:
         reached = budget_reached(cfg.target, logs[-1].receded)
         log = logger.info if reached else logger.warning
-        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded))
+        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded, logs[-1].reachable))
     return logs
 
 
