@@ -212,17 +212,26 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
 _ZEROS, _VALLEY, _CUT = "#8c8c8c", "#2ca02c", "crimson"
 
 
-def _on_log_axis(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(positive values, the rest drawn at ``floor``, ``floor``): a log axis has no 0.
+_DECADES_SHOWN = 8  # importance decades under the largest that get bars of their own
 
-    ``floor`` sits a decade under the smallest positive value, so exact zeros (a clamp or a
-    shrink makes them) get a bar of their own at the axis' left edge.
+
+def _on_log_axis(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(values with bars of their own, the rest drawn at ``floor``, ``floor``).
+
+    A log axis has no 0, and receded importances underflow towards 1e-30: 30 decades of bars
+    would squeeze the kept mode into one. So the axis spans at most ``_DECADES_SHOWN`` decades
+    under the largest value (or down to a decade under the smallest positive one), and exact
+    zeros and anything smaller share one grey bar at its left edge.
     """
     import numpy as np
 
     positive = values[values > 0]
-    floor = float(positive.min()) / 10 if positive.size else 1.0
-    return positive, np.full(int((values <= 0).sum()), floor), floor
+    if not positive.size:
+        return positive, values, 1.0
+    low = float(positive.max()) * 10.0**-_DECADES_SHOWN
+    floor = max(float(positive.min()) / 10, low / 10)
+    shown = positive[positive >= low]
+    return shown, np.full(values.size - shown.size, floor), floor
 
 
 def _log_bins(low: float, high: float, count: int) -> np.ndarray:
@@ -251,11 +260,12 @@ def _mark_valley(ax: Any, values: np.ndarray, floor: float) -> None:
         ax.plot([], [], " ", label=textwrap.fill(f"no valley to cut in: {why}", 90))
         return
     v = np.sort(values)
-    low, high = max(float(v[found.below - 1]), floor), float(v[found.below])
+    low, high = float(v[found.below - 1]), float(v[found.below])
     label = (
         f"valley: no group between {low:.2g} and {high:.2g} "
         f"({found.below} below, {found.above} above; bimodality {found.bimodality:.2f})"
     )
+    low = max(low, floor * 10)  # drawn beside the grey bar, not over it
     ax.axvspan(low, high, color=_VALLEY, alpha=0.18, label=label)
     ax.axvline(found.value, color=_VALLEY, linestyle=":", linewidth=1.2)
     _label_line(ax, low, "valley", _VALLEY, left=False)
@@ -283,9 +293,9 @@ def importance_figure(
 
     Decisions: the importance axis is always logarithmic, with log-spaced bins, because
     polarised importances span decades: on a linear axis every receded group falls into the
-    first bar and the valley cannot be seen. Importances of exactly 0 have no place on a log
-    axis; they get a grey bar a decade under the smallest positive value, and the legend counts
-    them. The count axis is logarithmic too, so a mode of a few groups stays visible beside one
+    first bar and the valley cannot be seen. The axis spans at most 8 decades under the largest
+    importance: exact zeros (no place on a log axis) and values underflowing towards 1e-30
+    share one grey bar at its left edge, which the legend counts. The count axis is logarithmic too, so a mode of a few groups stays visible beside one
     of thousands. The valley is the one ``pipeline.threshold.split`` finds (the automatic
     threshold's method), shaded over the empty gap between the modes, with its evidence in the
     legend; when there is none the plot says why. The cut, when given, is a dashed red line
@@ -310,20 +320,20 @@ def importance_figure(
             f"expected a non-empty array of finite importances, got {values.size} "
             "values, some not finite; check the importance computation"
         )
-    positive, zeros, floor = _on_log_axis(values)
+    positive, tiny, floor = _on_log_axis(values)
     top = float(positive.max()) if positive.size else floor
-    bins = _log_bins(floor if zeros.size else float(positive.min()), top, 60)
+    bins = _log_bins(floor if tiny.size else float(positive.min()), top, 60)
     fig = _new_figure(7.5, 4.2)
     ax = fig.add_subplot()
     ax.hist(positive, bins=bins, color=_PRUNED, log=True)
-    if zeros.size:
-        ax.hist(
-            zeros,
-            bins=bins,
-            color=_ZEROS,
-            log=True,
-            label=f"{zeros.size} exactly 0 (drawn at {floor:.2g})",
+    if tiny.size:
+        zeros = int((values <= 0).sum())
+        what = (
+            f"below {floor * 10:.2g}, {zeros} of them exactly 0"
+            if zeros < tiny.size
+            else "exactly 0"
         )
+        ax.hist(tiny, bins=bins, color=_ZEROS, log=True, label=f"{tiny.size} {what} (grey bar)")
     ax.set_xscale("log")
     _mark_valley(ax, values, floor)
     if threshold is not None:

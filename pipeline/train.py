@@ -316,8 +316,11 @@ def format_epoch(tag: str, log: EpochLog, epochs: int) -> str:
       a ResNet), so it cannot be read beside the loss; per channel it can (it is what one
       channel's scale pays, as the loss is what one sample pays), and it stays comparable
       across models. ``lambda`` is the strength in force at the epoch's end (a budget's
-      controller moves it). ISTA shrinks scales after each step instead of adding a term, so
-      its penalty reads 0. Absent without a polariser (fine-tuning).
+      controller moves it). Under a budget the gradient reaches only the channels the
+      controller chose, while the figure averages over all of them (those near their plateau
+      weigh most), so read it as the pressure in force rather than the pull on the chosen
+      channels. ISTA shrinks scales after each step instead of adding a term, so its penalty
+      reads 0. Absent without a polariser (fine-tuning).
     - ``test accuracy``: top-1 on the test split after the epoch's BN recalibration.
     - ``importance``: the distribution of BN channel importances (|gamma|, or the bounded BN's
       scale): the share of channels below 0.05 (receded, about to be pruned) and above 0.5

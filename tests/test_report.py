@@ -126,6 +126,14 @@ def test_importance_histogram_counts_exact_zeros_and_says_when_there_is_no_valle
     assert note.startswith("no valley to cut in:")
 
 
+def test_underflowed_importances_share_the_grey_bar_so_the_kept_mode_keeps_its_bars() -> None:
+    underflow = np.concatenate([_polarised(zeros=10), np.full(40, 1e-30)])
+    fig = importance_figure(underflow)
+    assert fig.axes[0].get_xlim()[0] > 1e-10  # 8 decades under the largest, not 30
+    grey = _legend(fig)[0]
+    assert grey.startswith("50 below") and "10 of them exactly 0" in grey
+
+
 def test_markdown_embeds_the_plots_it_is_given() -> None:
     plots = {"importance_hist": "importance_hist.png", "latency": "latency.png", "x": "x.png"}
     text = render_markdown(REPORT, plots)
