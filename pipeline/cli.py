@@ -45,9 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
         return EXIT_OK
     print(Path(args.out, "report.md").read_text())
-    print(f"wrote {args.out} in {round(report.seconds, 1)} s")
-    if report.budget is not None:
-        print(report.budget.outcome)
+    print(f"wrote {args.out} in {round(report.seconds, 1)} s: {report.outcome()}")
     return EXIT_OK
 
 
@@ -65,12 +63,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
-    accuracy = logs[-1].accuracy if logs else float("nan")
-    print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}")
-    if cfg.train.target is not None and logs:
-        from pipeline.polarise import budget_outcome
+    from pipeline.run import budget_summary
 
-        print(budget_outcome(cfg.train.target, logs[-1].receded))
+    accuracy = logs[-1].accuracy if logs else float("nan")
+    budget = f"; {budget_summary(cfg, logs).outcome}" if cfg.train.target is not None else ""
+    print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}{budget}")
     return EXIT_OK
 
 
@@ -428,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
+    from pipeline.progress import set_quiet
+
+    set_quiet(args.quiet)  # bars only: log lines stay
     quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 alone logs progress
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,

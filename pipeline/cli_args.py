@@ -235,6 +235,12 @@ def build_parser(
     """Subcommands named by ``commands``; each handler's docstring is its help."""
     parser = argparse.ArgumentParser(prog="recede", description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (log lines stay; also RECEDE_QUIET=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {
         name: sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)

@@ -68,6 +68,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     train_limit: int | None = None  # use only the first N training samples (quick runs)
+    skip_unreadable: bool = False  # imagefolder: leave unreadable images out (logged), not exit 2
 
     def __post_init__(self) -> None:
         _check_types(self, "data")

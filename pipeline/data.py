@@ -147,8 +147,30 @@ def _torchvision(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
     if cfg.name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if cfg.name == "cifar10" else D.CIFAR100
         return cls(root, True, tf), cls(root, False, tf), 10 if cfg.name == "cifar10" else 100, 3
+    return _image_folder(cfg, root)
+
+
+def _image_folder(cfg: DataConfig, root: Path) -> tuple[Dataset, Dataset, int, int]:
+    """train/ and val/ read by torchvision's ImageFolder after :func:`scan_image_folder`."""
+    import torchvision.datasets as D
+    import torchvision.transforms as T
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from pipeline.image_folder import ImageFolderError, read_rgb, scan_image_folder
+
+    try:
+        skipped = scan_image_folder(root, skip_unreadable=cfg.skip_unreadable).skipped
+    except ImageFolderError as err:
+        raise DataError(str(err)) from None
+
+    def wanted(path: str) -> bool:  # ImageFolder's own rule, less the skipped files
+        return path.lower().endswith(IMG_EXTENSIONS) and path not in skipped
+
     tf = T.Compose([T.Resize((cfg.image_size, cfg.image_size)), T.ToTensor()])
-    train, test = D.ImageFolder(root / "train", tf), D.ImageFolder(root / "val", tf)
+    train, test = (
+        D.ImageFolder(str(root / s), tf, loader=read_rgb, is_valid_file=wanted)
+        for s in ("train", "val")
+    )
     return train, test, len(train.classes), 3
 
 
@@ -157,16 +179,14 @@ def _root(cfg: DataConfig) -> Path:
         "fashion_mnist": _FASHION_FIX,
         "cifar10": "download CIFAR-10 with torchvision.datasets.CIFAR10(root, download=True) on a machine with network",
         "cifar100": "download CIFAR-100 with torchvision.datasets.CIFAR100(root, download=True)",
-        "imagefolder": "point data.root at a folder with train/<class>/*.jpg and val/<class>/*.jpg",
+        "imagefolder": "point data.root at a folder with train/<class>/<images> and val/<class>/<images>",
     }[cfg.name]
     if cfg.root is None:
         raise DataError(f"data.name={cfg.name} needs data.root; {hint}")
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise DataError(f"data.root {str(root)!r} does not exist; {hint}")
-    if cfg.name == "imagefolder" and not ((root / "train").is_dir() and (root / "val").is_dir()):
-        raise DataError(f"data.root {str(root)!r} lacks train/ and val/ subfolders; {hint}")
-    return root
+    return root  # an ImageFolder's layout is checked by pipeline.image_folder
 
 
 _LAYOUT = {

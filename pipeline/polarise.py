@@ -293,17 +293,28 @@ def budget_reached(target: float | None, receded: float | None) -> bool | None:
     return receded >= target - BUDGET_TOLERANCE
 
 
-def budget_outcome(target: float | None, receded: float | None) -> str:
-    """One line: whether training reached its budget, and what to change when it did not."""
+def budget_outcome(
+    target: float | None, receded: float | None, reachable: float | None = None
+) -> str:
+    """One line: whether training reached its budget, and what to change when it did not.
+
+    ``reachable`` (the most the layer floors let recede, known before training) picks the
+    advice: a target above it needs looser floors or a lower target, as training longer cannot
+    help; otherwise training ran out of time (more epochs) or the target is too ambitious.
+    """
     reached = budget_reached(target, receded)
     if reached is None:
         return "no budget (train.target is null): fixed penalty strength"
     if reached:
         return f"budget reached: receded {receded:.3f} of target {target:.3f}"
-    return (
-        f"budget MISSED: receded {receded:.3f}, target {target:.3f}; train longer "
-        "(train.epochs), raise prune.max_layer_ratio, or lower train.target"
-    )
+    if reachable is not None and reachable < target - BUDGET_TOLERANCE:
+        fix = (
+            f"the layer floors let at most {reachable:.3f} recede: raise prune.max_layer_ratio "
+            f"or lower prune.min_channels, or lower train.target to <= {reachable:.3f}"
+        )
+    else:
+        fix = "train longer (train.epochs), raise prune.max_layer_ratio, or lower train.target"
+    return f"budget MISSED: receded {receded:.3f}, target {target:.3f}; {fix}"
 
 
 def _grad_of(p: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,17 @@ def _summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def _budget_line(budget: Mapping[str, Any]) -> str:
+    """The budget's outcome (target vs achieved, the fix when missed) and what its shares count."""
+    line = f"**Training budget:** {budget['outcome']}"
+    if budget.get("target") is None:
+        return line
+    unit = "MACs" if budget.get("cost") == "macs" else "prunable channel groups"
+    reachable = budget.get("reachable")
+    floors = "" if reachable is None else f"; the layer floors let at most {reachable:.3f} recede"
+    return f"{line}. Shares count the {unit}{floors}."
+
+
 def _table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -145,8 +157,25 @@ def _verification_section(checks: list[Mapping[str, Any]]) -> str:
     return "## Verification\n\n" + note + "\n\n" + _table(header, ["---"] * len(header), rows)
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
+PLOT_CAPTIONS = {
+    "importance_hist": "Channel-group importance before pruning, with the valley and the cut",
+    "kept_channels": "Channels kept per layer",
+    "latency": "Latency, dense and pruned",
+}
+
+
+def _figure(name: str, link: str) -> str:
+    """A Markdown image; ``link`` is relative to the report, so the folder can move."""
+    return f"![{PLOT_CAPTIONS.get(name, name)}]({link})"
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
     """Render a run report as Markdown: before/after, latency and environment sections.
+
+    ``plots`` (plot name, as :func:`plot_run` names them, to a path relative to the report)
+    embeds each plot it holds where it belongs: the importance histogram and kept channels
+    under the before/after table, the latency plot under the latency table. Only the plots
+    given are linked, so a report never shows a broken image.
 
     Schema (every section optional): ``dense: {params, macs, accuracy}``, ``pruned: {params,
     macs, accuracy_before_finetune, accuracy, channels_kept, channels_total}``, ``threshold:
@@ -156,6 +185,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
     Args:
         report: The report mapping.
+        plots: Plot name to image path relative to the report; None for no plots.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -166,15 +196,23 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     sections = ["# recede report", "## Before / after\n\n" + summary]
     budget = report.get("budget") or {}
     if budget.get("outcome"):
-        sections.insert(1, f"**Training budget:** {budget['outcome']}")
+        sections.insert(1, _budget_line(budget))
+    plots = dict(plots or {})
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
         sections[-1] += f"\n\nONNX file: `{onnx_path}`"
+    for name in ("importance_hist", "kept_channels"):
+        if name in plots:
+            sections[-1] += "\n\n" + _figure(name, plots.pop(name))
     if (report.get("export") or {}).get("checks"):
         sections.append(_verification_section(report["export"]["checks"]))
     if report.get("latency"):
         macs = {k: (report.get(k) or {}).get("macs") for k in (REFERENCE_MODEL, "pruned")}
         sections.append(_latency_section(report["latency"], macs))
+        if "latency" in plots:
+            sections[-1] += "\n\n" + _figure("latency", plots.pop("latency"))
+    if plots:
+        sections.append("## Plots\n\n" + "\n\n".join(_figure(n, p) for n, p in plots.items()))
     if report.get("environment"):
         items = "\n".join(f"- **{k}**: {v}" for k, v in report["environment"].items())
         sections.append("## Environment\n\n" + items)
@@ -198,6 +236,68 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+_ZEROS, _VALLEY, _CUT = "#8c8c8c", "#2ca02c", "crimson"
+
+
+_DECADES_SHOWN = 8  # importance decades under the largest that get bars of their own
+
+
+def _on_log_axis(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(values with bars of their own, the rest drawn at ``floor``, ``floor``).
+
+    A log axis has no 0, and receded importances underflow towards 1e-30: 30 decades of bars
+    would squeeze the kept mode into one. So the axis spans at most ``_DECADES_SHOWN`` decades
+    under the largest value (or down to a decade under the smallest positive one), and exact
+    zeros and anything smaller share one grey bar at its left edge.
+    """
+    import numpy as np
+
+    positive = values[values > 0]
+    if not positive.size:
+        return positive, values, 1.0
+    low = float(positive.max()) * 10.0**-_DECADES_SHOWN
+    floor = max(float(positive.min()) / 10, low / 10)
+    shown = positive[positive >= low]
+    return shown, np.full(values.size - shown.size, floor), floor
+
+
+def _log_bins(low: float, high: float, count: int) -> np.ndarray:
+    import numpy as np
+
+    low, high = (low / 2, high * 2) if high <= low * 1.0001 else (low, high * 1.0001)
+    return np.geomspace(low, high, count + 1)
+
+
+def _label_line(ax: Any, x: float, text: str, color: str, *, left: bool) -> None:
+    """``text`` at the top of the axes beside ``x``, on its left or its right."""
+    ax.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), color=color, fontsize=8,
+                xytext=(-3 if left else 3, -11), textcoords="offset points",
+                ha="right" if left else "left")  # fmt: skip
+
+
+def _mark_valley(ax: Any, values: np.ndarray, floor: float) -> None:
+    """Shade the valley ``pipeline.threshold.split`` finds (the empty gap between the two modes
+    around it), or say in the plot why there is none."""
+    import numpy as np
+
+    from pipeline.threshold import split
+
+    found, why = split(values)
+    if found is None:  # an empty handle: the reason reads as a legend line below the axes
+        ax.plot([], [], " ", label=textwrap.fill(f"no valley to cut in: {why}", 90))
+        return
+    v = np.sort(values)
+    low, high = float(v[found.below - 1]), float(v[found.below])
+    label = (
+        f"valley: no group between {low:.2g} and {high:.2g} "
+        f"({found.below} below, {found.above} above; bimodality {found.bimodality:.2f})"
+    )
+    low = max(low, floor * 10)  # drawn beside the grey bar, not over it
+    ax.axvspan(low, high, color=_VALLEY, alpha=0.18, label=label)
+    ax.axvline(found.value, color=_VALLEY, linestyle=":", linewidth=1.2)
+    _label_line(ax, low, "valley", _VALLEY, left=False)
+
+
 def plot_importance_histogram(
     importances: Sequence[float] | np.ndarray,
     path: str | os.PathLike[str],
@@ -205,19 +305,39 @@ def plot_importance_histogram(
     threshold: float | None = None,
     title: str = "Channel importance (BatchNorm |γ|)",
 ) -> Path:
-    """Histogram of channel importances on a log count axis, with the pruning threshold.
+    """Save :func:`importance_figure` of ``importances`` to ``path`` (PNG unless the suffix
+    says otherwise) and return the path."""
+    return _save(importance_figure(importances, threshold=threshold, title=title), path)
 
-    A polarised network shows two well separated modes; the log axis keeps the small one
-    visible.
+
+def importance_figure(
+    importances: Sequence[float] | np.ndarray,
+    *,
+    threshold: float | None = None,
+    title: str = "Channel importance (BatchNorm |γ|)",
+) -> Figure:
+    """Histogram of channel importances on log axes, with the valley and the cut marked.
+
+    Decisions: the importance axis is always logarithmic, with log-spaced bins, because
+    polarised importances span decades: on a linear axis every receded group falls into the
+    first bar and the valley cannot be seen. The axis spans at most 8 decades under the largest
+    importance: exact zeros (no place on a log axis) and values underflowing towards 1e-30
+    share one grey bar at its left edge, which the legend counts. The count axis is logarithmic too, so a mode of a few groups stays visible beside one
+    of thousands. The valley is the one ``pipeline.threshold.split`` finds (the automatic
+    threshold's method), shaded over the empty gap between the modes, with its evidence in the
+    legend; when there is none the plot says why. The cut, when given, is a dashed red line
+    whose legend entry counts the groups below it.
 
     Args:
-        importances: One value per channel, all layers together.
-        path: Destination image (PNG unless the suffix says otherwise).
-        threshold: Draw a vertical line here; None for none.
+        importances: One value per channel (group), all layers together.
+        threshold: The cut to draw; None for none (a ratio cut has no single value).
         title: Plot title.
 
     Returns:
-        The image path.
+        The figure, on an Agg canvas.
+
+    Raises:
+        ValueError: no importances, or some not finite.
     """
     import numpy as np
 
@@ -227,26 +347,31 @@ def plot_importance_histogram(
             f"expected a non-empty array of finite importances, got {values.size} "
             "values, some not finite; check the importance computation"
         )
-    fig = _new_figure(7.0, 4.0)
+    positive, tiny, floor = _on_log_axis(values)
+    top = float(positive.max()) if positive.size else floor
+    bins = _log_bins(floor if tiny.size else float(positive.min()), top, 60)
+    fig = _new_figure(7.5, 4.2)
     ax = fig.add_subplot()
-    bins: Any = min(100, max(10, values.size // 5))
-    positive = values[values > 0]
-    if positive.size == values.size and positive.max() / positive.min() > 100:
-        # polarised importances span decades: log-spaced bins show both modes and the valley
-        bins = np.geomspace(positive.min(), positive.max(), bins + 1)
-        ax.set_xscale("log")
-    ax.hist(values, bins=bins, color=_PRUNED, log=True)
+    ax.hist(positive, bins=bins, color=_PRUNED, log=True)
+    if tiny.size:
+        zeros = int((values <= 0).sum())
+        what = (
+            f"below {floor * 10:.2g}, {zeros} of them exactly 0"
+            if zeros < tiny.size
+            else "exactly 0"
+        )
+        ax.hist(tiny, bins=bins, color=_ZEROS, log=True, label=f"{tiny.size} {what} (grey bar)")
+    ax.set_xscale("log")
+    _mark_valley(ax, values, floor)
     if threshold is not None:
         below = int((values < threshold).sum())
-        ax.axvline(
-            threshold,
-            color="crimson",
-            linestyle="--",
-            label=f"threshold {threshold:.3g} ({below}/{values.size} below)",
-        )
-        ax.legend()
-    ax.set(xlabel="importance", ylabel="channels (log scale)", title=title)
-    return _save(fig, path)
+        label = f"cut {threshold:.3g}: {below} of {values.size} groups below"
+        ax.axvline(threshold, color=_CUT, linestyle="--", label=label)
+        _label_line(ax, threshold, "cut", _CUT, left=True)
+    ax.set_ylim(bottom=0.7)  # a bar of one group stays visible on the log count axis
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
+    ax.set(xlabel="importance (log scale)", ylabel="groups (log scale)", title=title)
+    return fig
 
 
 def plot_kept_channels(kept: Mapping[str, tuple[int, int]], path: str | os.PathLike[str]) -> Path:

@@ -212,14 +212,15 @@ def budget_summary(cfg: RunConfig, logs: list) -> BudgetSummary:
 
     last = logs[-1] if logs else None
     receded = last.receded if last is not None else None
+    reachable = last.reachable if last is not None else None
     target = cfg.train.target
     return BudgetSummary(
         target=target,
         cost=cfg.train.target_cost,
         receded=receded,
-        reachable=last.reachable if last is not None else None,
+        reachable=reachable,
         reached=budget_reached(target, receded),
-        outcome=budget_outcome(target, receded),
+        outcome=budget_outcome(target, receded, reachable),
     )
 
 
@@ -340,7 +341,8 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
     scales = [v for g, v in pruned.importances.items() if g in bn_gated]
     plots = plot_run(out, np.array(scales), cut, widths, rows)
     write_json_atomic(out / "report.json", report.to_dict())
-    write_text_atomic(out / "report.md", render_markdown(report.to_dict()))
+    links = {name: path.relative_to(out).as_posix() for name, path in plots.items()}
+    write_text_atomic(out / "report.md", render_markdown(report.to_dict(), links))
     _write_release_manifest(cfg, out, exported.paths, plots, report)
     return report
 

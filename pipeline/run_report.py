@@ -138,6 +138,10 @@ class BudgetSummary:
     outcome: str
 
 
+def _reduction(before: int, after: int) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"
+
+
 @dataclass(frozen=True)
 class RunReport:
     """Everything ``recede run`` reports; ``seconds`` is the wall time of the whole run."""
@@ -165,6 +169,21 @@ class RunReport:
             "seconds": round(self.seconds, 1),
             "budget": asdict(self.budget) if self.budget else None,
         }
+
+    def outcome(self) -> str:
+        """The run in one line: accuracy before and after, MACs and parameters removed, and
+        whether training reached its budget (the line ``recede run`` ends with), e.g.
+        ``accuracy 97.50% -> 97.22% (-0.28 pp), MACs -62.0%, params -70.1%; budget reached:
+        receded 0.498 of target 0.500``."""
+        dense, pruned = self.dense, self.pruned
+        change = (pruned.accuracy - dense.accuracy) * 100
+        parts = [
+            f"accuracy {dense.accuracy:.2%} -> {pruned.accuracy:.2%} ({change:+.2f} pp)",
+            f"MACs {_reduction(dense.macs, pruned.macs)}",
+            f"params {_reduction(dense.params, pruned.params)}",
+        ]
+        budget = f"; {self.budget.outcome}" if self.budget is not None else ""
+        return ", ".join(parts) + budget
 
     def metrics(self) -> dict[str, Any]:
         """The sections the release manifest records as metrics."""

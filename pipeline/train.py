@@ -3,9 +3,10 @@
 BN parameters (bounded-BN logits and shifts, or plain gamma/beta) get ``bn_lr_mult`` x the
 learning rate and no weight decay, as in the receding-importance reference code. The penalty,
 its budget controller and the post-step projection come from a ``pipeline.polarise.Polariser``,
-the same object a user's own loop calls. After each epoch the importance distribution is logged:
-fraction below 0.05, fraction above 0.5, Sarle's bimodality coefficient (``pipeline.threshold``),
-the penalty strength in force and the receded share against the budget's schedule.
+the same object a user's own loop calls. After each epoch one line is logged: loss, penalty per
+channel, accuracy, the importance distribution and the budget's progress; its fields are named
+in words and explained in :func:`format_epoch`'s docstring (the legend). Epochs, evaluation and
+BN recalibration show tqdm bars (``pipeline.progress``) when someone is watching.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.atomic import save_torch_atomic
@@ -31,6 +30,7 @@ from pipeline.bn import bn_modules, channel_importance, is_bn
 from pipeline.config import TrainConfig
 from pipeline.data import DataBundle
 from pipeline.polarise import Polariser, bn_param_groups, budget_outcome, budget_reached
+from pipeline.progress import progress
 from pipeline.threshold import importance_summary
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ class EpochLog:
     receded: float | None = None  # receded share (as the budget counts it)
     wanted: float | None = None  # the budget schedule's share at the end of the epoch
     reachable: float | None = None  # the most the layer floors let recede (None: no budget)
+    channels: int | None = None  # BN channels the penalty sums over (None: no polariser)
+
+    @property
+    def penalty_per_channel(self) -> float | None:
+        """The penalty term per BN channel, lambda x mean per-channel penalty (see format_epoch)."""
+        return self.penalty / self.channels if self.channels else None
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +122,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
     was = model.training
     model.eval()
     correct = total = 0
-    for x, y in loader:
+    for x, y in progress(loader, "evaluate"):
         correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
         total += len(y)
     model.train(was)
@@ -150,7 +156,8 @@ def recalibrate_bn_(
         m.momentum = None
     was = model.training
     model.train()
-    for i, (x, _) in enumerate(loader):
+    total = min(max_batches, len(loader))
+    for i, (x, _) in enumerate(progress(loader, "BN recalibration", total=total)):
         if i >= max_batches:
             break
         model(x.to(device))
@@ -190,8 +197,7 @@ def _run_epoch(
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss = total_pen = 0.0
-    quiet = not sys.stderr.isatty() or not distributed.is_main()
-    bar = tqdm(loader, desc=desc, leave=False, disable=quiet)
+    bar = progress(loader, desc)
     for step, (x, y) in enumerate(bar, 1):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(net(x.to(device)), y.to(device))
@@ -203,6 +209,7 @@ def _run_epoch(
             polariser.after_step(opt)
         total_loss += float(loss.detach())
         total_pen += float(pen)
+        bar.set_postfix_str(f"loss {total_loss / step:.4f}", refresh=False)
     mean_loss = total_loss / max(1, len(loader))
     _check_finite(model, mean_loss, len(loader), f"{desc} (after its last update)")
     return mean_loss, total_pen / max(1, len(loader))
@@ -210,7 +217,7 @@ def _run_epoch(
 
 def _epoch_log(model, data, polariser, device, epoch: int, losses: tuple, start: float) -> EpochLog:
     stats = importance_summary(all_importances(model))
-    progress = polariser.progress() if polariser is not None else None
+    state = polariser.progress() if polariser is not None else None
     return EpochLog(
         epoch,
         *losses,
@@ -219,10 +226,11 @@ def _epoch_log(model, data, polariser, device, epoch: int, losses: tuple, start:
         stats["above_0.5"],
         stats["bimodality"],
         time.perf_counter() - start,
-        progress.strength if progress else None,
-        progress.receded if progress else None,
-        progress.wanted if progress else None,
-        progress.reachable if progress else None,
+        state.strength if state else None,
+        state.receded if state else None,
+        state.wanted if state else None,
+        state.reachable if state else None,
+        sum(p.numel() for p in polariser.penalty.params) if polariser is not None else None,
     )
 
 
@@ -285,26 +293,61 @@ def train_(
     if polariser is not None and polariser.controller is not None and logs:
         reached = budget_reached(cfg.target, logs[-1].receded)
         log = logger.info if reached else logger.warning
-        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded))
+        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded, logs[-1].reachable))
     return logs
 
 
+def format_epoch(tag: str, log: EpochLog, epochs: int) -> str:
+    """One epoch as a line a reader can follow without the source.
+
+    Example (a receding run under a 50% budget)::
+
+        train epoch 3/10: loss 0.4321, penalty 0.83/channel (lambda 124), test accuracy 92.00%
+        | importance: 46.4% < 0.05, 30.0% > 0.5, bimodality 0.92 | receded 20.9% (scheduled 50.0%)
+        | 61.2 s
+
+    Legend (the order of the line):
+
+    - ``loss``: mean cross-entropy of the epoch's training batches.
+    - ``penalty X/channel (lambda L)``: the sparsity penalty the optimiser adds, per BN channel:
+      lambda times the mean per-channel penalty, i.e. the epoch's mean penalty term divided by
+      the number of BN channels it sums over. Decision: the raw sum grows with the network's
+      width and with lambda (a budget's controller raised lambda to 124 and the sum to ~4e5 on
+      a ResNet), so it cannot be read beside the loss; per channel it can (it is what one
+      channel's scale pays, as the loss is what one sample pays), and it stays comparable
+      across models. ``lambda`` is the strength in force at the epoch's end (a budget's
+      controller moves it). Under a budget the gradient reaches only the channels the
+      controller chose, while the figure averages over all of them (those near their plateau
+      weigh most), so read it as the pressure in force rather than the pull on the chosen
+      channels. ISTA shrinks scales after each step instead of adding a term, so its penalty
+      reads 0. Absent without a polariser (fine-tuning).
+    - ``test accuracy``: top-1 on the test split after the epoch's BN recalibration.
+    - ``importance``: the distribution of BN channel importances (|gamma|, or the bounded BN's
+      scale): the share of channels below 0.05 (receded, about to be pruned) and above 0.5
+      (clearly kept), and Sarle's bimodality coefficient (``pipeline.threshold.sarle_bc``):
+      above 5/9 = 0.555 the importances form two modes, i.e. a valley to cut in is emerging.
+    - ``receded X (scheduled Y)``: under a budget (``train.target``), the share that has
+      receded, counted as the target counts it (groups or MACs), and the share the controller's
+      schedule asks for by now (it ramps up to the target). Absent without a budget.
+    - the epoch's wall-clock seconds, evaluation included.
+    """
+    parts = [f"loss {log.loss:.4f}"]
+    if log.penalty_per_channel is not None:
+        lam = "" if log.strength is None else f" (lambda {log.strength:.3g})"
+        parts.append(f"penalty {log.penalty_per_channel:.3g}/channel{lam}")
+    parts.append(f"test accuracy {log.accuracy:.2%}")
+    fields = [
+        ", ".join(parts),
+        f"importance: {log.below_005:.1%} < 0.05, {log.above_05:.1%} > 0.5, "
+        f"bimodality {log.bimodality:.2f}",
+    ]
+    if log.receded is not None and log.wanted is not None:
+        fields.append(f"receded {log.receded:.1%} (scheduled {log.wanted:.1%})")
+    elif log.receded is not None and log.reachable is not None:
+        fields.append(f"receded {log.receded:.1%}")
+    fields.append(f"{log.seconds:.1f} s")
+    return f"{tag} epoch {log.epoch}/{epochs}: " + " | ".join(fields)
+
+
 def _log_epoch(tag: str, log: EpochLog, epochs: int) -> None:
-    budget = ""
-    if log.strength is not None:
-        wanted = "-" if log.wanted is None else f"{log.wanted:.3f}"
-        budget = f" | lambda {log.strength:.3g} receded {log.receded:.3f} (wanted {wanted})"
-    logger.info(
-        "%s epoch %d/%d loss %.4f penalty %.4f acc %.4f | imp<0.05 %.3f imp>0.5 %.3f BC %.2f%s (%.1fs)",
-        tag,
-        log.epoch,
-        epochs,
-        log.loss,
-        log.penalty,
-        log.accuracy,
-        log.below_005,
-        log.above_05,
-        log.bimodality,
-        budget,
-        log.seconds,
-    )
+    logger.info("%s", format_epoch(tag, log, epochs))

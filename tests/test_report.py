@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.bench import LatencyRow
 from pipeline.report import (
+    importance_figure,
     plot_importance_histogram,
     plot_kept_channels,
     plot_latency,
@@ -88,6 +89,59 @@ def test_importance_histogram_rejects_empty(tmp_path) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         plot_importance_histogram([], tmp_path / "hist.png")
     assert not (tmp_path / "hist.png").exists()
+
+
+def _polarised(zeros: int = 0) -> np.ndarray:
+    """688 receded groups spread over decades, 688 kept near 0.5, and ``zeros`` exact zeros."""
+    rng = np.random.default_rng(0)
+    receded, kept = 10 ** rng.normal(-4.5, 0.6, 688), 10 ** rng.normal(-0.3, 0.15, 688)
+    return np.concatenate([receded, kept, np.zeros(zeros)])
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_importance_histogram_shows_the_valley_and_the_cut_on_a_log_axis() -> None:
+    fig = importance_figure(_polarised(), threshold=0.02)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    # log bins: the receded mode spreads over many bars instead of one under the cut
+    heights = [p.get_height() for p in ax.patches if p.get_height() > 0]
+    assert len(heights) > 20 and max(heights) < 688 / 2
+    valley, cut = _legend(fig)
+    assert valley.startswith("valley: no group between") and "688 below, 688 above" in valley
+    assert cut == "cut 0.02: 688 of 1376 groups below"
+    labels = {t.get_text() for t in ax.texts}
+    assert labels == {"valley", "cut"}
+    (span,) = [p for p in ax.patches if p.get_label().startswith("valley")]
+    left, right = span.get_x(), span.get_x() + span.get_width()
+    assert (_polarised()[:688].max(), _polarised()[688:].min()) == pytest.approx((left, right))
+
+
+def test_importance_histogram_counts_exact_zeros_and_says_when_there_is_no_valley() -> None:
+    assert "300 exactly 0" in _legend(importance_figure(_polarised(zeros=300)))[0]
+    one_mode = 1 / (1 + np.exp(-np.random.default_rng(0).normal(0, 3, 500)))
+    (note,) = _legend(importance_figure(one_mode))
+    assert note.startswith("no valley to cut in:")
+
+
+def test_underflowed_importances_share_the_grey_bar_so_the_kept_mode_keeps_its_bars() -> None:
+    underflow = np.concatenate([_polarised(zeros=10), np.full(40, 1e-30)])
+    fig = importance_figure(underflow)
+    assert fig.axes[0].get_xlim()[0] > 1e-10  # 8 decades under the largest, not 30
+    grey = _legend(fig)[0]
+    assert grey.startswith("50 below") and "10 of them exactly 0" in grey
+
+
+def test_markdown_embeds_the_plots_it_is_given() -> None:
+    plots = {"importance_hist": "importance_hist.png", "latency": "latency.png", "x": "x.png"}
+    text = render_markdown(REPORT, plots)
+    hist = text.index("](importance_hist.png)")
+    assert text.index("## Before / after") < hist < text.index("## Latency")
+    assert text.index("## Latency") < text.index("](latency.png)")
+    assert "## Plots\n\n![x](x.png)" in text
+    assert "kept_channels" not in text and "![" not in render_markdown(REPORT)
 
 
 def test_kept_channels_png_with_sixty_layers(tmp_path) -> None:

@@ -78,6 +78,9 @@ def test_run_folder_is_complete_and_verifiable(run_dir):
     ):
         assert (run_dir / name).is_file(), name
     assert verify_manifest(run_dir / "manifest.json") == []
+    md = (run_dir / "report.md").read_text()  # the plots are embedded by relative links
+    for png in ("importance_hist.png", "kept_channels.png", "latency.png"):
+        assert f"]({png})" in md, png
     assert load_config(run_dir / "config.yaml") == load_config("configs/demo.yaml", SMALL)
     assert (
         run_dir

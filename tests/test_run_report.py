@@ -92,3 +92,48 @@ def test_plot_run_writes_each_plot(tmp_path, rows):
     expected = {"importance_hist", "kept_channels"} | ({"latency"} if rows else set())
     assert set(plots) == expected
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots.values())
+
+
+def _budgeted(receded: float, reachable: float) -> RunReport:
+    from dataclasses import replace
+
+    from pipeline.polarise import budget_outcome, budget_reached
+    from pipeline.run_report import BudgetSummary
+
+    outcome = budget_outcome(0.5, receded, reachable)
+    summary = BudgetSummary(0.5, "macs", receded, reachable, budget_reached(0.5, receded), outcome)
+    return replace(_report(_export()), budget=summary)
+
+
+def test_the_run_outcome_is_one_line_with_the_budget_verdict():
+    assert _report(_export()).outcome() == (
+        "accuracy 90.00% -> 88.00% (-2.00 pp), MACs -60.0%, params -60.0%"
+    )
+    line = _budgeted(0.209, 0.8).outcome()
+    assert "\n" not in line and line.endswith("lower train.target")
+    assert "; budget MISSED: receded 0.209, target 0.500; train longer" in line
+
+
+def test_a_missed_budget_advice_fits_its_cause():
+    floors = _budgeted(0.3, 0.31).budget.outcome  # the floors cap it: more epochs cannot help
+    assert "layer floors let at most 0.310 recede" in floors and "train longer" not in floors
+    assert "train longer" in _budgeted(0.3, 0.9).budget.outcome
+
+
+def test_report_md_states_the_budget_with_its_unit_and_the_floors():
+    text = render_markdown(_budgeted(0.209, 0.8).to_dict())
+    line = next(x for x in text.splitlines() if x.startswith("**Training budget:**"))
+    assert "budget MISSED: receded 0.209, target 0.500" in line
+    assert line.endswith("Shares count the MACs; the layer floors let at most 0.800 recede.")
+    assert text.index("**Training budget:**") < text.index("## Before / after")
+
+
+def test_report_md_links_resolve_to_the_plots_of_the_run(tmp_path):
+    import re
+
+    plots = plot_run(tmp_path, [0.001, 0.002, 1.0, 1.1], 0.5, {"conv1": (3, 8)}, ROWS)
+    links = {name: p.relative_to(tmp_path).as_posix() for name, p in plots.items()}
+    text = render_markdown(_report(_export()).to_dict(), links)
+    found = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", text)
+    assert sorted(found) == sorted(links.values()) and len(found) == 3
+    assert all((tmp_path / link).is_file() for link in found)
