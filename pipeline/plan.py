@@ -147,11 +147,15 @@ def check_ranking_signal(importance: Mapping[int, float], ratio: float) -> None:
     one value) is the extreme case. Index order would then decide how many channels each layer
     loses, so this raises ``TiedImportanceError`` naming the per-layer rule instead; a narrower
     tie is broken by group index with a warning, never silently.
+
+    A run tied at exactly 0 is not a lack of signal: training drove those groups to zero scale
+    (dead channels, removed exactly whichever go), and the ranking did place them all below
+    every live group. Such a tie is broken by group index with a warning too.
     """
     tie = tie_at_cut(importance, ratio)
     if tie is None:
         return
-    if not tie.wide:
+    if not tie.wide or tie.value == 0.0:
         logger.warning(
             "ratio %.4g: the cut splits %d groups of equal importance %.4g; group index decides "
             "which of them go",

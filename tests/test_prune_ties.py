@@ -48,6 +48,15 @@ def test_narrow_tie_is_warned_not_silent(caplog) -> None:
     assert "splits 2 groups of equal importance" in caplog.text
 
 
+def test_a_wide_tie_at_zero_is_dead_channels_not_missing_signal(caplog) -> None:
+    values = [0.0] * 60 + [float(v) for v in range(1, 41)]  # 60 groups receded to exactly 0
+    with caplog.at_level(logging.WARNING, logger="pipeline.plan"):
+        check_ranking_signal(dict(enumerate(values)), 0.5)
+    assert "splits 60 groups of equal importance 0" in caplog.text
+    with pytest.raises(TiedImportanceError):  # the same run at a live value is refused
+        check_ranking_signal(dict(enumerate(v or 0.5 for v in values)), 0.5)
+
+
 def test_python_api_refuses_an_untrained_model_and_layer_scope_prunes_it() -> None:
     model, x = TinyNet().eval(), torch.randn(1, 3, 16, 16)
     with pytest.raises(TiedImportanceError, match="prune.scope: layer"):
