@@ -277,6 +277,14 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         model: The network; a copy is run, so its mode is left alone.
         input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
     """
+    return count_layer_macs(model, input_shape).get("", 0)
+
+
+def count_layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """``count_macs`` per module: qualified name -> MACs of one sample inside it ("" is all).
+
+    A module's count includes its children's; a module called twice counts both calls.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -287,7 +295,12 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         net(x)  # fills per-size caches (a pruned conv's constant correction) the copy lost
         with FlopCounterMode(display=False) as counter:
             net(x)
-    return int(counter.get_total_flops()) // 2
+    root = type(net).__name__ + "."  # the counter names modules "<RootClass>.<qualified name>"
+    macs = {"": int(counter.get_total_flops()) // 2}
+    for name, by_op in counter.get_flop_counts().items():
+        if name.startswith(root):
+            macs[name[len(root) :]] = int(sum(by_op.values())) // 2
+    return macs
 
 
 def bench_report(

@@ -8,7 +8,7 @@ module configures logging or prints.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -16,10 +16,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.cli_args import EXIT_INPUT, EXIT_OK, EXIT_VERIFY, UsageError  # noqa: F401
+from pipeline.cli_args import (  # noqa: F401
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_VERIFY,
+    UsageError,
+    resolve_input_folder,
+)
 
 if TYPE_CHECKING:
     from pipeline.bench import Artefact
+    from pipeline.layer_table import LayerTable
     from pipeline.models import ModelSpec
     from pipeline.timing import Setting
 
@@ -179,15 +186,13 @@ def _receded_below(args: argparse.Namespace) -> float | None:
     return load_config(config).train.receded_below if config.is_file() else None
 
 
-def _prune_report(model, result, spec: ModelSpec, example) -> dict:
-    from pipeline.bench import count_macs, count_params
-
-    shape = tuple(example.shape[1:])
+def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
+    """report.json of a prune: totals and per-layer rows from ``table``, groups, threshold."""
     return {
         "model": spec.model.name,
-        "input_shape": list(example.shape),
-        "params": {"before": count_params(model), "after": count_params(result.model)},
-        "macs": {"before": count_macs(model, shape), "after": count_macs(result.model, shape)},
+        "input_shape": [1, *result.input_shape],
+        "params": {"before": table.before.params, "after": table.after.params},
+        "macs": {"before": table.before.macs, "after": table.after.macs},
         "groups": {
             "total": len(result.graph.groups),
             "prunable": len(result.importances),
@@ -195,14 +200,17 @@ def _prune_report(model, result, spec: ModelSpec, example) -> dict:
         },
         "threshold": {"mode": result.plan.threshold_mode, "value": result.plan.threshold_value},
         "barriers": [b.__dict__ for b in result.graph.barriers],
+        "layers": [dataclasses.asdict(row) for row in table.rows],
     }
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a model (a torchvision/factory spec, or a saved model, train or run folder)."""
+    """Prune a model (a torchvision/factory spec, or a saved model, train or run folder) and
+    print the per-layer table: channels kept, params and MACs before and after."""
     from pipeline.atomic import write_json_atomic, write_text_atomic
     from pipeline.checkpoint import save_pruned
     from pipeline.config import PruneConfig
+    from pipeline.layer_table import layer_table
     from pipeline.output_folders import check_out_folder, staged_folder
     from pipeline.prune import prune_model
 
@@ -221,12 +229,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         round_to=args.round_to,
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
-    report = _prune_report(model, result, spec, example)
+    table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)
+    report = _prune_report(result, spec, table)
     with staged_folder(out, kind="prune") as stage:
         save_pruned(result.model, stage, spec=spec)
         write_json_atomic(stage / "report.json", report)
         write_text_atomic(stage / "plan.json", result.plan.to_json())
-    print(json.dumps({k: report[k] for k in ("params", "macs", "groups")}, indent=1))
+    print(table.render())
+    groups = report["groups"]
+    print(
+        f"pruned {spec.model.name}: {table.summary()}; dropped {groups['dropped']} of "
+        f"{groups['prunable']} prunable channel groups; wrote {args.out}"
+    )
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
     return EXIT_OK
@@ -342,9 +356,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _print_graph(args: argparse.Namespace) -> None:
     from pipeline.channel_graph import build_channel_graph
+    from pipeline.layer_table import layer_table
 
-    model, _, example = _load_model(args)
+    model, spec, example = _load_model(args)
     graph = build_channel_graph(model, example)
+    table = layer_table(model, graph, tuple(example.shape[1:]))
+    print(table.render())
+    shape = "x".join(str(n) for n in example.shape)
+    print(f"{spec.model.name} ({spec.num_classes} classes, input {shape}): {table.summary()}")
     weight = {g.id for g in graph.weight_groups}
     print(
         f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, "
@@ -361,18 +380,35 @@ def _print_graph(args: argparse.Namespace) -> None:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
 
 
+def _holds_model(path: str) -> bool:
+    from pipeline.checkpoint import CheckpointError, model_folder
+
+    try:
+        model_folder(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Show a model's channel groups and barriers, or a run folder's report."""
-    if args.dir:
-        folder = Path(args.dir)
+    """Show a model's per-layer table (channels, params, MACs), channel groups and barriers, or
+    a `recede run` folder's report.
+
+    DIR (or --from DIR) holding report.md is a run folder: its files are checked against its
+    index (unless --force) and its report is printed. Any other DIR must hold a saved model (a
+    prune, train or model folder), loaded and checked as `recede prune DIR` does.
+    """
+    if args.source and (Path(args.source) / "report.md").is_file():
+        folder = Path(args.source)
         _verify_unless_forced(folder, args)
-        for name in ("report.md", "report.json"):
-            if (folder / name).is_file():
-                print((folder / name).read_text())
-                return EXIT_OK
+        print((folder / "report.md").read_text())
+        return EXIT_OK
+    if args.source and not _holds_model(args.source):
         raise UsageError(
-            f"{folder} holds no report.md or report.json; expected a folder from `recede run` "
-            "or `recede prune`; for a model's groups pass --from DIR or --model SPEC"
+            f"{args.source} holds no report.md (so it is no `recede run` folder) and, in it or "
+            "its model/ or trained/ subfolder, holds no saved model (model.pt with shapes.json); "
+            "expected a folder from `recede run`, `recede prune` or `recede train`, or pass "
+            "--model SPEC --input-shape N,C,H,W"
         )
     _print_graph(args)
     return EXIT_OK
@@ -437,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.checks import VerificationError  # FoldError and ExactnessError are ones
 
     try:
+        resolve_input_folder(args)
         return args.handler(args)
     except VerificationError as err:
         print(f"recede {args.command}: verification failed: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ expected and what was got, before anything is loaded.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from collections.abc import Callable
 
@@ -62,12 +63,19 @@ def _threshold(text: str) -> str | float:
 
 
 def _add_config(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see configs/)")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="YAML",
+        help="optional YAML config, e.g. configs/demo.yaml (default: none, the built-in "
+        "defaults: digits, VGG-11, receding penalty)",
+    )
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a config key, e.g. prune.ratio=0.6",
+        help="override one config key, applied after -c; repeatable, e.g. --set "
+        "train.epochs=2 --set prune.ratio=0.6 (default: none)",
     )
     p.add_argument("--out", default=f"runs/{name}", help="output folder")
     p.add_argument(
@@ -86,62 +94,92 @@ def _add_force(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def _add_model_source(p: argparse.ArgumentParser, what: str) -> None:
+    """The input: positional DIR (or its alias ``--from DIR``), or ``--model`` with a shape."""
+    p.add_argument("source", nargs="?", metavar="DIR", help=f"{what} (default: none; or --model)")
     p.add_argument(
         "--from",
-        dest="source",
+        dest="from_dir",
         metavar="DIR",
-        help="a saved model folder, or a `recede train`/`recede run` folder",
+        help="the same as DIR, kept as an alias (default: none)",
     )
     p.add_argument(
         "--model",
-        help="torchvision:<name>, timm:<name>, vgg, resnet20/56, or package.module:factory",
+        metavar="SPEC",
+        help="build a fresh, untrained model instead of DIR: torchvision:<name>, timm:<name>, "
+        "vgg, resnet20, resnet56, or package.module:factory (default: none)",
     )
     p.add_argument(
-        "--input-shape", type=_input_shape, help="example input N,C,H,W, e.g. 1,3,224,224"
+        "--input-shape",
+        type=_input_shape,
+        metavar="N,C,H,W",
+        help="example input for --model, e.g. 1,3,224,224 (default: none; needed with --model)",
     )
     p.add_argument(
         "--num-classes",
         type=_number(int, 1),
         default=1000,
-        help="classes for a freshly built model",
+        help="classes of the model --model builds (ImageNet's, unless given)",
     )
 
 
+def resolve_input_folder(args: argparse.Namespace) -> None:
+    """Fold ``--from DIR`` into the positional DIR (``args.source``); both at once must agree."""
+    alias = getattr(args, "from_dir", None)
+    if alias is None:
+        return
+    if args.source is not None and args.source != alias:
+        raise UsageError(
+            f"got the input folder twice, as DIR {args.source} and as --from {alias}; "
+            "expected one: pass DIR alone (--from is an alias of it)"
+        )
+    args.source = alias
+
+
 def _add_prune(p: argparse.ArgumentParser) -> None:
-    _add_model_source(p)
+    _add_model_source(p, "a saved model folder, or a `recede train`/`recede run` folder")
     p.add_argument(
         "--ratio",
         type=_number(float, 0.0, 1.0, open_="high"),
         default=0.5,
-        help="fraction of prunable channel groups to drop",
+        help="fraction of prunable channel groups to drop; a global cut inside tied "
+        "importances (an untrained model) is refused: use --scope layer",
     )
     p.add_argument(
         "--threshold",
         type=_threshold,
         default="ratio",
-        help="'ratio' (default: use --ratio), 'auto' (valley of the importances) or a number",
+        help="'ratio' (use --ratio), 'auto' (valley of the importances) or a number",
     )
     p.add_argument(
         "--scope",
         choices=("global", "layer"),
         default="global",
-        help="with --ratio: rank all groups together (global, default) or drop the ratio from "
-        "every layer alike (layer, like Torch-Pruning's default)",
+        help="with --ratio: rank all groups together (global) or drop the ratio from every "
+        "layer alike (layer, like Torch-Pruning's default; for untrained models)",
     )
-    p.add_argument("--min-channels", type=_number(int, 1), default=4)
+    p.add_argument(
+        "--min-channels",
+        type=_number(int, 1),
+        default=4,
+        help="every layer keeps at least this many output channels",
+    )
     p.add_argument(
         "--round-to",
         type=_number(int, 1),
         default=1,
-        help="round kept widths to a multiple (e.g. 8)",
+        help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="a folder written by `recede prune` or `recede train`")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="a folder written by `recede prune`, `recede train` or `recede run`",
+    )
     p.add_argument(
         "--format",
         choices=("onnx", "onnx-fp16", "tensorrt", "all"),
@@ -149,28 +187,44 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         help="all: ONNX, FP16 ONNX and, where TensorRT and a GPU exist, an engine",
     )
     p.add_argument(
-        "--out", help="release folder with the artefacts and manifest.json (default: DIR itself)"
+        "--out", help="release folder for the artefacts and manifest.json (default: DIR itself)"
     )
     _add_force(p)
     p.add_argument(
-        "--opset", type=int, default=17, help="ONNX opset, 17 to the exporter's highest (20)"
+        "--opset", type=int, default=17, help="ONNX opset, from 17 to the exporter's highest (20)"
     )
     p.add_argument(
         "--atol",
         type=_number(float, 0.0, open_="low"),
         default=None,
-        help="absolute floor of the fp32 tolerance, which is 1e-4 of the output scale plus it",
+        help="absolute floor of the fp32 tolerance, which is 1e-4 of the output scale plus it "
+        "(default: none, the tolerance policy's own floor)",
     )
-    p.add_argument("--no-slim", action="store_true", help="do not try onnxslim")
+    p.add_argument("--no-slim", action="store_true", help="do not try onnxslim (default: try it)")
     p.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
     p.add_argument(
         "--int8",
         action="store_true",
         help="TensorRT INT8 kernels, calibrated on the training data named by the run's config.yaml",
     )
-    p.add_argument("--max-batch", type=_number(int, 2, 4096), default=32)
-    p.add_argument("--opt-batch", type=_number(int, 1, 4096), default=1)
-    p.add_argument("--calib-batches", type=_number(int, 1, 10000), default=16)
+    p.add_argument(
+        "--max-batch",
+        type=_number(int, 2, 4096),
+        default=32,
+        help="largest batch the TensorRT engine and the ONNX verification accept",
+    )
+    p.add_argument(
+        "--opt-batch",
+        type=_number(int, 1, 4096),
+        default=1,
+        help="batch TensorRT tunes its kernels for",
+    )
+    p.add_argument(
+        "--calib-batches",
+        type=_number(int, 1, 10000),
+        default=16,
+        help="training batches that calibrate --int8",
+    )
     p.add_argument(
         "--require",
         choices=("tensorrt",),
@@ -209,14 +263,22 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         default=None,
         help="devices to time on (default: cpu, and cuda when a GPU is present)",
     )
-    p.add_argument("--batches", type=_number(int, 1), nargs="+", default=[1, 32])
+    p.add_argument(
+        "--batches",
+        type=_number(int, 1),
+        nargs="+",
+        default=[1, 32],
+        help="batch sizes to sweep, e.g. 1 8 32 128",
+    )
     p.add_argument(
         "--threads",
         type=_number(int, 1, 256),  # config.MAX_THREADS
         default=2,
         help="torch threads and ORT intra-op",
     )
-    p.add_argument("--runs", type=_number(int, 50), default=50)  # bench.MIN_RUNS
+    p.add_argument(  # bench.MIN_RUNS
+        "--runs", type=_number(int, 50), default=50, help="timed runs per row (at least 50)"
+    )
     p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")
     p.add_argument("--fp16", action="store_true", help="also time fp16 on CUDA")
     p.add_argument(
@@ -224,26 +286,102 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CUDA rows include host-to-device and back copies (default: device-resident input)",
     )
-    p.add_argument("--json", metavar="PATH", help="write the rows and environment as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
-    p.add_argument("--plot", metavar="PATH", help="write a latency plot (PNG; needs matplotlib)")
+    p.add_argument(
+        "--json", metavar="PATH", help="write the rows and environment as JSON (default: none)"
+    )
+    p.add_argument(
+        "--markdown", metavar="PATH", help="write the tables as Markdown (default: none)"
+    )
+    p.add_argument(
+        "--plot", metavar="PATH", help="write a latency plot (PNG; needs matplotlib; default: none)"
+    )
+
+
+EXIT_CODES = """exit codes:
+  0    ok
+  1    verification failed: an export or the BN fold disagrees with PyTorch beyond tolerance
+  2    bad input: a flag, config key, file or folder; the message names it, what was expected,
+       what was got and how to fix it, and nothing is left at the output path
+  130  interrupted (Ctrl-C): the output path is unchanged (an unfinished training run keeps
+       its .partial folder for --resume)"""
+
+SET_HELP = """config (run, train):
+  -c YAML is optional: without it the built-in defaults are used (see configs/ and the
+  README's configuration table). --set KEY=VALUE overrides one key and is repeatable; values
+  are parsed as YAML and applied in order after the file, e.g.
+    recede run -c configs/demo.yaml --set train.epochs=2 --set prune.threshold=ratio"""
+
+
+def help_text(action: argparse.Action) -> str:
+    """A flag's help as ``--help`` shows it: its text, then its default unless the text names it.
+
+    Switches (default False) show "(default: off)"; a list default is shown as typed (``1 32``).
+    A default of None is not appended: such a flag's text says in words what happens without
+    it, and ``tests/test_cli_help.py`` checks that it does.
+    """
+    text = action.help or ""
+    if action.default is argparse.SUPPRESS or action.default is None or "default" in text:
+        return text
+    if action.default is False:
+        return f"{text} (default: off)"
+    shown = action.default
+    if isinstance(shown, (list, tuple)):
+        shown = " ".join(str(v) for v in shown)
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs and descriptions keep their line breaks; each flag's help ends with its default
+    (``help_text``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return help_text(action)
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or ``pipeline.__version__`` from a
+    source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("recede")
+    except PackageNotFoundError:
+        from pipeline import __version__
+
+        return __version__
+
+
+def _epilog(name: str | None) -> str:
+    return f"{EXIT_CODES}\n\n{SET_HELP}" if name in (None, "run", "train") else EXIT_CODES
 
 
 def build_parser(
     commands: dict[str, Callable[[argparse.Namespace], int]], description: str
 ) -> argparse.ArgumentParser:
     """Subcommands named by ``commands``; each handler's docstring is its help."""
-    parser = argparse.ArgumentParser(prog="recede", description=description)
+    parser = argparse.ArgumentParser(
+        prog="recede", description=description, epilog=_epilog(None), formatter_class=HelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"recede {version()}", help="print the version"
+    )
     parser.add_argument(
         "-q",
         "--quiet",
         action="store_true",
         help="no progress bars (log lines stay; also RECEDE_QUIET=1)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {
-        name: sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        name: sub.add_parser(
+            name,
+            help=inspect.cleandoc(fn.__doc__).split("\n\n")[0],
+            description=inspect.cleandoc(fn.__doc__),
+            epilog=_epilog(name),
+            formatter_class=HelpFormatter,
+        )
         for name, fn in commands.items()
     }
     for name, p in parsers.items():
@@ -253,9 +391,9 @@ def build_parser(
     _add_prune(parsers["prune"])
     _add_export(parsers["export"])
     _add_bench(parsers["bench"])
-    _add_model_source(parsers["inspect"])
-    parsers["inspect"].add_argument(
-        "dir", nargs="?", help="a run folder to summarise instead of a model"
+    _add_model_source(
+        parsers["inspect"],
+        "a `recede run` folder (its report) or a saved model, train or prune folder",
     )
     for name in ("inspect", "bench"):
         parsers[name].add_argument(

@@ -13,6 +13,7 @@ is kept. ``mean`` and ``sum`` are available; ``sum`` favours keeping wide couple
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -23,9 +24,15 @@ from torch import nn
 from pipeline.bn import channel_importance
 from pipeline.channel_graph import ChannelGraph, LayerChannels
 
+logger = logging.getLogger(__name__)
+
 
 class PruneError(ValueError):
     """A plan cannot be made or applied; the message says why and what to change."""
+
+
+class TiedImportanceError(PruneError):
+    """A global ratio cut would fall inside a wide run of exactly tied importances (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,96 @@ class SelectionRules:
 
 
 SCOPES = ("global", "layer")
+
+# A global ratio cut may split at most this many exactly tied groups, or this share of all the
+# ranked groups if that is more, before the ranking is said to carry no signal there.
+MAX_TIED_AT_CUT = 2
+MAX_TIED_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class TieAtCut:
+    """The run of exactly equal importances that a ratio cut splits.
+
+    ``start``/``stop`` are ranks (ascending importance) of the run, ``[start, stop)``; ``cut`` is
+    the number of groups the ratio asks to drop; ``total`` the number ranked.
+    """
+
+    value: float
+    start: int
+    stop: int
+    cut: int
+    total: int
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def wide(self) -> bool:
+        """Wider than ``MAX_TIED_AT_CUT`` groups and than ``MAX_TIED_SHARE`` of the ranking."""
+        return self.width > max(MAX_TIED_AT_CUT, MAX_TIED_SHARE * self.total)
+
+
+def tie_at_cut(importance: Mapping[int, float], ratio: float) -> TieAtCut | None:
+    """The tied run a global ``ratio`` cut falls inside, or None when the cut is between values.
+
+    The ratio asks to drop the ``k = floor(ratio * n)`` least important of the ``n`` ranked
+    groups. When ``0 < k < n`` and the k-th and (k+1)-th smallest importances are exactly equal,
+    the cut splits the run of every group holding that value, and which of them go would be
+    decided by group index, not importance. Selection rules (layer floors, rounding) are not
+    considered: the question is whether the ranking itself can place the cut.
+    """
+    values = sorted(importance.values())
+    n, k = len(values), int(math.floor(ratio * len(values)))
+    if not 0 < k < n or values[k - 1] != values[k]:
+        return None
+    value = values[k]
+    start = next(i for i, v in enumerate(values) if v == value)
+    stop = start + values.count(value)
+    return TieAtCut(value, start, stop, k, n)
+
+
+def check_ranking_signal(importance: Mapping[int, float], ratio: float) -> None:
+    """Refuse a global ``ratio`` cut where the importances carry no ranking signal.
+
+    *No ranking signal* means: the cut falls inside a run of exactly equal importances wider
+    than ``MAX_TIED_AT_CUT`` (2) groups and than ``MAX_TIED_SHARE`` (1 %) of the ranked groups
+    (``tie_at_cut``). All importances equal (an untrained model, whose BN scales all start at
+    one value) is the extreme case. Index order would then decide how many channels each layer
+    loses, so this raises ``TiedImportanceError`` naming the per-layer rule instead; a narrower
+    tie is broken by group index with a warning, never silently.
+
+    A run tied at exactly 0 is not a lack of signal: training drove those groups to zero scale
+    (dead channels, removed exactly whichever go), and the ranking did place them all below
+    every live group. Such a tie is broken by group index with a warning too.
+    """
+    tie = tie_at_cut(importance, ratio)
+    if tie is None:
+        return
+    if not tie.wide or tie.value == 0.0:
+        logger.warning(
+            "ratio %.4g: the cut splits %d groups of equal importance %.4g; group index decides "
+            "which of them go",
+            ratio, tie.width, tie.value,
+        )  # fmt: skip
+        return
+    share = f"all {tie.total}" if tie.width == tie.total else f"{tie.width} of the {tie.total}"
+    outside = []  # ratios whose cut falls outside the run: floor(r * n) <= start or >= stop
+    if tie.start > 0:
+        outside.append(f"below {(tie.start + 1) / tie.total:.3g}")
+    if tie.stop < tie.total:
+        outside.append(f"{tie.stop / tie.total:.3g} or more")
+    raise TiedImportanceError(
+        f"a global ratio {ratio:g} would cut inside a run of {share} ranked channel groups "
+        f"whose importances are exactly {tie.value:.4g}: the importances carry no ranking "
+        "signal there (an untrained model?), and group index order would decide which layers "
+        "lose channels. Expected importances that differ at the cut; use the per-layer rule "
+        "instead (--scope layer; prune.scope: layer), which drops the ratio from every layer "
+        "alike"
+        + (f", or a ratio {' or '.join(outside)} to cut outside the tie" if outside else "")
+        + ", or train with a sparsity penalty first (recede train)"
+    )
 
 
 def group_importance(
@@ -142,11 +239,21 @@ def select_groups(
     loses the same fraction, like Torch-Pruning's default (``global_pruning=False``) uniform
     ratio; it suits models whose importances were never polarised, where a global ranking of
     unrelated scales decides nothing.
+
+    Ties: a global ratio whose cut falls inside a wide run of equal importances is refused
+    (``check_ranking_signal``). Within one layer set (``scope="layer"``) the number each layer
+    loses is fixed by the rule, so tied groups there are taken in group index order: in an
+    untrained layer they are interchangeable.
+
+    Raises:
+        TiedImportanceError: a global ratio with no ranking signal at its cut.
     """
     if (threshold is None) == (ratio is None):
         raise PruneError("select_groups needs exactly one of threshold or ratio")
     if scope not in SCOPES or (scope == "layer" and ratio is None):
         raise PruneError(f"scope must be one of {SCOPES} ('layer' with a ratio), got {scope!r}")
+    if scope == "global" and ratio is not None:
+        check_ranking_signal(importance, ratio)
     order = sorted(importance, key=lambda g: (importance[g], g))
     floors = _layer_floors(graph, rules)
     member_of: dict[int, list[str]] = {}
@@ -229,13 +336,15 @@ def make_plan(
     return PrunePlan(tuple(sorted(dropped)), tuple(layers), mode, value, total, kept)
 
 
-def layer_widths(graph: ChannelGraph, plan: PrunePlan | None = None) -> dict[str, tuple[int, int]]:
-    """Kept and total output channels of each conv/linear layer (for reports and plots)."""
+def layer_widths(
+    graph: ChannelGraph, plan: PrunePlan | None = None, kinds: tuple[str, ...] = ("conv",)
+) -> dict[str, tuple[int, int]]:
+    """Kept and total output channels of each layer of ``kinds`` (for reports and plots)."""
     changed = {l.name: len(l.keep_out) for l in (plan.layers if plan else ())}
     return {
         name: (changed.get(name, len(l.out_groups)), len(l.out_groups))
         for name, l in graph.layers.items()
-        if l.kind == "conv"
+        if l.kind in kinds
     }
 
 

@@ -8,7 +8,7 @@ The names the README's Python API shows are re-exported here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,15 +50,45 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Pruned:
-    """Result of the prune step."""
+    """Result of the prune step.
+
+    ``repr`` is one line (groups and BN channels dropped, the threshold); ``summary()`` is the
+    per-layer table with params and MACs before and after, which runs both models once.
+    ``source`` is the model that was pruned (left unchanged) and ``input_shape`` the per-sample
+    shape of the example, both kept for ``summary()``.
+    """
 
     model: nn.Module
     plan: PrunePlan
     graph: ChannelGraph
     importances: dict[int, float]
     removal: RemovalReport
+    source: nn.Module | None = field(default=None, compare=False)
+    input_shape: tuple[int, ...] | None = None
+
+    def __repr__(self) -> str:
+        p = self.plan
+        value = "" if p.threshold_value is None else f" {p.threshold_value:.4g}"
+        return (
+            f"Pruned({type(self.model).__name__}: dropped {len(p.dropped_groups)} of "
+            f"{len(self.importances)} prunable groups, BN channels {p.channels_total} -> "
+            f"{p.channels_kept}, {p.threshold_mode}{value}; .summary() for the per-layer table)"
+        )
+
+    def summary(self) -> str:
+        """The per-layer table (channels kept/total, params and MACs before and after) and a
+        one-line summary, as ``recede prune`` prints them."""
+        from pipeline.layer_table import layer_table
+
+        if self.source is None or self.input_shape is None:
+            raise PruneError(
+                "Pruned.summary() needs the source model and input shape prune_model records; "
+                "build the result with prune_model(model, example, cfg)"
+            )
+        table = layer_table(self.source, self.graph, self.input_shape, self.model, self.plan)
+        return f"{table.render()}\n{table.summary()}"
 
 
 def prune_model(
@@ -106,4 +136,4 @@ def prune_model(
         plan.channels_total,
         plan.channels_kept,
     )
-    return Pruned(pruned, plan, graph, importance, removal)
+    return Pruned(pruned, plan, graph, importance, removal, model, tuple(example.shape[1:]))

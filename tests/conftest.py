@@ -57,6 +57,12 @@ def randomise_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def tiny_net_random_bn() -> nn.Module:
+    """A ``--model`` factory: TinyNet with distinct BN scales, so a global ratio has a ranking
+    (an untrained TinyNet's scales all tie, which ``recede prune --ratio`` refuses)."""
+    return randomise_bn_(TinyNet())
+
+
 @pytest.fixture
 def tiny_net() -> nn.Module:
     return randomise_bn_(TinyNet()).eval()

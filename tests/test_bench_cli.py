@@ -11,7 +11,7 @@ import torch
 
 from pipeline.cli import main
 
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
 QUICK = ["--batches", "1", "2", "--runs", "50", "--warmup", "1", "--threads", "1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -25,6 +25,8 @@ def test_prune_then_export_a_torchvision_model(tmp_path, capsys):
                 "1,3,64,64",
                 "--ratio",
                 "0.5",
+                "--scope",
+                "layer",  # untrained: its tied BN scales give a global ratio no ranking
                 "--num-classes",
                 "10",
                 "--out",
@@ -69,7 +71,7 @@ def test_user_factory(tmp_path):
         [
             "prune",
             "--model",
-            "tests.conftest:TinyNet",
+            "tests.conftest:tiny_net_random_bn",
             "--input-shape",
             "1,3,16,16",
             "--out",
@@ -82,11 +84,14 @@ def test_user_factory(tmp_path):
 
 
 def test_layer_scope_prunes_the_bn_less_classifier_layer(tmp_path, capsys):
-    """mobilenet_v3_small's hidden Linear(576, 1024) has no BN: only --scope layer prunes it."""
+    """mobilenet_v3_small's hidden Linear(576, 1024) has no BN: only --scope layer prunes it.
+
+    Untrained, its BN scales all tie, so the global case cuts at a threshold above them all
+    (a global ratio would be refused for want of a ranking)."""
     widths = {}
-    for scope in ("global", "layer"):
+    for scope, rule in (("global", ["--threshold", "1.5"]), ("layer", [])):
         out = tmp_path / scope
-        args = ["--model", "torchvision:mobilenet_v3_small", "--input-shape", "1,3,64,64"]
+        args = ["--model", "torchvision:mobilenet_v3_small", "--input-shape", "1,3,64,64", *rule]
         assert main(["prune", *args, "--scope", scope, "--out", str(out)]) == 0
         state = torch.load(out / "model.pt", weights_only=True)
         widths[scope] = state["classifier.0.weight"].shape[0]

@@ -20,7 +20,8 @@ import torch
 
 from pipeline.cli import main
 
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
+LAYER = ["--scope", "layer"]  # an untrained model's tied importances have no global ranking
 
 
 def raising_factory(num_classes: int):
@@ -171,7 +172,19 @@ def test_shapes_num_classes_that_the_weights_contradict(tmp_path, capsys):
     """num_classes 10 -> 7 in shapes.json was accepted by prune --from and carried on."""
     src = tmp_path / "src"
     assert (
-        main(["prune", "--model", "resnet20", "--num-classes", "10", *TINY[2:], "--out", str(src)])
+        main(
+            [
+                "prune",
+                "--model",
+                "resnet20",
+                "--num-classes",
+                "10",
+                *TINY[2:],
+                *LAYER,
+                "--out",
+                str(src),
+            ]
+        )
         == 0
     )
     shapes = json.loads((src / "shapes.json").read_text())

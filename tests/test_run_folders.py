@@ -20,7 +20,7 @@ from pipeline.output_folders import OutputError, partial_folder, staged_folder
 from tests.conftest import finish_or_skip, kill_children
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
 
 
 def test_success_replaces_the_folder_as_a_whole(tmp_path):

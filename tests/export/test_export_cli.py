@@ -14,7 +14,7 @@ from pipeline.cli import main  # noqa: E402
 from pipeline.export.manifest import verify_manifest  # noqa: E402
 from pipeline.export.tensorrt import tensorrt_available  # noqa: E402
 
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
 
 
 @pytest.fixture(scope="module")
