@@ -409,7 +409,7 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
     notes = [
         f"{sweep_cfg['runs']} timed runs after {sweep_cfg['warmup']} warm-up runs per row, "
         f"the models of a row group timed in alternating blocks; speed-up is against "
-        f"{models[0]['label']}: the median of the per-block ratios (their range in brackets)."
+        f"{models[0]['label']}: the median of the per-block ratios (their quartiles in brackets)."
     ]
     notes += [f"**Quick look** (runs < {MIN_RUNS}): not figures to report."] * any(
         r.quick for r in rows

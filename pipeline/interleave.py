@@ -69,15 +69,28 @@ def timer_samples(timer: Timer, n: int) -> list[float]:
     return got
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """25th, 50th and 75th percentiles, linearly interpolated (numpy's default method).
+
+    Quartiles, not the extremes, describe the spread: the first block after a short warm-up or
+    one block hit by a cron job is one outlier, and it would set a min/max range alone.
+    """
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    low, middle, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, middle, high
+
+
 def relative_spread(values: Sequence[float]) -> float:
-    """``(max - min) / median`` of ``values``: 0 for one value, 0.2 when they span 20%."""
-    middle = statistics.median(values)
-    return (max(values) - min(values)) / middle if middle > 0 else 0.0
+    """Interquartile range over median of ``values``: 0 for one value, 0.2 when the middle
+    half spans 20% of the median."""
+    low, middle, high = quartiles(values)
+    return (high - low) / middle if middle > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class Ratio:
-    """A ratio measured block by block: its median and the smallest and largest block ratio."""
+    """A ratio measured block by block: the median block ratio and the quartiles around it."""
 
     median: float
     low: float
@@ -85,7 +98,7 @@ class Ratio:
 
     @property
     def spread(self) -> float:
-        """``(high - low) / median``, as :func:`relative_spread` of the block ratios."""
+        """``(high - low) / median``: :func:`relative_spread` of the block ratios."""
         return (self.high - self.low) / self.median if self.median > 0 else 0.0
 
 
@@ -102,5 +115,5 @@ def block_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> R
             f"expected two equally long lists of positive block medians, got "
             f"{len(numerators)} and {len(denominators)} (min {min(denominators, default=0)})"
         )
-    ratios = [n / d for n, d in zip(numerators, denominators, strict=True)]
-    return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+    low, middle, high = quartiles([n / d for n, d in zip(numerators, denominators, strict=True)])
+    return Ratio(middle, low, high)

@@ -22,7 +22,8 @@ is a quick look, and every row of it is marked ``quick``."""
 QUICK_MIN_RUNS = 5
 """The fewest timed runs accepted: five blocks of one run still give a median and a spread."""
 NOISE_LIMIT = 0.2
-"""A row is ``noisy`` when its block medians span more than 20% of their median. The release
+"""A row is ``noisy`` when the interquartile range of its block medians exceeds 20% of their
+median. The release
 gate fails on a 20% slowdown (``--max-slowdown 1.2``), so a row that moves that much between
 blocks of one measurement cannot support a verdict at that scale."""
 IMPLAUSIBLE_FACTOR = 1.2
@@ -339,7 +340,7 @@ def annotated_rows(
 
 
 def _speedup_cell(row: Mapping[str, Any]) -> str:
-    """``2.00×``, with the block ratios' range when they differ: ``2.00× (1.91–2.07)``."""
+    """``2.00×``, with the block ratios' quartiles when they differ: ``2.00× (1.91–2.07)``."""
     if row["speedup"] is None:
         return MISSING
     if row["speedup_high"] - row["speedup_low"] < 5e-3:
@@ -387,9 +388,10 @@ def noise_note(rows: Sequence[LatencyRow]) -> str | None:
     if not noisy:
         return None
     return (
-        f"{len(noisy)} of {len(rows)} rows are noisy (block medians span more than "
-        f"{NOISE_LIMIT:.0%}): {'; '.join(noisy)}; their latency measures the machine's load as "
-        "much as the model: rerun on an idle machine or with more --runs"
+        f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block medians "
+        f"spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}; their latency "
+        "measures the machine's load as much as the model: rerun on an idle machine or with "
+        "more --runs"
     )
 
 

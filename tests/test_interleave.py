@@ -77,10 +77,11 @@ def test_interleaving_cancels_a_load_change_that_timing_one_after_the_other_does
 
 def test_relative_spread_and_block_ratio() -> None:
     assert relative_spread([10.0]) == 0.0
-    assert relative_spread([9.0, 10.0, 11.0]) == pytest.approx(0.2)
-    r = block_ratio([4.0, 4.4, 6.0], [2.0, 2.0, 2.0])
-    assert (r.median, r.low, r.high) == (2.2, 2.0, 3.0)
-    assert r.spread == pytest.approx(1.0 / 2.2)
+    assert relative_spread([9.0, 10.0, 11.0]) == pytest.approx(0.1)  # quartiles 9.5, 10.5
+    assert relative_spread([1.0, 1.0, 1.0, 1.0, 100.0]) == 0.0  # one outlier block
+    r = block_ratio([4.0, 4.4, 6.0], [2.0, 2.0, 2.0])  # ratios 2.0, 2.2, 3.0
+    assert (r.median, r.low, r.high) == pytest.approx((2.2, 2.1, 2.6))
+    assert r.spread == pytest.approx(0.5 / 2.2)
     with pytest.raises(ValueError, match="equally long"):
         block_ratio([1.0], [1.0, 2.0])
 
@@ -99,15 +100,16 @@ def _row(model: str, blocks: list[float], runs: int = 50, **kw) -> LatencyRow:
 
 def test_rows_carry_noise_and_flags_into_json_and_markdown() -> None:
     steady = [2.0] * 5
-    wobbly = [1.0, 1.0, 1.0, 1.0, 1.0 + 2 * NOISE_LIMIT]  # spread 2x the limit
+    wobbly = [1.0, 1.0, 1.0 + 2 * NOISE_LIMIT] + [1.0 + 2 * NOISE_LIMIT] * 2  # IQR 1.4 - 1
     rows = [_row("dense", [4.0] * 5), _row("pruned", steady), _row("other", wobbly)]
     annotated = annotated_rows(rows, {"dense": 400, "pruned": 200, "other": 100})
     assert [a["flags"] for a in annotated] == [[], [], ["noisy"]]
     assert annotated[1]["speedup"] == 2.0 and annotated[1]["noise"] == 0.0
-    assert annotated[2]["speedup_low"] < annotated[2]["speedup"] == 4.0
+    assert annotated[2]["speedup_low"] == annotated[2]["speedup"] == pytest.approx(4.0 / 1.4)
+    assert annotated[2]["speedup_high"] == 4.0
     assert annotated[0]["noisy"] is False and annotated[2]["noisy"] is True
     text = latency_markdown(rows, macs={"dense": 400, "pruned": 200, "other": 100})
-    assert "| 4.00× (2.86–4.00) |" in text and "| 40% | noisy |" in text
+    assert "| 2.86× (2.86–4.00) |" in text and "| 29% | noisy |" in text
     note = noise_note(rows)
     assert note is not None and "1 of 3 rows are noisy" in note and "other batch 1" in note
     assert noise_note(rows[:2]) is None
