@@ -74,8 +74,8 @@ def _check_bench_outputs(args: argparse.Namespace) -> None:
                 f"added there makes later `recede bench {indexed}` refuse it as changed; "
                 f"expected a path outside it, e.g. {Path(path).name} in another folder"
             )
-        if path is not None:
-            check_writable(path, flag)
+        if path is not None:  # the folder it goes into: an existing file is replaced
+            check_writable(Path(path).absolute().parent, flag)
 
 
 def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
