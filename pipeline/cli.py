@@ -43,6 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
         return EXIT_OK
     print(Path(args.out, "report.md").read_text())
+    from pipeline.timing import noise_note
+
+    if note := noise_note(report.latency):
+        print(f"recede run: warning: {note}", file=sys.stderr)
     print(f"wrote {args.out} in {round(report.seconds, 1)} s")
     if report.budget is not None:
         print(report.budget.outcome)
