@@ -115,7 +115,8 @@ def torch_timer(
     if s.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' needs a CUDA GPU, but torch.cuda.is_available() is False")
     dtype = torch.float16 if s.precision == "fp16" else torch.float32
-    net = copy.deepcopy(model).eval().to(device=s.device, dtype=dtype)
+    with torch.inference_mode(False):  # another open timer may hold inference mode on
+        net = copy.deepcopy(model).eval().to(device=s.device, dtype=dtype)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
