@@ -212,20 +212,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
-def verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
-    """Refuse a recede folder whose files no longer match its index (``pipeline.integrity``)."""
-    from pipeline.integrity import verify_folder
-
-    if not args.force:
-        verify_folder(folder)
-    else:
-        logger.warning(
-            "--force: %s is used UNCHECKED; its files may have been changed since recede "
-            "wrote them",
-            folder,
-        )
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time models (run, prune, export or train folders, model folders, .onnx files) on every
     backend and device available, interleaved, against the dense model: p50/p90/p99 with noise,
@@ -259,6 +245,8 @@ def _print_graph(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's channel groups and barriers, or a run folder's report."""
     if args.dir:
+        from pipeline.cli_bench import verify_unless_forced
+
         folder = Path(args.dir)
         verify_unless_forced(folder, args)
         for name in ("report.md", "report.json"):

@@ -10,6 +10,7 @@ slowdown beyond the measured noise that a second measurement confirms
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +22,28 @@ if TYPE_CHECKING:
     from pipeline.bench import Artefact, SweepConfig
     from pipeline.timing import Setting
 
+logger = logging.getLogger("recede")
+
+
+def verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
+    """Refuse a recede folder whose files no longer match its index (``pipeline.integrity``);
+    ``recede inspect`` uses it too."""
+    from pipeline.integrity import verify_folder
+
+    if not args.force:
+        verify_folder(folder)
+    else:
+        logger.warning(
+            "--force: %s is used UNCHECKED; its files may have been changed since recede "
+            "wrote them",
+            folder,
+        )
+
 
 def _open_bench_model(path: str, args: argparse.Namespace) -> list[Artefact]:
     """The artefacts one MODEL argument names; the one place ``bench`` opens a folder, after
     checking the folder's files against its index (unless ``--force``)."""
     from pipeline.artefacts import open_artefacts
-    from pipeline.cli import verify_unless_forced
 
     verify_unless_forced(Path(path), args)
     return open_artefacts(path)
