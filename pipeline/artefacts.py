@@ -4,6 +4,17 @@ Each path becomes one or more labelled :class:`~pipeline.bench.Artefact` s: a BN
 the path holds ``model.pt``) and its ONNX graph (when there is one). A run folder holds two,
 ``dense`` (``trained/`` + ``dense.onnx``) and ``pruned`` (``pruned/`` + ``pruned.onnx``). A
 path that cannot be measured raises :class:`ArtefactError` naming it, before any timing.
+
+A pruned model alone says nothing about speed, so :func:`dense_reference` finds the dense model
+it came from. Decision: nothing new is stored beside pruned artefacts. A run's ``pruned/``
+already has its trained dense model one folder up (``trained/`` + ``dense.onnx``), used as is.
+A ``recede prune`` folder records the model spec in ``shapes.json`` and a ``recede export``
+folder in ``manifest.json`` (``config.spec``); the dense model is rebuilt from that spec with
+fresh weights. Latency depends on layer shapes, not on weight values, so the rebuilt model times
+as the trained one would, and copying a dense checkpoint (often larger than the pruned one) into
+every prune folder buys nothing. A spec that cannot be rebuilt here (a user factory not on the
+path) is refused with a message; ``recede bench --reference MODEL`` names the dense model
+explicitly instead.
 """
 
 from __future__ import annotations
@@ -11,8 +22,12 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.bench import Artefact, count_macs
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +102,23 @@ def _check_against_manifest(folder: Path, onnx: Path) -> None:
             )
 
 
-def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
-    """Load ``folder``'s model, fold its BNs and pair it with ``onnx`` when that exists."""
+def _folded(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``model`` with its BNs folded, as it is exported and timed."""
     import torch
 
-    from pipeline.checkpoint import load_pruned
     from pipeline.fold import fold_bn
+
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    return fold_bn(model.eval(), example)[0]
+
+
+def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
+    """Load ``folder``'s model, fold its BNs and pair it with ``onnx`` when that exists."""
+    from pipeline.checkpoint import load_pruned
 
     model, spec = load_pruned(folder)
     shape = tuple(int(d) for d in spec["input_shape"])
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    folded, _ = fold_bn(model, example)
+    folded = _folded(model, shape)
     fixed = None
     if onnx is not None and onnx.is_file():
         _check_against_manifest(folder, onnx)
@@ -134,8 +155,84 @@ def open_artefacts(path: str | Path) -> list[Artefact]:
             _torch_artefact(label, root / sub, root / f"{label}.onnx")
             for label, sub in (("dense", "trained"), ("pruned", "pruned"))
         ]
+    if not (root / WEIGHTS).is_file() and (root / "model.onnx").is_file():  # an export --out
+        return open_artefacts(root / "model.onnx")
     folder = model_folder(root)
     return [_torch_artefact(root.name, folder, folder / "model.onnx")]
+
+
+def _recorded_spec(root: Path) -> tuple[dict | None, Path | None]:
+    """The model spec a prune folder (``shapes.json``) or an export folder (``manifest.json``
+    ``config.spec``) records for ``root`` (a folder or a file in one), and where; a
+    ``shapes.json`` counts only beside the ``plan.json`` of a prune."""
+    import json
+
+    folder = root if root.is_dir() else root.parent
+    pruned = (folder / "plan.json").is_file()  # shapes.json alone may be a dense train folder's
+    for name, keys in (("shapes.json", ("spec",)), ("manifest.json", ("config", "spec"))):
+        if name == "shapes.json" and not pruned:
+            continue
+        try:
+            value = json.loads((folder / name).read_text(encoding="utf-8"))
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, dict):
+            return value, folder / name
+    return None, None
+
+
+def _rebuilt_dense(spec: dict, where: Path, with_onnx: bool) -> Artefact:
+    """The dense model ``spec`` describes, fresh weights, folded; exported to ONNX in a
+    temporary folder (removed at exit) when ``with_onnx``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+
+    from pipeline.models import ModelError, ModelSpec
+
+    try:
+        typed = ModelSpec.from_dict(spec)
+        shape = tuple(int(d) for d in typed.input_shape)
+        model = _folded(typed.build(), shape)
+    except (ModelError, KeyError, TypeError, ValueError) as err:
+        raise ArtefactError(
+            f"{where}: cannot rebuild the dense model from its recorded spec ({err}); expected "
+            "a model this machine can build; pass --reference MODEL with the dense model"
+        ) from None
+    onnx = None
+    if with_onnx:
+        from pipeline.export.onnx import export_onnx
+
+        tmp = Path(tempfile.mkdtemp(prefix="recede-dense-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        onnx = export_onnx(model, example, tmp / "dense.onnx")
+    source = f"rebuilt from {where} (fresh weights: latency depends on shapes only)"
+    return Artefact("dense", source, shape, model, onnx, None, count_macs(model, shape))
+
+
+def dense_reference(path: str | Path, pruned: Artefact) -> Artefact | None:
+    """The dense model ``pruned`` (opened from ``path``) came from, labelled ``dense``, or
+    None when ``path`` records none (see the module docstring for where it is found).
+
+    Raises:
+        ArtefactError: The recorded spec cannot be rebuilt here.
+    """
+    from pipeline.checkpoint import WEIGHTS
+
+    root = Path(path)
+    run = root.parent if root.is_dir() else root.parent.parent
+    inside = {run.resolve(), (run / "trained").resolve()}
+    if (run / "trained" / WEIGHTS).is_file() and root.resolve() not in inside:
+        return _torch_artefact("dense", run / "trained", run / "dense.onnx")
+    spec, where = _recorded_spec(root)
+    if spec is None or where is None:
+        return None
+    return _rebuilt_dense(spec, where, with_onnx=pruned.onnx is not None)
 
 
 def unique_labels(artefacts: list[Artefact]) -> list[Artefact]:

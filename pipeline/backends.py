@@ -9,10 +9,12 @@ built and timed by :mod:`pipeline.export.tensorrt`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.interleave import Timer
 from pipeline.timing import (
     MIN_RUNS,
     LatencyRow,
@@ -97,6 +99,37 @@ def _torch_runner(net: nn.Module, shape: tuple[int, ...], s: Setting) -> Callabl
     return with_copies
 
 
+@contextmanager
+def torch_timer(
+    model: nn.Module, input_shape: tuple[int, ...], *, batch: int, threads: int, setting: Setting
+) -> Iterator[Timer]:
+    """A :data:`~pipeline.interleave.Timer` of PyTorch inference of a copy of ``model``.
+
+    While the context is open torch uses ``threads`` CPU threads (restored on exit) and runs in
+    inference mode, so several timers can be open at once and timed in alternation.
+    """
+    import torch
+
+    s = setting
+    _check_target(s.device, batch, threads)
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' needs a CUDA GPU, but torch.cuda.is_available() is False")
+    dtype = torch.float16 if s.precision == "fp16" else torch.float32
+    with torch.inference_mode(False):  # another open timer may hold inference mode on
+        net = copy.deepcopy(model).eval().to(device=s.device, dtype=dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            fn = _torch_runner(net, (batch, *input_shape), s)
+            if s.device == "cuda":
+                yield lambda n: cuda_event_samples_ms(fn, warmup=0, runs=n) if n else []
+            else:
+                yield lambda n: host_samples_ms(fn, warmup=0, runs=n) if n else []
+    finally:
+        torch.set_num_threads(previous)
+
+
 def bench_torch(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -109,7 +142,8 @@ def bench_torch(
     label: str = "dense",
     setting: Setting | None = None,
 ) -> LatencyRow:
-    """Time PyTorch inference of a copy of ``model`` in eval mode.
+    """Time PyTorch inference of a copy of ``model`` in eval mode, alone (see
+    :func:`torch_timer`; ``pipeline.bench.sweep`` times several models interleaved).
 
     Args:
         model: The network; it is copied, so its mode, dtype and device are left alone.
@@ -126,25 +160,10 @@ def bench_torch(
     Returns:
         The latency row; CUDA rows are timed with CUDA events.
     """
-    import torch
-
     s = setting or Setting("torch", device, "eager", "fp32", None if device == "cpu" else False)
-    _check_target(s.device, batch, threads)
-    if s.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' needs a CUDA GPU, but torch.cuda.is_available() is False")
-    dtype = torch.float16 if s.precision == "fp16" else torch.float32
-    net = copy.deepcopy(model).eval().to(device=s.device, dtype=dtype)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            fn = _torch_runner(net, (batch, *input_shape), s)
-            if s.device == "cuda":
-                samples = cuda_event_samples_ms(fn, warmup=warmup, runs=runs)
-            else:
-                samples = host_samples_ms(fn, warmup=warmup, runs=runs)
-    finally:
-        torch.set_num_threads(previous)
+    with torch_timer(model, input_shape, batch=batch, threads=threads, setting=s) as timer:
+        timer(warmup)
+        samples = timer(runs)
     fields = {"backend": "torch", "device": s.device, "mode": s.mode, "precision": s.precision}
     return LatencyRow.from_samples(
         samples,
@@ -209,6 +228,32 @@ def _ort_runner(session: Any, x: Any, device: str, copies: bool) -> Callable[[],
     return lambda: session.run_with_iobinding(binding)
 
 
+@contextmanager
+def onnxruntime_timer(
+    onnx_path: str | Path,
+    input_shape: tuple[int, ...],
+    *,
+    batch: int,
+    threads: int,
+    device: str = "cpu",
+    copies: bool = False,
+) -> Iterator[tuple[Timer, str]]:
+    """A :data:`~pipeline.interleave.Timer` of an ONNX Runtime session (all graph
+    optimisations, sequential execution) on a fixed random batch, and the graph's precision
+    (``fp32``, or ``fp16`` when its input is float16)."""
+    import numpy as np
+
+    _check_target(device, batch, threads)
+    session = _ort_session(onnx_path, threads, device)
+    fp16 = session.get_inputs()[0].type == "tensor(float16)"
+    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+    fn = _ort_runner(session, x.astype(np.float16) if fp16 else x, device, copies)
+    yield (
+        (lambda n: host_samples_ms(fn, warmup=0, runs=n) if n else []),
+        ("fp16" if fp16 else "fp32"),
+    )
+
+
 def bench_onnxruntime(
     onnx_path: str | Path,
     input_shape: tuple[int, ...],
@@ -221,7 +266,7 @@ def bench_onnxruntime(
     device: str = "cpu",
     copies: bool = False,
 ) -> LatencyRow:
-    """Time ONNX Runtime inference (all graph optimisations, sequential execution).
+    """Time ONNX Runtime inference of one graph alone (see :func:`onnxruntime_timer`).
 
     Args:
         onnx_path: ONNX file with a batch axis that accepts ``batch``.
@@ -238,14 +283,10 @@ def bench_onnxruntime(
     Returns:
         The latency row (host clock; the input's dtype, fp32 or fp16, is the graph's).
     """
-    import numpy as np
-
-    _check_target(device, batch, threads)
-    session = _ort_session(onnx_path, threads, device)
-    fp16 = session.get_inputs()[0].type == "tensor(float16)"
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    fn = _ort_runner(session, x.astype(np.float16) if fp16 else x, device, copies)
-    samples = host_samples_ms(fn, warmup=warmup, runs=runs)
+    target = {"batch": batch, "threads": threads, "device": device, "copies": copies}
+    with onnxruntime_timer(onnx_path, input_shape, **target) as (timer, precision):
+        timer(warmup)
+        samples = timer(runs)
     return LatencyRow.from_samples(
         samples,
         backend="onnxruntime",
@@ -254,7 +295,7 @@ def bench_onnxruntime(
         batch=batch,
         threads=threads,
         mode="session",
-        precision="fp16" if fp16 else "fp32",
+        precision=precision,
         copies=None if device == "cpu" else copies,
         warmup=warmup,
     )

@@ -6,6 +6,12 @@ static input and replayed, as ``trtexec --useCudaGraph`` does, so Python and lau
 drop out), optionally in fp16; ONNX Runtime on the CPU and, when installed, its CUDA provider;
 TensorRT when installed. CUDA rows time device-resident input by default and say so in the
 ``copies`` field. Timing itself lives in :mod:`pipeline.timing`.
+
+The models of one setting and batch are timed interleaved (:mod:`pipeline.interleave`): all
+their runners are open at once and timed block by block, so a load change hits every model and
+the speed-up is a median of per-block ratios. TensorRT rows are the exception: each engine is
+built, timed and freed alone (two engines and their builders at once would not fit a small
+GPU), so their speed-up is a plain p50 ratio with no spread.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +32,18 @@ from pipeline.backends import (  # noqa: F401
     ReplayMismatchError,
     bench_onnxruntime,
     bench_torch,
+    onnxruntime_timer,
     ort_cuda_available,
+    torch_timer,
 )
 from pipeline.environment import environment  # noqa: F401
+from pipeline.interleave import Timer, interleave
 from pipeline.timing import (  # noqa: F401
     MIN_RUNS,
+    QUICK_MIN_RUNS,
     LatencyRow,
     Setting,
+    annotated_rows,
     percentiles_ms,
     time_callable,
 )
@@ -69,7 +81,12 @@ class Artefact:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Batch sizes, CPU threads, and timed and warm-up runs per row."""
+    """Batch sizes, CPU threads, and timed and warm-up runs per row.
+
+    ``runs`` below :data:`~pipeline.timing.MIN_RUNS` (down to
+    :data:`~pipeline.timing.QUICK_MIN_RUNS`) is a quick look: allowed, and its rows are marked
+    ``quick``.
+    """
 
     batches: tuple[int, ...] = (1, 32)
     threads: int = 2
@@ -82,8 +99,11 @@ class SweepConfig:
                 f"expected batch sizes >= 1 (at least one), threads >= 1 and warmup >= 0; got "
                 f"batches={self.batches}, threads={self.threads}, warmup={self.warmup}"
             )
-        if self.runs < MIN_RUNS:
-            raise ValueError(f"expected runs >= {MIN_RUNS} timed runs, got runs={self.runs}")
+        if self.runs < QUICK_MIN_RUNS:
+            raise ValueError(
+                f"expected runs >= {QUICK_MIN_RUNS} timed runs ({MIN_RUNS} or more for figures "
+                f"to report), got runs={self.runs}"
+            )
 
 
 def plan_settings(
@@ -156,7 +176,7 @@ def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int)
 
 
 def measure(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
-    """One row: ``artefact`` under setting ``s`` at ``batch``."""
+    """One row: ``artefact`` under setting ``s`` at ``batch``, timed alone."""
     common = {"batch": batch, "threads": cfg.threads, "runs": cfg.runs, "warmup": cfg.warmup}
     if s.backend == "torch":
         return bench_torch(
@@ -182,14 +202,68 @@ def runnable(artefact: Artefact, s: Setting) -> bool:
 Measure = Callable[[Artefact, Setting, SweepConfig, int], LatencyRow]
 
 
+@contextmanager
+def open_timer(
+    artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int
+) -> Iterator[tuple[Timer, str]]:
+    """A timer of ``artefact`` under the torch or ONNX Runtime setting ``s``, and the
+    precision its rows carry."""
+    if s.backend == "torch":
+        target = {"batch": batch, "threads": cfg.threads, "setting": s}
+        with torch_timer(artefact.model, artefact.input_shape, **target) as timer:
+            yield timer, s.precision
+    elif s.backend == "onnxruntime":
+        target = {"batch": batch, "threads": cfg.threads, "device": s.device}
+        with onnxruntime_timer(
+            artefact.onnx, artefact.input_shape, copies=bool(s.copies), **target
+        ) as opened:
+            yield opened
+    else:
+        raise ValueError(f"expected a torch or onnxruntime setting, got {s.backend!r}")
+
+
+OpenTimer = Callable[
+    [Artefact, Setting, SweepConfig, int], AbstractContextManager[tuple[Timer, str]]
+]
+
+
+def measure_interleaved(
+    artefacts: Sequence[Artefact],
+    s: Setting,
+    cfg: SweepConfig,
+    batch: int,
+    open_fn: OpenTimer = open_timer,
+) -> list[LatencyRow]:
+    """One row per artefact under setting ``s`` at ``batch``, all timed in the same
+    alternating blocks (:func:`pipeline.interleave.interleave`)."""
+    with ExitStack() as stack:
+        opened = [stack.enter_context(open_fn(a, s, cfg, batch)) for a in artefacts]
+        blocks = interleave([t for t, _ in opened], runs=cfg.runs, warmup=cfg.warmup)
+    labels = {"backend": s.backend, "device": s.device, "mode": s.mode, "batch": batch}
+    labels |= {"threads": cfg.threads, "copies": s.copies, "warmup": cfg.warmup}
+    return [
+        LatencyRow.from_blocks(b, model=a.label, precision=precision, **labels)
+        for a, (_, precision), b in zip(artefacts, opened, blocks, strict=True)
+    ]
+
+
 def sweep(
     artefacts: Sequence[Artefact],
     settings: Sequence[Setting],
     cfg: SweepConfig,
-    measure_fn: Measure = measure,
+    open_fn: OpenTimer = open_timer,
+    measure_fn: Measure | None = None,
 ) -> list[LatencyRow]:
     """Rows for every batch, setting and artefact that can run it, in that nesting order (so
-    the models of one setting and batch sit together)."""
+    the models of one setting and batch sit together, and are timed interleaved).
+
+    Args:
+        artefacts: The models; the first is the reference of every speed-up.
+        settings: What to run them under.
+        cfg: Batches, threads, runs.
+        open_fn: Opens a model's timer (tests pass a fake clock).
+        measure_fn: Times one model alone, for TensorRT rows; None for :func:`measure`.
+    """
     start = time.perf_counter()
     logger.info(
         "latency sweep started: models %s, %d settings, batches %s, %d threads, %d runs",
@@ -199,13 +273,14 @@ def sweep(
         cfg.threads,
         cfg.runs,
     )
-    rows = [
-        measure_fn(a, s, cfg, batch)
-        for batch in cfg.batches
-        for s in settings
-        for a in artefacts
-        if runnable(a, s)
-    ]
+    rows = []
+    for batch in cfg.batches:
+        for s in settings:
+            group = [a for a in artefacts if runnable(a, s)]
+            if s.backend == "tensorrt":
+                rows += [(measure_fn or measure)(a, s, cfg, batch) for a in group]
+            elif group:
+                rows += measure_interleaved(group, s, cfg, batch, open_fn)
     logger.info("latency sweep finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
     return rows
 
@@ -245,11 +320,11 @@ def latency_table(
         input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
         batches: Batch sizes to time.
         threads: CPU threads for PyTorch and ONNX Runtime.
-        runs: Timed runs per row; at least 50.
+        runs: Timed runs per row; at least 5 (below 50 the rows are marked ``quick``).
         warmup: Untimed runs before each row.
 
     Raises:
-        ValueError: If ``runs < 50`` or ``batches`` is empty.
+        ValueError: If ``runs < 5`` or ``batches`` is empty.
     """
     cfg = SweepConfig(tuple(batches), threads, runs, warmup)
     artefacts = [
@@ -325,14 +400,14 @@ def bench_report(
             "runs": cfg.runs,
             "warmup": cfg.warmup,
         },
-        "rows": [r.to_dict() for r in rows],
+        "rows": annotated_rows(rows, {a.label: a.macs for a in artefacts}),
         "environment": environment(),
     }
 
 
 def bench_markdown(report: Mapping[str, Any]) -> str:
     """Render :func:`bench_report` output: models, latency, GPU vs CPU, environment."""
-    from pipeline.timing import MISSING, gpu_vs_cpu_markdown, latency_markdown
+    from pipeline.timing import MISSING, gpu_vs_cpu_markdown, latency_markdown, noise_note
 
     models = report["models"]
     lines = ["| Model | Source | ONNX | Input | MACs per sample |", "|---|---|---|---|---:|"]
@@ -344,10 +419,20 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         )
     rows = [LatencyRow.from_mapping(r) for r in report["rows"]]
     sweep_cfg = report["sweep"]
+    notes = [
+        f"{sweep_cfg['runs']} timed runs after {sweep_cfg['warmup']} warm-up runs per row, "
+        f"the models of a row group timed in alternating blocks; speed-up is against "
+        f"{models[0]['label']}: the median of the per-block ratios (their quartiles in brackets)."
+    ]
+    notes += [f"**Quick look** (runs < {MIN_RUNS}): not figures to report."] * any(
+        r.quick for r in rows
+    )
+    notes += [f"**Warning:** {note}"] if (note := noise_note(rows)) else []
     sections = [
         "## Models\n\n" + "\n".join(lines),
-        f"## Latency\n\n{sweep_cfg['runs']} timed runs after {sweep_cfg['warmup']} warm-up runs "
-        f"per row; speed-up is against {models[0]['label']}.\n\n"
+        "## Latency\n\n"
+        + "\n\n".join(notes)
+        + "\n\n"
         + latency_markdown(rows, macs={m["label"]: m["macs"] for m in models}),
     ]
     versus = gpu_vs_cpu_markdown(rows)

@@ -25,10 +25,8 @@ from pipeline.cli_args import (  # noqa: F401
 )
 
 if TYPE_CHECKING:
-    from pipeline.bench import Artefact
     from pipeline.layer_table import LayerTable
     from pipeline.models import ModelSpec
-    from pipeline.timing import Setting
 
 logger = logging.getLogger("recede")
 
@@ -52,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
         return EXIT_OK
     print(Path(args.out, "report.md").read_text())
+    from pipeline.timing import noise_note
+
+    if note := noise_note(report.latency):
+        print(f"recede run: warning: {note}", file=sys.stderr)
     print(f"wrote {args.out} in {round(report.seconds, 1)} s: {report.outcome()}")
     return EXIT_OK
 
@@ -254,104 +256,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args)
 
 
-def _open_bench_model(path: str, args: argparse.Namespace) -> list[Artefact]:
-    """The artefacts one MODEL argument names; the one place ``bench`` opens a folder, after
-    checking the folder's files against its index (unless ``--force``)."""
-    from pipeline.artefacts import open_artefacts
-
-    _verify_unless_forced(Path(path), args)
-    return open_artefacts(path)
-
-
-def _bench_settings(args: argparse.Namespace) -> list[Setting]:
-    """The settings ``--backends``/``--devices``/``--fp16``/``--copies`` ask for that can run."""
-    import torch
-
-    from pipeline.bench import available_settings
-
-    if args.devices and "cuda" in args.devices and not torch.cuda.is_available():
-        raise UsageError(
-            "--devices cuda needs a CUDA GPU, but torch.cuda.is_available() is False; "
-            "drop the flag (CPU rows only) or run on a machine with an NVIDIA GPU"
-        )
-    return available_settings(
-        backends=args.backends,
-        devices=args.devices or ("cpu", "cuda"),
-        fp16=args.fp16,
-        copies=args.copies,
-    )
-
-
-def _check_bench_outputs(args: argparse.Namespace) -> None:
-    from pipeline.output_folders import check_writable
-
-    for flag in ("--json", "--markdown", "--plot"):
-        path = getattr(args, flag.lstrip("-"))
-        if path is not None and Path(path).is_dir():
-            raise UsageError(f"{flag} {path}: a folder, expected a file path; add a file name")
-        if path is not None:
-            check_writable(path, flag)
-
-
-def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
-    import importlib.util
-
-    from pipeline.atomic import write_json_atomic, write_text_atomic
-
-    if args.json:
-        write_json_atomic(args.json, report)
-    if args.markdown:
-        write_text_atomic(args.markdown, text)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        print(f"--plot {args.plot}: skipped, matplotlib is not installed (pip install matplotlib)")
-    elif args.plot:
-        from pipeline.report import plot_latency
-
-        plot_latency(report["rows"], args.plot)
-
-
-def _verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
-    """Refuse a recede folder whose files no longer match its index (``pipeline.integrity``)."""
-    from pipeline.integrity import verify_folder
-
-    if not args.force:
-        verify_folder(folder)
-    else:
-        logger.warning(
-            "--force: %s is used UNCHECKED; its files may have been changed since recede "
-            "wrote them",
-            folder,
-        )
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time models (run, prune or train folders, model folders, .onnx files) on every backend
-    and device available: p50/p90/p99, throughput, a batch sweep, GPU vs CPU."""
-    from pipeline.artefacts import check_batches, unique_labels
-    from pipeline.backends import ReplayMismatchError
-    from pipeline.bench import SweepConfig, bench_markdown, bench_report, runnable, sweep
-    from pipeline.checks import VerificationError
+    """Time models (run, prune, export or train folders, model folders, .onnx files) on every
+    backend and device available, interleaved, against the dense model: p50/p90/p99 with noise,
+    speed-up with its spread, a batch sweep, GPU vs CPU; --compare gates on a baseline."""
+    from pipeline.cli_bench import bench_command
 
-    _check_bench_outputs(args)
-    settings = _bench_settings(args)
-    artefacts = unique_labels([a for path in args.models for a in _open_bench_model(path, args)])
-    check_batches(artefacts, tuple(args.batches))
-    if not any(runnable(a, s) for a in artefacts for s in settings):
-        raise UsageError(
-            f"nothing to time: --backends {' '.join(args.backends)} on --devices "
-            f"{' '.join(args.devices or ['cpu', 'cuda'])} cannot run here on these MODELs "
-            "(TensorRT and CUDA need a GPU, ONNX Runtime an .onnx file); add torch or onnxruntime"
-        )
-    cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
-    try:
-        rows = sweep(artefacts, settings, cfg)
-    except ReplayMismatchError as err:
-        raise VerificationError(str(err)) from None
-    report = bench_report(rows, artefacts, cfg)
-    text = bench_markdown(report)
-    print(text)
-    _write_bench_outputs(args, report, text)
-    return EXIT_OK
+    return bench_command(args)
 
 
 def _print_graph(args: argparse.Namespace) -> None:
@@ -400,7 +311,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """
     if args.source and (Path(args.source) / "report.md").is_file():
         folder = Path(args.source)
-        _verify_unless_forced(folder, args)
+        from pipeline.cli_bench import verify_unless_forced
+
+        verify_unless_forced(folder, args)
         print((folder / "report.md").read_text())
         return EXIT_OK
     if args.source and not _holds_model(args.source):

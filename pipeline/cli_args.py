@@ -276,8 +276,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         default=2,
         help="torch threads and ORT intra-op",
     )
-    p.add_argument(  # bench.MIN_RUNS
-        "--runs", type=_number(int, 50), default=50, help="timed runs per row (at least 50)"
+    p.add_argument(
+        "--runs",
+        type=_number(int, 5),  # timing.QUICK_MIN_RUNS
+        default=50,
+        help="timed runs per row, in blocks interleaved across models; below 50 the rows are "
+        "marked quick (a quick look, not figures to report)",
     )
     p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")
     p.add_argument("--fp16", action="store_true", help="also time fp16 on CUDA")
@@ -296,10 +300,34 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         "--plot", metavar="PATH", help="write a latency plot (PNG; needs matplotlib; default: none)"
     )
 
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="the dense model speed-ups are against (default: the one a prune, export or run "
+        "folder records)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="BASELINE.json",
+        help="exit 1 when a row is slower than --max-slowdown x this baseline beyond the "
+        "measured noise, twice",
+    )
+    p.add_argument(
+        "--max-slowdown",
+        type=_number(float, 1.0, open_="low"),
+        default=1.2,  # latency_gate.DEFAULT_MAX_SLOWDOWN
+        help="with --compare: the allowed p50 slowdown factor (default 1.2)",
+    )
+    p.add_argument(
+        "--save-baseline", metavar="PATH", help="write this measurement as a --compare baseline"
+    )
+
 
 EXIT_CODES = """exit codes:
   0    ok
-  1    verification failed: an export or the BN fold disagrees with PyTorch beyond tolerance
+  1    verification failed: a fold, removal or export check disagrees with PyTorch beyond
+       tolerance or could not have seen a wrong model (insensitive); bench --compare: a
+       latency regression beyond the noise
   2    bad input: a flag, config key, file or folder; the message names it, what was expected,
        what was got and how to fix it, and nothing is left at the output path
   130  interrupted (Ctrl-C): the output path is unchanged (an unfinished training run keeps

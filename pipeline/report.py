@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.atomic import atomic_path
-from pipeline.timing import LatencyRow, latency_markdown
+from pipeline.timing import LatencyRow, annotated_rows, latency_markdown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -413,22 +413,43 @@ def _model_colors(models: Sequence[str]) -> dict[str, str]:
     return {m: _DENSE if m == REFERENCE_MODEL else next(others) for m in models}
 
 
-def _draw_latency_panel(ax: Any, rows: Sequence[LatencyRow], models: Sequence[str]) -> None:
+def _draw_latency_panel(
+    ax: Any, rows: Sequence[LatencyRow], notes: Sequence[Mapping[str, Any]], models: Sequence[str]
+) -> None:
     """Grouped p50 bars per setting (backend, device, mode), one per model; a line up to p99,
-    a dot at p90."""
+    a dot at p90; each bar but the reference's labelled with its speed-up, noisy bars hatched."""
     groups = list(dict.fromkeys(r.setting for r in rows))
-    by_key = {(r.setting, r.model): r for r in rows}
+    by_key = {(r.setting, r.model): (r, n) for r, n in zip(rows, notes, strict=True)}
     colors, width = _model_colors(models), 0.8 / len(models)
     for m, model in enumerate(models):
         drawn = [(g, by_key[(s, model)]) for g, s in enumerate(groups) if (s, model) in by_key]
-        for g, row in drawn:
+        for g, (row, note) in drawn:
             x = g + (m - (len(models) - 1) / 2) * width
             first = g == drawn[0][0]  # one legend entry per model, wherever its first bar is
-            ax.bar(x, row.p50_ms, width, color=colors[model], label=model if first else None)
+            hatch = "///" if row.noisy else None
+            ax.bar(x, row.p50_ms, width, color=colors[model], hatch=hatch, edgecolor="black",
+                   linewidth=0.5, label=model if first else None)  # fmt: skip
             ax.vlines(x, row.p50_ms, row.p99_ms, color="black", linewidth=1)
             ax.plot(x, row.p99_ms, marker="_", color="black", markersize=10)
             ax.plot(x, row.p90_ms, marker=".", color="black", markersize=5)
+            if m > 0 and note["speedup"] is not None:
+                label = f"{note['speedup']:.2f}×" + ("\nnoisy" if row.noisy else "")
+                ax.annotate(label, (x, row.p50_ms), xytext=(0, -2), textcoords="offset points",
+                            ha="center", va="top", fontsize=7, color="white", weight="bold")  # fmt: skip
     ax.set_xticks(range(len(groups)), [g.replace(" ", "\n") for g in groups], fontsize=8)
+
+
+def _log_latency_axis(ax: Any, rows: Sequence[LatencyRow]) -> None:
+    """A log scale whose floor sits a factor 4 below the fastest p50, so even the shortest bar
+    has room for its label; ticks in plain milliseconds."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    top = max(r.p99_ms for r in rows) * 1.3
+    ax.set_ylim(min(r.p50_ms for r in rows) / 4, top)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def plot_latency(
@@ -436,7 +457,11 @@ def plot_latency(
 ) -> Path:
     """Grouped latency bars: one panel per batch size, dense vs pruned per backend and device.
 
-    Bars are p50; the whisker above each bar reaches p99 and the dot on it marks p90.
+    Bars are p50 on a log scale (a 10x faster backend would otherwise be an invisible sliver
+    beside the slowest); the whisker above each bar reaches p99 and the dot on it marks p90.
+    Every model but the first carries its speed-up over the first (the median of per-block
+    ratios) on its bar; noisy rows (:data:`~pipeline.timing.NOISE_LIMIT`) are hatched and say
+    so, and a quick look (few runs) says so in the title.
 
     Args:
         rows: Latency rows, as :class:`~pipeline.bench.LatencyRow` or their dicts.
@@ -448,15 +473,21 @@ def plot_latency(
     table = [_as_row(r) for r in rows]
     if not table:
         raise ValueError("expected at least one latency row, got none; run latency_table first")
+    notes = annotated_rows(table)
     batches = sorted({r.batch for r in table})
     models = list(dict.fromkeys(r.model for r in table))
-    fig = _new_figure(4.0 * len(batches) + 1.0, 4.0)
+    fig = _new_figure(4.0 * len(batches) + 1.0, 4.5)
     axes = fig.subplots(1, len(batches), squeeze=False)[0]
     for ax, batch in zip(axes, batches, strict=True):
-        _draw_latency_panel(ax, [r for r in table if r.batch == batch], models)
-        ax.set(title=f"batch {batch}", ylabel="latency (ms)")
+        chosen = [i for i, r in enumerate(table) if r.batch == batch]
+        _draw_latency_panel(ax, [table[i] for i in chosen], [notes[i] for i in chosen], models)
+        _log_latency_axis(ax, [table[i] for i in chosen])
+        ax.set(title=f"batch {batch}", ylabel="latency (ms, log scale)")
     axes[0].legend(title="model")
-    fig.suptitle("Latency: bar p50, dot p90, whisker top p99")
+    title = f"Latency: bar p50, dot p90, whisker top p99; label: speed-up over {models[0]}"
+    marks = ["hatched: noisy"] * any(r.noisy for r in table)
+    marks += ["quick look (few runs)"] * any(r.quick for r in table)
+    fig.suptitle(title + ("\n" + "; ".join(marks) if marks else ""), fontsize=10)
     return _save(fig, path)
 
 

@@ -57,13 +57,16 @@ def test_bench_folder_and_onnx_file_with_every_output(model_dir, tmp_path, capsy
     assert (out / "b.md").read_text() in text + "\n"
     assert (out / "b.png").read_bytes().startswith(PNG_MAGIC)
     rows = [(r["backend"], r["model"], r["batch"]) for r in report["rows"] if r["device"] == "cpu"]
+    both = ["dense", "model"]  # the dense reference, rebuilt from the prune folder's spec
     assert rows == [
         (backend, model, batch)
         for batch in (1, 2)
-        for backend, models in (("torch", ["model"]), ("onnxruntime", ["model", "model-2"]))
+        for backend, models in (("torch", both), ("onnxruntime", [*both, "model-2"]))
         for model in models
     ]
-    assert report["models"][0]["macs"] > 0 and report["models"][1]["macs"] is None
+    dense, pruned, onnx_only = report["models"]
+    assert dense["source"].startswith("rebuilt from") and dense["macs"] > pruned["macs"] > 0
+    assert onnx_only["macs"] is None
     assert all(r["threads"] == 1 and r["runs"] == 50 and r["warmup"] == 1 for r in report["rows"])
     assert "| onnxruntime | cpu | model-2 | 2 | 1 |" in text
     assert ("## GPU vs CPU" in text) == torch.cuda.is_available()
@@ -131,7 +134,7 @@ BAD = {
     "unknown_backend": (None, ["{dir}", "--backends", "tflite"], "invalid choice: 'tflite'"),
     "unknown_device": (None, ["{dir}", "--devices", "tpu"], "argument --devices"),
     "negative_warmup": (None, ["{dir}", "--warmup", "-1"], "--warmup: expected an integer in [0"),
-    "runs_too_few": (None, ["{dir}", "--runs", "10"], "--runs: expected an integer in [50"),
+    "runs_too_few": (None, ["{dir}", "--runs", "4"], "--runs: expected an integer in [5"),
     "json_is_a_folder": (None, ["{dir}", "--json", "{tmp}"], "--json {tmp}: a folder"),
     "fixed_batch": (_fixed_batch_onnx, ["{dir}", "--batches", "1"], "has a fixed batch of 4"),
     "nothing_runs": (None, ["{dir}/model.onnx", "--backends", "torch"], "nothing to time"),

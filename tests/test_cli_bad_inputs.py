@@ -350,7 +350,7 @@ def test_bench_garbage_onnx(model_dir, tmp_path, capsys):
 
 
 BENCH_FLAGS = {
-    "runs_too_few": (["--runs", "10"], "--runs: expected an integer in [50"),
+    "runs_too_few": (["--runs", "4"], "--runs: expected an integer in [5"),
     "threads_zero": (["--threads", "0"], "argument --threads"),
     "threads_huge": (["--threads", "100000"], "--threads: expected an integer in [1, 256]"),
     "batch_zero": (["--batches", "0"], "argument --batches"),

@@ -135,13 +135,14 @@ def test_latency_markdown_speedup_against_first_model_and_mac_ratio() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("| Backend | Device | Model | Batch | Threads | p50 ms")
     assert (
-        "| torch | cpu | pruned | 1 | 2 | 2.000 | 2.200 | 2.400 | 2.00× | 500 | — | 0.50 |" in lines
+        "| torch | cpu | pruned | 1 | 2 | 2.000 | 2.200 | 2.400 | 2.00× | 500 | — | 0.50 | 10% |  |"
+        in lines
     )
     assert "| torch cuda-graph | cuda | pruned | 1 | 2 | 0.500 |" in text
     assert "2.00× | 2,000 | excluded (device-resident) | 0.50 |" in text
     assert (
-        "| onnxruntime | cpu | pruned | 1 | 2 | 0.250 | 0.275 | 0.300 | 3.20× | 4,000 | — | 0.80 |"
-        in lines
+        "| onnxruntime | cpu | pruned | 1 | 2 | 0.250 | 0.275 | 0.300 | 3.20× | 4,000 | — | 0.80 "
+        "| 10% |  |" in lines
     )
     assert len(lines) == 2 + len(ROWS)
 

@@ -1,0 +1,92 @@
+"""Repeat the demo's interleaved dense-vs-pruned bench and report how much the speed-up moves.
+
+Each repeat is one ``recede bench runs/demo`` sweep (dense and pruned timed in alternating
+blocks, the speed-up the median of per-block ratios). Over ``--repeats`` sweeps this prints, per
+backend and batch, the median speed-up, its min and max, and the relative spread
+``(max - min) / median``: the issue's goal is <= 10% between an idle run and one beside a
+2-process CPU load (start ``stress-ng --cpu 2`` or two ``yes > /dev/null`` yourself for the
+loaded run; this script does not load the machine).
+
+    make demo                                           # writes runs/demo
+    PYTHONPATH=. python benchmarks/latency_noise.py --repeats 5 --out bench/noise_idle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline.artefacts import ArtefactError, open_artefacts
+from pipeline.bench import SweepConfig, available_settings, bench_report, sweep
+from pipeline.interleave import relative_spread
+
+
+def speedups(run: Path, cfg: SweepConfig, repeats: int) -> dict[str, list[float]]:
+    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat."""
+    artefacts = open_artefacts(run)
+    settings = available_settings(devices=("cpu",))
+    found: dict[str, list[float]] = defaultdict(list)
+    for r in range(repeats):
+        report = bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)
+        for row in report["rows"]:
+            if row["model"] != artefacts[0].label and row["speedup"] is not None:
+                key = f"{row['backend']} {row['device']} batch {row['batch']}"
+                found[key].append(row["speedup"])
+        print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
+    return dict(found)
+
+
+def summary(found: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median, min, max and relative spread (max - min over median) of each row's speed-ups."""
+    return {
+        key: {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "spread": (max(values) - min(values)) / statistics.median(values),
+            "iqr_spread": relative_spread(values),
+            "repeats": len(values),
+        }
+        for key, values in found.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/demo", help="a `recede run` folder")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=100, help="timed runs per row")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="also write the per-repeat speed-ups and summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
+        found = speedups(Path(args.run), cfg, args.repeats)
+    except (ArtefactError, ValueError) as err:
+        print(f"latency_noise: {err}; make the run first with `make demo`", file=sys.stderr)
+        return 2
+    table = summary(found)
+    print("| Row | Speed-up median | min | max | spread (max-min)/median | repeats |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key, s in table.items():
+        print(
+            f"| {key} | {s['median']:.2f}× | {s['min']:.2f}× | {s['max']:.2f}× | "
+            f"{s['spread']:.1%} | {s['repeats']} |"
+        )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"run": args.run, "sweep": vars(args), "speedups": found, "summary": table}
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
