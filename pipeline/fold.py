@@ -167,7 +167,7 @@ class StaticReport:
     max_rel_err: float  # static model vs the kernel form on the example
 
 
-def _input_sizes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
+def input_sizes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, tuple]:
     """Spatial size of the input each named module sees on ``example``."""
     modules, sizes = dict(model.named_modules()), {}
 
@@ -214,7 +214,7 @@ def fold_corrections_(
         return StaticReport((), (), 0.0)
     model.eval()
     ref = model(example)
-    sizes, modules = _input_sizes(model, names, example), dict(model.named_modules())
+    sizes, modules = input_sizes(model, names, example), dict(model.named_modules())
     forms: dict[str, list[str]] = {"bias": [], "map": []}
     for name in names:
         conv = modules[name]

@@ -87,15 +87,19 @@ def _trace_to_proto(
     dynamic_batch: bool,
     dynamo: bool,
     half: bool = False,
+    ones_channels: bool = True,
 ) -> Any:
     """Run the chosen torch exporter on a CPU copy of ``model`` and return the ModelProto."""
     import torch
 
     from pipeline.fold import fold_corrections_
+    from pipeline.ones_channel import ones_channels_
 
     onnx = _import_onnx()
     clone = copy.deepcopy(model).cpu().eval()
     example = example.detach().cpu()
+    if ones_channels:  # border corrections as a constant input channel: no Add, fusable
+        ones_channels_(clone, example)
     fold_corrections_(clone, example)  # one Conv per conv: no correction subgraphs to trace
     if half:  # CPU half kernels only have to run once, for the trace
         clone, example = clone.half(), example.half()
@@ -198,6 +202,7 @@ def export_onnx(
     simplify: bool = True,
     dynamo: bool = False,
     half: bool = False,
+    ones_channels: bool = True,
 ) -> Path:
     """Export ``model`` to an ONNX file with input ``"input"`` and output ``"output"``.
 
@@ -217,6 +222,9 @@ def export_onnx(
         dynamo: Use the ``torch.export``-based exporter instead of the TorchScript one.
         half: Export in float16 (weights, activations, input and output): the model is cast
             to half on the CPU and traced there.
+        ones_channels: Carry position-dependent border corrections as a constant input channel
+            (``pipeline.ones_channel``) where that is exact, instead of a constant ``Add``
+            after the conv; the rest become constant maps.
 
     Returns:
         The path of the written file.
@@ -237,8 +245,9 @@ def export_onnx(
     start = time.perf_counter()
     logger.info("ONNX export of %s to %s (opset %d) started", type(model).__name__, path, opset)
     proto = _trace_to_proto(
-        model, example, opset=opset, dynamic_batch=dynamic_batch, dynamo=dynamo, half=half
-    )
+        model, example, opset=opset, dynamic_batch=dynamic_batch, dynamo=dynamo, half=half,
+        ones_channels=ones_channels,
+    )  # fmt: skip
     if simplify:
         proto = _slimmed_or_original(proto, example)
     onnx.checker.check_model(proto, full_check=True)
