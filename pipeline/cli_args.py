@@ -310,7 +310,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         "--compare",
         metavar="BASELINE.json",
         help="exit 1 when a row is slower than --max-slowdown x this baseline beyond the "
-        "measured noise, twice",
+        "measured noise, twice (default: no gate)",
     )
     p.add_argument(
         "--max-slowdown",
@@ -319,7 +319,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         help="with --compare: the allowed p50 slowdown factor (default 1.2)",
     )
     p.add_argument(
-        "--save-baseline", metavar="PATH", help="write this measurement as a --compare baseline"
+        "--save-baseline",
+        metavar="PATH",
+        help="write this measurement as a --compare baseline (default: none written)",
     )
 
 

@@ -145,7 +145,7 @@ def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig)
     """One sweep as a bench report; a CUDA graph that replays wrongly fails verification."""
     from pipeline.backends import ReplayMismatchError
     from pipeline.bench import bench_report, sweep
-    from pipeline.run import VerificationError
+    from pipeline.checks import VerificationError
 
     try:
         return bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)

@@ -59,8 +59,21 @@ def randomise_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def tiny_net_random_bn() -> nn.Module:
     """A ``--model`` factory: TinyNet with distinct BN scales, so a global ratio has a ranking
-    (an untrained TinyNet's scales all tie, which ``recede prune --ratio`` refuses)."""
-    return randomise_bn_(TinyNet())
+    (an untrained TinyNet's scales all tie, which ``recede prune --ratio`` refuses), and BN
+    statistics of its actual input on random data, so its outputs depend on the input as a
+    trained net's do (with made-up statistics they move by 1e-3 of their scale between inputs,
+    and every fp16 check of it is honestly ``insensitive``)."""
+    model = randomise_bn_(TinyNet())
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BoundedBatchNorm2d))]
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        model(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+        for m in bns:
+            m.momentum = 0.1
+    return model.eval()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.latency_gate import BaselineError, compare_rows, load_baseline
 from pipeline.timing import LatencyRow
 
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
 FAST = ["--batches", "1", "--runs", "5", "--warmup", "1", "--threads", "1"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.output_folders import OutputError, check_out_folder, nested_outputs
 
-TINY = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
 
 
 def _folder_with_release(tmp_path):

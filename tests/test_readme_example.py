@@ -32,7 +32,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 OWN_LOOP = re.compile(r"<!-- own-loop example -->\n```python\n(.*?)```", re.S)
-OTHER_COMMANDS = {"set"}  # shell built-ins the release script uses; nothing to check
+OTHER_COMMANDS = {"set", "mkdir"}  # what the release script runs besides recede
 
 
 def code_blocks(text: str, language: str) -> list[str]:
@@ -58,12 +58,23 @@ def shell_commands(block: str) -> list[list[str]]:
         marker = re.search(r"<<-?\s*['\"]?(\w+)['\"]?", line)
         if marker:
             heredoc, line = marker.group(1), line[: marker.start()]
-        argv = shlex.split(line, comments=True)
-        while argv and re.fullmatch(r"[A-Za-z_]\w*=\S*", argv[0]):
-            argv.pop(0)
-        if argv:
-            commands.append(argv)
+        for argv in _split_lists(shlex.split(line, comments=True)):
+            while argv and re.fullmatch(r"[A-Za-z_]\w*=\S*", argv[0]):
+                argv.pop(0)
+            if argv and argv[0] != "[":  # a `[ test ]` guard: the command after || is checked
+                commands.append(argv)
     return commands
+
+
+def _split_lists(argv: list[str]) -> list[list[str]]:
+    """``a || b && c ; d`` as the commands ``a``, ``b``, ``c``, ``d``."""
+    parts: list[list[str]] = [[]]
+    for token in argv:
+        if token in ("||", "&&", ";"):
+            parts.append([])
+        else:
+            parts[-1].append(token)
+    return parts
 
 
 def make_targets() -> set[str]:
@@ -182,7 +193,7 @@ def test_every_command_parses(page):
         ("recede prune --model vgg --input-shape 1,3,32,32 \\\n    --ratoi 0.5 --out x", "--ratoi"),
         ("PYTHONPATH=. recede export runs/x --format onnx-fp32", "invalid choice"),
         ("recede frobnicate runs/x", "invalid choice"),
-        ("recede bench runs/demo --runs 5", "--runs"),
+        ("recede bench runs/demo --runs 4", "--runs"),
         ("torchrun --nproc_per_node=2 -m pipeline.cli train --epochs 3", "--epochs"),
         ("make demo benchmark", "no make target benchmark"),
         ("python benchmarks/no_such.py --quick", "no script"),

@@ -40,7 +40,7 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     ``recede`` is this checkout's."""
     pytest.importorskip("onnxruntime")
     work = tmp_path_factory.mktemp("clone")
-    tiny = ["--model", "tests.conftest:TinyNet", "--input-shape", "1,3,16,16"]
+    tiny = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
     assert main(["prune", *tiny, "--out", str(work / "run" / "pruned")]) == 0
     shim = work / "bin" / "recede"
     shim.parent.mkdir()
