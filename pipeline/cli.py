@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + shapes."""
     from pipeline.distributed import is_main
     from pipeline.output_folders import staged_folder
-    from pipeline.run import open_training, train_as_worker, train_into
+    from pipeline.train_stage import budget_summary, open_training, train_as_worker, train_into
 
     cfg = _config(args)
     out, data = open_training(cfg, args.out, kind="train", resume=args.resume, force=args.force)
@@ -72,8 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
-    from pipeline.run import budget_summary
-
     accuracy = logs[-1].accuracy if logs else float("nan")
     budget = f"; {budget_summary(cfg, logs).outcome}" if cfg.train.target is not None else ""
     print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}{budget}")
