@@ -75,7 +75,6 @@ from quality_peers import (  # noqa: E402
 )
 
 from pipeline.atomic import write_json_atomic  # noqa: E402
-from pipeline.bench import count_macs, count_params, environment  # noqa: E402
 from pipeline.bn import bn_modules, convert_to_plain_bn_  # noqa: E402
 from pipeline.config import (  # noqa: E402
     DataConfig,
@@ -85,7 +84,9 @@ from pipeline.config import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
+from pipeline.costs import count_macs, count_params  # noqa: E402
 from pipeline.data import DataBundle, DataError  # noqa: E402
+from pipeline.environment import environment  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.prune import prune_model  # noqa: E402
 from pipeline.threshold import NotBimodalError  # noqa: E402
@@ -250,7 +251,7 @@ def _measure(model: nn.Module, data: DataBundle, batch: torch.Tensor, dense: dic
 def _ort_p50(model: nn.Module, batch: torch.Tensor, input_shape) -> dict[str, float]:
     """ONNX Runtime CPU p50 (ms) of the folded model at batch 1 and 32, one thread (grids run
     two processes side by side on two cores; read these as rough, not as the latency bench)."""
-    from pipeline.bench import bench_onnxruntime
+    from pipeline.backends import bench_onnxruntime
     from pipeline.export.onnx import export_onnx
     from pipeline.fold import fold_bn
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from pipeline.cli_args import EXIT_OK, EXIT_VERIFY, UsageError
 
 if TYPE_CHECKING:
-    from pipeline.bench import Artefact, SweepConfig
+    from pipeline.artefacts import Artefact
+    from pipeline.bench import SweepConfig
     from pipeline.timing import Setting
 
 logger = logging.getLogger("recede")
@@ -145,7 +146,7 @@ def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig)
     """One sweep as a bench report; a CUDA graph that replays wrongly fails verification."""
     from pipeline.backends import ReplayMismatchError
     from pipeline.bench import bench_report, sweep
-    from pipeline.run import VerificationError
+    from pipeline.checks import VerificationError
 
     try:
         return bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)

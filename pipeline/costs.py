@@ -16,11 +16,15 @@ For a group ``g``, over every conv/linear layer ``L`` with ``g`` among its chann
 
 Both are first-order: removing two groups that meet in one layer saves a little less than the sum
 (the weights between them are counted twice). They weigh groups against each other; exact MACs of
-a pruned model come from ``pipeline.bench.count_macs``.
+a pruned model come from :func:`count_macs`.
+
+The exact counters live here too: :func:`count_params`, :func:`count_macs` (one forward pass
+under ``FlopCounterMode``) and :func:`count_layer_macs` (the same per module).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import torch
@@ -129,3 +133,46 @@ class KeptMacs:
     def removed_share(self, kept: torch.Tensor) -> float:
         """Share of the dense MACs that disappears when ``kept`` groups are kept."""
         return 1.0 - self.macs(kept) / max(self.dense, 1e-30)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of one sample, in eval mode.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs // 2), which counts matrix
+    multiplies and convolutions; elementwise ops, norms and pooling are not counted. The count
+    is of a second forward pass: a pruned conv's constant-channel correction is a conv over a
+    ones map computed once per input size and then added as a stored tensor (as the folded and
+    exported model does), so it is not a per-sample cost.
+
+    Args:
+        model: The network; a copy is run, so its mode is left alone.
+        input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
+    """
+    return count_layer_macs(model, input_shape).get("", 0)
+
+
+def count_layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """``count_macs`` per module: qualified name -> MACs of one sample inside it ("" is all).
+
+    A module's count includes its children's; a module called twice counts both calls.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(model).eval()
+    param = next(net.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    with torch.no_grad():
+        net(x)  # fills per-size caches (a pruned conv's constant correction) the copy lost
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+    root = type(net).__name__ + "."  # the counter names modules "<RootClass>.<qualified name>"
+    macs = {"": int(counter.get_total_flops()) // 2}
+    for name, by_op in counter.get_flop_counts().items():
+        if name.startswith(root):
+            macs[name[len(root) :]] = int(sum(by_op.values())) // 2
+    return macs

@@ -84,7 +84,7 @@ def _groups(pruned: Pruned) -> GroupSummary:
 def _summaries(
     model: nn.Module, dense_acc: float, pruned: Pruned, acc: PrunedAccuracy, shape: tuple
 ) -> tuple[DenseSummary, PrunedSummary]:
-    from pipeline.bench import count_macs, count_params
+    from pipeline.costs import count_macs, count_params
 
     dense = DenseSummary(count_params(model), count_macs(model, shape), dense_acc)
     after = PrunedSummary(
