@@ -1,4 +1,6 @@
-"""What removing one channel group saves: memory (Ye et al. 2018) or MACs, per group.
+"""What a model costs: exact MACs and parameters, and what each channel group and BN layer saves.
+
+What removing one channel group saves: memory (Ye et al. 2018) or MACs, per group.
 
 Both walk the traced channel graph, so grouped, depthwise and flatten->Linear readers count
 exactly the weights they hold per channel (a Linear reading a flattened ``C x H x W`` map holds
@@ -30,6 +32,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from pipeline.bn import bn_modules
 from pipeline.channel_graph import ChannelGraph, LayerChannels
 
 COST_FORMS = ("memory", "macs")
@@ -133,6 +136,49 @@ class KeptMacs:
     def removed_share(self, kept: torch.Tensor) -> float:
         """Share of the dense MACs that disappears when ``kept`` groups are kept."""
         return 1.0 - self.macs(kept) / max(self.dense, 1e-30)
+
+
+def _channel_groups(graph: ChannelGraph) -> dict[str, tuple[int, ...]]:
+    """BN name -> the group id of each of its channels."""
+    return {name: layer.out_groups for name, layer in graph.layers.items() if layer.kind == "bn"}
+
+
+def layer_costs(
+    model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
+) -> dict[str, float]:
+    """Normalised lambda_l, ISTA's penalty weight, for every affine BN in ``model`` (module order).
+
+    For the channels of BN layer l (every affine BN, wherever it sits: after a conv, after a
+    concat, pre-activation):
+
+    - ``memory`` (default): the "memory cost per channel" of Ye et al.'s reference code,
+      ``lambda_l = (k_w k_h c_{l-1} + sum_{l' reading l} k'_w k'_h c' + H_l W_l) / (I_w I_h)``:
+      the weights of the filter producing a channel, the weights of every reader's slice that
+      reads it (grouped, depthwise and flatten->Linear readers counted exactly), and the
+      channel's feature map area, all over the input image area. Computed per channel group by
+      :func:`group_costs` and averaged over the BN's channels (equal to the formula when each
+      channel is its own group, as in a VGG).
+    - ``flops``: the multiply-accumulates per sample one channel accounts for in its producer
+      and its readers (``group_costs(..., "macs")``).
+
+    Deliberate difference from the reference: both are normalised to a mean of 1 over layers,
+    so ``rho`` keeps its meaning across models and input sizes.
+    """
+    if form not in ("memory", "flops"):
+        raise ValueError(f"cost form must be 'memory' or 'flops', got {form!r}")
+    per_group = group_costs(model, graph, example, "memory" if form == "memory" else "macs")
+    channels = _channel_groups(graph)
+    raw = {}
+    for name in bn_modules(model):
+        if name not in channels:
+            raise ValueError(
+                f"BN {name!r} was not traced into the channel graph, so ISTA cannot weigh it; "
+                "check `recede inspect` for barriers around it"
+            )
+        groups = channels[name]
+        raw[name] = sum(per_group[g] for g in groups) / len(groups)
+    mean = sum(raw.values()) / max(1, len(raw))
+    return {k: v / mean for k, v in raw.items()}
 
 
 def count_params(model: nn.Module) -> int:
