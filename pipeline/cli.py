@@ -188,18 +188,19 @@ def _receded_below(args: argparse.Namespace) -> float | None:
 
 def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
     """report.json of a prune: totals and per-layer rows from ``table``, groups, threshold."""
+    summary = result.report()
     return {
         "model": spec.model.name,
         "input_shape": [1, *result.input_shape],
         "params": {"before": table.before.params, "after": table.after.params},
         "macs": {"before": table.before.macs, "after": table.after.macs},
         "groups": {
-            "total": len(result.graph.groups),
-            "prunable": len(result.importances),
-            "dropped": len(result.plan.dropped_groups),
+            "total": summary.total,
+            "prunable": summary.prunable,
+            "dropped": summary.dropped,
         },
-        "threshold": {"mode": result.plan.threshold_mode, "value": result.plan.threshold_value},
-        "barriers": [b.__dict__ for b in result.graph.barriers],
+        "threshold": {"mode": summary.threshold_mode, "value": summary.threshold_value},
+        "barriers": summary.barriers,
         "layers": [dataclasses.asdict(row) for row in table.rows],
     }
 
@@ -236,10 +237,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         write_json_atomic(stage / "report.json", report)
         write_text_atomic(stage / "plan.json", result.plan.to_json())
     print(table.render())
-    groups = report["groups"]
+    counts = result.report()
     print(
-        f"pruned {spec.model.name}: {table.summary()}; dropped {groups['dropped']} of "
-        f"{groups['prunable']} prunable channel groups; wrote {args.out}"
+        f"pruned {spec.model.name}: {table.summary()}; dropped {counts.dropped} of "
+        f"{counts.prunable} prunable channel groups; wrote {args.out}"
     )
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")

@@ -66,18 +66,18 @@ def _prune_and_finetune(
 
 
 def _groups(pruned: Pruned) -> GroupSummary:
-    removal = pruned.removal
+    removal, counts = pruned.removal, pruned.report()
     return GroupSummary(
-        total=len(pruned.graph.groups),
-        prunable=len(pruned.importances),
-        dropped=len(pruned.plan.dropped_groups),
+        total=counts.total,
+        prunable=counts.prunable,
+        dropped=counts.dropped,
         absorbed_exactly=removal.absorbed_groups,
         approximate=removal.approximate_groups,
         corrections=[list(c) for c in removal.corrections],
         removal_rel_err=removal.max_rel_err,
         zeroing_rel_err=removal.zeroing_err,
         scale_bound=removal.scale_bound,
-        barriers=[b.__dict__ for b in pruned.graph.barriers],
+        barriers=counts.barriers,
     )
 
 
