@@ -193,8 +193,8 @@ def demo_pair(dry_run: bool) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.bench import count_macs
     from pipeline.channel_graph import build_channel_graph
+    from pipeline.costs import count_macs
     from pipeline.models import VGG
     from pipeline.prune import SelectionRules, make_plan, remove_groups, select_groups
 
@@ -278,7 +278,9 @@ def latency_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
     (also written to ``progress`` after every batch, for a stage cut off by its budget)."""
     import torch
 
-    from pipeline.bench import Artefact, Setting, SweepConfig, measure
+    from pipeline.artefacts import Artefact
+    from pipeline.bench import SweepConfig, measure
+    from pipeline.timing import Setting
 
     pair = demo_pair(dry_run)
     mac_ratio = pair["macs"]["dense"] / pair["macs"]["pruned"]

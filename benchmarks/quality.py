@@ -75,7 +75,6 @@ from quality_peers import (  # noqa: E402
 )
 
 from pipeline.atomic import write_json_atomic  # noqa: E402
-from pipeline.bench import count_macs, count_params, environment  # noqa: E402
 from pipeline.bn import bn_modules, convert_to_plain_bn_  # noqa: E402
 from pipeline.config import (  # noqa: E402
     DataConfig,
@@ -85,18 +84,14 @@ from pipeline.config import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
+from pipeline.costs import count_macs, count_params  # noqa: E402
 from pipeline.data import DataBundle, DataError  # noqa: E402
+from pipeline.environment import environment  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.prune import prune_model  # noqa: E402
-from pipeline.run import build_and_train, example_batch  # noqa: E402
 from pipeline.threshold import NotBimodalError  # noqa: E402
-from pipeline.train import (  # noqa: E402
-    evaluate,
-    recalibrate_bn_,
-    resolve_device,
-    seed_everything,
-    train_,
-)
+from pipeline.train import evaluate, resolve_device, train_  # noqa: E402
+from pipeline.train_stage import build_and_train, example_batch, finetune_, reseed_  # noqa: E402
 
 logger = logging.getLogger("quality")
 
@@ -205,9 +200,7 @@ def _seed_cell(data: DataBundle, seed: int) -> None:
     """Every training in a cell starts from ``seed``: the global RNGs and the training loader's
     own shuffling generator, so a cell's result does not depend on the cells run before it in
     the same process (before 2026-12-04 16:30 the loader's generator ran on across cells)."""
-    seed_everything(seed)
-    if data.train.generator is not None:
-        data.train.generator.manual_seed(seed)
+    reseed_(data, seed)
 
 
 def _train_plain(
@@ -226,24 +219,20 @@ def _train_plain(
 
 
 def _finetune(model: nn.Module, data: DataBundle, grid: Grid, seed: int) -> dict[str, float]:
-    """Accuracy raw, after BN recalibration and after ``grid.finetune_epochs``; in place."""
+    """Accuracy raw, after BN recalibration and after ``grid.finetune_epochs``; in place.
+
+    The cell's RNGs restart at ``seed`` after the raw accuracy; the per-epoch log lines evaluate
+    :func:`training_view`'s test subset, the accuracies returned the whole test set."""
+    train, prune = _train_config(grid, "none", None, seed)
     device = resolve_device(grid.device)
-    train, _ = _train_config(grid, "none", None, seed)
-    acc = {"acc_raw": evaluate(model.to(device), data.test, device)}
-    _seed_cell(data, seed)
-    recalibrate_bn_(model, data.train, device)
-    acc["acc_recal"] = evaluate(model, data.test, device)
-    train_(
-        model,
-        training_view(data),
-        train,
-        epochs=grid.finetune_epochs,
-        lr=grid.finetune_lr,
-        polariser=None,
-        tag="finetune",
+    acc = finetune_(
+        model, training_view(data), train, prune, device=device, test=data.test, seed=seed
     )
-    acc["acc_ft"] = evaluate(model, data.test, device)
-    return acc
+    return {
+        "acc_raw": acc.before_finetune,
+        "acc_recal": acc.recalibrated,
+        "acc_ft": acc.after_finetune,
+    }
 
 
 def _measure(model: nn.Module, data: DataBundle, batch: torch.Tensor, dense: dict) -> dict:
@@ -262,7 +251,7 @@ def _measure(model: nn.Module, data: DataBundle, batch: torch.Tensor, dense: dic
 def _ort_p50(model: nn.Module, batch: torch.Tensor, input_shape) -> dict[str, float]:
     """ONNX Runtime CPU p50 (ms) of the folded model at batch 1 and 32, one thread (grids run
     two processes side by side on two cores; read these as rough, not as the latency bench)."""
-    from pipeline.bench import bench_onnxruntime
+    from pipeline.backends import bench_onnxruntime
     from pipeline.export.onnx import export_onnx
     from pipeline.fold import fold_bn
 

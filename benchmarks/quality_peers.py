@@ -10,8 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.bench import count_macs
 from pipeline.config import PruneConfig
+from pipeline.costs import count_macs
 from pipeline.prune import prune_model
 
 

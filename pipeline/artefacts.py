@@ -1,6 +1,6 @@
 """Open what ``recede bench`` measures: a run, prune or train folder, a model folder, an ONNX file.
 
-Each path becomes one or more labelled :class:`~pipeline.bench.Artefact` s: a BN-folded PyTorch model (when
+Each path becomes one or more labelled :class:`Artefact` s: a BN-folded PyTorch model (when
 the path holds ``model.pt``) and its ONNX graph (when there is one). A run folder holds two,
 ``dense`` (``trained/`` + ``dense.onnx``) and ``pruned`` (``pruned/`` + ``pruned.onnx``). A
 path that cannot be measured raises :class:`ArtefactError` naming it, before any timing.
@@ -20,11 +20,11 @@ explicitly instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.bench import Artefact, count_macs
+from pipeline.costs import count_macs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,6 +35,29 @@ _KINDS = (
     "a `recede run` folder, a `recede prune` or `recede train` folder, a folder holding "
     "model.pt and shapes.json, or an .onnx file"
 )
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One model to time, under every backend it can run on (:func:`open_artefacts` opens them).
+
+    Attributes:
+        label: Row name, e.g. ``"dense"``, ``"pruned"`` or the folder's name.
+        source: Where it came from (the MODEL path it was opened from).
+        input_shape: Per-sample input shape, e.g. ``(3, 32, 32)``.
+        model: The BN-folded network in eval mode on the CPU, or None (an ONNX file alone).
+        onnx: Its ONNX graph, or None.
+        fixed_batch: The ONNX input's batch size when it is not dynamic, else None.
+        macs: Multiply-accumulates per sample of ``model`` (None without one).
+    """
+
+    label: str
+    source: str
+    input_shape: tuple[int, ...]
+    model: nn.Module | None
+    onnx: Path | None
+    fixed_batch: int | None = None
+    macs: int | None = None
 
 
 class ArtefactError(ValueError):

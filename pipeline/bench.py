@@ -1,11 +1,12 @@
-"""Measure latency (PyTorch, ONNX Runtime, TensorRT) on CPU and GPU, and count MACs and parameters.
+"""Measure latency (PyTorch, ONNX Runtime, TensorRT) on CPU and GPU.
 
 A sweep times every artefact under every available :class:`Setting` at every batch size: torch
 eager on the CPU; on CUDA torch eager and CUDA-graph replay (a graph captured once with a
 static input and replayed, as ``trtexec --useCudaGraph`` does, so Python and launch overhead
 drop out), optionally in fp16; ONNX Runtime on the CPU and, when installed, its CUDA provider;
 TensorRT when installed. CUDA rows time device-resident input by default and say so in the
-``copies`` field. Timing itself lives in :mod:`pipeline.timing`.
+``copies`` field. Timing itself lives in :mod:`pipeline.timing`; what a sweep times is an
+:class:`~pipeline.artefacts.Artefact`; MACs and parameters are counted in :mod:`pipeline.costs`.
 
 The models of one setting and batch are timed interleaved (:mod:`pipeline.interleave`): all
 their runners are open at once and timed block by block, so a load change hits every model and
@@ -16,7 +17,6 @@ GPU), so their speed-up is a plain p50 ratio with no spread.
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -26,26 +26,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Re-exported: older callers import these names from pipeline.bench.
-from pipeline.backends import (  # noqa: F401
+from pipeline.artefacts import Artefact
+from pipeline.backends import (
     DEVICES,
-    ReplayMismatchError,
     bench_onnxruntime,
     bench_torch,
     onnxruntime_timer,
     ort_cuda_available,
     torch_timer,
 )
-from pipeline.environment import environment  # noqa: F401
+from pipeline.environment import environment
 from pipeline.interleave import Timer, interleave
-from pipeline.timing import (  # noqa: F401
+from pipeline.timing import (
     MIN_RUNS,
     QUICK_MIN_RUNS,
     LatencyRow,
     Setting,
     annotated_rows,
-    percentiles_ms,
-    time_callable,
 )
 
 if TYPE_CHECKING:
@@ -54,29 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-@dataclass(frozen=True)
-class Artefact:
-    """One model to time, under every backend it can run on (see :mod:`pipeline.artefacts`).
-
-    Attributes:
-        label: Row name, e.g. ``"dense"``, ``"pruned"`` or the folder's name.
-        source: Where it came from (the MODEL path it was opened from).
-        input_shape: Per-sample input shape, e.g. ``(3, 32, 32)``.
-        model: The BN-folded network in eval mode on the CPU, or None (an ONNX file alone).
-        onnx: Its ONNX graph, or None.
-        fixed_batch: The ONNX input's batch size when it is not dynamic, else None.
-        macs: Multiply-accumulates per sample of ``model`` (None without one).
-    """
-
-    label: str
-    source: str
-    input_shape: tuple[int, ...]
-    model: nn.Module | None
-    onnx: Path | None
-    fixed_batch: int | None = None
-    macs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -332,50 +306,6 @@ def latency_table(
         for label in dict.fromkeys([*models, *onnx_paths])
     ]
     return sweep(artefacts, available_settings(), cfg)
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass of one sample, in eval mode.
-
-    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs // 2), which counts matrix
-    multiplies and convolutions; elementwise ops, norms and pooling are not counted. The count
-    is of a second forward pass: a pruned conv's constant-channel correction is a conv over a
-    ones map computed once per input size and then added as a stored tensor (as the folded and
-    exported model does), so it is not a per-sample cost.
-
-    Args:
-        model: The network; a copy is run, so its mode is left alone.
-        input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
-    """
-    return count_layer_macs(model, input_shape).get("", 0)
-
-
-def count_layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """``count_macs`` per module: qualified name -> MACs of one sample inside it ("" is all).
-
-    A module's count includes its children's; a module called twice counts both calls.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    net = copy.deepcopy(model).eval()
-    param = next(net.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-    with torch.no_grad():
-        net(x)  # fills per-size caches (a pruned conv's constant correction) the copy lost
-        with FlopCounterMode(display=False) as counter:
-            net(x)
-    root = type(net).__name__ + "."  # the counter names modules "<RootClass>.<qualified name>"
-    macs = {"": int(counter.get_total_flops()) // 2}
-    for name, by_op in counter.get_flop_counts().items():
-        if name.startswith(root):
-            macs[name[len(root) :]] = int(sum(by_op.values())) // 2
-    return macs
 
 
 def bench_report(

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + shapes."""
     from pipeline.distributed import is_main
     from pipeline.output_folders import staged_folder
-    from pipeline.run import open_training, train_as_worker, train_into
+    from pipeline.train_stage import budget_summary, open_training, train_as_worker, train_into
 
     cfg = _config(args)
     out, data = open_training(cfg, args.out, kind="train", resume=args.resume, force=args.force)
@@ -72,8 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
         _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
-    from pipeline.run import budget_summary
-
     accuracy = logs[-1].accuracy if logs else float("nan")
     budget = f"; {budget_summary(cfg, logs).outcome}" if cfg.train.target is not None else ""
     print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}{budget}")
@@ -190,18 +188,19 @@ def _receded_below(args: argparse.Namespace) -> float | None:
 
 def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
     """report.json of a prune: totals and per-layer rows from ``table``, groups, threshold."""
+    summary = result.report()
     return {
         "model": spec.model.name,
         "input_shape": [1, *result.input_shape],
         "params": {"before": table.before.params, "after": table.after.params},
         "macs": {"before": table.before.macs, "after": table.after.macs},
         "groups": {
-            "total": len(result.graph.groups),
-            "prunable": len(result.importances),
-            "dropped": len(result.plan.dropped_groups),
+            "total": summary.total,
+            "prunable": summary.prunable,
+            "dropped": summary.dropped,
         },
-        "threshold": {"mode": result.plan.threshold_mode, "value": result.plan.threshold_value},
-        "barriers": [b.__dict__ for b in result.graph.barriers],
+        "threshold": {"mode": summary.threshold_mode, "value": summary.threshold_value},
+        "barriers": summary.barriers,
         "layers": [dataclasses.asdict(row) for row in table.rows],
     }
 
@@ -238,10 +237,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         write_json_atomic(stage / "report.json", report)
         write_text_atomic(stage / "plan.json", result.plan.to_json())
     print(table.render())
-    groups = report["groups"]
+    counts = result.report()
     print(
-        f"pruned {spec.model.name}: {table.summary()}; dropped {groups['dropped']} of "
-        f"{groups['prunable']} prunable channel groups; wrote {args.out}"
+        f"pruned {spec.model.name}: {table.summary()}; dropped {counts.dropped} of "
+        f"{counts.prunable} prunable channel groups; wrote {args.out}"
     )
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from pipeline.cli_args import EXIT_OK, EXIT_VERIFY, UsageError
 
 if TYPE_CHECKING:
-    from pipeline.bench import Artefact, SweepConfig
+    from pipeline.artefacts import Artefact
+    from pipeline.bench import SweepConfig
     from pipeline.timing import Setting
 
 logger = logging.getLogger("recede")

@@ -1,4 +1,6 @@
-"""What removing one channel group saves: memory (Ye et al. 2018) or MACs, per group.
+"""What a model costs: exact MACs and parameters, and what each channel group and BN layer saves.
+
+What removing one channel group saves: memory (Ye et al. 2018) or MACs, per group.
 
 Both walk the traced channel graph, so grouped, depthwise and flatten->Linear readers count
 exactly the weights they hold per channel (a Linear reading a flattened ``C x H x W`` map holds
@@ -16,16 +18,21 @@ For a group ``g``, over every conv/linear layer ``L`` with ``g`` among its chann
 
 Both are first-order: removing two groups that meet in one layer saves a little less than the sum
 (the weights between them are counted twice). They weigh groups against each other; exact MACs of
-a pruned model come from ``pipeline.bench.count_macs``.
+a pruned model come from :func:`count_macs`.
+
+The exact counters live here too: :func:`count_params`, :func:`count_macs` (one forward pass
+under ``FlopCounterMode``) and :func:`count_layer_macs` (the same per module).
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import torch
 from torch import nn
 
+from pipeline.bn import bn_modules
 from pipeline.channel_graph import ChannelGraph, LayerChannels
 
 COST_FORMS = ("memory", "macs")
@@ -129,3 +136,89 @@ class KeptMacs:
     def removed_share(self, kept: torch.Tensor) -> float:
         """Share of the dense MACs that disappears when ``kept`` groups are kept."""
         return 1.0 - self.macs(kept) / max(self.dense, 1e-30)
+
+
+def _channel_groups(graph: ChannelGraph) -> dict[str, tuple[int, ...]]:
+    """BN name -> the group id of each of its channels."""
+    return {name: layer.out_groups for name, layer in graph.layers.items() if layer.kind == "bn"}
+
+
+def layer_costs(
+    model: nn.Module, graph: ChannelGraph, example: torch.Tensor, form: str = "memory"
+) -> dict[str, float]:
+    """Normalised lambda_l, ISTA's penalty weight, for every affine BN in ``model`` (module order).
+
+    For the channels of BN layer l (every affine BN, wherever it sits: after a conv, after a
+    concat, pre-activation):
+
+    - ``memory`` (default): the "memory cost per channel" of Ye et al.'s reference code,
+      ``lambda_l = (k_w k_h c_{l-1} + sum_{l' reading l} k'_w k'_h c' + H_l W_l) / (I_w I_h)``:
+      the weights of the filter producing a channel, the weights of every reader's slice that
+      reads it (grouped, depthwise and flatten->Linear readers counted exactly), and the
+      channel's feature map area, all over the input image area. Computed per channel group by
+      :func:`group_costs` and averaged over the BN's channels (equal to the formula when each
+      channel is its own group, as in a VGG).
+    - ``flops``: the multiply-accumulates per sample one channel accounts for in its producer
+      and its readers (``group_costs(..., "macs")``).
+
+    Deliberate difference from the reference: both are normalised to a mean of 1 over layers,
+    so ``rho`` keeps its meaning across models and input sizes.
+    """
+    if form not in ("memory", "flops"):
+        raise ValueError(f"cost form must be 'memory' or 'flops', got {form!r}")
+    per_group = group_costs(model, graph, example, "memory" if form == "memory" else "macs")
+    channels = _channel_groups(graph)
+    raw = {}
+    for name in bn_modules(model):
+        if name not in channels:
+            raise ValueError(
+                f"BN {name!r} was not traced into the channel graph, so ISTA cannot weigh it; "
+                "check `recede inspect` for barriers around it"
+            )
+        groups = channels[name]
+        raw[name] = sum(per_group[g] for g in groups) / len(groups)
+    mean = sum(raw.values()) / max(1, len(raw))
+    return {k: v / mean for k, v in raw.items()}
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of one sample, in eval mode.
+
+    Counted with ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs // 2), which counts matrix
+    multiplies and convolutions; elementwise ops, norms and pooling are not counted. The count
+    is of a second forward pass: a pruned conv's constant-channel correction is a conv over a
+    ones map computed once per input size and then added as a stored tensor (as the folded and
+    exported model does), so it is not a per-sample cost.
+
+    Args:
+        model: The network; a copy is run, so its mode is left alone.
+        input_shape: Per-sample shape, e.g. ``(3, 32, 32)``.
+    """
+    return count_layer_macs(model, input_shape).get("", 0)
+
+
+def count_layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """``count_macs`` per module: qualified name -> MACs of one sample inside it ("" is all).
+
+    A module's count includes its children's; a module called twice counts both calls.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(model).eval()
+    param = next(net.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    with torch.no_grad():
+        net(x)  # fills per-size caches (a pruned conv's constant correction) the copy lost
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+    root = type(net).__name__ + "."  # the counter names modules "<RootClass>.<qualified name>"
+    macs = {"": int(counter.get_total_flops()) // 2}
+    for name, by_op in counter.get_flop_counts().items():
+        if name.startswith(root):
+            macs[name[len(root) :]] = int(sum(by_op.values())) // 2
+    return macs

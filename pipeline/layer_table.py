@@ -1,7 +1,7 @@
 """Per-layer cost tables: output channels, parameters and MACs of every conv/linear layer,
 before and after a prune, with the whole model's totals and a one-line summary.
 
-Counts come from ``pipeline.bench.count_params`` and ``pipeline.bench.count_layer_macs`` (the
+Counts come from ``pipeline.costs.count_params`` and ``pipeline.costs.count_layer_macs`` (the
 same counter as ``count_macs``), so a table's totals equal the numbers in ``report.json``. Rows
 are the channel graph's conv and linear layers; BN, activation and pooling costs appear only in
 the totals (their parameters and, for MACs, nothing: see ``count_macs``).
@@ -83,7 +83,7 @@ def percent(part: float, whole: float) -> str:
 
 
 def _costs(model: nn.Module, input_shape: tuple[int, ...], names: Sequence[str]):
-    from pipeline.bench import count_layer_macs, count_params
+    from pipeline.costs import count_layer_macs, count_params
 
     modules, macs = dict(model.named_modules()), count_layer_macs(model, input_shape)
     layers = {n: Costs(count_params(modules[n]), macs.get(n, 0)) for n in names}

@@ -11,7 +11,7 @@ A penalty is applied after ``loss.backward()``: its gradient is added straight i
 - ``polarization``: strength * (t * sum|gamma| - sum|gamma - mean gamma|) on plain BN.
 - ``ista``: no gradient; ``after_step_`` applies the proximal shrink
   gamma <- sign(gamma) max(|gamma| - lr rho lambda_l, 0) with per-layer cost weights lambda_l
-  (``pipeline.ista.layer_costs``), producing exact zeros.
+  (``pipeline.costs.layer_costs``), producing exact zeros.
 - ``none``: nothing.
 """
 
@@ -106,7 +106,7 @@ def make_penalty(
     if example is None:
         raise ValueError("the ista penalty needs an example input to weigh layers by cost")
     from pipeline.channel_graph import build_channel_graph
-    from pipeline.ista import layer_costs
+    from pipeline.costs import layer_costs
 
     graph = graph if graph is not None else build_channel_graph(model, example)
     costs = layer_costs(model, graph, example, config.cost)

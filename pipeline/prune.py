@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ __all__ = [
     "LayerPlan",
     "PruneError",
     "PrunePlan",
+    "PruneSummary",
     "Pruned",
     "RemovalReport",
     "SelectionRules",
@@ -48,6 +50,31 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneSummary:
+    """What a prune did, in the numbers ``recede prune`` and ``recede run`` report.
+
+    Both commands write these into their ``report.json`` under keys of their own (a prune
+    folder's ``groups``, ``threshold`` and ``barriers``; a run's ``groups`` and ``threshold``);
+    this is the one place they are counted.
+
+    Attributes:
+        total: Channel groups in the traced graph.
+        prunable: Groups that were ranked (the others are behind a barrier or fixed).
+        dropped: Groups the plan removes.
+        threshold_mode: ``ratio``, ``auto`` or ``value``.
+        threshold_value: The importance cut (for ``ratio``, the value the ratio landed on).
+        barriers: Ops the graph could not see through, as ``Barrier`` fields.
+    """
+
+    total: int
+    prunable: int
+    dropped: int
+    threshold_mode: str
+    threshold_value: float | None
+    barriers: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, repr=False)
@@ -75,6 +102,17 @@ class Pruned:
             f"Pruned({type(self.model).__name__}: dropped {len(p.dropped_groups)} of "
             f"{len(self.importances)} prunable groups, BN channels {p.channels_total} -> "
             f"{p.channels_kept}, {p.threshold_mode}{value}; .summary() for the per-layer table)"
+        )
+
+    def report(self) -> PruneSummary:
+        """The counts both commands report (see :class:`PruneSummary`)."""
+        return PruneSummary(
+            total=len(self.graph.groups),
+            prunable=len(self.importances),
+            dropped=len(self.plan.dropped_groups),
+            threshold_mode=self.plan.threshold_mode,
+            threshold_value=self.plan.threshold_value,
+            barriers=[b.__dict__ for b in self.graph.barriers],
         )
 
     def summary(self) -> str:

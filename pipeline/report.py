@@ -464,7 +464,7 @@ def plot_latency(
     so, and a quick look (few runs) says so in the title.
 
     Args:
-        rows: Latency rows, as :class:`~pipeline.bench.LatencyRow` or their dicts.
+        rows: Latency rows, as :class:`~pipeline.timing.LatencyRow` or their dicts.
         path: Destination image.
 
     Returns:

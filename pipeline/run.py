@@ -1,8 +1,8 @@
 """The whole pipeline: train -> prune -> fine-tune -> fold -> export -> verify -> bench -> report.
 
-Each step is a call into its stage module (training ``pipeline.train``, pruning, folding, export
-and verification ``pipeline.export.verify``, timing ``pipeline.bench``, plots and Markdown
-``pipeline.report``); this file only wires them, collects a typed
+Each step is a call into its stage module (training and fine-tuning ``pipeline.train_stage``,
+pruning, folding, export and verification ``pipeline.export.verify``, timing ``pipeline.bench``,
+plots and Markdown ``pipeline.report``); this file only wires them, collects a typed
 :class:`~pipeline.run_report.RunReport` and writes the run folder:
 ``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``trained/`` and ``pruned/``
 (state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, PNG plots and
@@ -23,20 +23,14 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.atomic import write_json_atomic, write_text_atomic
-from pipeline.channel_graph import build_channel_graph
 from pipeline.checkpoint import SHAPES, WEIGHTS, save_pruned
 from pipeline.checks import Check, raise_unless_verified
-from pipeline.config import RunConfig, dump_config, to_dict
-from pipeline.data import DataBundle, load_data
-from pipeline.feasibility import check_feasible
-from pipeline.models import ModelSpec, build_model
-from pipeline.output_folders import check_out_folder, partial_folder, staged_folder
+from pipeline.config import RunConfig, to_dict
+from pipeline.data import DataBundle
+from pipeline.output_folders import staged_folder
 from pipeline.plan import layer_widths
-from pipeline.polarise import Polariser
 from pipeline.prune import Pruned, prune_model
-from pipeline.resume import check_resume_config
 from pipeline.run_report import (
-    BudgetSummary,
     DenseSummary,
     ExportSummary,
     GroupSummary,
@@ -46,152 +40,51 @@ from pipeline.run_report import (
     ThresholdSummary,
 )
 from pipeline.threshold import NotBimodalError
-from pipeline.train import evaluate, recalibrate_bn_, resolve_device, seed_everything, train_
+from pipeline.train import evaluate, resolve_device
+from pipeline.train_stage import (
+    budget_summary,
+    example_batch,
+    finetune_,
+    model_spec,
+    open_training,
+    train_as_worker,
+    train_into,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def model_spec(cfg: RunConfig, data: DataBundle) -> ModelSpec:
-    """Everything needed to rebuild the trained model from its constructor."""
-    return ModelSpec(
-        model=cfg.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        input_shape=data.input_shape,
-        bounded_bn=cfg.train.penalty.bounded,
-        bn_shift=cfg.train.bn_shift,
-    )
-
-
-def build_and_train(
-    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, *, resume: bool = False
-) -> tuple[nn.Module, list]:
-    """Build the model, ready it for the penalty (``Polariser.prepare``) and train it.
-
-    ``resume`` continues from ``checkpoint_dir/train_last.pt`` when it exists. Under
-    ``torchrun`` the training is one rank of a DDP job (see ``pipeline.distributed``).
-
-    For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
-    after, so the saved model has the original parameterisation.
-    """
-    device = resolve_device(cfg.train.device)
-    with distributed.process_group(device, cfg.data.batch_size):  # only under torchrun
-        return _build_and_train(cfg, data, checkpoint_dir, resume)
-
-
-def _build_and_train(
-    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, resume: bool
-) -> tuple[nn.Module, list]:
-    model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    pen_cfg = cfg.train.penalty
-    example = example_batch(data, 2)
-    steps = cfg.train.epochs * len(distributed.shard_loader(data.train, cfg.train.seed))
-    polariser = Polariser.prepare(
-        model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune
-    )
-    rescaled: list[str] = []
-    if pen_cfg.method == "ista" and pen_cfg.rescale != 1.0:
-        from pipeline.ista import rescale_gamma_
-
-        graph = build_channel_graph(model, example)
-        rescaled = rescale_gamma_(model, graph, example, pen_cfg.rescale)
-    logs = train_(
-        model,
-        data,
-        cfg.train,
-        epochs=cfg.train.epochs,
-        lr=cfg.train.lr,
-        polariser=polariser,
-        checkpoint_dir=checkpoint_dir,
-        tag="train",
-        resume=resume,
-    )
-    if rescaled:
-        rescale_gamma_(model.cpu(), graph, example, 1.0 / pen_cfg.rescale, only=rescaled)
-    return model.cpu().eval(), logs
-
-
-def example_batch(data: DataBundle, n: int = 32) -> torch.Tensor:
-    """The first ``n`` test images: the example every stage traces and verifies with."""
-    return next(iter(data.test))[0][:n].cpu()
-
-
-def open_training(
-    cfg: RunConfig, out: str | Path, *, kind: str, resume: bool, force: bool
-) -> tuple[Path, DataBundle]:
-    """Check the output folder (and, resuming, that the config is unchanged), then load data.
-
-    The setup ``recede run`` and ``recede train`` share, done before any training.
-
-    Raises:
-        OutputError: ``out`` cannot be written (see ``pipeline.output_folders.check_out_folder``).
-        CheckpointError: ``resume`` with a training config that differs from the folder's.
-        ConfigError: the model cannot be built or would not fit (``pipeline.feasibility``).
-    """
-    final = check_out_folder(out, kind=kind, force=force, flag="--out")
-    if resume:
-        check_resume_config(cfg, final)
-    check_feasible(cfg)  # the model builds and fits: refused now, not after data or training
-    return final, load_data(cfg.data, seed=cfg.train.seed)
-
-
-def train_into(
-    cfg: RunConfig, data: DataBundle, stage: Path, model_dir: str, *, resume: bool
-) -> tuple[nn.Module, list]:
-    """Write ``config.yaml``, train (checkpoints in ``stage/checkpoints``) and save the trained
-    model into ``stage/model_dir``; returns the model and the epoch logs."""
-    write_text_atomic(stage / "config.yaml", dump_config(cfg))
-    seed_everything(cfg.train.seed)
-    model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=resume)
-    save_pruned(model, stage / model_dir, spec=model_spec(cfg, data))
-    return model, logs
 
 
 def _prune_and_finetune(
     model: nn.Module, data: DataBundle, batch: torch.Tensor, cfg: RunConfig, out: Path
 ) -> tuple[Pruned, PrunedAccuracy]:
     """Prune, recalibrate BN, fine-tune; returns the result and the pruned model's accuracies."""
-    cpu = torch.device("cpu")
     pruned = prune_model(model, batch, cfg.prune, receded_below=cfg.train.receded_below)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
-    before, recalibrated = evaluate(pruned.model, data.test, cpu), None
-    if cfg.prune.recalibrate:  # downstream BN statistics still describe the unpruned network
-        recalibrate_bn_(pruned.model, data.train, cpu)
-        recalibrated = evaluate(pruned.model, data.test, cpu)
-    train_(
-        pruned.model,
-        data,
-        cfg.train,
-        epochs=cfg.prune.finetune_epochs,
-        lr=cfg.prune.finetune_lr,
-        polariser=None,
-        tag="finetune",
-    )
-    after = evaluate(pruned.model.cpu().eval(), data.test, cpu)
+    accuracy = finetune_(pruned.model, data, cfg.train, cfg.prune)
     save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
-    return pruned, PrunedAccuracy(before, recalibrated, after)
+    return pruned, accuracy
 
 
 def _groups(pruned: Pruned) -> GroupSummary:
-    removal = pruned.removal
+    removal, counts = pruned.removal, pruned.report()
     return GroupSummary(
-        total=len(pruned.graph.groups),
-        prunable=len(pruned.importances),
-        dropped=len(pruned.plan.dropped_groups),
+        total=counts.total,
+        prunable=counts.prunable,
+        dropped=counts.dropped,
         absorbed_exactly=removal.absorbed_groups,
         approximate=removal.approximate_groups,
         corrections=[list(c) for c in removal.corrections],
         removal_rel_err=removal.max_rel_err,
         zeroing_rel_err=removal.zeroing_err,
         scale_bound=removal.scale_bound,
-        barriers=[b.__dict__ for b in pruned.graph.barriers],
+        barriers=counts.barriers,
     )
 
 
 def _summaries(
     model: nn.Module, dense_acc: float, pruned: Pruned, acc: PrunedAccuracy, shape: tuple
 ) -> tuple[DenseSummary, PrunedSummary]:
-    from pipeline.bench import count_macs, count_params
+    from pipeline.costs import count_macs, count_params
 
     dense = DenseSummary(count_params(model), count_macs(model, shape), dense_acc)
     after = PrunedSummary(
@@ -204,24 +97,6 @@ def _summaries(
         channels_total=pruned.plan.channels_total,
     )
     return dense, after
-
-
-def budget_summary(cfg: RunConfig, logs: list) -> BudgetSummary:
-    """Target against what training receded (``train.target`` null: no budget)."""
-    from pipeline.polarise import budget_outcome, budget_reached
-
-    last = logs[-1] if logs else None
-    receded = last.receded if last is not None else None
-    reachable = last.reachable if last is not None else None
-    target = cfg.train.target
-    return BudgetSummary(
-        target=target,
-        cost=cfg.train.target_cost,
-        receded=receded,
-        reachable=reachable,
-        reached=budget_reached(target, receded),
-        outcome=budget_outcome(target, receded, reachable),
-    )
 
 
 def _environment(cfg: RunConfig) -> dict[str, Any]:
@@ -239,15 +114,6 @@ def _trained_hint(trained: Path) -> str:
         f"the trained model is kept in {trained}: prune it with `recede prune --from {trained} "
         f"--threshold ratio --out DIR`, or rerun with --resume (no retraining)"
     )
-
-
-def train_as_worker(cfg: RunConfig, data: DataBundle, final: Path, *, resume: bool) -> None:
-    """A torchrun rank other than 0: train in step with rank 0 and write nothing.
-
-    Resuming, it reads rank 0's checkpoint in ``final``'s partial folder.
-    """
-    seed_everything(cfg.train.seed)
-    build_and_train(cfg, data, partial_folder(final) / "checkpoints", resume=resume)
 
 
 def run_pipeline(

@@ -8,20 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backends import ReplayMismatchError, _check_replay
+from pipeline.artefacts import Artefact
+from pipeline.backends import ReplayMismatchError, _check_replay, bench_torch
 from pipeline.bench import (
-    Artefact,
-    Setting,
     SweepConfig,
     bench_markdown,
     bench_report,
-    bench_torch,
-    count_macs,
-    count_params,
     latency_table,
     plan_settings,
     sweep,
 )
+from pipeline.costs import count_macs, count_params
+from pipeline.timing import Setting
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import load_data
-from pipeline.run import build_and_train
 from pipeline.train import seed_everything
+from pipeline.train_stage import build_and_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [

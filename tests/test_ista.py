@@ -2,7 +2,8 @@ import torch
 
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import ModelConfig, PenaltyConfig
-from pipeline.ista import layer_costs, rescale_gamma_
+from pipeline.costs import layer_costs
+from pipeline.ista import rescale_gamma_
 from pipeline.models import build_model
 from pipeline.penalties import make_penalty
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.bench import count_layer_macs, count_macs, count_params
 from pipeline.config import PruneConfig
+from pipeline.costs import count_layer_macs, count_macs, count_params
 from pipeline.layer_table import human, percent
 from pipeline.prune import prune_model
 from tests.conftest import tiny_net_random_bn

@@ -9,13 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.bench import count_macs
 from pipeline.bn import convert_to_bounded_bn_
 from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.budget import BudgetController, ReceededShare
 from pipeline.channel_graph import build_channel_graph
 from pipeline.config import ModelConfig, PruneConfig, TrainConfig
-from pipeline.costs import KeptMacs
+from pipeline.costs import KeptMacs, count_macs
 from pipeline.models import build_model
 from pipeline.polarise import Polariser, budget_outcome
 from pipeline.prune import make_plan, remove_groups

@@ -92,15 +92,3 @@ def test_rel_err_is_relative_to_the_reference_scale():
     assert rel_err(want + torch.tensor([0.0, 2.0]), want) == pytest.approx(0.1)
     assert rel_err(want, want) == 0.0
     assert rel_err(torch.ones(2), torch.zeros(2)) == pytest.approx(1e12)  # the floor
-
-
-def test_remove_groups_refuses_a_plan_from_another_graph():
-    from pipeline.channel_graph import build_channel_graph
-    from pipeline.prune import PruneError, PrunePlan, remove_groups
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    x = torch.randn(2, 3, 8, 8)
-    graph = build_channel_graph(model, x)
-    plan = PrunePlan((10_000,), (), "ratio", None, 4, 4)
-    with pytest.raises(PruneError, match="which this graph lacks"):
-        remove_groups(model, graph, plan, x)

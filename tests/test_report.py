@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.bench import LatencyRow
 from pipeline.report import (
     importance_figure,
     plot_importance_histogram,
@@ -13,6 +12,7 @@ from pipeline.report import (
     plot_latency,
     render_markdown,
 )
+from pipeline.timing import LatencyRow
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
