@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 MIN_SENSITIVITY = 2.0  # the input effect must be at least twice the bound
 MAX_REL_ERR = 0.5  # an error of half the output scale fails at any precision and any floor
-VERDICTS = ("ok", "twin-ok", "failed", "insensitive")
 
 
 class VerificationError(RuntimeError):
