@@ -1,6 +1,6 @@
 """Prune every torchvision classifier with BatchNorm and tabulate the result as markdown.
 
-Runs ``check_model`` from ``tests/test_torchvision_coverage.py`` (the check the test suite
+Runs ``check_model`` from ``tests/prune/test_torchvision_coverage.py`` (the check the test suite
 asserts) on each model: half of the prunable channel groups dropped at random, pruned vs masked
 output (float64), ONNX Runtime vs PyTorch on the pruned model (float32), and how far a 1% change
 of one channel in each third of the network moves the output. Writes the table to

@@ -8,7 +8,7 @@ status and figures) and one ``DIR/<stage>.log`` per stage. Stages, in this order
 
 - ``tests``: ``pytest -m gpu`` over the test files that hold gpu-marked tests.
 - ``latency``: the demo model (``configs/demo.yaml``: VGG-11 at width 0.5, 1x32x32 digits, 10
-  classes) dense, against a pruned copy, timed by ``pipeline.bench.measure`` (the code
+  classes) dense, against a pruned copy, timed by ``pipeline.bench.sweep.measure`` (the code
   ``recede bench`` runs) as CUDA-graph replays at batches 1, 2, 4, ..., 128 in fp32 and fp16.
 - ``kernels``: ``benchmarks/kernel_bench.py``'s per-op table and training steps (eager, Triton, compiled).
 
@@ -28,7 +28,7 @@ Decisions:
   rules (``prune.min_channels: 4``, ``prune.max_layer_ratio: 0.5``) dropping half of the groups,
   so every layer loses half its channels. That keeps 0.252 of the dense MACs (9.59 M of 38.05 M;
   the trained demo kept 0.257), and latency depends on the kept widths, not on which channels.
-  The removal goes through ``pipeline.prune`` and its exactness check, as a real prune does.
+  The removal goes through ``pipeline.prune.stage`` and its exactness check, as a real prune does.
 - **Interleaving.** Dense and pruned are timed in alternating order over ``repeats`` rounds per
   batch, so a load change hits both; the pruned/dense ratio is the median of the per-round
   ratios, reported with its min and max.
@@ -91,7 +91,7 @@ def importable(name: str) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from pipeline.atomic import write_json_atomic
+    from pipeline.core.atomic import write_json_atomic
 
     write_json_atomic(path, obj)
 
@@ -193,10 +193,10 @@ def demo_pair(dry_run: bool) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.channel_graph import build_channel_graph
-    from pipeline.costs import count_macs
-    from pipeline.models import VGG
-    from pipeline.prune import SelectionRules, make_plan, remove_groups, select_groups
+    from pipeline.graph.channel_graph import build_channel_graph
+    from pipeline.graph.costs import count_macs
+    from pipeline.models.zoo import VGG
+    from pipeline.prune.stage import SelectionRules, make_plan, remove_groups, select_groups
 
     width = 0.125 if dry_run else DEMO["width"]  # VGG-11 pools 5 times: 32 px is its minimum
     torch.manual_seed(0)
@@ -278,9 +278,9 @@ def latency_stage(progress: Path, dry_run: bool) -> dict[str, Any]:
     (also written to ``progress`` after every batch, for a stage cut off by its budget)."""
     import torch
 
-    from pipeline.artefacts import Artefact
-    from pipeline.bench import SweepConfig, measure
-    from pipeline.timing import Setting
+    from pipeline.bench.artefacts import Artefact
+    from pipeline.bench.sweep import SweepConfig, measure
+    from pipeline.bench.timing import Setting
 
     pair = demo_pair(dry_run)
     mac_ratio = pair["macs"]["dense"] / pair["macs"]["pruned"]
@@ -427,7 +427,7 @@ def stage_main(name: str, out: Path, dry_run: bool) -> int:
 
 def machine(dry_run: bool) -> dict[str, Any]:
     """Where the figures come from: device, CPU, package versions."""
-    from pipeline.environment import (
+    from pipeline.core.environment import (
         cpu_model,
         gpu_description,
         package_version,
@@ -562,7 +562,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    from pipeline.atomic import write_text_atomic
+    from pipeline.core.atomic import write_text_atomic
 
     _write_json(out / "gpu_check.json", report)
     write_text_atomic(out / "gpu_check.md", render_markdown(report))

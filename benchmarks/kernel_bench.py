@@ -77,7 +77,7 @@ def _build(case: str) -> nn.Module:
     if case == "vgg10":
         return build_cnn()
     if case == "vgg16":
-        from pipeline.models import VGG
+        from pipeline.models.zoo import VGG
 
         return VGG(16, 10, 3, 1.0)
     import torchvision
@@ -88,9 +88,9 @@ def _build(case: str) -> nn.Module:
 def bounded_model(case: str, backend: str, example: torch.Tensor) -> nn.Module:
     """``case`` with bounded BN on ``backend``, on ``example``'s device; BN+ReLU fused for
     Triton (the pairs torch.fx finds; ResNet-50's shared ReLUs stay separate)."""
-    from pipeline.bn import convert_to_bounded_bn_
-    from pipeline.bounded_bn import BoundedBatchNorm2d
-    from pipeline.fuse_relu import fuse_bn_relu_
+    from pipeline.layers.bn import convert_to_bounded_bn_
+    from pipeline.layers.bounded_bn import BoundedBatchNorm2d
+    from pipeline.train.fuse_relu import fuse_bn_relu_
 
     torch.manual_seed(0)
     model = _build(case)
@@ -105,7 +105,7 @@ def bounded_model(case: str, backend: str, example: torch.Tensor) -> nn.Module:
 
 
 def _logits(model: nn.Module) -> list[torch.Tensor]:
-    from pipeline.bounded_bn import BoundedBatchNorm2d
+    from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 
     return [m.weight for m in model.modules() if isinstance(m, BoundedBatchNorm2d)]
 

@@ -20,9 +20,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.artefacts import ArtefactError, open_artefacts
-from pipeline.bench import SweepConfig, available_settings, bench_report, sweep
-from pipeline.interleave import relative_spread
+from pipeline.bench.artefacts import ArtefactError, open_artefacts
+from pipeline.bench.interleave import relative_spread
+from pipeline.bench.sweep import SweepConfig, available_settings, bench_report, sweep
 
 
 def speedups(run: Path, cfg: SweepConfig, repeats: int) -> dict[str, list[float]]:

@@ -24,8 +24,8 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.channel_graph import build_channel_graph
-from pipeline.prune import (
+from pipeline.graph.channel_graph import build_channel_graph
+from pipeline.prune.stage import (
     SelectionRules,
     apply_plan_,
     group_importance,

@@ -74,8 +74,6 @@ from quality_peers import (  # noqa: E402
     ucs_prune,
 )
 
-from pipeline.atomic import write_json_atomic  # noqa: E402
-from pipeline.bn import bn_modules, convert_to_plain_bn_  # noqa: E402
 from pipeline.config import (  # noqa: E402
     DataConfig,
     ModelConfig,
@@ -84,14 +82,16 @@ from pipeline.config import (  # noqa: E402
     RunConfig,
     TrainConfig,
 )
-from pipeline.costs import count_macs, count_params  # noqa: E402
-from pipeline.data import DataBundle, DataError  # noqa: E402
-from pipeline.environment import environment  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.prune import prune_model  # noqa: E402
-from pipeline.threshold import NotBimodalError  # noqa: E402
-from pipeline.train import evaluate, resolve_device, train_  # noqa: E402
-from pipeline.train_stage import build_and_train, example_batch, finetune_, reseed_  # noqa: E402
+from pipeline.core.atomic import write_json_atomic  # noqa: E402
+from pipeline.core.environment import environment  # noqa: E402
+from pipeline.data.datasets import DataBundle, DataError  # noqa: E402
+from pipeline.graph.costs import count_macs, count_params  # noqa: E402
+from pipeline.layers.bn import bn_modules, convert_to_plain_bn_  # noqa: E402
+from pipeline.models.zoo import build_model  # noqa: E402
+from pipeline.prune.stage import prune_model  # noqa: E402
+from pipeline.prune.threshold import NotBimodalError  # noqa: E402
+from pipeline.train.loop import evaluate, resolve_device, train_  # noqa: E402
+from pipeline.train.stage import build_and_train, example_batch, finetune_, reseed_  # noqa: E402
 
 logger = logging.getLogger("quality")
 
@@ -251,9 +251,9 @@ def _measure(model: nn.Module, data: DataBundle, batch: torch.Tensor, dense: dic
 def _ort_p50(model: nn.Module, batch: torch.Tensor, input_shape) -> dict[str, float]:
     """ONNX Runtime CPU p50 (ms) of the folded model at batch 1 and 32, one thread (grids run
     two processes side by side on two cores; read these as rough, not as the latency bench)."""
-    from pipeline.backends import bench_onnxruntime
+    from pipeline.bench.backends import bench_onnxruntime
     from pipeline.export.onnx import export_onnx
-    from pipeline.fold import fold_bn
+    from pipeline.fold.batchnorm import fold_bn
 
     folded, _ = fold_bn(model.cpu().eval(), batch, rtol=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,8 +278,8 @@ def _dense_facts(model: nn.Module, data: DataBundle, grid: Grid, batch: torch.Te
 
 
 def _group_importances(model: nn.Module, batch: torch.Tensor) -> list[float]:
-    from pipeline.channel_graph import build_channel_graph
-    from pipeline.prune import group_importance
+    from pipeline.graph.channel_graph import build_channel_graph
+    from pipeline.prune.stage import group_importance
 
     values = group_importance(model, build_channel_graph(model, batch), "max").values()
     return [float(f"{v:.4g}") for v in values]

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.atomic import save_torch_atomic
 from pipeline.config import DataConfig
-from pipeline.data import DataBundle, load_data
+from pipeline.core.atomic import save_torch_atomic
+from pipeline.data.datasets import DataBundle, load_data
 
 
 def load_tensor_data(cfg: DataConfig, seed: int = 0) -> DataBundle:

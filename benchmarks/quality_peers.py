@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pipeline.config import PruneConfig
-from pipeline.costs import count_macs
-from pipeline.prune import prune_model
+from pipeline.graph.costs import count_macs
+from pipeline.prune.stage import prune_model
 
 
 def fit_macs(prune_at: Callable[[float], nn.Module], lo: float, hi: float, budget: int, shape):
@@ -49,7 +49,7 @@ def ucs_prune(
 
 
 class TorchPruningSparsity:
-    """Torch-Pruning's sparse training behind the polariser's calls (``pipeline.train``): the
+    """Torch-Pruning's sparse training behind the polariser's calls (``pipeline.train.loop``): the
     pruner's ``regularize`` after every backward, ``update_regularizer`` every epoch, and its
     benchmark's optimizer for sparse learning: one learning rate for all, no weight decay."""
 
@@ -71,7 +71,7 @@ class TorchPruningSparsity:
         pass
 
     def progress(self):
-        from pipeline.polarise import Progress
+        from pipeline.train.polarise import Progress
 
         return Progress(self.step, self.pruner.reg, None, 0.0)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.atomic import write_text_atomic  # noqa: E402
+from pipeline.core.atomic import write_text_atomic  # noqa: E402
 
 METHOD_ORDER = (
     "receding",
@@ -232,10 +232,10 @@ def sweep_table(sweep: list[dict]) -> tuple[str, list[str]]:
 
 def plot_pareto(groups: dict[tuple, list[dict]], path: Path) -> Path:
     """Accuracy after fine-tuning against MACs kept: one line per method, per model."""
-    from pipeline.report import _new_figure, _save
+    from pipeline.run.report import new_figure, save_figure
 
     models = sorted({k[0] for k in groups})
-    fig = _new_figure(5.2 * len(models), 4.0)
+    fig = new_figure(5.2 * len(models), 4.0)
     for i, model in enumerate(models):
         ax = fig.add_subplot(1, len(models), i + 1)
         for j, method in enumerate(m for m in METHOD_ORDER if any(k[1] == m for k in groups)):
@@ -259,7 +259,7 @@ def plot_pareto(groups: dict[tuple, list[dict]], path: Path) -> Path:
         )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _clip_outliers(ax, floor: float) -> None:
@@ -287,7 +287,7 @@ def plot_histograms(cells: list[dict], path: Path) -> Path:
     """log10 group importance at the end of training, per method, at the smallest budget."""
     import numpy as np
 
-    from pipeline.report import _new_figure, _save
+    from pipeline.run.report import new_figure, save_figure
 
     picks: dict[str, dict] = {}
     models = sorted({c["model"] for c in cells if c["method"] in CONTROLLED})
@@ -298,7 +298,7 @@ def plot_histograms(cells: list[dict], path: Path) -> Path:
         key = c["method"] if c["method"] in CONTROLLED else None
         if key:
             picks.setdefault(key, c)
-    fig = _new_figure(3.2 * max(1, len(picks)), 2.8)
+    fig = new_figure(3.2 * max(1, len(picks)), 2.8)
     for i, (label, c) in enumerate(picks.items()):
         ax = fig.add_subplot(1, len(picks), i + 1)
         values = np.log10(np.clip(np.asarray(c["importances"]), 1e-30, None))
@@ -306,7 +306,7 @@ def plot_histograms(cells: list[dict], path: Path) -> Path:
         ax.set(
             title=f"{c['model']}: {label}, {c['kept']:.0%} MACs", xlabel="log10 group importance"
         )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def section(results: dict, figures: Path, prefix: str, title: str) -> str:

@@ -1,6 +1,6 @@
 """The timm mode of ``coverage_table.py``: recede and Torch-Pruning over timm's BN CNN families.
 
-Runs ``check_timm`` from ``tests/test_timm_coverage.py`` (the check the test suite asserts) on
+Runs ``check_timm`` from ``tests/prune/test_timm_coverage.py`` (the check the test suite asserts) on
 one model per family and writes ``benchmarks/results/timm_coverage.md``.
 """
 

@@ -163,7 +163,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = (
-        False  # torch.compile the training forward/backward (pipeline.train.maybe_compile)
+        False  # torch.compile the training forward/backward (pipeline.train.loop.maybe_compile)
     )
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     target: float | None = None  # fraction of prunable groups (or MACs) to recede; None: fixed λ
@@ -213,7 +213,7 @@ class PruneConfig:
     ``threshold``: ``ratio`` prunes the ``ratio`` least important channel groups; ``auto`` cuts at
     the valley of the bimodal importance distribution; a float prunes groups below that value.
     ``scope`` (ratio only): ``global`` ranks all groups together; ``layer`` drops ``ratio`` of
-    each layer's groups (``pipeline.plan.select_groups``).
+    each layer's groups (``pipeline.prune.plan.select_groups``).
     """
 
     threshold: str | float = "auto"
@@ -264,7 +264,7 @@ class ExportConfig:
     atol: float = 1e-4
     tensorrt: bool = False
     fp16: bool = False
-    accept_insensitive: bool = False  # see pipeline.checks: an unverifiable export fails the run
+    accept_insensitive: bool = False  # see pipeline.core.checks: an unverifiable export fails the run
 
     def __post_init__(self) -> None:
         _check_types(self, "export")
@@ -403,7 +403,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``a.b=v`` overrides (v parsed as YAML) to a nested dict, returning a new dict."""
-    import yaml  # here, not at the top: pipeline.models needs this module, not PyYAML
+    import yaml  # here, not at the top: pipeline.models.zoo needs this module, not PyYAML
 
     out = yaml.safe_load(yaml.safe_dump(data)) or {}
     if not isinstance(out, dict):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.bounded_bn import BoundedBatchNorm2d
+from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 
 
 class TinyNet(nn.Module):

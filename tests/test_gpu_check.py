@@ -78,8 +78,8 @@ def test_dry_run_runs_every_stage_without_the_hidden_packages(dry_run):
 
 def test_dry_run_leaves_out_test_files_that_cannot_import(dry_run):
     tests = dry_run[2]["stages"]["tests"]
-    assert tests["left_out"]["tests/test_timing.py"] == ["hypothesis"]
-    assert "tests/test_bench.py" in tests["files"]
+    assert tests["left_out"]["tests/bench/test_timing.py"] == ["hypothesis"]
+    assert "tests/bench/test_bench.py" in tests["files"]
     counts = tests["counts"]
     assert counts["skipped"] > 0 and counts["failed"] == counts["errors"] == 0  # no CUDA here
 
@@ -103,7 +103,7 @@ def test_dry_run_markdown_says_dry_run_and_shows_every_stage(dry_run):
     assert md.count("| fp32 |") == 2 and md.count("| fp16 |") == 2
     for section in ("## Stages", "## pytest -m gpu", "## Latency", "## Training steps"):
         assert section in md
-    assert "left out tests/test_timing.py: needs hypothesis" in md
+    assert "left out tests/bench/test_timing.py: needs hypothesis" in md
 
 
 def test_summary_takes_the_median_round_ratio():

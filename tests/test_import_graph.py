@@ -93,21 +93,21 @@ def test_finder_sees_a_cycle():
 
 def test_deferred_and_relative_imports_count():
     tree = ast.parse("def f():\n    from . import bench\n    from .export.onnx import x\n")
-    assert _imported(tree, "pipeline.run", False) >= {"pipeline.bench", "pipeline.export.onnx"}
-    guarded = ast.parse("if TYPE_CHECKING:\n    import pipeline.bench\n")
-    assert "pipeline.bench" not in _imported(guarded, "pipeline.run", False)
+    assert _imported(tree, "pipeline.run.pipeline", False) >= {"pipeline.bench.sweep", "pipeline.export.onnx"}
+    guarded = ast.parse("if TYPE_CHECKING:\n    import pipeline.bench.sweep\n")
+    assert "pipeline.bench.sweep" not in _imported(guarded, "pipeline.run.pipeline", False)
 
 
 def test_project_imports_have_no_cycle():
     graph = import_graph()
-    assert "pipeline.cli" in graph and "kernels.bounded_bn" in graph
+    assert "pipeline.cli.main" in graph and "kernels.bounded_bn" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_type_checking_imports_have_no_cycle_either():
-    guarded = ast.parse("if TYPE_CHECKING:\n    import pipeline.bench\n")
-    assert "pipeline.bench" in _imported(guarded, "pipeline.run", False, type_checking=True)
+    guarded = ast.parse("if TYPE_CHECKING:\n    import pipeline.bench.sweep\n")
+    assert "pipeline.bench.sweep" in _imported(guarded, "pipeline.run.pipeline", False, type_checking=True)
     graph = import_graph(type_checking=True)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle through TYPE_CHECKING: " + " -> ".join(cycle or [])
@@ -123,3 +123,53 @@ def test_kernels_import_nothing_from_pipeline():
         if target.split(".")[0] == "pipeline"
     }
     assert not upward, f"kernels/ -> pipeline/ imports: {sorted(upward)}"
+
+
+def stage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Stage folder of ``pipeline/`` (``train``, ``prune``, ...) -> the other folders it imports."""
+
+    def folder(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if parts[0] == "pipeline" and len(parts) > 2 else None
+
+    stages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if (here := folder(module)) is not None:
+            stages.setdefault(here, set()).update(
+                t for t in map(folder, targets) if t is not None and t != here
+            )
+    return stages
+
+
+def test_stage_folders_import_one_way():
+    # A folder-level circle (train -> prune -> train) is a design circle even when every module
+    # import is one way; none is allowed, type-only imports included
+    assert find_cycle(stage_graph({"pipeline.a.x": {"pipeline.b.y"}, "pipeline.b.y": {"pipeline.a.z"}, "pipeline.a.z": set()})) == ["a", "b", "a"]  # fmt: skip
+    stages = stage_graph(import_graph(type_checking=True))
+    assert {"core", "train", "prune", "fold", "export", "bench", "run", "cli"} <= set(stages)
+    cycle = find_cycle(stages)
+    assert cycle is None, "stage folders import in a circle: " + " -> ".join(cycle or [])
+    assert not stages["core"], f"core/ is shared by every stage and imports none: {stages['core']}"
+
+
+def test_pipeline_shows_its_stages_as_folders():
+    loose = sorted(p.name for p in (ROOT / "pipeline").glob("*.py"))
+    assert loose == ["__init__.py", "config.py"], f"modules outside a stage folder: {loose}"
+    tests = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    mirrored = {p.parent.name for p in (ROOT / "tests").glob("*/test_*.py")}
+    stages = {p.name for p in (ROOT / "pipeline").iterdir() if (p / "__init__.py").exists()}
+    assert mirrored <= stages | {"kernels"}, f"test folders without a stage: {mirrored - stages}"
+    assert all(name in PROJECT_TESTS for name in tests), f"unsorted tests: {set(tests) - PROJECT_TESTS}"
+
+
+PROJECT_TESTS = {
+    "test_config.py",  # pipeline/config.py, the one module beside the stage folders
+    "test_gpu_check.py",
+    "test_import_graph.py",
+    "test_lean_import.py",
+    "test_quality_bench.py",
+    "test_readme_docs.py",
+    "test_readme_example.py",
+    "test_release_script.py",
+}
+"""Tests of the project as a whole (README, docs, benchmarks, imports) stay in ``tests/``."""

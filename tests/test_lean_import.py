@@ -4,7 +4,7 @@ import sys
 
 def test_import_pipeline_pulls_in_no_heavy_backend():
     code = (
-        "import sys, pipeline, pipeline.cli, pipeline.prune, pipeline.fold, pipeline.run, kernels.bounded_bn\n"
+        "import sys, pipeline, pipeline.cli.main, pipeline.prune.stage, pipeline.fold.batchnorm, pipeline.run.pipeline, kernels.bounded_bn\n"
         "heavy = [m for m in ('onnx', 'onnxruntime', 'tensorrt', 'triton') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

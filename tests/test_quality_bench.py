@@ -57,7 +57,7 @@ def test_missing_torch_pruning_exits_2_before_any_training(tmp_path, monkeypatch
 
 def test_missing_data_exits_2_naming_the_data(tmp_path, monkeypatch, capsys):
     quality = _load("quality")
-    from pipeline.data import DataError
+    from pipeline.data.datasets import DataError
 
     def missing(*args, **kwargs):
         raise DataError("data.name=fashion_mnist: no copy found")

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.channel_graph import build_channel_graph
-from pipeline.cli import build_parser, main
+from pipeline.cli.main import build_parser, main
+from pipeline.graph.channel_graph import build_channel_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -100,7 +100,7 @@ def command_problem(argv: list[str]) -> str | None:
         return recede_problem(rest)
     if name in ("python", "torchrun") and "-m" in rest:
         module = rest[rest.index("-m") + 1]
-        if module == "pipeline.cli":
+        if module == "pipeline.cli.main":
             return recede_problem(rest[rest.index("-m") + 2 :])
         return None if importlib.util.find_spec(module) else f"no module {module}"
     if name == "python":

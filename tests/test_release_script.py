@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from tests.conftest import finish_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.atomic import atomic_path
+from pipeline.core.atomic import atomic_path
 
 if TYPE_CHECKING:
     import torch

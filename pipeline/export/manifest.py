@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json_atomic
-from pipeline.environment import versions
-from pipeline.integrity import file_sha256  # noqa: F401 - also this module's public name
+from pipeline.core.atomic import write_json_atomic
+from pipeline.core.environment import versions
+from pipeline.core.integrity import file_sha256  # noqa: F401 - also this module's public name
 
 logger = logging.getLogger(__name__)
 

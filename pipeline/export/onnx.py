@@ -29,14 +29,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.atomic import atomic_path
-from pipeline.export.tolerance import Tolerance, tolerance_for
+from pipeline.core.atomic import atomic_path
+from pipeline.core.tolerance import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.checks import Check
+    from pipeline.core.checks import Check
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def _trace_to_proto(
     """Run the chosen torch exporter on a CPU copy of ``model`` and return the ModelProto."""
     import torch
 
-    from pipeline.fold import fold_corrections_
-    from pipeline.ones_channel import ones_channels_
+    from pipeline.fold.batchnorm import fold_corrections_
+    from pipeline.fold.ones_channel import ones_channels_
 
     onnx = _import_onnx()
     clone = copy.deepcopy(model).cpu().eval()
@@ -223,7 +223,7 @@ def export_onnx(
         half: Export in float16 (weights, activations, input and output): the model is cast
             to half on the CPU and traced there.
         ones_channels: Carry position-dependent border corrections as a constant input channel
-            (``pipeline.ones_channel``) where that is exact, instead of a constant ``Add``
+            (``pipeline.fold.ones_channel``) where that is exact, instead of a constant ``Add``
             after the conv; the rest become constant maps.
 
     Returns:
@@ -336,13 +336,13 @@ def verify_onnx(
         what: Name of the check (None: ``onnx`` or ``onnx-fp16`` by the graph's precision).
 
     Returns:
-        The check (``pipeline.checks``): errors, bound, sensitivity, verdict, opset.
+        The check (``pipeline.core.checks``): errors, bound, sensitivity, verdict, opset.
 
     Raises:
         ImportError: If onnx or onnxruntime is not installed.
         onnx.checker.ValidationError: If the graph is invalid.
     """
-    from pipeline.checks import insensitivity_hint, judge
+    from pipeline.core.checks import insensitivity_hint, judge
 
     onnx, ort = _import_onnx(), _import_onnxruntime()
     proto = onnx.load(str(path))

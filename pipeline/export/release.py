@@ -1,7 +1,7 @@
 """Export a saved model as a verified release: ONNX, FP16 ONNX, a TensorRT engine, and what they are.
 
 One call writes every requested artefact into a folder, verifies each against the float32
-PyTorch model under the one tolerance policy (``pipeline.export.tolerance``), and returns the
+PyTorch model under the one tolerance policy (``pipeline.core.tolerance``), and returns the
 facts the release manifest records: paths relative to that folder, precisions, errors and
 bounds, opset, builder flags and the input spec. Exporting the same model twice gives
 byte-identical ONNX files: the trace input is seeded and the exporter is deterministic.
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.checks import Check
+    from pipeline.core.checks import Check
     from pipeline.export.calibration import CalibrationFeed
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def export_release(
         ValueError: INT8 was asked for without calibration data.
         FoldError: Folding BN changed the outputs beyond tolerance.
     """
-    from pipeline.fold import fold_bn
+    from pipeline.fold.batchnorm import fold_bn
 
     if "tensorrt" in options.formats and options.trt_precision == "int8" and calibration is None:
         raise ValueError("an INT8 engine needs calibration batches; pass calibration=")

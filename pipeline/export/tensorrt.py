@@ -5,7 +5,7 @@ Written against the TensorRT 10 Python API (named I/O tensors, ``set_input_shape
 optimisation profile over the dynamic batch axis, FP16, INT8 with an
 ``IInt8EntropyCalibrator2`` fed from dataset batches (deprecated since TensorRT 10.1 in favour of
 explicit Q/DQ graphs, still supported in 10.x), a timing cache that is loaded and saved, and
-verification of the engine's outputs against PyTorch under ``pipeline.export.tolerance``.
+verification of the engine's outputs against PyTorch under ``pipeline.core.tolerance``.
 TensorRT and a CUDA GPU are optional: without them every entry point raises a
 :class:`RuntimeError` that says what to install, and nothing else in recede is affected.
 ``tensorrt`` is imported only inside the functions that use it; the batching, profile and cache
@@ -20,15 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.atomic import atomic_path
+from pipeline.core.atomic import atomic_path
+from pipeline.core.tolerance import Tolerance, tolerance_for
 from pipeline.export.calibration import CalibrationFeed, entropy_calibrator
-from pipeline.export.tolerance import Tolerance, tolerance_for
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pipeline.checks import Check
+    from pipeline.core.checks import Check
 
 logger = logging.getLogger(__name__)
 
@@ -343,35 +343,6 @@ def run_engine(engine_path: str | Path, inputs: torch.Tensor) -> torch.Tensor:
     return TrtRunner(engine_path)(inputs).cpu()
 
 
-def engine_latency(
-    engine_path: str | Path,
-    input_shape: Sequence[int],
-    *,
-    batch: int = 1,
-    runs: int = 50,
-    warmup: int = 10,
-) -> tuple[float, float, float]:
-    """Time an engine on random input, synchronising the GPU after every run.
-
-    Args:
-        engine_path: Serialised engine from :func:`build_engine`.
-        input_shape: Per-sample shape ``(C, H, W)``.
-        batch: Batch size; must lie within the engine's profile.
-        runs: Timed runs after warm-up.
-        warmup: Untimed runs first.
-
-    Returns:
-        ``(p50, p90, p99)`` latency in milliseconds.
-    """
-    import torch
-
-    from pipeline.timing import time_callable
-
-    runner = TrtRunner(engine_path)
-    x = torch.randn(batch, *input_shape, device="cuda").to(runner.input_dtype)
-    return time_callable(lambda: runner(x), warmup=warmup, runs=runs, sync=torch.cuda.synchronize)
-
-
 def verify_engine(
     engine_path: str | Path,
     model: nn.Module,
@@ -391,7 +362,7 @@ def verify_engine(
     """
     import torch
 
-    from pipeline.checks import insensitivity_hint, judge
+    from pipeline.core.checks import insensitivity_hint, judge
 
     tolerance = tolerance or tolerance_for(precision)
     runner = TrtRunner(engine_path)

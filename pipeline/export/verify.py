@@ -1,14 +1,14 @@
 """The one export-and-verify path: fold, write ONNX, check it against PyTorch, judge the checks.
 
 ``recede run`` (dense and pruned models side by side) and ``recede export`` (a release) both
-come through here, so the same model gives the same :class:`pipeline.checks.Check` records,
+come through here, so the same model gives the same :class:`pipeline.core.checks.Check` records,
 the same log lines and the same failure messages from either command:
 
 - :func:`export_checked` writes one ONNX file (float32 or float16) of a folded model and
   verifies it with ONNX Runtime against the unfolded model;
 - :func:`export_and_verify` does that for several labelled models (``recede run``);
-- :func:`pipeline.checks.raise_unless_verified` turns failed (and, unless accepted,
-  insensitive) checks into one :class:`pipeline.checks.VerificationError` (exit code 1).
+- :func:`pipeline.core.checks.raise_unless_verified` turns failed (and, unless accepted,
+  insensitive) checks into one :class:`pipeline.core.checks.VerificationError` (exit code 1).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from pipeline.checks import Check
+    from pipeline.core.checks import Check
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def export_checked(
     """Write ``folded`` to ``path`` as ONNX and verify it against the unfolded ``model``.
 
     Args:
-        folded: The BN-folded model to export (``pipeline.fold.fold_bn``).
+        folded: The BN-folded model to export (``pipeline.fold.batchnorm.fold_bn``).
         model: The model it was folded from: the reference.
         batch: Verification input; its first two samples are the trace input.
         path: The ONNX file to write.
@@ -54,7 +54,7 @@ def export_checked(
         simplify: Try onnxslim (kept only when it changes no output).
         atol: The fp32 floor of the tolerance (None: the policy's default; ignored for fp16).
     """
-    from pipeline.checks import untrained_bns, with_twin
+    from pipeline.core.checks import untrained_bns, with_twin
     from pipeline.export.onnx import export_onnx, verify_onnx
 
     settings = {"opset": opset, "simplify": simplify, "half": half}
@@ -64,7 +64,7 @@ def export_checked(
         return check
     twin = calibrated_twin(model, batch)
     with tempfile.TemporaryDirectory(prefix="recede-twin-") as tmp:
-        from pipeline.fold import fold_bn
+        from pipeline.fold.batchnorm import fold_bn
 
         twin_path = export_onnx(
             fold_bn(twin, batch)[0], batch[:2], Path(tmp, path.name), **settings
@@ -115,13 +115,13 @@ def export_and_verify(
         batch: Verification input; its first two samples are the trace input.
         out: Folder for the ONNX files.
         opset: ONNX opset.
-        atol: The fp32 floor of the tolerance (``pipeline.export.tolerance``).
+        atol: The fp32 floor of the tolerance (``pipeline.core.tolerance``).
 
     Returns:
         The folded models, ONNX paths and checks; a failed or insensitive check is reported,
-        not raised (the caller decides, see :func:`pipeline.checks.raise_unless_verified`).
+        not raised (the caller decides, see :func:`pipeline.core.checks.raise_unless_verified`).
     """
-    from pipeline.fold import fold_bn
+    from pipeline.fold.batchnorm import fold_bn
 
     folded, paths, checks, folds = {}, {}, {}, {}
     for label, model in models.items():

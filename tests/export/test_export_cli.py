@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
 from pipeline.export.manifest import verify_manifest  # noqa: E402
 from pipeline.export.tensorrt import tensorrt_available  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_fp16_graph_really_is_half(release) -> None:
 
 
 def test_a_failed_verification_exits_1_and_writes_nothing(pruned, tmp_path, monkeypatch, capsys):
-    from pipeline.export import tolerance
+    from pipeline.core import tolerance
 
     monkeypatch.setitem(tolerance.TOLERANCES, "fp16", tolerance.Tolerance(0.0, 0.0, "fp16"))
     out = tmp_path / "release"
@@ -129,13 +129,13 @@ def test_all_warns_when_it_skips_tensorrt(pruned, tmp_path, capsys, caplog) -> N
 
 
 def test_unwritable_out_is_refused_before_any_work(pruned, tmp_path, capsys, monkeypatch) -> None:
-    import pipeline.output_folders
+    import pipeline.core.output_folders
 
     parent = tmp_path / "locked"
     parent.mkdir()
-    real = pipeline.output_folders._unwritable_reason
+    real = pipeline.core.output_folders._unwritable_reason
     monkeypatch.setattr(  # root writes anywhere: make the folder report itself read-only
-        pipeline.output_folders,
+        pipeline.core.output_folders,
         "_unwritable_reason",
         lambda folder: "read-only file system" if folder == parent else real(folder),
     )

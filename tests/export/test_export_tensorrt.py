@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.bench.backends import engine_latency
 from pipeline.export import tensorrt as trt_export
 
 
@@ -29,7 +30,7 @@ def test_missing_tensorrt_error_names_install_and_gpu(monkeypatch, tmp_path) -> 
     for call in (
         lambda: trt_export.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine"),
         lambda: trt_export.run_engine(tmp_path / "m.engine", torch.zeros(1, 3, 8, 8)),
-        lambda: trt_export.engine_latency(tmp_path / "m.engine", (3, 8, 8), batch=1),
+        lambda: engine_latency(tmp_path / "m.engine", (3, 8, 8), batch=1),
     ):
         with pytest.raises(RuntimeError) as info:
             call()
@@ -88,7 +89,7 @@ def test_engine_rejects_batch_outside_profile(engine) -> None:
 @pytest.mark.trt
 def test_engine_latency_is_ordered(engine) -> None:
     _, path = engine
-    p50, p90, p99 = trt_export.engine_latency(path, (3, 16, 16), batch=4, runs=50, warmup=5)
+    p50, p90, p99 = engine_latency(path, (3, 16, 16), batch=4, runs=50, warmup=5)
     assert 0 < p50 <= p90 <= p99
 
 

@@ -10,10 +10,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pipeline.config import ModelConfig, PruneConfig
-from pipeline.corrected_conv import CorrectedConv2d
-from pipeline.fold import FoldError, fold_bn, fold_corrections_
-from pipeline.models import build_model
-from pipeline.prune import prune_model
+from pipeline.fold.batchnorm import FoldError, fold_bn, fold_corrections_
+from pipeline.layers.corrected_conv import CorrectedConv2d
+from pipeline.models.zoo import build_model
+from pipeline.prune.stage import prune_model
 
 REL = 1e-5
 
@@ -108,7 +108,7 @@ def test_folded_corrections_match_the_kernel_form_at_the_example_size(demo_prune
 def test_a_uniform_correction_becomes_a_plain_bias() -> None:
     conv = nn.Conv2d(4, 3, 3, padding=1)
     ref = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), conv).eval()
-    from pipeline.corrected_conv import make_corrected_
+    from pipeline.layers.corrected_conv import make_corrected_
 
     make_corrected_(conv, kernel=torch.randn(3, 1, 3, 3))
     x = torch.randn(2, 4, 5, 5)
@@ -121,7 +121,7 @@ def test_a_uniform_correction_becomes_a_plain_bias() -> None:
 
 
 def test_a_wrong_static_value_is_caught(demo_pruned, monkeypatch) -> None:
-    import pipeline.fold as fold
+    import pipeline.fold.batchnorm as fold
 
     model, x = demo_pruned
     folded, _ = fold_bn(model, x)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.export.tolerance import TOLERANCES, tolerance_for
+from pipeline.core.tolerance import TOLERANCES, tolerance_for
 
 
 def test_bound_scales_with_the_output() -> None:

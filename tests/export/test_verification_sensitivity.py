@@ -11,9 +11,9 @@ from torch import nn
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
 from pipeline.export.onnx import export_onnx, verify_onnx  # noqa: E402
-from pipeline.fold import fold_bn  # noqa: E402
+from pipeline.fold.batchnorm import fold_bn  # noqa: E402
 
 NEAR = ["--model", "tests.conftest:NearConstantNet", "--input-shape", "1,3,16,16"]
 

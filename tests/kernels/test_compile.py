@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from kernels.receding_penalty import receding_penalty_
-from pipeline.bounded_bn import BoundedBatchNorm2d
 from pipeline.config import TrainConfig
-from pipeline.fuse_relu import fuse_bn_relu_
-from pipeline.train import maybe_compile
+from pipeline.layers.bounded_bn import BoundedBatchNorm2d
+from pipeline.train.fuse_relu import fuse_bn_relu_
+from pipeline.train.loop import maybe_compile
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}  # the kernel tests' fp32 tolerance
 
@@ -157,9 +157,9 @@ def test_train_with_compile_matches_eager_training():
     controller included) gives the eager run's losses and weights within tolerance."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import DataBundle
-    from pipeline.polarise import Polariser
-    from pipeline.train import train_
+    from pipeline.data.datasets import DataBundle
+    from pipeline.train.loop import train_
+    from pipeline.train.polarise import Polariser
 
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 3, (32,)))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.bn import convert_to_plain_bn_
-from pipeline.bounded_bn import BoundedBatchNorm2d
-from pipeline.fold import FoldError, fold_bn_
-from pipeline.fuse_relu import (
+from pipeline.fold.batchnorm import FoldError, fold_bn_
+from pipeline.layers.bn import convert_to_plain_bn_
+from pipeline.layers.bounded_bn import BoundedBatchNorm2d
+from pipeline.train.fuse_relu import (
     ReLUFusedIntoBN,
     fuse_bn_relu_,
     fused_for_training,

@@ -26,7 +26,7 @@ def test_cpu_run_prints_a_row_per_variant(capsys):
 
 
 def test_bounded_model_fuses_bn_relu_only_for_triton(device, triton_backend):
-    from pipeline.bounded_bn import BoundedBatchNorm2d
+    from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 
     x = torch.randn(2, 3, 16, 16, device=device)
     for backend, fused in (("torch", 0), (triton_backend, 10)):

@@ -1,0 +1,125 @@
+"""Compare a bench report with a stored baseline: the slowdowns that exceed a threshold beyond noise.
+
+A release gate that fails on noise is switched off after its first false alarm, so a row fails
+only when the lower quartile of its block medians is slower than ``max_slowdown`` times the
+baseline's upper quartile: the two measurements' interquartile ranges, not their medians, must be
+that far apart (quartiles, so one outlier block cannot hide or fake a regression). Rows are matched
+by model, backend, device, mode, precision, batch and threads; a latency is only comparable on
+the machine that measured the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench.interleave import quartiles
+
+DEFAULT_MAX_SLOWDOWN = 1.2
+KEY_FIELDS = ("model", "backend", "device", "mode", "precision", "batch", "threads")
+
+
+class BaselineError(ValueError):
+    """A baseline file is missing, not a bench report, or shares no row with the new one."""
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """One row's new latency against the baseline.
+
+    Attributes:
+        key: The row's identity, e.g. ``pruned onnxruntime cpu session fp32 batch 1 threads 2``.
+        old_ms: Baseline p50.
+        new_ms: New p50.
+        ratio: ``new_ms / old_ms`` (above 1: slower).
+        beyond_noise: The new lower quartile over the baseline's upper quartile (of block
+            medians): the smallest slowdown the two measurements' spreads allow.
+    """
+
+    key: str
+    old_ms: float
+    new_ms: float
+    ratio: float
+    beyond_noise: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.key}: {self.old_ms:.3f} -> {self.new_ms:.3f} ms p50 ({self.ratio:.2f}x; "
+            f"{self.beyond_noise:.2f}x beyond the measured noise)"
+        )
+
+
+def _key(row: Mapping[str, Any]) -> str:
+    model, backend, device, mode, precision, batch, threads = (row.get(k) for k in KEY_FIELDS)
+    return f"{model} {backend} {device} {mode} {precision} batch {batch} threads {threads}"
+
+
+def _range_ms(row: Mapping[str, Any]) -> tuple[float, float]:
+    """The quartiles of the block medians; a row without blocks spans p50 to p90."""
+    blocks = [float(b) for b in row.get("blocks_ms") or ()]
+    if blocks:
+        low, _, high = quartiles(blocks)
+        return low, high
+    return float(row["p50_ms"]), float(row.get("p90_ms", row["p50_ms"]))
+
+
+def load_baseline(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a ``recede bench --json``/``--save-baseline`` file.
+
+    Raises:
+        BaselineError: naming the file, what was expected and how to make one.
+    """
+    how = "create one with `recede bench MODEL --save-baseline PATH` on this machine"
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
+    except FileNotFoundError:
+        raise BaselineError(f"--compare {path}: no such file; {how}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BaselineError(
+            f"--compare {path}: expected a bench report (JSON with 'rows'), got "
+            f"{type(err).__name__}: {err}; {how}"
+        ) from None
+    fields = ("p50_ms", *KEY_FIELDS)
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(k in r for k in fields) for r in rows
+    ):
+        raise BaselineError(
+            f"--compare {path}: expected 'rows' to be a list of latency rows with {fields}; {how}"
+        )
+    return rows
+
+
+def compare_rows(
+    new: Sequence[Mapping[str, Any]],
+    old: Sequence[Mapping[str, Any]],
+    max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+) -> tuple[list[Slowdown], int]:
+    """The rows of ``new`` slower than ``max_slowdown`` times ``old`` beyond the noise.
+
+    Returns:
+        The failing rows (see the module docstring) and how many rows were compared.
+
+    Raises:
+        BaselineError: If no row of ``new`` has a counterpart in ``old``.
+    """
+    baseline = {_key(r): r for r in old}
+    matched = [(r, baseline[_key(r)]) for r in new if _key(r) in baseline]
+    if not matched:
+        raise BaselineError(
+            f"--compare: none of the {len(new)} new rows matches one of the baseline's "
+            f"{len(old)} (by {', '.join(KEY_FIELDS)}); expected the same models, backends and "
+            "batches; recreate the baseline with --save-baseline"
+        )
+    failing = []
+    for row, ref in matched:
+        ratio = float(row["p50_ms"]) / float(ref["p50_ms"])
+        beyond = _range_ms(row)[0] / _range_ms(ref)[1]
+        if beyond > max_slowdown:
+            failing.append(
+                Slowdown(_key(row), float(ref["p50_ms"]), float(row["p50_ms"]), ratio, beyond)
+            )
+    return failing, len(matched)

@@ -1,0 +1,429 @@
+"""Time a callable and summarise it: warm-up, timed runs, percentiles, one latency row per setting.
+
+The timing loop is the one place recede measures latency; ``bench``, ``run`` and the TensorRT
+export all go through it. Every timed run ends with the device idle (a synchronisation, or a
+CUDA event waited on), so a row measures the full forward pass, never the time to enqueue it,
+and runs never overlap: these are latencies, not pipelined throughput.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pipeline.bench.interleave import Ratio, block_ratio, relative_spread
+
+MIN_RUNS = 50
+"""Timed runs per row for a figure worth reporting; fewer (down to :data:`QUICK_MIN_RUNS`)
+is a quick look, and every row of it is marked ``quick``."""
+QUICK_MIN_RUNS = 5
+"""The fewest timed runs accepted: five blocks of one run still give a median and a spread."""
+NOISE_LIMIT = 0.2
+"""A row is ``noisy`` when the interquartile range of its block medians exceeds 20% of their
+median. The release
+gate fails on a 20% slowdown (``--max-slowdown 1.2``), so a row that moves that much between
+blocks of one measurement cannot support a verdict at that scale."""
+IMPLAUSIBLE_FACTOR = 1.2
+"""A speed-up above 1.2x the MAC ratio is ``implausible``: removing channels cannot make the
+remaining arithmetic much faster per MAC, so such a figure measures the machine (a load change
+between models, a cache effect), not the model. 20% leaves room for real gains from smaller
+working sets."""
+QUANTILES = (50, 90, 99)
+_DEFAULT_MODE = {"torch": "eager", "onnxruntime": "session", "tensorrt": "engine"}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile with linear interpolation (numpy's default method).
+
+    The value at rank ``q / 100 * (n - 1)`` of the sorted values, interpolated between its two
+    neighbours.
+
+    Raises:
+        ValueError: If ``values`` is empty or ``q`` lies outside [0, 100].
+    """
+    if len(values) == 0 or not 0 <= q <= 100:
+        raise ValueError(
+            f"expected at least one timing sample and 0 <= q <= 100, got {len(values)} samples "
+            f"and q={q}; use runs >= 1"
+        )
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def percentiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
+    """p50, p90 and p99 of durations in seconds, in milliseconds.
+
+    Raises:
+        ValueError: If there are no samples.
+    """
+    ms = [s * 1e3 for s in samples_s]
+    p50, p90, p99 = (percentile(ms, q) for q in QUANTILES)
+    return p50, p90, p99
+
+
+def _check_counts(warmup: int, runs: int) -> None:
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"expected runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+
+
+def host_samples_ms(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    runs: int,
+    sync: Callable[[], Any] | None = None,
+) -> list[float]:
+    """Durations of ``runs`` calls of ``fn`` on the host clock (``perf_counter_ns``), in ms.
+
+    Args:
+        fn: The work to time.
+        warmup: Untimed calls first (allocator, autotuning and thread pools settle).
+        runs: Timed calls.
+        sync: Called after every call, inside the timed region (e.g.
+            ``torch.cuda.synchronize``); None for work that is done when ``fn`` returns.
+    """
+    _check_counts(warmup, runs)
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        fn()
+        if sync is not None:
+            sync()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def cuda_event_samples_ms(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
+    """Durations of ``runs`` calls of ``fn`` between CUDA events on the current stream, in ms.
+
+    The GPU is idle when each start event is recorded, so the span covers kernel launches and
+    execution (a launch-bound eager model shows its launch cost); each end event is waited on
+    before the next run starts.
+    """
+    import torch
+
+    _check_counts(warmup, runs)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(runs):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(float(start.elapsed_time(end)))
+    return samples
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    warmup: int,
+    runs: int,
+    sync: Callable[[], Any] | None = None,
+) -> tuple[float, float, float]:
+    """``(p50, p90, p99)`` in ms of ``fn`` on the host clock; see :func:`host_samples_ms`."""
+    samples = host_samples_ms(fn, warmup=warmup, runs=runs, sync=sync)
+    return percentiles_ms([s / 1e3 for s in samples])
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of running a model: the part of a :class:`LatencyRow` that is not measured."""
+
+    backend: str
+    device: str
+    mode: str
+    precision: str = "fp32"
+    copies: bool | None = None
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One latency measurement: a model under one setting (backend, device, mode) and batch.
+
+    Attributes:
+        backend: ``"torch"``, ``"onnxruntime"`` or ``"tensorrt"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        model: Which model was timed, e.g. ``"dense"`` or ``"pruned"``.
+        batch: Batch size.
+        threads: CPU threads the backend was allowed (intra-op).
+        p50_ms: Median latency in milliseconds.
+        p90_ms: 90th percentile latency in milliseconds.
+        p99_ms: 99th percentile latency in milliseconds.
+        mode: ``"eager"`` (torch), ``"cuda-graph"`` (torch, replay of a captured graph),
+            ``"session"`` (ONNX Runtime) or ``"engine"`` (TensorRT); empty for the backend's
+            default (the first of these for it), as in reports written before modes existed.
+        precision: ``"fp32"`` or ``"fp16"``.
+        copies: Whether the timed region includes the host-to-device copy of the input and the
+            copy of the output back; None on the CPU, where there is none.
+        runs: Timed runs behind the percentiles.
+        warmup: Untimed runs before them.
+        blocks_ms: Median latency of each block of an interleaved measurement
+            (:mod:`pipeline.bench.interleave`), in the order timed; rows of one setting and batch
+            share their blocks, so block ``b`` of two rows ran under the same load. Empty for
+            rows timed alone (TensorRT, reports written before interleaving).
+    """
+
+    backend: str
+    device: str
+    model: str
+    batch: int
+    threads: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mode: str = ""
+    precision: str = "fp32"
+    copies: bool | None = None
+    runs: int = 0
+    warmup: int = 0
+    blocks_ms: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.mode:
+            object.__setattr__(self, "mode", _DEFAULT_MODE.get(self.backend, "eager"))
+        object.__setattr__(self, "blocks_ms", tuple(float(b) for b in self.blocks_ms))
+
+    @property
+    def noise(self) -> float | None:
+        """Relative spread of the block medians (see :func:`relative_spread`); without
+        blocks, ``(p90 - p50) / p50``; None when neither is known."""
+        if len(self.blocks_ms) > 1:
+            return relative_spread(self.blocks_ms)
+        return (self.p90_ms - self.p50_ms) / self.p50_ms if self.p50_ms > 0 else None
+
+    @property
+    def noisy(self) -> bool:
+        """The noise exceeds :data:`NOISE_LIMIT`."""
+        return self.noise is not None and self.noise > NOISE_LIMIT
+
+    @property
+    def quick(self) -> bool:
+        """Fewer than :data:`MIN_RUNS` timed runs: a quick look, not a figure to report."""
+        return 0 < self.runs < MIN_RUNS
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median latency."""
+        return self.batch * 1e3 / self.p50_ms if self.p50_ms > 0 else math.inf
+
+    @property
+    def setting(self) -> str:
+        """Backend, device, and mode or precision where not the default, e.g. ``torch cuda
+        cuda-graph fp16``; rows of one setting differ only in model and batch."""
+        parts = [self.backend, self.device]
+        parts += [self.mode] if self.mode != _DEFAULT_MODE.get(self.backend) else []
+        parts += [self.precision] if self.precision != "fp32" else []
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a plain dict, e.g. for JSON (throughput, noise and flags included)."""
+        extra = {"noise": self.noise, "noisy": self.noisy, "quick": self.quick}
+        return {
+            **asdict(self),
+            "blocks_ms": list(self.blocks_ms),
+            "throughput": self.throughput,
+            **extra,
+        }
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> LatencyRow:
+        """Rebuild a row from :meth:`to_dict` output; extra keys are ignored, and keys added
+        after a report was written take their defaults."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], **labels: Any) -> LatencyRow:
+        """A row from timed samples in ms; ``labels`` are the other fields (``runs`` is set)."""
+        p50, p90, p99 = (percentile(samples_ms, q) for q in QUANTILES)
+        return cls(p50_ms=p50, p90_ms=p90, p99_ms=p99, runs=len(samples_ms), **labels)
+
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Sequence[float]], **labels: Any) -> LatencyRow:
+        """A row from the blocks of an interleaved measurement (ms): percentiles over every
+        sample, and each block's median in ``blocks_ms``."""
+        medians = tuple(percentile(b, 50) for b in blocks)
+        return cls.from_samples([s for b in blocks for s in b], blocks_ms=medians, **labels)
+
+
+# --- tables: one renderer for `recede bench`, `recede run` and the run report ------------------
+
+MISSING = "—"
+_COPIES = {None: MISSING, True: "included", False: "excluded (device-resident)"}
+
+
+def _markdown(header: Sequence[str], align: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def _backend_cell(row: LatencyRow) -> str:
+    """The setting without the device (it has its own column): ``torch cuda-graph fp16``."""
+    return row.setting.replace(f" {row.device}", "", 1)
+
+
+def reference_rows(rows: Sequence[LatencyRow]) -> dict[tuple[str, int, int], LatencyRow]:
+    """The reference model's row per (setting, batch, threads); the reference is the first
+    model in ``rows`` (``dense`` in a run report)."""
+    if not rows:
+        return {}
+    reference = rows[0].model
+    return {(r.setting, r.batch, r.threads): r for r in rows if r.model == reference}
+
+
+def speedup_ratio(
+    row: LatencyRow, reference: Mapping[tuple[str, int, int], LatencyRow]
+) -> Ratio | None:
+    """Speed-up of ``row`` over the reference model's row of the same setting and batch.
+
+    Rows timed in the same interleaved blocks give the median of the per-block ratios with
+    their smallest and largest; other rows (timed alone) give the p50 ratio with no spread.
+    """
+    ref = reference.get((row.setting, row.batch, row.threads))
+    if ref is None or row.p50_ms <= 0:
+        return None
+    if row.blocks_ms and len(row.blocks_ms) == len(ref.blocks_ms):
+        return block_ratio(ref.blocks_ms, row.blocks_ms)
+    gain = ref.p50_ms / row.p50_ms
+    return Ratio(gain, gain, gain)
+
+
+def mac_fraction(
+    gain: float | None, model: str, reference: str, macs: Mapping[str, int | None] | None
+) -> float | None:
+    """Speed-up divided by the MAC ratio (1.0: latency fell as much as the arithmetic did);
+    None where either MAC count or the speed-up is unknown."""
+    own, ref = (macs or {}).get(model), (macs or {}).get(reference)
+    return None if gain is None or not own or not ref else gain * own / ref
+
+
+def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
+    """``noisy``, ``quick`` and ``implausible`` (speed-up above :data:`IMPLAUSIBLE_FACTOR`
+    times the MAC ratio), those that apply."""
+    flags = ["noisy"] if row.noisy else []
+    flags += ["quick"] if row.quick else []
+    return flags + (
+        ["implausible"] if fraction is not None and fraction > IMPLAUSIBLE_FACTOR else []
+    )
+
+
+def annotated_rows(
+    rows: Sequence[LatencyRow], macs: Mapping[str, int | None] | None = None
+) -> list[dict[str, Any]]:
+    """Each row's dict with its speed-up over the first model (median, low, high), its
+    speed-up per MAC ratio and its flags: what ``recede bench --json`` writes per row."""
+    reference = reference_rows(rows)
+    out = []
+    for r in rows:
+        ratio = speedup_ratio(r, reference)
+        fraction = mac_fraction(ratio and ratio.median, r.model, rows[0].model, macs)
+        gain = {"speedup": None, "speedup_low": None, "speedup_high": None}
+        if ratio is not None:
+            gain = {"speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high}
+        flags = row_flags(r, fraction)
+        out.append({**r.to_dict(), **gain, "speedup_per_mac_ratio": fraction, "flags": flags})
+    return out
+
+
+def _speedup_cell(row: Mapping[str, Any]) -> str:
+    """``2.00×``, with the block ratios' quartiles when they differ: ``2.00× (1.91–2.07)``."""
+    if row["speedup"] is None:
+        return MISSING
+    if row["speedup_high"] - row["speedup_low"] < 5e-3:
+        return f"{row['speedup']:.2f}×"
+    return f"{row['speedup']:.2f}× ({row['speedup_low']:.2f}–{row['speedup_high']:.2f})"
+
+
+def latency_markdown(
+    rows: Sequence[LatencyRow], *, macs: Mapping[str, int | None] | None = None
+) -> str:
+    """A Markdown table of ``rows`` in their order, with p50 speed-up over the first model.
+
+    The speed-up is the median of per-block ratios where the rows were timed interleaved,
+    with the range of those ratios; the noise column is the row's relative spread
+    (:attr:`LatencyRow.noise`); the flags column says ``noisy``, ``quick`` or ``implausible``.
+
+    Args:
+        rows: The measurements.
+        macs: Model name to MACs per sample; when given for the reference and a row's model,
+            a column divides the speed-up by the MAC ratio (1.0: latency fell as much as
+            the arithmetic did).
+    """
+    ref_macs = (macs or {}).get(rows[0].model) if rows else None
+    header = ["Backend", "Device", "Model", "Batch", "Threads", "p50 ms", "p90 ms", "p99 ms"]
+    header += ["Speed-up (p50)", "img/s", "Host↔device copies"]
+    header += ["Speed-up ÷ MAC ratio"] if ref_macs else []
+    header += ["Noise", "Flags"]
+    body = []
+    for r, a in zip(rows, annotated_rows(rows, macs), strict=True):
+        cells = [_backend_cell(r), r.device, r.model, str(r.batch), str(r.threads)]
+        cells += [f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}"]
+        cells += [_speedup_cell(a), f"{r.throughput:,.0f}", _COPIES[r.copies]]
+        if ref_macs:
+            fraction = a["speedup_per_mac_ratio"]
+            cells.append(MISSING if fraction is None else f"{fraction:.2f}")
+        cells += [MISSING if r.noise is None else f"{r.noise:.0%}", ", ".join(a["flags"])]
+        body.append(cells)
+    align = ["---"] * 3 + ["---:"] * 7 + ["---"] + ["---:"] * (len(header) - 13) + ["---:", "---"]
+    return _markdown(header, align, body)
+
+
+def noise_note(rows: Sequence[LatencyRow]) -> str | None:
+    """A warning naming the noisy rows, or None when there are none."""
+    noisy = [f"{r.setting} {r.model} batch {r.batch} ({r.noise:.0%})" for r in rows if r.noisy]
+    if not noisy:
+        return None
+    return (
+        f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block medians "
+        f"spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}; their latency "
+        "measures the machine's load as much as the model: rerun on an idle machine or with "
+        "more --runs"
+    )
+
+
+def gpu_vs_cpu_markdown(rows: Sequence[LatencyRow]) -> str | None:
+    """Per model and batch: the fastest CPU row's p50 against every CUDA setting's p50.
+
+    Returns:
+        The Markdown table, or None when ``rows`` hold no pair of CPU and CUDA rows.
+    """
+    cuda_settings = list(dict.fromkeys(r.setting for r in rows if r.device == "cuda"))
+    cells: dict[tuple[str, int], dict[str, LatencyRow]] = {}
+    for r in rows:
+        cells.setdefault((r.model, r.batch), {})[r.setting] = r
+    body = []
+    for (model, batch), by_setting in cells.items():
+        cpu = [r for r in by_setting.values() if r.device == "cpu"]
+        if not cpu or not any(s in by_setting for s in cuda_settings):
+            continue
+        best = min(cpu, key=lambda r: r.p50_ms)
+        line = [model, str(batch), f"{best.p50_ms:.3f} ({best.setting})"]
+        for setting in cuda_settings:
+            gpu = by_setting.get(setting)
+            line.append(
+                MISSING if gpu is None else f"{gpu.p50_ms:.3f} ({best.p50_ms / gpu.p50_ms:.1f}×)"
+            )
+        body.append(line)
+    if not body:
+        return None
+    header = [
+        "Model",
+        "Batch",
+        "fastest CPU p50 ms",
+        *(f"{s} p50 ms (speed-up)" for s in cuda_settings),
+    ]
+    return _markdown(header, ["---", "---:"] + ["---:"] * (len(header) - 2), body)

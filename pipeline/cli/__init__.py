@@ -1,0 +1,1 @@
+"""The ``recede`` command line."""

@@ -1,0 +1,432 @@
+"""The ``recede`` argument parser: subcommands, their flags, and flag types that validate.
+
+Every flag with a range is checked here, so a bad value exits 2 naming the flag, what was
+expected and what was got, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+from collections.abc import Callable
+
+EXIT_OK, EXIT_VERIFY, EXIT_INPUT = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line input is wrong; the message names the flag or file (exit 2)."""
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected N,C,H,W of positive integers such as 1,3,224,224, got {text!r}"
+        )
+    return shape
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, open_: str = ""):
+    """An argparse type: a finite ``kind`` in [low, high]; ``open_`` holds "low"/"high" ends."""
+    lo, hi = ("(" if "low" in open_ else "["), (")" if "high" in open_ else "]")
+    wanted = f"{'an integer' if kind is int else 'a number'} in {lo}{low}, {high}{hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        inside = math.isfinite(value) and low <= value <= high
+        if not inside or (value == low and lo == "(") or (value == high and hi == ")"):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _threshold(text: str) -> str | float:
+    if text in ("auto", "ratio"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 'ratio' or a BN importance > 0 such as 0.05, got {text!r}"
+        )
+    return value
+
+
+def _add_config(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="YAML",
+        help="optional YAML config, e.g. configs/demo.yaml (default: none, the built-in "
+        "defaults: digits, VGG-11, receding penalty)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key, applied after -c; repeatable, e.g. --set "
+        "train.epochs=2 --set prune.ratio=0.6 (default: none)",
+    )
+    p.add_argument("--out", default=f"runs/{name}", help="output folder")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training from the last checkpoint of an unfinished (or finished) run",
+    )
+    _add_force(p)
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out that another command (or no recede command) wrote",
+    )
+
+
+def _add_model_source(p: argparse.ArgumentParser, what: str) -> None:
+    """The input: positional DIR (or its alias ``--from DIR``), or ``--model`` with a shape."""
+    p.add_argument("source", nargs="?", metavar="DIR", help=f"{what} (default: none; or --model)")
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="DIR",
+        help="the same as DIR, kept as an alias (default: none)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="build a fresh, untrained model instead of DIR: torchvision:<name>, timm:<name>, "
+        "vgg, resnet20, resnet56, or package.module:factory (default: none)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        metavar="N,C,H,W",
+        help="example input for --model, e.g. 1,3,224,224 (default: none; needed with --model)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=_number(int, 1),
+        default=1000,
+        help="classes of the model --model builds (ImageNet's, unless given)",
+    )
+
+
+def resolve_input_folder(args: argparse.Namespace) -> None:
+    """Fold ``--from DIR`` into the positional DIR (``args.source``); both at once must agree."""
+    alias = getattr(args, "from_dir", None)
+    if alias is None:
+        return
+    if args.source is not None and args.source != alias:
+        raise UsageError(
+            f"got the input folder twice, as DIR {args.source} and as --from {alias}; "
+            "expected one: pass DIR alone (--from is an alias of it)"
+        )
+    args.source = alias
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    _add_model_source(p, "a saved model folder, or a `recede train`/`recede run` folder")
+    p.add_argument(
+        "--ratio",
+        type=_number(float, 0.0, 1.0, open_="high"),
+        default=0.5,
+        help="fraction of prunable channel groups to drop; a global cut inside tied "
+        "importances (an untrained model) is refused: use --scope layer",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default="ratio",
+        help="'ratio' (use --ratio), 'auto' (valley of the importances) or a number",
+    )
+    p.add_argument(
+        "--scope",
+        choices=("global", "layer"),
+        default="global",
+        help="with --ratio: rank all groups together (global) or drop the ratio from every "
+        "layer alike (layer, like Torch-Pruning's default; for untrained models)",
+    )
+    p.add_argument(
+        "--min-channels",
+        type=_number(int, 1),
+        default=4,
+        help="every layer keeps at least this many output channels",
+    )
+    p.add_argument(
+        "--round-to",
+        type=_number(int, 1),
+        default=1,
+        help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
+    )
+    p.add_argument("--out", required=True, help="output folder (required)")
+    _add_force(p)
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="a folder written by `recede prune`, `recede train` or `recede run`",
+    )
+    p.add_argument(
+        "--format",
+        choices=("onnx", "onnx-fp16", "tensorrt", "all"),
+        default="onnx",
+        help="all: ONNX, FP16 ONNX and, where TensorRT and a GPU exist, an engine",
+    )
+    p.add_argument(
+        "--out", help="release folder for the artefacts and manifest.json (default: DIR itself)"
+    )
+    _add_force(p)
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset, from 17 to the exporter's highest (20)"
+    )
+    p.add_argument(
+        "--atol",
+        type=_number(float, 0.0, open_="low"),
+        default=None,
+        help="absolute floor of the fp32 tolerance, which is 1e-4 of the output scale plus it "
+        "(default: none, the tolerance policy's own floor)",
+    )
+    p.add_argument("--no-slim", action="store_true", help="do not try onnxslim (default: try it)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT FP16 kernels")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="TensorRT INT8 kernels, calibrated on the training data named by the run's config.yaml",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_number(int, 2, 4096),
+        default=32,
+        help="largest batch the TensorRT engine and the ONNX verification accept",
+    )
+    p.add_argument(
+        "--opt-batch",
+        type=_number(int, 1, 4096),
+        default=1,
+        help="batch TensorRT tunes its kernels for",
+    )
+    p.add_argument(
+        "--calib-batches",
+        type=_number(int, 1, 10000),
+        default=16,
+        help="training batches that calibrate --int8",
+    )
+    p.add_argument(
+        "--require",
+        choices=("tensorrt",),
+        action="append",
+        default=[],
+        help="make a missing artefact fatal: `--format all --require tensorrt` exits 2 where "
+        "no TensorRT engine can be built, instead of warning and skipping it",
+    )
+    p.add_argument(
+        "--accept-insensitive",
+        action="store_true",
+        help="write the release even when a check could not have seen a wrong model (its "
+        "outputs barely depend on the input); the verdict `insensitive` stays in the manifest. "
+        "Default: such an export fails with exit code 1",
+    )
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="a run, prune or train folder, a folder with model.pt, or an .onnx file",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("torch", "onnxruntime", "tensorrt"),  # bench.BACKENDS
+        default=["torch", "onnxruntime", "tensorrt"],
+        help="backends to time where available (default: all)",
+    )
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="devices to time on (default: cpu, and cuda when a GPU is present)",
+    )
+    p.add_argument(
+        "--batches",
+        type=_number(int, 1),
+        nargs="+",
+        default=[1, 32],
+        help="batch sizes to sweep, e.g. 1 8 32 128",
+    )
+    p.add_argument(
+        "--threads",
+        type=_number(int, 1, 256),  # config.MAX_THREADS
+        default=2,
+        help="torch threads and ORT intra-op",
+    )
+    p.add_argument(
+        "--runs",
+        type=_number(int, 5),  # timing.QUICK_MIN_RUNS
+        default=50,
+        help="timed runs per row, in blocks interleaved across models; below 50 the rows are "
+        "marked quick (a quick look, not figures to report)",
+    )
+    p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")
+    p.add_argument("--fp16", action="store_true", help="also time fp16 on CUDA")
+    p.add_argument(
+        "--copies",
+        action="store_true",
+        help="CUDA rows include host-to-device and back copies (default: device-resident input)",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", help="write the rows and environment as JSON (default: none)"
+    )
+    p.add_argument(
+        "--markdown", metavar="PATH", help="write the tables as Markdown (default: none)"
+    )
+    p.add_argument(
+        "--plot", metavar="PATH", help="write a latency plot (PNG; needs matplotlib; default: none)"
+    )
+
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="the dense model speed-ups are against (default: the one a prune, export or run "
+        "folder records)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="BASELINE.json",
+        help="exit 1 when a row is slower than --max-slowdown x this baseline beyond the "
+        "measured noise, twice (default: no gate)",
+    )
+    p.add_argument(
+        "--max-slowdown",
+        type=_number(float, 1.0, open_="low"),
+        default=1.2,  # latency_gate.DEFAULT_MAX_SLOWDOWN
+        help="with --compare: the allowed p50 slowdown factor (default 1.2)",
+    )
+    p.add_argument(
+        "--save-baseline",
+        metavar="PATH",
+        help="write this measurement as a --compare baseline (default: none written)",
+    )
+
+
+EXIT_CODES = """exit codes:
+  0    ok
+  1    verification failed: a fold, removal or export check disagrees with PyTorch beyond
+       tolerance or could not have seen a wrong model (insensitive); bench --compare: a
+       latency regression beyond the noise
+  2    bad input: a flag, config key, file or folder; the message names it, what was expected,
+       what was got and how to fix it, and nothing is left at the output path
+  130  interrupted (Ctrl-C): the output path is unchanged (an unfinished training run keeps
+       its .partial folder for --resume)"""
+
+SET_HELP = """config (run, train):
+  -c YAML is optional: without it the built-in defaults are used (see configs/ and the
+  README's configuration table). --set KEY=VALUE overrides one key and is repeatable; values
+  are parsed as YAML and applied in order after the file, e.g.
+    recede run -c configs/demo.yaml --set train.epochs=2 --set prune.threshold=ratio"""
+
+
+def help_text(action: argparse.Action) -> str:
+    """A flag's help as ``--help`` shows it: its text, then its default unless the text names it.
+
+    Switches (default False) show "(default: off)"; a list default is shown as typed (``1 32``).
+    A default of None is not appended: such a flag's text says in words what happens without
+    it, and ``tests/cli/test_cli_help.py`` checks that it does.
+    """
+    text = action.help or ""
+    if action.default is argparse.SUPPRESS or action.default is None or "default" in text:
+        return text
+    if action.default is False:
+        return f"{text} (default: off)"
+    shown = action.default
+    if isinstance(shown, (list, tuple)):
+        shown = " ".join(str(v) for v in shown)
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs and descriptions keep their line breaks; each flag's help ends with its default
+    (``help_text``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return help_text(action)
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or ``pipeline.__version__`` from a
+    source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("recede")
+    except PackageNotFoundError:
+        from pipeline import __version__
+
+        return __version__
+
+
+def _epilog(name: str | None) -> str:
+    return f"{EXIT_CODES}\n\n{SET_HELP}" if name in (None, "run", "train") else EXIT_CODES
+
+
+def build_parser(
+    commands: dict[str, Callable[[argparse.Namespace], int]], description: str
+) -> argparse.ArgumentParser:
+    """Subcommands named by ``commands``; each handler's docstring is its help."""
+    parser = argparse.ArgumentParser(
+        prog="recede", description=description, epilog=_epilog(None), formatter_class=HelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--version", action="version", version=f"recede {version()}", help="print the version"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars (log lines stay; also RECEDE_QUIET=1)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {
+        name: sub.add_parser(
+            name,
+            help=inspect.cleandoc(fn.__doc__).split("\n\n")[0],
+            description=inspect.cleandoc(fn.__doc__),
+            epilog=_epilog(name),
+            formatter_class=HelpFormatter,
+        )
+        for name, fn in commands.items()
+    }
+    for name, p in parsers.items():
+        p.set_defaults(handler=commands[name])
+    _add_config(parsers["run"], "run")
+    _add_config(parsers["train"], "train")
+    _add_prune(parsers["prune"])
+    _add_export(parsers["export"])
+    _add_bench(parsers["bench"])
+    _add_model_source(
+        parsers["inspect"],
+        "a `recede run` folder (its report) or a saved model, train or prune folder",
+    )
+    for name in ("inspect", "bench"):
+        parsers[name].add_argument(
+            "--force", action="store_true", help="use DIR even if its files changed since"
+        )
+    return parser

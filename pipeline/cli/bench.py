@@ -1,0 +1,225 @@
+"""``recede bench``: open the models and their dense reference, time them, gate on a baseline.
+
+The handler behind ``pipeline.cli.main.cmd_bench``. Outputs are checked before any timing: a path
+inside a folder recede indexed is refused (exit 2), as a file added there would make the next
+``recede bench`` of that folder refuse it as changed. ``--compare`` fails (exit 1) only on a
+slowdown beyond the measured noise that a second measurement confirms
+(:mod:`pipeline.bench.latency_gate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.cli.args import EXIT_OK, EXIT_VERIFY, UsageError
+
+if TYPE_CHECKING:
+    from pipeline.bench.artefacts import Artefact
+    from pipeline.bench.sweep import SweepConfig
+    from pipeline.bench.timing import Setting
+
+logger = logging.getLogger("recede")
+
+
+def verify_unless_forced(folder: Path, args: argparse.Namespace) -> None:
+    """Refuse a recede folder whose files no longer match its index (``pipeline.core.integrity``);
+    ``recede inspect`` uses it too."""
+    from pipeline.core.integrity import verify_folder
+
+    if not args.force:
+        verify_folder(folder)
+    else:
+        logger.warning(
+            "--force: %s is used UNCHECKED; its files may have been changed since recede "
+            "wrote them",
+            folder,
+        )
+
+
+def _open_bench_model(path: str, args: argparse.Namespace) -> list[Artefact]:
+    """The artefacts one MODEL argument names; the one place ``bench`` opens a folder, after
+    checking the folder's files against its index (unless ``--force``)."""
+    from pipeline.bench.artefacts import open_artefacts
+
+    verify_unless_forced(Path(path), args)
+    return open_artefacts(path)
+
+
+def _bench_settings(args: argparse.Namespace) -> list[Setting]:
+    """The settings ``--backends``/``--devices``/``--fp16``/``--copies`` ask for that can run."""
+    import torch
+
+    from pipeline.bench.sweep import available_settings
+
+    if args.devices and "cuda" in args.devices and not torch.cuda.is_available():
+        raise UsageError(
+            "--devices cuda needs a CUDA GPU, but torch.cuda.is_available() is False; "
+            "drop the flag (CPU rows only) or run on a machine with an NVIDIA GPU"
+        )
+    return available_settings(
+        backends=args.backends,
+        devices=args.devices or ("cpu", "cuda"),
+        fp16=args.fp16,
+        copies=args.copies,
+    )
+
+
+def _indexed_folder(path: str) -> Path | None:
+    """The folder holding ``path`` that recede indexed (``.recede.json``), if any."""
+    from pipeline.core.integrity import MARKER
+
+    return next((d for d in Path(path).absolute().parents if (d / MARKER).is_file()), None)
+
+
+def _check_bench_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that are folders, unwritable, or inside a folder recede indexed:
+    a file added there would make every later ``recede bench`` of that folder refuse it as
+    changed (refusing is simpler and safer than rewriting another command's index)."""
+    from pipeline.core.output_folders import check_writable
+
+    for flag in ("--json", "--markdown", "--plot", "--save-baseline"):
+        path = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if path is not None and Path(path).is_dir():
+            raise UsageError(f"{flag} {path}: a folder, expected a file path; add a file name")
+        if path is not None and (indexed := _indexed_folder(path)) is not None:
+            raise UsageError(
+                f"{flag} {path}: inside {indexed}, a folder recede wrote and indexed; a file "
+                f"added there makes later `recede bench {indexed}` refuse it as changed; "
+                f"expected a path outside it, e.g. {Path(path).name} in another folder"
+            )
+        if path is not None:  # the folder it goes into: an existing file is replaced
+            check_writable(Path(path).absolute().parent, flag)
+
+
+def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
+    import importlib.util
+
+    from pipeline.core.atomic import write_json_atomic, write_text_atomic
+
+    for path in (args.json, args.save_baseline):
+        if path:
+            write_json_atomic(path, report)
+    if args.markdown:
+        write_text_atomic(args.markdown, text)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(f"--plot {args.plot}: skipped, matplotlib is not installed (pip install matplotlib)")
+    elif args.plot:
+        from pipeline.run.report import plot_latency
+
+        plot_latency(report["rows"], args.plot)
+
+
+def _bench_artefacts(args: argparse.Namespace, settings: list[Setting]) -> list[Artefact]:
+    """The MODELs' artefacts, the dense reference first: ``--reference MODEL``, else the dense
+    model a prune, export or run's pruned/ folder came from (``artefacts.dense_reference``).
+
+    Raises:
+        UsageError: No MODEL can run under ``settings`` (timing the reference alone is no
+            answer to anything).
+    """
+    from pipeline.bench.artefacts import dense_reference, unique_labels
+    from pipeline.bench.sweep import runnable
+
+    artefacts = [a for path in args.models for a in _open_bench_model(path, args)]
+    if not any(runnable(a, s) for a in artefacts for s in settings):
+        raise UsageError(
+            f"nothing to time: --backends {' '.join(args.backends)} on --devices "
+            f"{' '.join(args.devices or ['cpu', 'cuda'])} cannot run here on these MODELs "
+            "(TensorRT and CUDA need a GPU, ONNX Runtime an .onnx file); add torch or onnxruntime"
+        )
+    if args.reference:
+        reference = _open_bench_model(args.reference, args)
+    elif not any(a.label == "dense" for a in artefacts):
+        found = dense_reference(args.models[0], artefacts[0])
+        reference = [] if found is None else [found]
+    else:
+        reference = []
+    return unique_labels([*reference, *artefacts])
+
+
+def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig) -> dict:
+    """One sweep as a bench report; a CUDA graph that replays wrongly fails verification."""
+    from pipeline.bench.backends import ReplayMismatchError
+    from pipeline.bench.sweep import bench_report, sweep
+    from pipeline.core.checks import VerificationError
+
+    try:
+        return bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)
+    except ReplayMismatchError as err:
+        raise VerificationError(str(err)) from None
+
+
+def _gate(args: argparse.Namespace, report: dict, remeasure: Callable[[], dict]) -> dict:
+    """Compare ``report`` with ``--compare``; a failing row is measured again and fails only
+    if it fails again. Returns the report (the repeat's, if any) with its ``gate`` section."""
+    from pipeline.bench.latency_gate import compare_rows, load_baseline
+
+    baseline = load_baseline(args.compare)
+    failing, compared = compare_rows(report["rows"], baseline, args.max_slowdown)
+    repeated = bool(failing)
+    if repeated:
+        print(f"{len(failing)} rows slower than the baseline; measuring again", file=sys.stderr)
+        report = remeasure()
+        again, compared = compare_rows(report["rows"], baseline, args.max_slowdown)
+        failing = [f for f in again if f.key in {first.key for first in failing}]
+    report["gate"] = {
+        "baseline": str(args.compare),
+        "max_slowdown": args.max_slowdown,
+        "compared": compared,
+        "repeated": repeated,
+        "failing": [f.describe() for f in failing],
+    }
+    return report
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``recede bench`` (see ``pipeline.cli.main.cmd_bench``): check the outputs and the baseline,
+    open the models and their dense reference, time them interleaved, gate, write."""
+    from pipeline.bench.artefacts import check_batches
+    from pipeline.bench.latency_gate import load_baseline
+    from pipeline.bench.sweep import SweepConfig, bench_markdown
+    from pipeline.bench.timing import LatencyRow, noise_note
+
+    _check_bench_outputs(args)
+    if args.compare:
+        load_baseline(args.compare)  # a bad baseline is refused before any timing
+    settings = _bench_settings(args)
+    artefacts = _bench_artefacts(args, settings)
+    check_batches(artefacts, tuple(args.batches))
+    cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
+    report = _timed(artefacts, settings, cfg)
+    if args.compare:
+        report = _gate(args, report, lambda: _timed(artefacts, settings, cfg))
+    text = bench_markdown(report)
+    print(text)
+    note = noise_note([LatencyRow.from_mapping(r) for r in report["rows"]])
+    if note:
+        print(f"recede bench: warning: {note}", file=sys.stderr)
+    _write_bench_outputs(args, report, text)
+    return _gate_verdict(report)
+
+
+def _gate_verdict(report: dict) -> int:
+    """Print the release gate's outcome; exit 1 when a slowdown was confirmed."""
+    gate = report.get("gate")
+    if gate is None:
+        return EXIT_OK
+    if gate["failing"]:
+        lines = "\n  ".join(gate["failing"])
+        print(
+            f"recede bench: verification failed: {len(gate['failing'])} of {gate['compared']} "
+            f"rows slower than {gate['max_slowdown']}x the baseline {gate['baseline']} beyond "
+            f"the measured noise, in two measurements:\n  {lines}",
+            file=sys.stderr,
+        )
+        return EXIT_VERIFY
+    print(
+        f"latency gate: {gate['compared']} rows compared with {gate['baseline']}, none slower "
+        f"than {gate['max_slowdown']}x beyond the measured noise"
+    )
+    return EXIT_OK

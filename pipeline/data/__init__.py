@@ -1,0 +1,1 @@
+"""Data: the datasets behind ``data.name`` and checked ImageFolder trees."""

@@ -1,0 +1,1 @@
+"""The channel graph: which channels must go together, traced through any model, and what they cost."""

@@ -1,0 +1,1 @@
+"""Models: the zoo behind ``model.name`` and the save/rebuild format of (pruned) models."""

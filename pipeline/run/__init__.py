@@ -1,0 +1,1 @@
+"""The whole run: stages wired together, its typed report, Markdown and plots."""

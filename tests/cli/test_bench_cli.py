@@ -1,0 +1,176 @@
+"""`recede bench MODEL...`: the tables and files it writes, and every bad input exiting 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli.main import main
+
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
+QUICK = ["--batches", "1", "2", "--runs", "50", "--warmup", "1", "--threads", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A pruned TinyNet folder with model.pt, shapes.json and a verified model.onnx."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("src") / "pruned"
+    assert main(["prune", *TINY, "--out", str(out)]) == 0
+    assert main(["export", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def model_dir(exported, tmp_path) -> Path:
+    return Path(shutil.copytree(exported, tmp_path / "model"))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+    }
+
+
+def refused(tmp_path: Path, capsys, argv: list[str], fragment: str) -> str:
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before
+    return err
+
+
+def test_bench_folder_and_onnx_file_with_every_output(model_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["bench", str(model_dir), str(model_dir / "model.onnx"), *QUICK]
+    argv += ["--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
+    assert main([*argv, "--plot", str(out / "b.png")]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "b.json").read_text())
+    assert (out / "b.md").read_text() in text + "\n"
+    assert (out / "b.png").read_bytes().startswith(PNG_MAGIC)
+    rows = [(r["backend"], r["model"], r["batch"]) for r in report["rows"] if r["device"] == "cpu"]
+    both = ["dense", "model"]  # the dense reference, rebuilt from the prune folder's spec
+    assert rows == [
+        (backend, model, batch)
+        for batch in (1, 2)
+        for backend, models in (("torch", both), ("onnxruntime", [*both, "model-2"]))
+        for model in models
+    ]
+    dense, pruned, onnx_only = report["models"]
+    assert dense["source"].startswith("rebuilt from") and dense["macs"] > pruned["macs"] > 0
+    assert onnx_only["macs"] is None
+    assert all(r["threads"] == 1 and r["runs"] == 50 and r["warmup"] == 1 for r in report["rows"])
+    assert "| onnxruntime | cpu | model-2 | 2 | 1 |" in text
+    assert ("## GPU vs CPU" in text) == torch.cuda.is_available()
+
+
+def test_bench_a_run_folder_gives_dense_and_pruned(model_dir, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    for sub, label in (("trained", "dense"), ("pruned", "pruned")):
+        shutil.copytree(model_dir, run / sub)
+        shutil.move(run / sub / "model.onnx", run / f"{label}.onnx")
+    argv = ["bench", str(run), "--backends", "onnxruntime", "--batches", "1", "--warmup", "0"]
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["dense", "pruned"]
+    assert report["models"][0]["onnx"] == str(run / "dense.onnx")
+    assert {r["backend"] for r in report["rows"]} == {"onnxruntime"}
+    assert "speed-up is against dense" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_is_skipped_with_a_message(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    argv = ["bench", str(model_dir), "--backends", "torch", "--batches", "1", "--warmup", "0"]
+    assert main([*argv, "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"--plot {tmp_path / 'p.png'}: skipped, matplotlib is not installed" in out
+    assert not (tmp_path / "p.png").exists()
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.pt").read_bytes()
+    (folder / "model.pt").write_bytes(data[: len(data) // 2])
+
+
+def _fixed_batch_onnx(folder: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(graph, str(folder / "model.onnx"))
+
+
+BAD = {
+    "missing_path": (None, ["{tmp}/nothing"], "MODEL {tmp}/nothing: no such file or folder"),
+    "garbage_onnx_in_folder": (
+        lambda f: (f / "model.onnx").write_bytes(b"not an onnx graph"),
+        ["{dir}"],
+        "model.onnx is not a valid ONNX model",
+    ),
+    "garbage_onnx_file": (
+        lambda f: (f / "model.onnx").write_bytes(b"\x08\x07garbage"),
+        ["{dir}/model.onnx"],
+        "model.onnx is not a valid ONNX model",
+    ),
+    "not_onnx_file": (None, ["{dir}/shapes.json"], "a file, but not .onnx"),
+    "truncated_weights": (_truncate, ["{dir}"], "model.pt"),
+    "unknown_backend": (None, ["{dir}", "--backends", "tflite"], "invalid choice: 'tflite'"),
+    "unknown_device": (None, ["{dir}", "--devices", "tpu"], "argument --devices"),
+    "negative_warmup": (None, ["{dir}", "--warmup", "-1"], "--warmup: expected an integer in [0"),
+    "runs_too_few": (None, ["{dir}", "--runs", "4"], "--runs: expected an integer in [5"),
+    "json_is_a_folder": (None, ["{dir}", "--json", "{tmp}"], "--json {tmp}: a folder"),
+    "fixed_batch": (_fixed_batch_onnx, ["{dir}", "--batches", "1"], "has a fixed batch of 4"),
+    "nothing_runs": (None, ["{dir}/model.onnx", "--backends", "torch"], "nothing to time"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bench_bad_input_exits_2(case, model_dir, tmp_path, capsys) -> None:
+    damage, args, fragment = BAD[case]
+    if damage is not None:
+        damage(model_dir)
+        args = [*args, "--force"]  # past the folder index, to the loader's own check
+    fill = {"dir": str(model_dir), "tmp": str(tmp_path)}
+    argv = ["bench", *(a.format(**fill) for a in args)]
+    refused(tmp_path, capsys, argv, fragment.format(**fill))
+
+
+def test_bench_refuses_a_damaged_folder_before_loading_it(model_dir, tmp_path, capsys) -> None:
+    (model_dir / "model.onnx").write_bytes(b"not an onnx graph")
+    err = refused(tmp_path, capsys, ["bench", str(model_dir)], "was changed after recede wrote it")
+    assert "model.onnx" in err and "--force" in err
+
+
+def test_bench_cuda_without_gpu_is_refused(model_dir, tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    refused(
+        tmp_path, capsys, ["bench", str(model_dir), "--devices", "cuda"], "--devices cuda needs"
+    )
+
+
+def test_bench_tensorrt_only_without_tensorrt_is_refused(model_dir, tmp_path, capsys) -> None:
+    from pipeline.export.tensorrt import tensorrt_available
+
+    if tensorrt_available():
+        pytest.skip("TensorRT is usable here")
+    refused(
+        tmp_path, capsys, ["bench", str(model_dir), "--backends", "tensorrt"], "nothing to time"
+    )

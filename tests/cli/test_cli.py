@@ -1,0 +1,100 @@
+import json
+
+import torch
+
+from pipeline.cli.main import main
+
+
+def test_unknown_config_key_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "-c", "configs/demo.yaml", "--set", "nonsense.key=1", "--out", str(out)])
+    assert code == 2
+    assert "valid keys" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_prune_then_export_a_torchvision_model(tmp_path, capsys):
+    out = tmp_path / "r18"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "torchvision:resnet18",
+                "--input-shape",
+                "1,3,64,64",
+                "--ratio",
+                "0.5",
+                "--scope",
+                "layer",  # untrained: its tied BN scales give a global ratio no ranking
+                "--num-classes",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["after"] < 0.6 * report["params"]["before"]
+    assert report["macs"]["after"] < report["macs"]["before"]
+    assert report["barriers"] == []
+    assert main(["export", str(out)]) == 0
+    assert "-> ok" in capsys.readouterr().out
+
+
+def test_model_without_batchnorm_exits_2(tmp_path, capsys):
+    code = main(
+        [
+            "prune",
+            "--model",
+            "torchvision:alexnet",
+            "--input-shape",
+            "1,3,64,64",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "no BatchNorm" in capsys.readouterr().err
+
+
+def test_bad_input_shape_exits_2(tmp_path, capsys):
+    args = ["prune", "--model", "torchvision:resnet18", "--input-shape", "3,64"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "--input-shape: expected N,C,H,W" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_factory(tmp_path):
+    code = main(
+        [
+            "prune",
+            "--model",
+            "tests.conftest:tiny_net_random_bn",
+            "--input-shape",
+            "1,3,16,16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert torch.load(tmp_path / "model.pt", weights_only=True)
+    assert (tmp_path / "shapes.json").is_file() and not (tmp_path / "manifest.json").exists()
+
+
+def test_layer_scope_prunes_the_bn_less_classifier_layer(tmp_path, capsys):
+    """mobilenet_v3_small's hidden Linear(576, 1024) has no BN: only --scope layer prunes it.
+
+    Untrained, its BN scales all tie, so the global case cuts at a threshold above them all
+    (a global ratio would be refused for want of a ranking)."""
+    widths = {}
+    for scope, rule in (("global", ["--threshold", "1.5"]), ("layer", [])):
+        out = tmp_path / scope
+        args = ["--model", "torchvision:mobilenet_v3_small", "--input-shape", "1,3,64,64", *rule]
+        assert main(["prune", *args, "--scope", scope, "--out", str(out)]) == 0
+        state = torch.load(out / "model.pt", weights_only=True)
+        widths[scope] = state["classifier.0.weight"].shape[0]
+    assert widths == {"global": 1024, "layer": 512}
+    assert main(["export", str(tmp_path / "layer")]) == 0
+    assert "-> ok" in capsys.readouterr().out

@@ -1,0 +1,50 @@
+"""A recede output folder holding another one (``export DIR --out DIR/rel``) is never replaced
+silently: ``prune --out DIR`` exits 2 naming the release and leaves it; ``--force`` deletes it
+with a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.core.output_folders import OutputError, check_out_folder, nested_outputs
+
+TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
+
+
+def _folder_with_release(tmp_path):
+    out = tmp_path / "pruned"
+    (out / "rel").mkdir(parents=True)
+    (out / ".recede.json").write_text('{"kind": "prune"}')
+    (out / "rel" / ".recede.json").write_text('{"kind": "export"}')
+    (out / ".half.partial").mkdir()
+    (out / ".half.partial" / ".recede.json").write_text('{"kind": "export"}')
+    return out
+
+
+def test_nested_outputs_skips_the_folder_itself_and_unfinished_writes(tmp_path):
+    out = _folder_with_release(tmp_path)
+    assert nested_outputs(out) == [out / "rel"]
+
+
+def test_replacing_a_folder_with_a_release_inside_is_refused_unless_forced(tmp_path, caplog):
+    out = _folder_with_release(tmp_path)
+    with pytest.raises(OutputError, match=r"--out .*holds another recede output folder .*rel"):
+        check_out_folder(out, kind="prune", force=False, flag="--out")
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.atomic"):
+        assert check_out_folder(out, kind="prune", force=True, flag="--out") == out
+    assert "rel" in caplog.text and "--force" in caplog.text
+
+
+def test_prune_over_a_folder_holding_its_export_keeps_the_release(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", *TINY, "--out", str(out)]) == 0
+    assert main(["export", str(out), "--out", str(out / "rel")]) == 0
+    onnx = sorted(p.name for p in (out / "rel").iterdir())
+    capsys.readouterr()
+    assert main(["prune", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} holds another recede output folder ({out / 'rel'}" in err, err
+    assert sorted(p.name for p in (out / "rel").iterdir()) == onnx
