@@ -22,7 +22,16 @@ from pathlib import Path
 
 from pipeline.artefacts import ArtefactError, open_artefacts
 from pipeline.bench import SweepConfig, available_settings, bench_report, sweep
+from pipeline.config import load_config
 from pipeline.interleave import relative_spread
+
+
+def run_threads(run: Path) -> int:
+    """``bench.threads`` of the run's config.yaml: the setting its report was timed with."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"{config} is missing: is {run} a `recede run` folder?")
+    return load_config(config).bench.threads
 
 
 def speedups(
@@ -68,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="timed runs per row")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="threads per session (default: the run's bench.threads)"
+    )
     parser.add_argument("--out", help="also write the per-repeat speed-ups and summary as JSON")
     args = parser.parse_args(argv)
     try:
+        if args.threads is None:
+            args.threads = run_threads(Path(args.run))
         cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
         if args.repeats < 1:
             raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
