@@ -23,21 +23,36 @@ from pathlib import Path
 from pipeline.bench.artefacts import ArtefactError, open_artefacts
 from pipeline.bench.interleave import relative_spread
 from pipeline.bench.sweep import SweepConfig, available_settings, bench_report, sweep
+from pipeline.config import load_config
 
 
-def speedups(run: Path, cfg: SweepConfig, repeats: int) -> dict[str, list[float]]:
-    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat."""
+def run_threads(run: Path) -> int:
+    """``bench.threads`` of the run's config.yaml: the setting its report was timed with."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise ValueError(f"{config} is missing: is {run} a `recede run` folder?")
+    return load_config(config).bench.threads
+
+
+def speedups(
+    run: Path, cfg: SweepConfig, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat, and that
+    speed-up divided by the MAC ratio (1.0: latency fell as much as the arithmetic did)."""
     artefacts = open_artefacts(run)
     settings = available_settings(devices=("cpu",))
     found: dict[str, list[float]] = defaultdict(list)
+    per_mac: dict[str, list[float]] = defaultdict(list)
     for r in range(repeats):
         report = bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)
         for row in report["rows"]:
             if row["model"] != artefacts[0].label and row["speedup"] is not None:
                 key = f"{row['backend']} {row['device']} batch {row['batch']}"
                 found[key].append(row["speedup"])
+                if row["speedup_per_mac_ratio"] is not None:
+                    per_mac[key].append(row["speedup_per_mac_ratio"])
         print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
-    return dict(found)
+    return dict(found), dict(per_mac)
 
 
 def summary(found: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -62,28 +77,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="timed runs per row")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="threads per session (default: the run's bench.threads)"
+    )
     parser.add_argument("--out", help="also write the per-repeat speed-ups and summary as JSON")
     args = parser.parse_args(argv)
     try:
+        if args.threads is None:
+            args.threads = run_threads(Path(args.run))
         cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
         if args.repeats < 1:
             raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
-        found = speedups(Path(args.run), cfg, args.repeats)
+        found, per_mac = speedups(Path(args.run), cfg, args.repeats)
     except (ArtefactError, ValueError) as err:
         print(f"latency_noise: {err}; make the run first with `make demo`", file=sys.stderr)
         return 2
     table = summary(found)
-    print("| Row | Speed-up median | min | max | spread (max-min)/median | repeats |")
-    print("|---|---:|---:|---:|---:|---:|")
+    per_mac_table = summary(per_mac)
+    print(
+        "| Row | Speed-up median | min | max | spread (max-min)/median "
+        "| speed-up / MAC ratio: median (min-max) | repeats |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for key, s in table.items():
+        m = per_mac_table.get(key)
+        mac_cell = "—" if m is None else f"{m['median']:.2f} ({m['min']:.2f}–{m['max']:.2f})"
         print(
             f"| {key} | {s['median']:.2f}× | {s['min']:.2f}× | {s['max']:.2f}× | "
-            f"{s['spread']:.1%} | {s['repeats']} |"
+            f"{s['spread']:.1%} | {mac_cell} | {s['repeats']} |"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"run": args.run, "sweep": vars(args), "speedups": found, "summary": table}
+        payload = {
+            "run": args.run,
+            "sweep": vars(args),
+            "speedups": found,
+            "speedup_per_mac_ratio": per_mac,
+            "summary": table,
+            "per_mac_summary": per_mac_table,
+        }
         Path(args.out).write_text(json.dumps(payload, indent=1))
     return 0
 

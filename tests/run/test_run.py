@@ -58,7 +58,8 @@ def test_report_has_every_promised_key(run_dir):
     assert {(r["backend"], r["model"], r["batch"]) for r in rows} == {
         (b, m, n) for b in ("torch", "onnxruntime") for m in ("dense", "pruned") for n in (1, 4)
     }
-    assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["threads"] == 2 for r in rows)
+    threads = load_config("configs/demo.yaml", SMALL).bench.threads
+    assert all(r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["threads"] == threads for r in rows)
 
 
 def test_run_folder_is_complete_and_verifiable(run_dir):
