@@ -100,7 +100,7 @@ def command_problem(argv: list[str]) -> str | None:
         return recede_problem(rest)
     if name in ("python", "torchrun") and "-m" in rest:
         module = rest[rest.index("-m") + 1]
-        if module == "pipeline.cli.main":
+        if module in ("pipeline.cli", "pipeline.cli.main"):
             return recede_problem(rest[rest.index("-m") + 2 :])
         return None if importlib.util.find_spec(module) else f"no module {module}"
     if name == "python":

@@ -57,7 +57,7 @@ def test_tracing_fallback_pins_only_the_untraceable_part() -> None:
         "gm, leaves = trace_with_leaves(WithGate().eval(), X[:1])\n"
         "print(list(leaves), [n.target for n in gm.graph.nodes if n.op == 'call_module'])\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "graph")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     calls = ["a.0", "a.1", "a.2", "b.0", "b.1", "b.2", "gate", "c.0", "c.1", "c.2", "fc"]

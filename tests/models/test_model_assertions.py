@@ -36,7 +36,7 @@ def _refused(tmp_path, capsys, model: str, shape: str) -> str:
 
 
 def test_a_bare_assert_in_forward_names_the_check_and_its_sizes(tmp_path, capsys):
-    err = _refused(tmp_path, capsys, "tests.test_model_assertions:BlockNet", "1,3,12,12")
+    err = _refused(tmp_path, capsys, "tests.models.test_model_assertions:BlockNet", "1,3,12,12")
     assert "`assert x.shape[-1] % self.block == 0` failed (test_model_assertions.py:" in err, err
     assert "x.shape=(1, 3, 12, 12)" in err and "self.block=8" in err, err
 
