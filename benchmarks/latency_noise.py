@@ -80,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, help="threads per session (default: the run's bench.threads)"
     )
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="see `recede bench --clock`"
+    )
     parser.add_argument("--out", help="also write the per-repeat speed-ups and summary as JSON")
     args = parser.parse_args(argv)
     try:
         if args.threads is None:
             args.threads = run_threads(Path(args.run))
-        cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
+        cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup, args.clock)
         if args.repeats < 1:
             raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
         found, per_mac = speedups(Path(args.run), cfg, args.repeats)

@@ -277,12 +277,18 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Latency measurement: p50/p90/p99 over ``runs`` timed runs after ``warmup``."""
+    """Latency measurement: p50/p90/p99 over ``runs`` timed runs after ``warmup``.
+
+    ``clock`` is ``wall`` (elapsed time, what a user waits) or ``cpu`` (the thread's CPU time,
+    ``threads: 1`` only: what a run costs, so a speed-up survives a loaded machine; see
+    ``pipeline.bench.timing.CLOCKS``).
+    """
 
     batches: tuple[int, ...] = (1, 32)
     threads: int = 2
     runs: int = 50
     warmup: int = 10
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         _check_types(self, "bench")
@@ -293,6 +299,12 @@ class BenchConfig:
             self.threads,
         )
         _check("bench.warmup", self.warmup >= 0, ">= 0", self.warmup)
+        _check("bench.clock", self.clock in ("wall", "cpu"), "'wall' or 'cpu'", self.clock)
+        if self.clock == "cpu" and self.threads != 1:
+            raise ConfigError(
+                f"bench.clock 'cpu' counts one thread's time, so it needs bench.threads 1, got "
+                f"{self.threads}; set bench.threads=1 or bench.clock=wall"
+            )
         if self.runs < 50:
             raise ConfigError(f"bench.runs must be >= 50 for stable p99, got {self.runs!r}")
         if not self.batches or any(b < 1 for b in self.batches):

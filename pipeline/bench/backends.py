@@ -104,12 +104,19 @@ def _torch_runner(net: nn.Module, shape: tuple[int, ...], s: Setting) -> Callabl
 
 @contextmanager
 def torch_timer(
-    model: nn.Module, input_shape: tuple[int, ...], *, batch: int, threads: int, setting: Setting
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch: int,
+    threads: int,
+    setting: Setting,
+    clock: str = "wall",
 ) -> Iterator[Timer]:
     """A :data:`~pipeline.bench.interleave.Timer` of PyTorch inference of a copy of ``model``.
 
     While the context is open torch uses ``threads`` CPU threads (restored on exit) and runs in
-    inference mode, so several timers can be open at once and timed in alternation.
+    inference mode, so several timers can be open at once and timed in alternation. ``clock``
+    times CPU runs (:data:`~pipeline.bench.timing.CLOCKS`); CUDA runs use CUDA events.
     """
     import torch
 
@@ -128,7 +135,7 @@ def torch_timer(
             if s.device == "cuda":
                 yield lambda n: cuda_event_samples_ms(fn, warmup=0, runs=n) if n else []
             else:
-                yield lambda n: host_samples_ms(fn, warmup=0, runs=n) if n else []
+                yield lambda n: host_samples_ms(fn, warmup=0, runs=n, clock=clock) if n else []
     finally:
         torch.set_num_threads(previous)
 
@@ -240,10 +247,13 @@ def onnxruntime_timer(
     threads: int,
     device: str = "cpu",
     copies: bool = False,
+    clock: str = "wall",
 ) -> Iterator[tuple[Timer, str]]:
     """A :data:`~pipeline.bench.interleave.Timer` of an ONNX Runtime session (all graph
     optimisations, sequential execution) on a fixed random batch, and the graph's precision
-    (``fp32``, or ``fp16`` when its input is float16)."""
+    (``fp32``, or ``fp16`` when its input is float16). ``clock`` times CPU sessions (with one
+    intra-op thread the session computes in the calling thread); CUDA sessions use the wall
+    clock."""
     import numpy as np
 
     _check_target(device, batch, threads)
@@ -251,8 +261,9 @@ def onnxruntime_timer(
     fp16 = session.get_inputs()[0].type == "tensor(float16)"
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
     fn = _ort_runner(session, x.astype(np.float16) if fp16 else x, device, copies)
+    clock = clock if device == "cpu" else "wall"
     yield (
-        (lambda n: host_samples_ms(fn, warmup=0, runs=n) if n else []),
+        (lambda n: host_samples_ms(fn, warmup=0, runs=n, clock=clock) if n else []),
         ("fp16" if fp16 else "fp32"),
     )
 

@@ -4,8 +4,9 @@ A release gate that fails on noise is switched off after its first false alarm, 
 only when the lower quartile of its block medians is slower than ``max_slowdown`` times the
 baseline's upper quartile: the two measurements' interquartile ranges, not their medians, must be
 that far apart (quartiles, so one outlier block cannot hide or fake a regression). Rows are matched
-by model, backend, device, mode, precision, batch and threads; a latency is only comparable on
-the machine that measured the baseline.
+by model, backend, device, mode, precision, batch, threads and clock (a baseline written before
+clocks existed timed the wall clock); a latency is only comparable on the machine that measured
+the baseline.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from pipeline.bench.interleave import quartiles
 
 DEFAULT_MAX_SLOWDOWN = 1.2
-KEY_FIELDS = ("model", "backend", "device", "mode", "precision", "batch", "threads")
+KEY_FIELDS = ("model", "backend", "device", "mode", "precision", "batch", "threads", "clock")
 
 
 class BaselineError(ValueError):
@@ -54,8 +55,10 @@ class Slowdown:
 
 
 def _key(row: Mapping[str, Any]) -> str:
-    model, backend, device, mode, precision, batch, threads = (row.get(k) for k in KEY_FIELDS)
-    return f"{model} {backend} {device} {mode} {precision} batch {batch} threads {threads}"
+    model, backend, device, mode, precision, batch, threads = (row.get(k) for k in KEY_FIELDS[:-1])
+    clock = row.get("clock") or "wall"
+    key = f"{model} {backend} {device} {mode} {precision} batch {batch} threads {threads}"
+    return key if clock == "wall" else f"{key} {clock} clock"
 
 
 def _range_ms(row: Mapping[str, Any]) -> tuple[float, float]:

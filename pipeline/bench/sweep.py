@@ -43,6 +43,7 @@ from pipeline.bench.timing import (
     LatencyRow,
     Setting,
     annotated_rows,
+    check_clock,
 )
 from pipeline.core.environment import environment
 
@@ -56,17 +57,19 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Batch sizes, CPU threads, and timed and warm-up runs per row.
+    """Batch sizes, CPU threads, timed and warm-up runs per row, and the clock of CPU rows.
 
     ``runs`` below :data:`~pipeline.bench.timing.MIN_RUNS` (down to
     :data:`~pipeline.bench.timing.QUICK_MIN_RUNS`) is a quick look: allowed, and its rows are marked
-    ``quick``.
+    ``quick``. ``clock="cpu"`` (one thread only) times CPU rows on the thread's CPU clock
+    (:data:`~pipeline.bench.timing.CLOCKS`); CUDA rows always time elapsed time.
     """
 
     batches: tuple[int, ...] = (1, 32)
     threads: int = 2
     runs: int = MIN_RUNS
     warmup: int = 10
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1 or self.threads < 1 or self.warmup < 0:
@@ -74,6 +77,7 @@ class SweepConfig:
                 f"expected batch sizes >= 1 (at least one), threads >= 1 and warmup >= 0; got "
                 f"batches={self.batches}, threads={self.threads}, warmup={self.warmup}"
             )
+        check_clock(self.clock, self.threads)
         if self.runs < QUICK_MIN_RUNS:
             raise ValueError(
                 f"expected runs >= {QUICK_MIN_RUNS} timed runs ({MIN_RUNS} or more for figures "
@@ -184,11 +188,11 @@ def open_timer(
     """A timer of ``artefact`` under the torch or ONNX Runtime setting ``s``, and the
     precision its rows carry."""
     if s.backend == "torch":
-        target = {"batch": batch, "threads": cfg.threads, "setting": s}
+        target = {"batch": batch, "threads": cfg.threads, "setting": s, "clock": cfg.clock}
         with torch_timer(artefact.model, artefact.input_shape, **target) as timer:
             yield timer, s.precision
     elif s.backend == "onnxruntime":
-        target = {"batch": batch, "threads": cfg.threads, "device": s.device}
+        target = {"batch": batch, "threads": cfg.threads, "device": s.device, "clock": cfg.clock}
         with onnxruntime_timer(
             artefact.onnx, artefact.input_shape, copies=bool(s.copies), **target
         ) as opened:
@@ -216,6 +220,7 @@ def measure_interleaved(
         blocks = interleave([t for t, _ in opened], runs=cfg.runs, warmup=cfg.warmup)
     labels = {"backend": s.backend, "device": s.device, "mode": s.mode, "batch": batch}
     labels |= {"threads": cfg.threads, "copies": s.copies, "warmup": cfg.warmup}
+    labels |= {"clock": cfg.clock if s.device == "cpu" else "wall"}
     return [
         LatencyRow.from_blocks(b, model=a.label, precision=precision, **labels)
         for a, (_, precision), b in zip(artefacts, opened, blocks, strict=True)
@@ -284,6 +289,7 @@ def latency_table(
     threads: int = 2,
     runs: int = MIN_RUNS,
     warmup: int = 10,
+    clock: str = "wall",
 ) -> list[LatencyRow]:
     """Latency of every model under every available setting and batch (the ``recede run``
     table): a :func:`sweep` over every setting :func:`available_settings` finds, fp32,
@@ -297,11 +303,12 @@ def latency_table(
         threads: CPU threads for PyTorch and ONNX Runtime.
         runs: Timed runs per row; at least 5 (below 50 the rows are marked ``quick``).
         warmup: Untimed runs before each row.
+        clock: ``wall`` or ``cpu`` (one thread only) for CPU rows (see :class:`SweepConfig`).
 
     Raises:
-        ValueError: If ``runs < 5`` or ``batches`` is empty.
+        ValueError: If ``runs < 5``, ``batches`` is empty or the clock cannot time ``threads``.
     """
-    cfg = SweepConfig(tuple(batches), threads, runs, warmup)
+    cfg = SweepConfig(tuple(batches), threads, runs, warmup, clock)
     artefacts = [
         Artefact(label, "in memory", tuple(input_shape), models.get(label), onnx_paths.get(label))
         for label in dict.fromkeys([*models, *onnx_paths])

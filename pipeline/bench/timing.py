@@ -72,14 +72,38 @@ def _check_counts(warmup: int, runs: int) -> None:
         raise ValueError(f"expected runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
 
 
+CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
+"""How a host run is timed. ``wall`` is elapsed time (``perf_counter_ns``): latency as a user
+sees it, including any time the scheduler kept the run waiting. ``cpu`` is the calling thread's
+CPU time (``thread_time_ns``): what the run cost, without that waiting, so a speed-up measured
+with it survives a loaded machine. It counts one thread only, hence one thread per session."""
+
+
+def check_clock(clock: str, threads: int) -> None:
+    """Refuse a clock that cannot measure a ``threads``-thread run.
+
+    Raises:
+        ValueError: ``clock`` is unknown, or ``cpu`` with more than one thread.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"expected clock 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError(
+            f"the cpu clock counts the calling thread only, so it needs threads=1, got "
+            f"threads={threads}: the other threads' work would be missing; use threads=1 or the "
+            "wall clock"
+        )
+
+
 def host_samples_ms(
     fn: Callable[[], Any],
     *,
     warmup: int,
     runs: int,
     sync: Callable[[], Any] | None = None,
+    clock: str = "wall",
 ) -> list[float]:
-    """Durations of ``runs`` calls of ``fn`` on the host clock (``perf_counter_ns``), in ms.
+    """Durations of ``runs`` calls of ``fn`` on a host clock (:data:`CLOCKS`), in ms.
 
     Args:
         fn: The work to time.
@@ -87,19 +111,24 @@ def host_samples_ms(
         runs: Timed calls.
         sync: Called after every call, inside the timed region (e.g.
             ``torch.cuda.synchronize``); None for work that is done when ``fn`` returns.
+        clock: ``wall`` or ``cpu`` (the calling thread's CPU time: only for work that runs
+            entirely in this thread, never with ``sync``: a GPU's time is not this thread's).
     """
     _check_counts(warmup, runs)
+    if clock not in CLOCKS or (clock == "cpu" and sync is not None):
+        raise ValueError(f"expected clock 'wall', or 'cpu' without sync; got {clock!r}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     if sync is not None:
         sync()
     samples = []
     for _ in range(runs):
-        start = time.perf_counter_ns()
+        start = now()
         fn()
         if sync is not None:
             sync()
-        samples.append((time.perf_counter_ns() - start) / 1e6)
+        samples.append((now() - start) / 1e6)
     return samples
 
 
@@ -176,6 +205,8 @@ class LatencyRow:
             (:mod:`pipeline.bench.interleave`), in the order timed; rows of one setting and batch
             share their blocks, so block ``b`` of two rows ran under the same load. Empty for
             rows timed alone (TensorRT, reports written before interleaving).
+        clock: ``wall`` (elapsed time; CUDA rows time with CUDA events) or ``cpu`` (the
+            calling thread's CPU time, one-thread CPU rows only; see :data:`CLOCKS`).
     """
 
     backend: str
@@ -192,6 +223,7 @@ class LatencyRow:
     runs: int = 0
     warmup: int = 0
     blocks_ms: tuple[float, ...] = ()
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if not self.mode:
@@ -370,7 +402,8 @@ def latency_markdown(
     header += ["Noise", "Flags"]
     body = []
     for r, a in zip(rows, annotated_rows(rows, macs), strict=True):
-        cells = [_backend_cell(r), r.device, r.model, str(r.batch), str(r.threads)]
+        threads = str(r.threads) if r.clock == "wall" else f"{r.threads} ({r.clock} clock)"
+        cells = [_backend_cell(r), r.device, r.model, str(r.batch), threads]
         cells += [f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}"]
         cells += [_speedup_cell(a), f"{r.throughput:,.0f}", _COPIES[r.copies]]
         if ref_macs:

@@ -284,6 +284,13 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         "marked quick (a quick look, not figures to report)",
     )
     p.add_argument("--warmup", type=_number(int, 0), default=10, help="untimed runs per row")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="how CPU rows are timed: wall (elapsed, what a user waits) or cpu (the thread's CPU "
+        "time, what a run costs; a speed-up that survives a loaded machine; needs --threads 1)",
+    )
     p.add_argument("--fp16", action="store_true", help="also time fp16 on CUDA")
     p.add_argument(
         "--copies",

@@ -186,12 +186,15 @@ def bench_command(args: argparse.Namespace) -> int:
     from pipeline.bench.timing import LatencyRow, noise_note
 
     _check_bench_outputs(args)
+    try:
+        cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup, args.clock)
+    except ValueError as err:
+        raise UsageError(f"--clock {args.clock} --threads {args.threads}: {err}") from None
     if args.compare:
         load_baseline(args.compare)  # a bad baseline is refused before any timing
     settings = _bench_settings(args)
     artefacts = _bench_artefacts(args, settings)
     check_batches(artefacts, tuple(args.batches))
-    cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup)
     report = _timed(artefacts, settings, cfg)
     if args.compare:
         report = _gate(args, report, lambda: _timed(artefacts, settings, cfg))

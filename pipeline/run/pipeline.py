@@ -182,6 +182,7 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
         threads=cfg.bench.threads,
         runs=cfg.bench.runs,
         warmup=cfg.bench.warmup,
+        clock=cfg.bench.clock,
     )
     check = exported.checks["pruned"]
     dense, after = _summaries(model, dense_acc, pruned, acc, data.input_shape)
