@@ -36,23 +36,30 @@ def run_threads(run: Path) -> int:
 
 def speedups(
     run: Path, cfg: SweepConfig, repeats: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat, and that
-    speed-up divided by the MAC ratio (1.0: latency fell as much as the arithmetic did)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat, that speed-up
+    divided by the MAC ratio (1.0: latency fell as much as the arithmetic did), and in how many
+    repeats the dense or the pruned row was flagged ``noisy``."""
     artefacts = open_artefacts(run)
     settings = available_settings(devices=("cpu",))
     found: dict[str, list[float]] = defaultdict(list)
     per_mac: dict[str, list[float]] = defaultdict(list)
+    noisy: dict[str, int] = defaultdict(int)
     for r in range(repeats):
         report = bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)
+        flagged = set()
         for row in report["rows"]:
+            key = f"{row['backend']} {row['device']} batch {row['batch']}"
+            if "noisy" in row["flags"]:
+                flagged.add(key)
             if row["model"] != artefacts[0].label and row["speedup"] is not None:
-                key = f"{row['backend']} {row['device']} batch {row['batch']}"
                 found[key].append(row["speedup"])
                 if row["speedup_per_mac_ratio"] is not None:
                     per_mac[key].append(row["speedup_per_mac_ratio"])
+        for key in flagged:
+            noisy[key] += 1
         print(f"repeat {r + 1}/{repeats} done", file=sys.stderr)
-    return dict(found), dict(per_mac)
+    return dict(found), dict(per_mac), {key: noisy[key] for key in found}
 
 
 def summary(found: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup, args.clock)
         if args.repeats < 1:
             raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
-        found, per_mac = speedups(Path(args.run), cfg, args.repeats)
+        found, per_mac, noisy = speedups(Path(args.run), cfg, args.repeats)
     except (ArtefactError, ValueError) as err:
         print(f"latency_noise: {err}; make the run first with `make demo`", file=sys.stderr)
         return 2
@@ -99,15 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     per_mac_table = summary(per_mac)
     print(
         "| Row | Speed-up median | min | max | spread (max-min)/median "
-        "| speed-up / MAC ratio: median (min-max) | repeats |"
+        "| speed-up / MAC ratio: median (min-max) | repeats | flagged noisy |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for key, s in table.items():
         m = per_mac_table.get(key)
         mac_cell = "—" if m is None else f"{m['median']:.2f} ({m['min']:.2f}–{m['max']:.2f})"
         print(
             f"| {key} | {s['median']:.2f}× | {s['min']:.2f}× | {s['max']:.2f}× | "
-            f"{s['spread']:.1%} | {mac_cell} | {s['repeats']} |"
+            f"{s['spread']:.1%} | {mac_cell} | {s['repeats']} | {noisy[key]} |"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": vars(args),
             "speedups": found,
             "speedup_per_mac_ratio": per_mac,
+            "noisy_repeats": noisy,
             "summary": table,
             "per_mac_summary": per_mac_table,
         }

@@ -8,7 +8,7 @@ Ops: ``bounded_bn`` (fused bounded BN + ReLU, forward and backward), ``receding_
 ``l1_penalty`` and ``polarization_penalty`` (value plus gradient added into ``.grad``, one
 launch for all layers), ``ista_shrink`` (proximal step, one launch for all layers). Importing an
 op's module registers it as a PyTorch custom op, ``torch.ops.recede.<name>``, so
-``torch.compile`` and CUDA graphs see one op per call. Shared: ``_packing`` (the flat buffer the
-one-launch ops work on), ``_dispatch`` (backend choice) and ``_bounded_bn_kernels``.
+``torch.compile`` and CUDA graphs see one op per call. Shared: ``packing`` (the flat buffer the
+one-launch ops work on), ``dispatch`` (backend choice) and ``bounded_bn_kernels``.
 ``benchmarks/kernel_bench.py`` times them and whole training steps.
 """

@@ -5,7 +5,7 @@ and ``recede::bounded_bn_backward`` (``torch.library.custom_op``, with fake impl
 the backward registered as the forward's autograd formula), so ``torch.compile`` (and the CUDA
 graphs its ``reduce-overhead`` mode records) sees one opaque op per BN layer and direction.
 Each op takes the resolved backend: ``"triton"`` launches one fused kernel
-(:mod:`kernels._bounded_bn_kernels`), ``"torch"`` runs the pure-torch reference with the same
+(:mod:`kernels.bounded_bn_kernels`), ``"torch"`` runs the pure-torch reference with the same
 formulas (``bounded_batch_norm_forward_ref`` / ``_backward_ref``; what ``opcheck`` exercises
 without Triton). Eager calls (outside ``torch.compile``) go through ``_EagerFn``, an
 ``autograd.Function`` over the same launchers, whose host cost per call is lower than a Python
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kernels._bounded_bn_kernels import _backward_kernel, _forward_kernel
-from kernels._dispatch import resolve_backend
+from kernels.bounded_bn_kernels import backward_kernel, forward_kernel
+from kernels.dispatch import resolve_backend
 
 _OP = "bounded_batch_norm"
 _TILE = 2048  # values per program per loop step
@@ -199,7 +199,7 @@ def bounded_batch_norm_forward_triton(
     stats = [torch.empty(x.shape[1], dtype=torch.float32, device=x.device) for _ in range(3)]
     pointers = (x, y, logit, logit if shift is None else shift, *stats)
     flags = {"HAS_SHIFT": shift is not None, "RELU": relu}
-    _forward_kernel()[grid](*pointers, *dims, float(eps), **flags, **blocks)
+    forward_kernel()[grid](*pointers, *dims, float(eps), **flags, **blocks)
     return y, stats[0], stats[1], stats[2]
 
 
@@ -230,7 +230,7 @@ def bounded_batch_norm_backward_triton(
     dshift = torch.empty_like(logit if shift is None else shift)
     pointers = (x, dy, dx, logit, logit if shift is None else shift, mean, rstd, dlogit, dshift)
     flags = {"HAS_SHIFT": shift is not None, "RELU": relu}
-    _backward_kernel()[grid](*pointers, *dims, **flags, **blocks)
+    backward_kernel()[grid](*pointers, *dims, **flags, **blocks)
     return dx, dlogit, dshift
 
 

@@ -3,7 +3,7 @@
 Per layer ``l``: ``g <- sign(g) * max(|g| - lr_l * rho * lambda_l, 0)``, in place. Values at or
 under the threshold become exact (+0.0) zeros, which is what lets pruning read them off.
 
-Mechanism: the params are packed into one flat buffer (:mod:`kernels._packing`), shrunk in place
+Mechanism: the params are packed into one flat buffer (:mod:`kernels.packing`), shrunk in place
 by one kernel, and copied back with one ``torch._foreach_copy_``. Each program covers one block
 of one layer: a cached ``(layer, start, end)`` table per block (blocks never straddle layers)
 tells it which per-layer threshold to read, so only one float per layer crosses to the device
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import _packing
-from kernels._dispatch import resolve_backend
+from kernels import packing
+from kernels.dispatch import resolve_backend
 
 _OP = "ista_shrink_"
 _BLOCK = 1024
@@ -68,7 +68,7 @@ def ista_shrink_triton_(
             not add up to its length or does not match ``thresholds``, or a threshold is
             negative or not finite.
     """
-    _packing.check_flat(flat, _OP)
+    packing.check_flat(flat, _OP)
     sizes = tuple(int(n) for n in sizes)
     if len(sizes) != len(thresholds) or sum(sizes) != flat.numel():
         raise ValueError(
@@ -77,8 +77,8 @@ def ista_shrink_triton_(
             f"over {len(sizes)} layers"
         )
     for i, thr in enumerate(thresholds):
-        _packing.check_scalar(thr, f"thresholds[{i}]", _OP, minimum=0.0)
-    table = _packing.block_table(sizes, _BLOCK, flat.device)
+        packing.check_scalar(thr, f"thresholds[{i}]", _OP, minimum=0.0)
+    table = packing.block_table(sizes, _BLOCK, flat.device)
     thr = torch.tensor(thresholds, dtype=torch.float32, device=flat.device)
     num_blocks = table.shape[0]
     _kernel()[(num_blocks,)](flat, thr, table, num_blocks, BLOCK=_BLOCK)
@@ -93,19 +93,19 @@ def _thresholds(
             f"{_OP}: need one lr and one lambda per param; got {n_params} params, "
             f"{len(lrs)} lrs and {len(lambdas)} lambdas"
         )
-    rho = _packing.check_scalar(rho, "rho", _OP, minimum=0.0)
+    rho = packing.check_scalar(rho, "rho", _OP, minimum=0.0)
     for name, values in (("lrs", lrs), ("lambdas", lambdas)):
         for i, v in enumerate(values):
-            _packing.check_scalar(v, f"{name}[{i}]", _OP, minimum=0.0)
+            packing.check_scalar(v, f"{name}[{i}]", _OP, minimum=0.0)
     return [float(lr) * rho * float(lam) for lr, lam in zip(lrs, lambdas, strict=True)]
 
 
 def _apply(params: list[torch.Tensor], thresholds: list[float], backend: str) -> None:
     """One op per step: shrink every layer in place; ``backend`` is resolved."""
     if backend == "triton":
-        flat = _packing.pack(params)
-        ista_shrink_triton_(flat, thresholds, _packing.sizes_of(params))
-        _packing.copy_flat_(params, flat)
+        flat = packing.pack(params)
+        ista_shrink_triton_(flat, thresholds, packing.sizes_of(params))
+        packing.copy_flat_(params, flat)
         return
     for p, thr in zip(params, thresholds, strict=True):
         p.copy_(ista_shrink_ref(p, thr))
@@ -140,7 +140,7 @@ def ista_shrink_(
         rho: global sparsity weight (``>= 0``).
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
     """
-    device = _packing.check_params(params, _OP)
+    device = packing.check_params(params, _OP)
     thresholds = _thresholds(len(params), lrs, lambdas, rho)
     if device is None:
         return

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import _packing
-from kernels._dispatch import resolve_backend
+from kernels import packing
+from kernels.dispatch import resolve_backend
 
 _OP = "l1_penalty_"
 _BLOCK = 1024
@@ -54,8 +54,8 @@ def l1_penalty_triton(flat: torch.Tensor, *, strength: float) -> tuple[torch.Ten
         ValueError: ``flat`` is not a non-empty contiguous 1-D floating buffer, or
             ``strength`` is not a finite number ``>= 0``.
     """
-    _packing.check_flat(flat, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    packing.check_flat(flat, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
     import triton
 
     n = flat.numel()
@@ -71,8 +71,8 @@ def _apply(
 ) -> torch.Tensor:
     """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
     impl = l1_penalty_triton if backend == "triton" else l1_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength)
-    _packing.add_flat_(grads, grad.reshape(-1))
+    value, grad = impl(packing.pack(params), strength=strength)
+    packing.add_flat_(grads, grad.reshape(-1))
     return value
 
 
@@ -101,10 +101,10 @@ def l1_penalty_(
     Returns:
         The penalty value, a detached 0-d fp32 tensor on the params' device.
     """
-    device = _packing.check_params(params, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    device = packing.check_params(params, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
     resolved = resolve_backend(backend, device)
     op = _penalty_op if torch.compiler.is_compiling() else _apply
-    return op(list(params), _packing.grads_of(params), strength, resolved)
+    return op(list(params), packing.grads_of(params), strength, resolved)

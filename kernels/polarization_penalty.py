@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import _packing
-from kernels._dispatch import resolve_backend
+from kernels import packing
+from kernels.dispatch import resolve_backend
 
 _OP = "polarization_penalty_"
 _BLOCK = 1024
@@ -81,9 +81,9 @@ def polarization_penalty_triton(
         ValueError: ``flat`` is not a non-empty contiguous 1-D floating buffer, or
             ``strength`` / ``t`` is not a finite number ``>= 0``.
     """
-    _packing.check_flat(flat, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
-    t = _packing.check_scalar(t, "t", _OP, minimum=0.0)
+    packing.check_flat(flat, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    t = packing.check_scalar(t, "t", _OP, minimum=0.0)
     import triton
 
     n = flat.numel()
@@ -102,8 +102,8 @@ def _apply(
 ) -> torch.Tensor:
     """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
     impl = polarization_penalty_triton if backend == "triton" else polarization_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength, t=t)
-    _packing.add_flat_(grads, grad.reshape(-1))
+    value, grad = impl(packing.pack(params), strength=strength, t=t)
+    packing.add_flat_(grads, grad.reshape(-1))
     return value
 
 
@@ -141,11 +141,11 @@ def polarization_penalty_(
     Returns:
         The penalty value, a detached 0-d fp32 tensor on the params' device.
     """
-    device = _packing.check_params(params, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
-    t = _packing.check_scalar(t, "t", _OP, minimum=0.0)
+    device = packing.check_params(params, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    t = packing.check_scalar(t, "t", _OP, minimum=0.0)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
     resolved = resolve_backend(backend, device)
     op = _penalty_op if torch.compiler.is_compiling() else _apply
-    return op(list(params), _packing.grads_of(params), strength, t, resolved)
+    return op(list(params), packing.grads_of(params), strength, t, resolved)

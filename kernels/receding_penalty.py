@@ -14,7 +14,7 @@ then four launches whatever the number of layers: ``cat``; this kernel, writing 
 gradient and one strength-scaled partial sum per block; a ``sum`` of the partials (deterministic,
 unlike an atomic add); and one ``torch._foreach_add_`` of per-layer views of the flat gradient
 into each ``.grad``. The naive version launches several kernels per layer, forward and
-backward. :mod:`kernels._packing` holds the helpers; the L1 and polarization penalties reuse them.
+backward. :mod:`kernels.packing` holds the helpers; the L1 and polarization penalties reuse them.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import _packing
-from kernels._dispatch import resolve_backend
+from kernels import packing
+from kernels.dispatch import resolve_backend
 
 _OP = "receding_penalty_"
 _BLOCK = 1024
@@ -83,9 +83,9 @@ def receding_penalty_triton(
         ValueError: ``flat`` is not a non-empty contiguous 1-D floating buffer, or ``strength``
             / ``bias`` is not finite (``strength`` must also be ``>= 0``).
     """
-    _packing.check_flat(flat, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
-    bias = _packing.check_scalar(bias, "bias", _OP)
+    packing.check_flat(flat, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    bias = packing.check_scalar(bias, "bias", _OP)
     import triton
 
     n = flat.numel()
@@ -105,8 +105,8 @@ def _apply(
 ) -> torch.Tensor:
     """One op per step: pack, value and gradient, add into ``grads``; ``backend`` is resolved."""
     impl = receding_penalty_triton if backend == "triton" else receding_penalty_ref
-    value, grad = impl(_packing.pack(params), strength=strength, bias=bias)
-    _packing.add_flat_(grads, grad.reshape(-1))
+    value, grad = impl(packing.pack(params), strength=strength, bias=bias)
+    packing.add_flat_(grads, grad.reshape(-1))
     return value
 
 
@@ -140,11 +140,11 @@ def receding_penalty_(
     Returns:
         The penalty value, a detached 0-d fp32 tensor on the params' device.
     """
-    device = _packing.check_params(params, _OP)
-    strength = _packing.check_scalar(strength, "strength", _OP, minimum=0.0)
-    bias = _packing.check_scalar(bias, "bias", _OP)
+    device = packing.check_params(params, _OP)
+    strength = packing.check_scalar(strength, "strength", _OP, minimum=0.0)
+    bias = packing.check_scalar(bias, "bias", _OP)
     if device is None:
         return torch.zeros((), dtype=torch.float32)
     resolved = resolve_backend(backend, device)
     op = _penalty_op if torch.compiler.is_compiling() else _apply
-    return op(list(params), _packing.grads_of(params), strength, bias, resolved)
+    return op(list(params), packing.grads_of(params), strength, bias, resolved)

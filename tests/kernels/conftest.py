@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from kernels._dispatch import interpreting, triton_importable
+from kernels.dispatch import interpreting, triton_importable
 
 
 def default_interpret(markexpr: str, cuda: bool) -> str:

@@ -121,7 +121,7 @@ def test_inductor_compiled_model_matches_eager():
 
 @pytest.mark.gpu
 def test_cuda_graph_captures_the_triton_training_pass():
-    from kernels._dispatch import interpreting
+    from kernels.dispatch import interpreting
 
     if not torch.cuda.is_available() or interpreting():
         pytest.skip("needs a CUDA device and compiled kernels (make test-gpu)")

@@ -6,33 +6,33 @@ import sys
 import pytest
 import torch
 
-from kernels import _dispatch
+from kernels import dispatch
 
 CPU = torch.device("cpu")
 
 
 def test_auto_and_torch_pick_the_reference_on_cpu():
-    assert _dispatch.resolve_backend("auto", CPU) == "torch"
-    assert _dispatch.resolve_backend("torch", CPU) == "torch"
+    assert dispatch.resolve_backend("auto", CPU) == "torch"
+    assert dispatch.resolve_backend("torch", CPU) == "torch"
 
 
 def test_unknown_backend_names_what_it_got():
     with pytest.raises(ValueError, match="got 'cuda'"):
-        _dispatch.resolve_backend("cuda", CPU)
+        dispatch.resolve_backend("cuda", CPU)
 
 
 def test_triton_on_cpu_without_interpreter_explains_the_fix(monkeypatch):
-    monkeypatch.setattr(_dispatch, "triton_importable", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        _dispatch.resolve_backend("triton", CPU)
+        dispatch.resolve_backend("triton", CPU)
 
 
 def test_triton_missing_names_the_package(monkeypatch):
-    monkeypatch.setattr(_dispatch, "triton_importable", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: False)
     with pytest.raises(RuntimeError, match="pip install triton"):
-        _dispatch.resolve_backend("triton", CPU)
-    assert _dispatch.resolve_backend("auto", torch.device("cuda")) == "torch"
+        dispatch.resolve_backend("triton", CPU)
+    assert dispatch.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
 def test_importing_the_kernels_does_not_import_triton():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import _packing
+from kernels import packing
 from kernels.polarization_penalty import (
     polarization_penalty_,
     polarization_penalty_ref,
@@ -34,7 +34,7 @@ def test_reference_matches_autograd_with_global_mean(make_layers):
     layers = make_layers((7, 1000, 33), scale=0.2, offset=0.5)
     with torch.no_grad():
         layers[1].add_(0.4)
-    value, grad = polarization_penalty_ref(_packing.pack(layers).cpu(), strength=0.3, t=1.2)
+    value, grad = polarization_penalty_ref(packing.pack(layers).cpu(), strength=0.3, t=1.2)
     want_value, want_grad = _autograd_truth([p.cpu() for p in layers], 0.3, 1.2)
     torch.testing.assert_close(value.double(), want_value, **VALUE)
     torch.testing.assert_close(grad.double(), want_grad, **GRAD)

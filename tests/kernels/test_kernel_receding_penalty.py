@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _packing
+from kernels import packing
 from kernels.receding_penalty import (
     receding_penalty_,
     receding_penalty_ref,
@@ -86,7 +86,7 @@ def test_grads_are_added_to_existing_grad(backend, make_layers, request):
     layers[0].grad = existing.clone()
     ids = [id(p) for p in layers]
     receding_penalty_(layers, strength=0.2, backend=backend)
-    _, grad = receding_penalty_ref(_packing.pack(layers), strength=0.2)
+    _, grad = receding_penalty_ref(packing.pack(layers), strength=0.2)
     torch.testing.assert_close(layers[0].grad, existing + grad[:7], **FP32)
     torch.testing.assert_close(layers[1].grad, grad[7:], **FP32)  # allocated from zeros
     assert [id(p) for p in layers] == ids

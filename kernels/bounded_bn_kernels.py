@@ -13,7 +13,8 @@ import functools
 
 
 @functools.cache
-def _forward_kernel():
+def forward_kernel():
+    """The compiled forward kernel (statistics, then the normalised and activated output)."""
     import triton
     import triton.language as tl
 
@@ -77,7 +78,8 @@ def _forward_kernel():
 
 
 @functools.cache
-def _backward_kernel():
+def backward_kernel():
+    """The compiled backward kernel (the two channel sums, then ``dx``)."""
     import triton
     import triton.language as tl
 

@@ -63,7 +63,7 @@ def check_flat(flat: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: expected a floating tensor; got {got}")
     if flat.dim() != 1 or flat.numel() == 0 or not flat.is_contiguous():
         raise ValueError(
-            f"{op}: expected a non-empty contiguous 1-D buffer (see kernels._packing.pack); "
+            f"{op}: expected a non-empty contiguous 1-D buffer (see kernels.packing.pack); "
             f"got shape {tuple(flat.shape)}, contiguous={flat.is_contiguous()}"
         )
 
