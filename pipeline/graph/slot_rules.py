@@ -101,30 +101,23 @@ MODULE_OPS: dict[type[nn.Module], str] = {
 }
 
 
+def _add_rule(table: dict[Any, Any], keys: tuple[Any, ...], rule: Any, what: Callable[[Any], str]):
+    """Enter ``rule`` for every key; a key has one rule (a second is a bug, named by ``what``)."""
+    for key in keys:
+        if key in table:
+            raise ValueError(f"{what(key)} already has the rule {table[key].__name__}")
+        table[key] = rule
+    return rule
+
+
 def register_op(*names: str) -> Callable[[OpRule], OpRule]:
     """Decorator: ``rule`` handles the function/method ops ``names``; a name has one rule."""
-
-    def add(rule: OpRule) -> OpRule:
-        for name in names:
-            if name in _OP_RULES:
-                raise ValueError(f"op {name!r} already has the rule {_OP_RULES[name].__name__}")
-            _OP_RULES[name] = rule
-        return rule
-
-    return add
+    return lambda rule: _add_rule(_OP_RULES, names, rule, lambda name: f"op {name!r}")
 
 
 def register_module(*types: type[nn.Module]) -> Callable[[ModuleRule], ModuleRule]:
     """Decorator: ``rule`` handles layers of ``types`` and of their subclasses."""
-
-    def add(rule: ModuleRule) -> ModuleRule:
-        for t in types:
-            if t in _MODULE_RULES:
-                raise ValueError(f"{t.__name__} already has the rule {_MODULE_RULES[t].__name__}")
-            _MODULE_RULES[t] = rule
-        return rule
-
-    return add
+    return lambda rule: _add_rule(_MODULE_RULES, types, rule, lambda t: t.__name__)
 
 
 def op_rule(op: str) -> OpRule | None:
