@@ -62,8 +62,15 @@ def tiny_net_random_bn() -> nn.Module:
     (an untrained TinyNet's scales all tie, which ``recede prune --ratio`` refuses), and BN
     statistics of its actual input on random data, so its outputs depend on the input as a
     trained net's do (with made-up statistics they move by 1e-3 of their scale between inputs,
-    and every fp16 check of it is honestly ``insensitive``)."""
-    model = randomise_bn_(TinyNet())
+    and every fp16 check of it is honestly ``insensitive``).
+
+    Its conv weights are a fixed draw (seed 4), not the caller's global RNG: for some draws
+    TinyNet's outputs move by under 2x the fp16 bound between inputs (seed 1: 1.8x), so its fp16
+    export is honestly ``insensitive`` and ``recede export --format all`` exits 1. That made the
+    README release-script test fail about one run in six. Seed 4 gives 6.3x."""
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = randomise_bn_(TinyNet())
     bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BoundedBatchNorm2d))]
     with torch.no_grad():
         for m in bns:
