@@ -1,1 +1,2 @@
-"""What every stage shares: atomic writes and output folders, integrity, numerics and tolerances, verification verdicts, timing, progress and processes."""
+"""What every stage shares: atomic writes and output folders, integrity, numerics and
+tolerances, verification verdicts, progress bars and process ranks."""

@@ -7,8 +7,10 @@ onnxruntime, tensorrt or CUDA):
   Runtime parity.
 - :mod:`pipeline.export.tensorrt`: ONNX to a TensorRT engine (FP16, INT8, timing cache),
   running, verifying and timing it; :mod:`pipeline.export.calibration` feeds INT8 calibration.
-- :mod:`pipeline.core.tolerance`: the one tolerance policy every verification uses.
 - :mod:`pipeline.export.release`: every requested artefact of a release, verified.
 - :mod:`pipeline.export.verify`: fold, export and verify models side by side (``recede run``).
 - :mod:`pipeline.export.manifest`: a ``manifest.json`` with hashes, versions, config and metrics.
+
+Every verification here judges under the one tolerance policy of :mod:`pipeline.core.tolerance`,
+which folding and removal share.
 """
