@@ -21,11 +21,6 @@ pytest.importorskip("onnxruntime")
 SHAPE = (3, 16, 16)
 
 
-def _model() -> torch.nn.Module:
-    """TinyNet with calibrated BN and a fixed draw whose fp16 check can see a wrong model."""
-    return tiny_net_random_bn()
-
-
 @pytest.mark.parametrize(
     "options, match",
     [
@@ -54,7 +49,7 @@ def test_format_all_skips_only_an_unavailable_tensorrt() -> None:
 
 
 def test_a_release_writes_and_verifies_every_onnx_format(tmp_path) -> None:
-    model = _model()
+    model = tiny_net_random_bn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     options = ReleaseOptions(formats=("onnx", "onnx-fp16"), simplify=False)
     release = export_release(model, SHAPE, tmp_path, options)
@@ -72,7 +67,7 @@ def test_a_release_writes_and_verifies_every_onnx_format(tmp_path) -> None:
 
 
 def test_the_same_model_exports_the_same_bytes_twice(tmp_path) -> None:
-    model, options = _model(), ReleaseOptions(simplify=False)
+    model, options = tiny_net_random_bn(), ReleaseOptions(simplify=False)
     export_release(model, SHAPE, tmp_path / "a", options)
     export_release(model, SHAPE, tmp_path / "b", options)
     a, b = (tmp_path / d / FILES["onnx"] for d in "ab")
@@ -85,7 +80,7 @@ def test_a_release_and_a_run_judge_the_same_model_alike(tmp_path) -> None:
     from pipeline.export.verify import export_checked
     from pipeline.fold.batchnorm import fold_bn
 
-    model = _model()
+    model = tiny_net_random_bn()
     release = export_release(model, SHAPE, tmp_path / "rel", ReleaseOptions(simplify=False))
     batch = verification_input(SHAPE, 4)
     run = export_checked(
@@ -99,5 +94,5 @@ def test_a_release_and_a_run_judge_the_same_model_alike(tmp_path) -> None:
 def test_int8_without_calibration_is_refused_before_writing(tmp_path) -> None:
     options = ReleaseOptions(formats=("tensorrt",), trt_precision="int8")
     with pytest.raises(ValueError, match="needs calibration batches"):
-        export_release(_model(), SHAPE, tmp_path, options)
+        export_release(tiny_net_random_bn(), SHAPE, tmp_path, options)
     assert not any(tmp_path.iterdir())
