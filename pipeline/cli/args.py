@@ -170,6 +170,12 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         default=1,
         help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
     )
+    p.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="also remove groups whose constant a gate reads and whose shift is not zero, by "
+        "zeroing the shift (the error is in report.json); without it they are kept",
+    )
     p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
 

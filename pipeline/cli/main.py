@@ -196,6 +196,10 @@ def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
             "total": summary.total,
             "prunable": summary.prunable,
             "dropped": summary.dropped,
+            "exact": summary.exact,
+            "approximate": summary.approximate,
+            "approximate_rel_err": summary.approximate_rel_err,
+            "held_back": summary.held_back,
         },
         "threshold": {"mode": summary.threshold_mode, "value": summary.threshold_value},
         "barriers": summary.barriers,
@@ -226,6 +230,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scope=args.scope,
         min_channels=args.min_channels,
         round_to=args.round_to,
+        allow_approximate=args.allow_approximate,
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)
