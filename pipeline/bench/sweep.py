@@ -174,7 +174,10 @@ def measure(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> Lat
 
 
 def runnable(artefact: Artefact, s: Setting) -> bool:
-    """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file)."""
+    """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file; an
+    INT8 graph runs on ONNX Runtime's CPU provider only)."""
+    if artefact.precision == "int8" and (s.backend, s.device) != ("onnxruntime", "cpu"):
+        return False
     return (artefact.model if s.backend == "torch" else artefact.onnx) is not None
 
 
@@ -195,8 +198,8 @@ def open_timer(
         target = {"batch": batch, "threads": cfg.threads, "device": s.device, "clock": cfg.clock}
         with onnxruntime_timer(
             artefact.onnx, artefact.input_shape, copies=bool(s.copies), **target
-        ) as opened:
-            yield opened
+        ) as (timer, precision):
+            yield timer, artefact.precision if artefact.precision != "fp32" else precision
     else:
         raise ValueError(f"expected a torch or onnxruntime setting, got {s.backend!r}")
 
@@ -290,10 +293,12 @@ def latency_table(
     runs: int = MIN_RUNS,
     warmup: int = 10,
     clock: str = "wall",
+    int8_paths: Mapping[str, Path] | None = None,
 ) -> list[LatencyRow]:
     """Latency of every model under every available setting and batch (the ``recede run``
     table): a :func:`sweep` over every setting :func:`available_settings` finds, fp32,
-    device-resident on CUDA.
+    device-resident on CUDA, and each model's INT8 graph on ONNX Runtime's CPU provider, timed
+    interleaved with the fp32 graphs.
 
     Args:
         models: Label (``"dense"``, ``"pruned"``) to network.
@@ -304,6 +309,7 @@ def latency_table(
         runs: Timed runs per row; at least 5 (below 50 the rows are marked ``quick``).
         warmup: Untimed runs before each row.
         clock: ``wall`` or ``cpu`` (one thread only) for CPU rows (see :class:`SweepConfig`).
+        int8_paths: Label to its INT8 ONNX file (rows with precision ``int8``).
 
     Raises:
         ValueError: If ``runs < 5``, ``batches`` is empty or the clock cannot time ``threads``.
@@ -312,6 +318,10 @@ def latency_table(
     artefacts = [
         Artefact(label, "in memory", tuple(input_shape), models.get(label), onnx_paths.get(label))
         for label in dict.fromkeys([*models, *onnx_paths])
+    ]
+    artefacts += [
+        Artefact(label, str(path), tuple(input_shape), None, path, precision="int8")
+        for label, path in (int8_paths or {}).items()
     ]
     return sweep(artefacts, available_settings(), cfg)
 

@@ -178,6 +178,14 @@ class _Batches:
         return iter(self.get_next, None)
 
 
+def is_qdq(onnx_path: str | Path) -> bool:
+    """Whether the ONNX graph holds Q/DQ nodes (TensorRT then quantizes explicitly)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
 def preprocess(fp32: str | Path, out: str | Path) -> Path:
     """ONNX Runtime's quantization pre-processing of ``fp32`` into ``out``: ONNX shape inference
     and basic optimisations (symbolic shape inference is skipped: a CNN's shapes are static but

@@ -22,6 +22,7 @@ from pipeline.export.int8_check import Int8Check, verify_int8
 from pipeline.export.int8_fallback import Fallback, quantize_with_fallback
 
 if TYPE_CHECKING:
+    from pipeline.config import Int8Config
     from pipeline.data.calibration import Int8Samples
 
 logger = logging.getLogger(__name__)
@@ -124,3 +125,20 @@ def export_int8(
     return Int8Export(
         out, check, fallback.quantized, fallback, samples.record(), cpu_int8_support(), cost
     )
+
+
+def settings_from_config(cfg: Int8Config, **overrides: Any) -> Int8Settings:
+    """The export stage's settings from the run config's ``export.int8`` section; keyword
+    ``overrides`` (``method``, ``calibration_samples``, ``max_drop``, ``symmetric``) win."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    options = Int8Options(
+        method=cfg.method,
+        calibration_samples=cfg.calibration_samples,
+        symmetric=cfg.symmetric,
+        activations=cfg.activations,
+        reduce_range=cfg.reduce_range,
+        percentile=cfg.percentile,
+    )
+    return Int8Settings(options, cfg.max_drop, cfg.fallback_limit)

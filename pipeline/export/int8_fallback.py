@@ -10,9 +10,11 @@ tensor's *added error* is the worst SQNR of its producer's inputs minus its own:
 inherits does not count against it, error its quantization creates does. Tensors are ranked by
 added error, largest first.
 
-**Exclusion.** The unit kept in float is a tensor: its producer and every consumer are excluded
-from quantization (excluding the consumer alone leaves the producer quantizing its output, and
-the producer alone leaves the consumers quantizing their input). Tensors are kept in float one
+**Exclusion.** The unit kept in float is a tensor with every tensor that shares its
+quantization scale (the quantizer carries one scale through max-pools and reshapes, so the
+crushed range would survive the next op): their producers and consumers are excluded from
+quantization (excluding the consumer alone leaves the producer quantizing its output, and the
+producer alone leaves the consumers quantizing their input). Tensors are kept in float one
 at a time, in rank order, and the graph is quantized again (from cached calibration ranges, so
 only the first pass calibrates) and judged on *validation* samples: a slice of the training
 split disjoint from the calibration samples, never the held-out samples of the final verdict,
@@ -112,11 +114,11 @@ def _tensor_names(model: Any) -> set[str]:
     return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
 
-def _quantized_tensors(qdq: Any, fp32_names: set[str]) -> dict[str, str]:
-    """fp32 tensor name -> the dequantized tensor its consumers read in the QDQ graph, for every
-    activation (not weight) the QDQ graph quantizes. A graph output keeps its name on the
-    ``DequantizeLinear`` (the quantizer renames the tensor it quantizes), so the fp32 name is
-    whichever of the two the fp32 graph has."""
+def _quantized_tensors(qdq: Any, fp32_names: set[str]) -> dict[str, tuple[str, str]]:
+    """fp32 tensor name -> (the dequantized tensor its consumers read in the QDQ graph, the
+    name of its scale), for every activation (not weight) the QDQ graph quantizes. A graph
+    output keeps its name on the ``DequantizeLinear`` (the quantizer renames the tensor it
+    quantizes), so the fp32 name is whichever of the two the fp32 graph has."""
     weights = {t.name for t in qdq.graph.initializer}
     quantizers = {n.output[0]: n.input[0] for n in qdq.graph.node if n.op_type == _Q}
     found = {}
@@ -126,7 +128,7 @@ def _quantized_tensors(qdq: Any, fp32_names: set[str]) -> dict[str, str]:
             continue
         name = source if source in fp32_names else n.output[0]
         if name in fp32_names:
-            found[name] = n.output[0]
+            found[name] = (n.output[0], n.input[1])
     return found
 
 
@@ -153,7 +155,8 @@ def rank_tensors(prepared: Path, qdq: Path, samples: np.ndarray, tmp: Path) -> l
 
     model = onnx.load(str(qdq))
     fp32_names = _tensor_names(onnx.load(str(prepared)))
-    seen = _quantized_tensors(model, fp32_names)  # fp32 name -> dequantized name
+    quantized = _quantized_tensors(model, fp32_names)  # fp32 name -> (dequantized, scale)
+    seen = {name: dq for name, (dq, _) in quantized.items()}
     nodes = [n for n in model.graph.node if n.op_type not in (_Q, _DEQ)]
     plain = {o for n in nodes for o in n.output if o in fp32_names and o not in seen}
     reference = _powers(prepared, [*seen, *plain], samples[:RANKING_SAMPLES], tmp)
@@ -168,10 +171,24 @@ def rank_tensors(prepared: Path, qdq: Path, samples: np.ndarray, tmp: Path) -> l
         if node is None:  # the graph input: nothing produces it
             continue
         inputs = [error[reads[i]] for i in node.input if i in reads]
-        readers = _consumers(model, {seen[name]}) if name in seen else []
-        ranked.append(TensorError(name, (node.name, *readers), min(inputs, default=math.inf), sqnr))
+        unit = _unit(model, name, quantized, producer)
+        ranked.append(TensorError(name, unit, min(inputs, default=math.inf), sqnr))
     ranked.sort(key=lambda e: (-e.added, e.tensor))
     return ranked
+
+
+def _unit(
+    model: Any, name: str, quantized: dict[str, tuple[str, str]], producer: dict[str | None, Any]
+) -> tuple[str, ...]:
+    """The nodes to exclude to keep ``name`` in float: producers and consumers of it and of every
+    tensor sharing its scale (the module docstring)."""
+    if name not in quantized:  # a float output: only its producer quantizes anything
+        return (producer[name].name,)
+    scale = quantized[name][1]
+    shared = [n for n, (_, s) in quantized.items() if s == scale]
+    nodes = [producer[n].name for n in shared if producer.get(n) is not None]
+    nodes += _consumers(model, {quantized[n][0] for n in shared})
+    return tuple(dict.fromkeys(nodes))
 
 
 def _produced(node: Any, seen: dict[str, str], plain: set[str]) -> str | None:
