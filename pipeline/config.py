@@ -257,6 +257,58 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class Int8Config:
+    """INT8 ONNX (``pipeline.export.int8_export``): calibration, bound and fallback.
+
+    ``recede run`` quantizes the dense and the pruned model when ``enabled``; ``method`` is
+    ``minmax``, ``entropy`` or ``percentile``; ``max_drop`` is the accuracy drop allowed, in
+    points; ``fallback_limit`` is how many tensors the sensitive-layer fallback may keep in float;
+    ``activations`` is ``int8`` or ``uint8``; ``symmetric`` puts every activation zero point at 0
+    (TensorRT's form); ``reduce_range`` null decides 7-bit weights from the CPU (no VNNI: on).
+    The defaults were measured (docs/decisions.md#int8).
+    """
+
+    enabled: bool = True
+    method: str = "minmax"
+    calibration_samples: int = 512
+    validation_samples: int = 256
+    verify_samples: int = 2000
+    max_drop: float = 0.5
+    fallback_limit: int = 8
+    activations: str = "int8"
+    symmetric: bool = False
+    reduce_range: bool | None = None
+    percentile: float = 99.999
+
+    def __post_init__(self) -> None:
+        _check_types(self, "export.int8")
+        _check_choice("export.int8.method", self.method, ("minmax", "entropy", "percentile"))
+        _check_choice("export.int8.activations", self.activations, ("int8", "uint8"))
+        for key in ("calibration_samples", "validation_samples", "verify_samples"):
+            value = getattr(self, key)
+            _check(f"export.int8.{key}", value >= 1, ">= 1 such as 512", value)
+        _check(
+            "export.int8.max_drop",
+            0.0 <= self.max_drop <= 100.0,
+            "accuracy points in [0, 100] such as 0.5",
+            self.max_drop,
+        )
+        _check("export.int8.fallback_limit", self.fallback_limit >= 0, ">= 0", self.fallback_limit)
+        _check(
+            "export.int8.percentile",
+            50.0 < self.percentile <= 100.0,
+            "in (50, 100] such as 99.999",
+            self.percentile,
+        )
+        _check(
+            "export.int8.symmetric",
+            not (self.symmetric and self.activations == "uint8"),
+            "false with export.int8.activations uint8 (symmetric activations are signed)",
+            self.symmetric,
+        )
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """ONNX export and verification; TensorRT when a GPU and tensorrt are present."""
 
@@ -264,7 +316,13 @@ class ExportConfig:
     atol: float = 1e-4
     tensorrt: bool = False
     fp16: bool = False
-    accept_insensitive: bool = False  # see pipeline.core.checks: an unverifiable export fails the run
+    accept_insensitive: bool = (
+        False  # see pipeline.core.checks: an unverifiable export fails the run
+    )
+    allow_slower: bool = (
+        False  # see pipeline.bench.speed_gate: a pruned model slower than dense fails
+    )
+    int8: Int8Config = field(default_factory=Int8Config)
 
     def __post_init__(self) -> None:
         _check_types(self, "export")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pipeline.bench.interleave import Ratio, block_ratio, relative_spread
@@ -304,8 +304,9 @@ def _markdown(header: Sequence[str], align: Sequence[str], body: Sequence[Sequen
 
 
 def _backend_cell(row: LatencyRow) -> str:
-    """The setting without the device (it has its own column): ``torch cuda-graph fp16``."""
-    return row.setting.replace(f" {row.device}", "", 1)
+    """The setting without the device and the precision (they have their own columns):
+    ``torch cuda-graph``."""
+    return replace(row, precision="fp32").setting.replace(f" {row.device}", "", 1)
 
 
 def reference_rows(rows: Sequence[LatencyRow]) -> dict[tuple[str, int, int], LatencyRow]:
@@ -317,21 +318,43 @@ def reference_rows(rows: Sequence[LatencyRow]) -> dict[tuple[str, int, int], Lat
     return {(r.setting, r.batch, r.threads): r for r in rows if r.model == reference}
 
 
+def fp32_setting(row: LatencyRow) -> str:
+    """``row``'s setting at fp32: the reference of an INT8 row is the dense fp32 model under the
+    same backend, device and mode (a user's gain over what they had)."""
+    return replace(row, precision="fp32").setting if row.precision == "int8" else row.setting
+
+
 def speedup_ratio(
-    row: LatencyRow, reference: Mapping[tuple[str, int, int], LatencyRow]
+    row: LatencyRow,
+    reference: Mapping[tuple[str, int, int], LatencyRow],
+    *,
+    same_precision: bool = False,
 ) -> Ratio | None:
-    """Speed-up of ``row`` over the reference model's row of the same setting and batch.
+    """Speed-up of ``row`` over the reference model's row of the same setting and batch (an
+    INT8 row: over the reference's fp32 row, unless ``same_precision``).
 
     Rows timed in the same interleaved blocks give the median of the per-block ratios with
     their smallest and largest; other rows (timed alone) give the p50 ratio with no spread.
     """
-    ref = reference.get((row.setting, row.batch, row.threads))
+    setting = row.setting if same_precision else fp32_setting(row)
+    ref = reference.get((setting, row.batch, row.threads))
     if ref is None or row.p50_ms <= 0:
         return None
     if row.blocks_ms and len(row.blocks_ms) == len(ref.blocks_ms):
         return block_ratio(ref.blocks_ms, row.blocks_ms)
     gain = ref.p50_ms / row.p50_ms
     return Ratio(gain, gain, gain)
+
+
+def slower_beyond_noise(ratio: Ratio | None) -> bool:
+    """A speed-up below 1 by more than its measurement can blur: the block ratios' upper end
+    below 1 (rows timed interleaved), or more than :data:`NOISE_LIMIT` slower (rows timed alone,
+    which carry no spread)."""
+    if ratio is None:
+        return False
+    if ratio.high > ratio.low:
+        return ratio.high < 1.0
+    return ratio.median < 1.0 / (1.0 + NOISE_LIMIT)
 
 
 def mac_fraction(
@@ -356,17 +379,29 @@ def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
 def annotated_rows(
     rows: Sequence[LatencyRow], macs: Mapping[str, int | None] | None = None
 ) -> list[dict[str, Any]]:
-    """Each row's dict with its speed-up over the first model (median, low, high), its
-    speed-up per MAC ratio and its flags: what ``recede bench --json`` writes per row."""
+    """Each row's dict with its speed-up over the first model (median, low, high; an INT8 row
+    over the first model at fp32), its speed-up per MAC ratio (against the first model at the
+    row's own precision: what pruning bought) and its flags: what ``recede bench --json``
+    writes per row. Beyond :func:`row_flags`: ``slower`` marks a row slower than the first
+    model at its own precision beyond noise (a pruned model that lost speed), ``int8-slower``
+    an INT8 row slower than its own model's fp32 row beyond noise."""
     reference = reference_rows(rows)
+    own = {(r.setting, r.model, r.batch, r.threads): r for r in rows}
     out = []
     for r in rows:
         ratio = speedup_ratio(r, reference)
-        fraction = mac_fraction(ratio and ratio.median, r.model, rows[0].model, macs)
+        pruning = speedup_ratio(r, reference, same_precision=True)  # what the cut bought
+        fraction = mac_fraction(pruning and pruning.median, r.model, rows[0].model, macs)
         gain = {"speedup": None, "speedup_low": None, "speedup_high": None}
         if ratio is not None:
             gain = {"speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high}
         flags = row_flags(r, fraction)
+        flags += ["slower"] * (r.model != rows[0].model and slower_beyond_noise(pruning))
+        fp32 = own.get((fp32_setting(r), r.model, r.batch, r.threads))
+        quantized = (
+            speedup_ratio(r, {(fp32_setting(r), r.batch, r.threads): fp32}) if fp32 else None
+        )
+        flags += ["int8-slower"] * (r.precision == "int8" and slower_beyond_noise(quantized))
         out.append({**r.to_dict(), **gain, "speedup_per_mac_ratio": fraction, "flags": flags})
     return out
 
@@ -386,7 +421,9 @@ def latency_markdown(
     """A Markdown table of ``rows`` in their order, with p50 speed-up over the first model.
 
     The speed-up is the median of per-block ratios where the rows were timed interleaved,
-    with the range of those ratios; the noise column is the row's relative spread
+    with the range of those ratios, against the first model at fp32 (an INT8 row's speed-up is
+    dense fp32 to that model in INT8); the speed-up ÷ MAC ratio compares with the first model at
+    the row's own precision; the noise column is the row's relative spread
     (:attr:`LatencyRow.noise`); the flags column says ``noisy``, ``quick`` or ``implausible``.
 
     Args:
@@ -396,14 +433,15 @@ def latency_markdown(
             the arithmetic did).
     """
     ref_macs = (macs or {}).get(rows[0].model) if rows else None
-    header = ["Backend", "Device", "Model", "Batch", "Threads", "p50 ms", "p90 ms", "p99 ms"]
+    header = ["Backend", "Device", "Model", "Precision", "Batch", "Threads", "p50 ms", "p90 ms"]
+    header += ["p99 ms"]
     header += ["Speed-up (p50)", "img/s", "Host↔device copies"]
     header += ["Speed-up ÷ MAC ratio"] if ref_macs else []
     header += ["Noise", "Flags"]
     body = []
     for r, a in zip(rows, annotated_rows(rows, macs), strict=True):
         threads = str(r.threads) if r.clock == "wall" else f"{r.threads} ({r.clock} clock)"
-        cells = [_backend_cell(r), r.device, r.model, str(r.batch), threads]
+        cells = [_backend_cell(r), r.device, r.model, r.precision, str(r.batch), threads]
         cells += [f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}"]
         cells += [_speedup_cell(a), f"{r.throughput:,.0f}", _COPIES[r.copies]]
         if ref_macs:
@@ -411,7 +449,7 @@ def latency_markdown(
             cells.append(MISSING if fraction is None else f"{fraction:.2f}")
         cells += [MISSING if r.noise is None else f"{r.noise:.0%}", ", ".join(a["flags"])]
         body.append(cells)
-    align = ["---"] * 3 + ["---:"] * 7 + ["---"] + ["---:"] * (len(header) - 13) + ["---:", "---"]
+    align = ["---"] * 4 + ["---:"] * 7 + ["---"] + ["---:"] * (len(header) - 14) + ["---:", "---"]
     return _markdown(header, align, body)
 
 

@@ -182,9 +182,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("onnx", "onnx-fp16", "tensorrt", "all"),
+        choices=("onnx", "onnx-fp16", "onnx-int8", "tensorrt", "all"),
         default="onnx",
-        help="all: ONNX, FP16 ONNX and, where TensorRT and a GPU exist, an engine",
+        help="onnx-int8: a calibrated, verified INT8 (QDQ) graph; all: ONNX, FP16 ONNX, INT8 ONNX "
+        "where there is calibration data and, where TensorRT and a GPU exist, an engine",
     )
     p.add_argument(
         "--out", help="release folder for the artefacts and manifest.json (default: DIR itself)"
@@ -205,7 +206,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="TensorRT INT8 kernels, calibrated on the training data named by the run's config.yaml",
+        help="a TensorRT INT8 engine, built from the INT8 ONNX graph (explicit quantization)",
     )
     p.add_argument(
         "--max-batch",
@@ -220,10 +221,29 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         help="batch TensorRT tunes its kernels for",
     )
     p.add_argument(
-        "--calib-batches",
-        type=_number(int, 1, 10000),
-        default=16,
-        help="training batches that calibrate --int8",
+        "--calibration",
+        metavar="PATH",
+        help="INT8 calibration data for a folder that carries none: a .npy array of model "
+        "inputs [N, C, H, W] or a folder of images (default: the run's training split)",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=_number(int, 1, 1_000_000),
+        default=None,
+        help="samples that calibrate INT8 (default: export.int8.calibration_samples, 512)",
+    )
+    p.add_argument(
+        "--int8-method",
+        choices=("minmax", "entropy", "percentile"),
+        default=None,
+        help="INT8 calibration method (default: export.int8.method, minmax)",
+    )
+    p.add_argument(
+        "--int8-max-drop",
+        type=_number(float, 0.0, 100.0),
+        default=None,
+        metavar="POINTS",
+        help="largest INT8 accuracy drop, in points, on held-out samples (default: 0.5)",
     )
     p.add_argument(
         "--require",
@@ -232,6 +252,12 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         default=[],
         help="make a missing artefact fatal: `--format all --require tensorrt` exits 2 where "
         "no TensorRT engine can be built, instead of warning and skipping it",
+    )
+    p.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="export a run's pruned model even when the run's latency table shows it slower "
+        "than the dense one beyond noise (default: exit 1, nothing written)",
     )
     p.add_argument(
         "--accept-insensitive",
@@ -424,6 +450,12 @@ def build_parser(
     for name, p in parsers.items():
         p.set_defaults(handler=commands[name])
     _add_config(parsers["run"], "run")
+    parsers["run"].add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="write the run and exit 0 even when its latency table shows the pruned model slower "
+        "than the dense one beyond noise (export.allow_slower: true); such rows stay flagged",
+    )
     _add_config(parsers["train"], "train")
     _add_prune(parsers["prune"])
     _add_export(parsers["export"])

@@ -45,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Train with the polarising penalty, prune, fine-tune, fold, export, verify and time."""
     from pipeline.run.pipeline import run_pipeline
 
+    if args.allow_slower:
+        args.set = [*(args.set or ()), "export.allow_slower=true"]
     cfg = _config(args)
     report = run_pipeline(cfg, args.out, resume=args.resume, force=args.force)
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
@@ -246,8 +248,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Fold BN, export a saved model folder to ONNX, FP16 ONNX and/or a TensorRT engine, verify
-    each against PyTorch, and write a release manifest (into --out, or the folder itself)."""
+    """Fold BN, export a saved model folder (a run folder: its pruned model) to ONNX, FP16 ONNX,
+    calibrated INT8 ONNX and/or a TensorRT engine, verify each (INT8 by its agreement with fp32
+    on held-out samples), and write a release manifest (into --out, or the folder itself)."""
     from pipeline.cli.export import export_command
 
     return export_command(args)

@@ -14,6 +14,7 @@ from pipeline.train.stage import BudgetSummary
 if TYPE_CHECKING:
     from pipeline.bench.timing import LatencyRow
     from pipeline.core.checks import Check
+    from pipeline.export.int8_check import Int8Check
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class RunReport:
     environment: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     budget: BudgetSummary | None = None
+    int8: dict[str, Any] | None = None  # the pruned INT8 graph's record, with "dense": the dense's
 
     def to_dict(self) -> dict[str, Any]:
         """The report.json content (keys documented in the README)."""
@@ -145,6 +147,7 @@ class RunReport:
             "environment": dict(self.environment),
             "seconds": round(self.seconds, 1),
             "budget": asdict(self.budget) if self.budget else None,
+            "int8": self.int8,
         }
 
     def outcome(self) -> str:
@@ -160,9 +163,26 @@ class RunReport:
             f"params {_reduction(dense.params, pruned.params)}",
         ]
         budget = f"; {self.budget.outcome}" if self.budget is not None else ""
-        return ", ".join(parts) + budget
+        return ", ".join(parts + _int8_outcome(self.int8)) + budget
 
     def metrics(self) -> dict[str, Any]:
         """The sections the release manifest records as metrics."""
         report = self.to_dict()
-        return {k: report[k] for k in ("dense", "pruned", "export")}
+        return {k: report[k] for k in ("dense", "pruned", "export", "int8")}
+
+    def int8_checks(self) -> list[Int8Check]:
+        """The INT8 checks (pruned, then dense), for the verdict after the folder is in place."""
+        from pipeline.export.int8_check import Int8Check
+
+        if not self.int8:
+            return []
+        return [Int8Check.from_dict(r["check"]) for r in (self.int8, self.int8["dense"])]
+
+
+def _int8_outcome(int8: dict[str, Any] | None) -> list[str]:
+    """``INT8 99.72% (-0.28 pp, ok)`` for the pruned INT8 graph, or nothing."""
+    if not int8:
+        return []
+    check = int8["check"]
+    change = int8["accuracy"] - int8["fp32_accuracy"]
+    return [f"INT8 {int8['accuracy']:.2f}% ({change:+.2f} pp, {check['verdict']})"]

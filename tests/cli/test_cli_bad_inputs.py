@@ -377,7 +377,8 @@ def test_inspect_needs_a_model(tmp_path, capsys):
 
 # --- train and run: config and data -----------------------------------------------------------
 
-SMALL = ["--set", "data.image_size=8", "--set", "model.width=0.125", "--set", "train.epochs=1"]
+SMALL = ["--set", "data.image_size=8", "--set", "model.width=0.125", "--set", "train.epochs=1",
+         "--set", "export.allow_slower=true", "--set", "export.int8.enabled=false"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", ["train", "run"])
