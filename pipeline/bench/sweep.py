@@ -40,6 +40,7 @@ from pipeline.bench.interleave import Timer, interleave
 from pipeline.bench.timing import (
     MIN_RUNS,
     QUICK_MIN_RUNS,
+    HostTimer,
     LatencyRow,
     Setting,
     annotated_rows,
@@ -222,9 +223,16 @@ def measure_interleaved(
     labels |= {"threads": cfg.threads, "copies": s.copies, "warmup": cfg.warmup}
     labels |= {"clock": cfg.clock if s.device == "cpu" else "wall"}
     return [
-        LatencyRow.from_blocks(b, model=a.label, precision=precision, **labels)
-        for a, (_, precision), b in zip(artefacts, opened, blocks, strict=True)
+        LatencyRow.from_blocks(
+            b, model=a.label, precision=precision, **labels, **_clock_p50s(timer, cfg.runs)
+        )
+        for a, (timer, precision), b in zip(artefacts, opened, blocks, strict=True)
     ]
+
+
+def _clock_p50s(timer: Timer, runs: int) -> dict[str, float]:
+    """A one-thread CPU timer's wall and CPU medians (:class:`HostTimer`), else none."""
+    return timer.clock_p50s(runs) if isinstance(timer, HostTimer) else {}
 
 
 def sweep(

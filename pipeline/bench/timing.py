@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pipeline.bench.interleave import Ratio, block_ratio, relative_spread
+from pipeline.bench.preemption import PREEMPT_LIMIT, clock_p50s, is_preempted
 
 MIN_RUNS = 50
 """Timed runs per row for a figure worth reporting; fewer (down to :data:`QUICK_MIN_RUNS`)
@@ -102,6 +103,7 @@ def host_samples_ms(
     runs: int,
     sync: Callable[[], Any] | None = None,
     clock: str = "wall",
+    pairs: list[tuple[float, float]] | None = None,
 ) -> list[float]:
     """Durations of ``runs`` calls of ``fn`` on a host clock (:data:`CLOCKS`), in ms.
 
@@ -113,10 +115,12 @@ def host_samples_ms(
             ``torch.cuda.synchronize``); None for work that is done when ``fn`` returns.
         clock: ``wall`` or ``cpu`` (the calling thread's CPU time: only for work that runs
             entirely in this thread, never with ``sync``: a GPU's time is not this thread's).
+        pairs: When given (work in this thread only, no ``sync``), each timed run's wall and
+            CPU time in ms are appended to it, read from both clocks around the same call.
     """
     _check_counts(warmup, runs)
-    if clock not in CLOCKS or (clock == "cpu" and sync is not None):
-        raise ValueError(f"expected clock 'wall', or 'cpu' without sync; got {clock!r}")
+    if clock not in CLOCKS or (sync is not None and (clock == "cpu" or pairs is not None)):
+        raise ValueError(f"expected clock 'wall', or 'cpu' or pairs without sync; got {clock!r}")
     now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
@@ -124,12 +128,50 @@ def host_samples_ms(
         sync()
     samples = []
     for _ in range(runs):
+        if pairs is not None:
+            pairs.append(_both_clocks_ms(fn))
+            samples.append(pairs[-1][0 if clock == "wall" else 1])
+            continue
         start = now()
         fn()
         if sync is not None:
             sync()
         samples.append((now() - start) / 1e6)
     return samples
+
+
+def _both_clocks_ms(fn: Callable[[], Any]) -> tuple[float, float]:
+    """One call of ``fn``: its wall and this thread's CPU time in ms (the CPU clock read
+    inside the wall clock's span)."""
+    wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
+    fn()
+    cpu, wall = time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
+    return wall / 1e6, cpu / 1e6
+
+
+class HostTimer:
+    """A :data:`~pipeline.bench.interleave.Timer` of a call that runs in this thread:
+    ``timer(n)`` gives ``n`` durations on ``clock``.
+
+    With ``both`` (one-thread CPU work) every run also reads the other clock, and
+    :meth:`clock_p50s` gives the median wall and CPU time of the last runs, which a row records
+    beside its figure (:mod:`pipeline.bench.preemption`).
+    """
+
+    def __init__(self, fn: Callable[[], Any], *, clock: str = "wall", both: bool = False) -> None:
+        self.fn, self.clock = fn, clock
+        self.pairs: list[tuple[float, float]] | None = [] if both else None
+
+    def __call__(self, n: int) -> list[float]:
+        if n == 0:  # no warm-up asked for
+            return []
+        return host_samples_ms(self.fn, warmup=0, runs=n, clock=self.clock, pairs=self.pairs)
+
+    def clock_p50s(self, runs: int) -> dict[str, float]:
+        """``wall_p50_ms`` and ``cpu_p50_ms`` of the last ``runs`` runs (the timed ones: a
+        warm-up comes first), as :class:`LatencyRow` fields; empty without ``both``."""
+        p50s = clock_p50s((self.pairs or [])[-runs:]) if runs > 0 else None
+        return {} if p50s is None else {"wall_p50_ms": p50s[0], "cpu_p50_ms": p50s[1]}
 
 
 def cuda_event_samples_ms(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
@@ -207,6 +249,9 @@ class LatencyRow:
             rows timed alone (TensorRT, reports written before interleaving).
         clock: ``wall`` (elapsed time; CUDA rows time with CUDA events) or ``cpu`` (the
             calling thread's CPU time, one-thread CPU rows only; see :data:`CLOCKS`).
+        wall_p50_ms: Median wall time of the timed runs, recorded beside ``cpu_p50_ms`` for
+            one-thread CPU rows (whichever the clock); None for other rows.
+        cpu_p50_ms: Median CPU time of the calling thread over the same runs, or None.
     """
 
     backend: str
@@ -224,6 +269,8 @@ class LatencyRow:
     warmup: int = 0
     blocks_ms: tuple[float, ...] = ()
     clock: str = "wall"
+    wall_p50_ms: float | None = None
+    cpu_p50_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.mode:
@@ -242,6 +289,12 @@ class LatencyRow:
     def noisy(self) -> bool:
         """The noise exceeds :data:`NOISE_LIMIT`."""
         return self.noise is not None and self.noise > NOISE_LIMIT
+
+    @property
+    def preempted(self) -> bool:
+        """A wall-clock row whose wall p50 exceeds :data:`PREEMPT_LIMIT` times its CPU p50:
+        it waited for the core more than it computed (:mod:`pipeline.bench.preemption`)."""
+        return is_preempted(self.clock, self.wall_p50_ms, self.cpu_p50_ms)
 
     @property
     def quick(self) -> bool:
@@ -265,6 +318,7 @@ class LatencyRow:
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict, e.g. for JSON (throughput, noise and flags included)."""
         extra = {"noise": self.noise, "noisy": self.noisy, "quick": self.quick}
+        extra |= {"preempted": self.preempted}
         return {
             **asdict(self),
             "blocks_ms": list(self.blocks_ms),
@@ -344,9 +398,10 @@ def mac_fraction(
 
 
 def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
-    """``noisy``, ``quick`` and ``implausible`` (speed-up above :data:`IMPLAUSIBLE_FACTOR`
-    times the MAC ratio), those that apply."""
+    """``noisy``, ``preempted``, ``quick`` and ``implausible`` (speed-up above
+    :data:`IMPLAUSIBLE_FACTOR` times the MAC ratio), those that apply."""
     flags = ["noisy"] if row.noisy else []
+    flags += ["preempted"] if row.preempted else []
     flags += ["quick"] if row.quick else []
     return flags + (
         ["implausible"] if fraction is not None and fraction > IMPLAUSIBLE_FACTOR else []
@@ -416,15 +471,32 @@ def latency_markdown(
 
 
 def noise_note(rows: Sequence[LatencyRow]) -> str | None:
-    """A warning naming the noisy rows, or None when there are none."""
+    """A warning naming the noisy and the preempted rows, or None when there are none."""
     noisy = [f"{r.setting} {r.model} batch {r.batch} ({r.noise:.0%})" for r in rows if r.noisy]
-    if not noisy:
+    preempted = [
+        f"{r.setting} {r.model} batch {r.batch} (wall {r.wall_p50_ms:.3f} ms, cpu "
+        f"{r.cpu_p50_ms:.3f} ms)"
+        for r in rows
+        if r.preempted
+    ]
+    notes = []
+    if noisy:
+        notes.append(
+            f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block "
+            f"medians spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}"
+        )
+    if preempted:
+        notes.append(
+            f"{len(preempted)} of {len(rows)} rows are preempted (wall time above "
+            f"{PREEMPT_LIMIT}x the CPU time: they waited for a core): {'; '.join(preempted)}"
+        )
+    if not notes:
         return None
     return (
-        f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block medians "
-        f"spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}; their latency "
-        "measures the machine's load as much as the model: rerun on an idle machine or with "
-        "more --runs"
+        f"{'; and '.join(notes)}; their latency measures the machine's load as much as the "
+        "model: rerun on an idle machine, with more runs (--runs; bench.runs in a run config), "
+        "or on the CPU clock with one thread (--threads 1 --clock cpu; bench.threads and "
+        "bench.clock)"
     )
 
 
