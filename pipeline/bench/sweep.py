@@ -47,6 +47,7 @@ from pipeline.bench.timing import (
     check_clock,
 )
 from pipeline.core.environment import environment
+from pipeline.core.progress import progress
 
 if TYPE_CHECKING:
     from torch import nn
@@ -262,13 +263,18 @@ def sweep(
         cfg.runs,
     )
     rows = []
+    total = len(cfg.batches) * len(settings)
+    bar = progress((), "latency sweep", total=total, unit="setting")  # updated by hand
     for batch in cfg.batches:
         for s in settings:
+            bar.set_postfix_str(f"batch {batch}, {s.backend} {s.device} {s.mode}")
             group = [a for a in artefacts if runnable(a, s)]
             if s.backend == "tensorrt":
                 rows += [(measure_fn or measure)(a, s, cfg, batch) for a in group]
             elif group:
                 rows += measure_interleaved(group, s, cfg, batch, open_fn)
+            bar.update()
+    bar.close()
     logger.info("latency sweep finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
     return rows
 
