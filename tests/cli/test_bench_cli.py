@@ -138,6 +138,10 @@ BAD = {
     "json_is_a_folder": (None, ["{dir}", "--json", "{tmp}"], "--json {tmp}: a folder"),
     "fixed_batch": (_fixed_batch_onnx, ["{dir}", "--batches", "1"], "has a fixed batch of 4"),
     "nothing_runs": (None, ["{dir}/model.onnx", "--backends", "torch"], "nothing to time"),
+    "cpu_clock_threads": (None, ["{dir}", "--clock", "cpu", "--threads", "2"], "needs threads=1"),
+    "slowdown_no_compare": (None, ["{dir}", "--max-slowdown", "2"], "no --compare was given"),
+    "allow_no_compare": (None, ["{dir}", "--allow-other-model"], "no --compare was given"),
+    "slowdown_at_1": (None, ["{dir}", "--max-slowdown", "1"], "--max-slowdown: expected"),
 }
 
 
