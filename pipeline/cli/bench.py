@@ -131,11 +131,7 @@ def _bench_artefacts(args: argparse.Namespace, settings: list[Setting]) -> list[
 
     artefacts = [a for path in args.models for a in _open_bench_model(path, args)]
     if not any(runnable(a, s) for a in artefacts for s in settings):
-        raise UsageError(
-            f"nothing to time: --backends {' '.join(args.backends)} on --devices "
-            f"{' '.join(args.devices or ['cpu', 'cuda'])} cannot run here on these MODELs "
-            "(TensorRT and CUDA need a GPU, ONNX Runtime an .onnx file); add torch or onnxruntime"
-        )
+        raise UsageError(nothing_to_time(args.backends, args.devices, artefacts, settings))
     if args.reference:
         reference = _open_bench_model(args.reference, args)
     elif not any(a.label == "dense" for a in artefacts):
@@ -144,6 +140,59 @@ def _bench_artefacts(args: argparse.Namespace, settings: list[Setting]) -> list[
     else:
         reference = []
     return unique_labels([*reference, *artefacts])
+
+
+def _why_not(backend: str, devices: list[str], artefacts: list[Artefact], settings: list) -> str:
+    """Why ``backend`` times nothing here: no setting of it can run, or no MODEL has what it
+    needs."""
+    from pipeline.export.tensorrt import tensorrt_available
+
+    if not any(s.backend == backend for s in settings):
+        if backend == "tensorrt" and "cuda" not in devices:
+            return "tensorrt runs on CUDA only, and --devices has no cuda"
+        if backend == "tensorrt":
+            return "tensorrt needs a CUDA GPU and the tensorrt package" + (
+                "" if tensorrt_available() else " (not usable here)"
+            )
+        return f"{backend} has no usable provider on --devices {' '.join(devices)} here"
+    if backend == "torch":
+        return "torch needs a model folder (model.pt); these MODELs are .onnx files only"
+    return (
+        f"{backend} needs an .onnx file, and these MODELs have none "
+        "(export one with `recede export MODEL`)"
+    )
+
+
+def nothing_to_time(
+    backends: list[str], devices: list[str] | None, artefacts: list[Artefact], settings: list
+) -> str:
+    """The refusal when no MODEL runs under any setting: why each backend given times
+    nothing, and only fixes that differ from the flags given (a backend not yet in
+    ``--backends`` that would time these MODELs here, else another MODEL)."""
+    from pipeline.bench.sweep import available_settings, runnable
+
+    devices = list(devices or ("cpu", "cuda"))
+    reasons = "; ".join(_why_not(b, devices, artefacts, settings) for b in backends)
+    others = [
+        b
+        for b in ("torch", "onnxruntime")
+        if b not in backends
+        and any(
+            runnable(a, s)
+            for a in artefacts
+            for s in available_settings(backends=[b], devices=devices)
+        )
+    ]
+    fix = (
+        f"add {' '.join(others)} to --backends (--backends {' '.join([*backends, *others])})"
+        if others
+        else "pass a MODEL that has what they need: a model folder with model.pt for torch, "
+        "an .onnx file for onnxruntime and tensorrt"
+    )
+    return (
+        f"nothing to time: --backends {' '.join(backends)} on --devices {' '.join(devices)} "
+        f"cannot run on these MODELs here: {reasons}; {fix}"
+    )
 
 
 def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig) -> dict:
