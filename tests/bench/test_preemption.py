@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -107,3 +110,27 @@ def test_the_torch_and_onnxruntime_timers_read_both_clocks_with_one_thread_only(
     one = bench_onnxruntime(path, (3, 8, 8), batch=1, threads=1, runs=5, warmup=1)
     two = bench_onnxruntime(path, (3, 8, 8), batch=1, threads=2, runs=5, warmup=1)
     assert one.cpu_p50_ms > 0 and two.cpu_p50_ms is None
+
+
+# --- benchmarks/preemption_ratio.py: the figures behind the bound ---------------------------------
+
+
+def _ratio_script():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "preemption_ratio.py"
+    spec = importlib.util.spec_from_file_location("preemption_ratio", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["preemption_ratio"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ratio_script_gives_the_ratio_of_the_medians_and_the_shares_above_each_bound():
+    line = _ratio_script().ratio_line([(2.0, 1.0), (4.0, 1.0), (3.0, 2.0), (1.1, 1.0)], batch=8)
+    assert line.startswith("batch 8: wall p50 2.500 ms, cpu p50 1.000 ms, ratio of p50s 2.50")
+    assert line.endswith("runs above 1.2/1.5/2.0: 75%/50%/25%")
+
+
+def test_the_ratio_script_runs_and_prints_one_line_per_batch(capsys) -> None:
+    assert _ratio_script().main(["--runs", "2", "--batches", "1", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 2"]
