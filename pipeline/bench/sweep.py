@@ -47,7 +47,6 @@ from pipeline.bench.timing import (
     check_clock,
 )
 from pipeline.core.environment import environment
-from pipeline.core.progress import progress
 
 if TYPE_CHECKING:
     from torch import nn
@@ -262,6 +261,8 @@ def sweep(
         cfg.threads,
         cfg.runs,
     )
+    from pipeline.core.progress import progress  # tqdm: measure() alone runs without it
+
     rows = []
     total = len(cfg.batches) * len(settings)
     bar = progress((), "latency sweep", total=total, unit="setting")  # updated by hand
