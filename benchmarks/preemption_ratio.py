@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench.timing import host_samples_ms  # noqa: E402
+from pipeline.bench.timed_runs import host_samples_ms  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models.zoo import build_model  # noqa: E402
 

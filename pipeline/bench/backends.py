@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.interleave import Timer
-from pipeline.bench.timing import (
-    MIN_RUNS,
-    HostTimer,
-    LatencyRow,
-    Setting,
-    cuda_event_samples_ms,
-    time_callable,
-)
+from pipeline.bench.timed_runs import HostTimer, cuda_event_samples_ms, time_callable
+from pipeline.bench.timing import MIN_RUNS, LatencyRow, Setting
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +111,7 @@ def torch_timer(
     While the context is open torch uses ``threads`` CPU threads (restored on exit) and runs in
     inference mode, so several timers can be open at once and timed in alternation. ``clock``
     times CPU runs (:data:`~pipeline.bench.timing.CLOCKS`); CUDA runs use CUDA events. A
-    one-thread CPU timer is a :class:`~pipeline.bench.timing.HostTimer` that reads both clocks
+    one-thread CPU timer is a :class:`~pipeline.bench.timed_runs.HostTimer` that reads both clocks
     (torch computes in the calling thread then).
     """
     import torch

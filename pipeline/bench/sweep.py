@@ -37,10 +37,10 @@ from pipeline.bench.backends import (
     torch_timer,
 )
 from pipeline.bench.interleave import Timer, interleave
+from pipeline.bench.timed_runs import HostTimer
 from pipeline.bench.timing import (
     MIN_RUNS,
     QUICK_MIN_RUNS,
-    HostTimer,
     LatencyRow,
     Setting,
     annotated_rows,

@@ -15,13 +15,8 @@ from pipeline.bench.artefacts import Artefact
 from pipeline.bench.backends import bench_onnxruntime, bench_torch
 from pipeline.bench.preemption import PREEMPT_LIMIT, clock_p50s, is_preempted
 from pipeline.bench.sweep import SweepConfig, bench_report, plan_settings, sweep
-from pipeline.bench.timing import (
-    HostTimer,
-    LatencyRow,
-    host_samples_ms,
-    latency_markdown,
-    noise_note,
-)
+from pipeline.bench.timed_runs import HostTimer, host_samples_ms
+from pipeline.bench.timing import LatencyRow, latency_markdown, noise_note
 
 
 def _row(wall: float | None, cpu: float | None, clock: str = "wall", threads: int = 1):
