@@ -29,9 +29,10 @@ def _checked(kind: type, ok: Callable[[float], bool], wanted: str) -> Callable[[
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and ok(value)):
+            finite = math.isfinite(value)  # an int past float's range overflows
+        except (ValueError, OverflowError):
+            value, finite = math.nan, False
+        if not (finite and ok(value)):
             raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 

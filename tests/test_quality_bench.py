@@ -98,6 +98,7 @@ BAD_FLAGS = {
     "batch_size_0": ([], ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
     "threads_negative": ([], ["--threads", "-1"], "argument --threads: expected an integer >= 1"),
     "threads_0": ([], ["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    "seeds_huge": ([], ["--seeds", "9" * 400], "argument --seeds: expected an integer >= 1"),
     "epochs_0": ([], ["--epochs", "0"], "argument --epochs: expected an integer >= 1"),
     "finetune_negative": ([], ["--finetune-epochs", "-1"], "argument --finetune-epochs"),
     "image_size_0": ([], ["--image-size", "0"], "argument --image-size: expected an integer"),

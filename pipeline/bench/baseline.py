@@ -112,13 +112,18 @@ def stamp(report: dict[str, Any], identities: Mapping[str, Mapping[str, Any]]) -
 
 def _number(value: Any, *, positive: bool = True) -> bool:
     """A real number (not a bool), finite, and positive (or at least 0)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return value > 0 if positive else value >= 0
+    try:
+        finite = math.isfinite(value)  # an int past float's range overflows
+    except OverflowError:
+        return False
+    return finite and (value > 0 if positive else value >= 0)
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """A whole number in [1, 2**31) (a batch, a thread count, a dimension)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**31
 
 
 def row_problem(row: Any) -> str | None:

@@ -51,7 +51,7 @@ def test_a_valid_baseline_loads(tmp_path) -> None:
     assert load_baseline(_write(tmp_path, report)) == report
 
 
-BAD_VALUES = [0, -1.0, None, "1.0", math.inf, math.nan, True, [], {}]
+BAD_VALUES = [0, -1.0, None, "1.0", math.inf, math.nan, True, [], {}, 10**400]
 FIELDS = ["p50_ms", "p90_ms", "p99_ms", "batch", "threads", "wall_p50_ms", "cpu_p50_ms"]
 
 
