@@ -234,7 +234,8 @@ def _recorded_spec(root: Path) -> tuple[dict | None, Path | None]:
 
 
 def _rebuilt_dense(spec: dict, where: Path, with_onnx: bool) -> Artefact:
-    """The dense model ``spec`` describes, fresh weights, folded; exported to ONNX in a
+    """The dense model ``spec`` describes, fresh weights (seed 0, so the same spec gives the
+    same model and the same sha256 in a bench baseline), folded; exported to ONNX in a
     temporary folder (removed at exit) when ``with_onnx``."""
     import atexit
     import shutil
@@ -247,7 +248,9 @@ def _rebuilt_dense(spec: dict, where: Path, with_onnx: bool) -> Artefact:
     try:
         typed = ModelSpec.from_dict(spec)
         shape = tuple(int(d) for d in typed.input_shape)
-        model = _folded(typed.build(), shape)
+        with torch.random.fork_rng(devices=[]):  # one spec, one model: a baseline's sha256 holds
+            torch.manual_seed(0)
+            model = _folded(typed.build(), shape)
     except (ModelError, KeyError, TypeError, ValueError) as err:
         raise ArtefactError(
             f"{where}: cannot rebuild the dense model from its recorded spec ({err}); expected "

@@ -37,6 +37,7 @@ from pipeline.bench.backends import (
     torch_timer,
 )
 from pipeline.bench.interleave import Timer, interleave
+from pipeline.bench.timed_runs import HostTimer
 from pipeline.bench.timing import (
     MIN_RUNS,
     QUICK_MIN_RUNS,
@@ -225,9 +226,16 @@ def measure_interleaved(
     labels |= {"threads": cfg.threads, "copies": s.copies, "warmup": cfg.warmup}
     labels |= {"clock": cfg.clock if s.device == "cpu" else "wall"}
     return [
-        LatencyRow.from_blocks(b, model=a.label, precision=precision, **labels)
-        for a, (_, precision), b in zip(artefacts, opened, blocks, strict=True)
+        LatencyRow.from_blocks(
+            b, model=a.label, precision=precision, **labels, **_clock_p50s(timer, cfg.runs)
+        )
+        for a, (timer, precision), b in zip(artefacts, opened, blocks, strict=True)
     ]
+
+
+def _clock_p50s(timer: Timer, runs: int) -> dict[str, float]:
+    """A one-thread CPU timer's wall and CPU medians (:class:`HostTimer`), else none."""
+    return timer.clock_p50s(runs) if isinstance(timer, HostTimer) else {}
 
 
 def sweep(
@@ -256,14 +264,21 @@ def sweep(
         cfg.threads,
         cfg.runs,
     )
+    from pipeline.core.progress import progress  # tqdm: measure() alone runs without it
+
     rows = []
+    total = len(cfg.batches) * len(settings)
+    bar = progress((), "latency sweep", total=total, unit="setting")  # updated by hand
     for batch in cfg.batches:
         for s in settings:
+            bar.set_postfix_str(f"batch {batch}, {s.backend} {s.device} {s.mode}")
             group = [a for a in artefacts if runnable(a, s)]
             if s.backend == "tensorrt":
                 rows += [(measure_fn or measure)(a, s, cfg, batch) for a in group]
             elif group:
                 rows += measure_interleaved(group, s, cfg, batch, open_fn)
+            bar.update()
+    bar.close()
     logger.info("latency sweep finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
     return rows
 

@@ -1,20 +1,20 @@
-"""Time a callable and summarise it: warm-up, timed runs, percentiles, one latency row per setting.
+"""Summarise timed runs: percentiles, one latency row per setting, its flags, and the tables.
 
-The timing loop is the one place recede measures latency; ``bench``, ``run`` and the TensorRT
-export all go through it. Every timed run ends with the device idle (a synchronisation, or a
-CUDA event waited on), so a row measures the full forward pass, never the time to enqueue it,
-and runs never overlap: these are latencies, not pipelined throughput.
+The runs themselves are timed by :mod:`pipeline.bench.timed_runs` (the one place recede measures
+latency: every run ends with the device idle, and runs never overlap); this module turns their
+durations into :class:`LatencyRow` s and renders them for ``bench``, ``run`` and the run report.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pipeline.bench.interleave import Ratio, block_ratio, relative_spread
+from pipeline.bench.preemption import PREEMPT_LIMIT, is_preempted
 
 MIN_RUNS = 50
 """Timed runs per row for a figure worth reporting; fewer (down to :data:`QUICK_MIN_RUNS`)
@@ -67,11 +67,6 @@ def percentiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
     return p50, p90, p99
 
 
-def _check_counts(warmup: int, runs: int) -> None:
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"expected runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-
-
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
 """How a host run is timed. ``wall`` is elapsed time (``perf_counter_ns``): latency as a user
 sees it, including any time the scheduler kept the run waiting. ``cpu`` is the calling thread's
@@ -93,80 +88,6 @@ def check_clock(clock: str, threads: int) -> None:
             f"threads={threads}: the other threads' work would be missing; use threads=1 or the "
             "wall clock"
         )
-
-
-def host_samples_ms(
-    fn: Callable[[], Any],
-    *,
-    warmup: int,
-    runs: int,
-    sync: Callable[[], Any] | None = None,
-    clock: str = "wall",
-) -> list[float]:
-    """Durations of ``runs`` calls of ``fn`` on a host clock (:data:`CLOCKS`), in ms.
-
-    Args:
-        fn: The work to time.
-        warmup: Untimed calls first (allocator, autotuning and thread pools settle).
-        runs: Timed calls.
-        sync: Called after every call, inside the timed region (e.g.
-            ``torch.cuda.synchronize``); None for work that is done when ``fn`` returns.
-        clock: ``wall`` or ``cpu`` (the calling thread's CPU time: only for work that runs
-            entirely in this thread, never with ``sync``: a GPU's time is not this thread's).
-    """
-    _check_counts(warmup, runs)
-    if clock not in CLOCKS or (clock == "cpu" and sync is not None):
-        raise ValueError(f"expected clock 'wall', or 'cpu' without sync; got {clock!r}")
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        fn()
-    if sync is not None:
-        sync()
-    samples = []
-    for _ in range(runs):
-        start = now()
-        fn()
-        if sync is not None:
-            sync()
-        samples.append((now() - start) / 1e6)
-    return samples
-
-
-def cuda_event_samples_ms(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
-    """Durations of ``runs`` calls of ``fn`` between CUDA events on the current stream, in ms.
-
-    The GPU is idle when each start event is recorded, so the span covers kernel launches and
-    execution (a launch-bound eager model shows its launch cost); each end event is waited on
-    before the next run starts.
-    """
-    import torch
-
-    _check_counts(warmup, runs)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(float(start.elapsed_time(end)))
-    return samples
-
-
-def time_callable(
-    fn: Callable[[], Any],
-    *,
-    warmup: int,
-    runs: int,
-    sync: Callable[[], Any] | None = None,
-) -> tuple[float, float, float]:
-    """``(p50, p90, p99)`` in ms of ``fn`` on the host clock; see :func:`host_samples_ms`."""
-    samples = host_samples_ms(fn, warmup=warmup, runs=runs, sync=sync)
-    return percentiles_ms([s / 1e3 for s in samples])
 
 
 @dataclass(frozen=True)
@@ -207,6 +128,9 @@ class LatencyRow:
             rows timed alone (TensorRT, reports written before interleaving).
         clock: ``wall`` (elapsed time; CUDA rows time with CUDA events) or ``cpu`` (the
             calling thread's CPU time, one-thread CPU rows only; see :data:`CLOCKS`).
+        wall_p50_ms: Median wall time of the timed runs, recorded beside ``cpu_p50_ms`` for
+            one-thread CPU rows (whichever the clock); None for other rows.
+        cpu_p50_ms: Median CPU time of the calling thread over the same runs, or None.
     """
 
     backend: str
@@ -224,6 +148,8 @@ class LatencyRow:
     warmup: int = 0
     blocks_ms: tuple[float, ...] = ()
     clock: str = "wall"
+    wall_p50_ms: float | None = None
+    cpu_p50_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.mode:
@@ -242,6 +168,12 @@ class LatencyRow:
     def noisy(self) -> bool:
         """The noise exceeds :data:`NOISE_LIMIT`."""
         return self.noise is not None and self.noise > NOISE_LIMIT
+
+    @property
+    def preempted(self) -> bool:
+        """A wall-clock row whose wall p50 exceeds :data:`PREEMPT_LIMIT` times its CPU p50:
+        it waited for the core more than it computed (:mod:`pipeline.bench.preemption`)."""
+        return is_preempted(self.clock, self.wall_p50_ms, self.cpu_p50_ms)
 
     @property
     def quick(self) -> bool:
@@ -265,6 +197,7 @@ class LatencyRow:
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict, e.g. for JSON (throughput, noise and flags included)."""
         extra = {"noise": self.noise, "noisy": self.noisy, "quick": self.quick}
+        extra |= {"preempted": self.preempted}
         return {
             **asdict(self),
             "blocks_ms": list(self.blocks_ms),
@@ -367,9 +300,10 @@ def mac_fraction(
 
 
 def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
-    """``noisy``, ``quick`` and ``implausible`` (speed-up above :data:`IMPLAUSIBLE_FACTOR`
-    times the MAC ratio), those that apply."""
+    """``noisy``, ``preempted``, ``quick`` and ``implausible`` (speed-up above
+    :data:`IMPLAUSIBLE_FACTOR` times the MAC ratio), those that apply."""
     flags = ["noisy"] if row.noisy else []
+    flags += ["preempted"] if row.preempted else []
     flags += ["quick"] if row.quick else []
     return flags + (
         ["implausible"] if fraction is not None and fraction > IMPLAUSIBLE_FACTOR else []
@@ -454,15 +388,32 @@ def latency_markdown(
 
 
 def noise_note(rows: Sequence[LatencyRow]) -> str | None:
-    """A warning naming the noisy rows, or None when there are none."""
+    """A warning naming the noisy and the preempted rows, or None when there are none."""
     noisy = [f"{r.setting} {r.model} batch {r.batch} ({r.noise:.0%})" for r in rows if r.noisy]
-    if not noisy:
+    preempted = [
+        f"{r.setting} {r.model} batch {r.batch} (wall {r.wall_p50_ms:.3f} ms, cpu "
+        f"{r.cpu_p50_ms:.3f} ms)"
+        for r in rows
+        if r.preempted
+    ]
+    notes = []
+    if noisy:
+        notes.append(
+            f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block "
+            f"medians spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}"
+        )
+    if preempted:
+        notes.append(
+            f"{len(preempted)} of {len(rows)} rows are preempted (wall time above "
+            f"{PREEMPT_LIMIT}x the CPU time: they waited for a core): {'; '.join(preempted)}"
+        )
+    if not notes:
         return None
     return (
-        f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block medians "
-        f"spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}; their latency "
-        "measures the machine's load as much as the model: rerun on an idle machine or with "
-        "more --runs"
+        f"{'; and '.join(notes)}; their latency measures the machine's load as much as the "
+        "model: rerun on an idle machine, with more runs (--runs; bench.runs in a run config), "
+        "or on the CPU clock with one thread (--threads 1 --clock cpu; bench.threads and "
+        "bench.clock)"
     )
 
 

@@ -348,8 +348,21 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-slowdown",
         type=_number(float, 1.0, open_="low"),
-        default=1.2,  # latency_gate.DEFAULT_MAX_SLOWDOWN
+        default=None,  # latency_gate.DEFAULT_MAX_SLOWDOWN, 1.2
         help="with --compare: the allowed p50 slowdown factor (default 1.2)",
+    )
+    p.add_argument(
+        "--allow-other-machine",
+        action="store_true",
+        help="with --compare: compare with a baseline measured on another machine (CPU, cores, "
+        "OS, GPU) and say what differs (default: exit 2)",
+    )
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="with --compare: compare rows whose model differs from the baseline's (sha256 of "
+        "the weights or ONNX, input shape), e.g. a retrained release, and say which (default: "
+        "exit 2)",
     )
     p.add_argument(
         "--save-baseline",

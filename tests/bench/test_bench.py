@@ -279,3 +279,17 @@ def test_cuda_graph_beats_eager_on_a_launch_bound_model(cuda) -> None:
         for mode in ("eager", "cuda-graph")
     }  # fmt: skip
     assert rows["cuda-graph"].p50_ms < rows["eager"].p50_ms
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_the_sweep_shows_progress_only_to_someone_watching(watched, monkeypatch, capsys) -> None:
+    import pipeline.core.progress
+
+    monkeypatch.setattr(pipeline.core.progress, "bars_enabled", lambda: watched)
+    artefacts = [Artefact("dense", "d", (3, 8, 8), _tiny(8), None)]
+    settings = plan_settings(cuda=True, backends=["torch"])  # cpu eager, cuda eager and graph
+    sweep(artefacts, settings, SweepConfig(batches=(1, 8), runs=5), _fake_open([]))
+    err = capsys.readouterr().err
+    shown = "latency sweep" in err and "/6 [" in err and "batch 8, torch cuda cuda-graph" in err
+    assert shown is watched, err
+    assert watched or err == ""

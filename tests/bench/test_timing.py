@@ -10,16 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.bench.timed_runs import cuda_event_samples_ms, host_samples_ms, time_callable
 from pipeline.bench.timing import (
     LatencyRow,
     annotated_rows,
-    cuda_event_samples_ms,
     gpu_vs_cpu_markdown,
-    host_samples_ms,
     latency_markdown,
     percentile,
     percentiles_ms,
-    time_callable,
 )
 
 finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
