@@ -245,6 +245,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     budget = report.get("budget") or {}
     if budget.get("outcome"):
         sections.insert(1, _budget_line(budget))
+    if report.get("speed"):
+        sections.insert(1, f"**Speed:** {report['speed']}.")
     plots = dict(plots or {})
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
