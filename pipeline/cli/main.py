@@ -264,8 +264,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.core.output_folders import check_replaceable
     from pipeline.models.checkpoint import model_folder
 
+    folder = model_folder(args.dir).absolute()
     if args.out is None:  # in place: the model folder itself is swapped for its new version
-        check_replaceable(model_folder(args.dir), "DIR")
+        check_replaceable(folder, "DIR")
+    elif folder in Path(args.out).absolute().parents:  # one without a marker, too
+        raise UsageError(
+            f"--out {args.out} is inside the model folder {folder} it exports; replacing that "
+            f"folder would delete the release; expected a folder outside it; pass e.g. --out "
+            f"{folder.parent / (folder.name + '-release')}"
+        )
     return export_command(args)
 
 

@@ -91,6 +91,16 @@ def test_in_place_export_of_a_symlinked_folder_is_refused(pruned, tmp_path, caps
     assert snapshot(pruned.parent) == before
 
 
+def test_export_into_a_model_folder_recede_did_not_mark_is_refused(pruned, tmp_path, capsys):
+    """A model folder saved from Python (no .recede.json) is protected like one recede wrote."""
+    from pipeline.models.checkpoint import load_pruned, save_pruned
+
+    model, spec = load_pruned(pruned)
+    mine = save_pruned(model, tmp_path / "mine", spec=spec)
+    argv = ["export", str(mine), "--out", str(mine / "rel")]
+    assert_refused(tmp_path, capsys, argv, f"--out {mine / 'rel'} is inside the model folder")
+
+
 def test_a_failed_verification_leaves_no_folders_on_the_way_to_out(
     pruned, tmp_path, capsys, monkeypatch
 ):
