@@ -51,7 +51,7 @@ def test_export_into_its_own_model_folder_is_refused(where, tmp_path, capsys):
     before, _ = _snapshot(tmp_path), capsys.readouterr()
     assert main(["export", str(out), "--out", str(out / where)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {out / where} is inside {out}, a `recede prune` folder" in err, err
+    assert f"--out {out / where} is inside" in err and f"{out} it exports" in err, err
     assert _snapshot(tmp_path) == before
 
 
@@ -68,3 +68,15 @@ def test_prune_over_a_folder_holding_a_release_keeps_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {out} holds another recede output folder ({out / 'rel'}" in err, err
     assert sorted(p.name for p in (out / "rel").iterdir()) == onnx
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_any_output_inside_another_recede_folder_is_refused(command, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", *TINY, "--out", str(out)]) == 0
+    before, _ = _snapshot(tmp_path), capsys.readouterr()
+    argv = {"prune": ["prune", *TINY], "train": ["train"]}[command]
+    assert main([*argv, "--out", str(out / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out / 'again'} is inside {out}, a `recede prune` folder" in err, err
+    assert _snapshot(tmp_path) == before
