@@ -432,6 +432,22 @@ def _epilog(name: str | None) -> str:
     return f"{EXIT_CODES}\n\n{SET_HELP}" if name in (None, "run", "train") else EXIT_CODES
 
 
+def _add_verbosity(p: argparse.ArgumentParser, *, default: object) -> None:
+    """-v and -q, on the top-level parser (default False) and on every subcommand (default
+    SUPPRESS, so a flag given before the subcommand is not reset by its parser)."""
+    off = " (default: off)" if default is argparse.SUPPRESS else ""  # help_text adds it for False
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help=f"debug logging{off}"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help=f"no progress bars (log lines stay; also RECEDE_QUIET=1){off}",
+    )
+
+
 def build_parser(
     commands: dict[str, Callable[[argparse.Namespace], int]], description: str
 ) -> argparse.ArgumentParser:
@@ -439,15 +455,9 @@ def build_parser(
     parser = argparse.ArgumentParser(
         prog="recede", description=description, epilog=_epilog(None), formatter_class=HelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbosity(parser, default=False)
     parser.add_argument(
         "--version", action="version", version=f"recede {version()}", help="print the version"
-    )
-    parser.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (log lines stay; also RECEDE_QUIET=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {
@@ -462,6 +472,7 @@ def build_parser(
     }
     for name, p in parsers.items():
         p.set_defaults(handler=commands[name])
+        _add_verbosity(p, default=argparse.SUPPRESS)  # after the command too: run -q ...
     _add_config(parsers["run"], "run")
     parsers["run"].add_argument(
         "--allow-slower",
