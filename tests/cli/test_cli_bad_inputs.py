@@ -340,7 +340,7 @@ EXPORT_FLAGS = {
     # --int8 was ignored without a word by an ONNX export
     "int8_without_tensorrt": (
         ["--format", "onnx", "--int8"],
-        "--int8 builds TensorRT INT8 kernels, and --format onnx makes no TensorRT engine",
+        "--int8 builds a TensorRT INT8 engine, and --format onnx makes no TensorRT engine",
     ),
 }
 

@@ -65,6 +65,8 @@ WHERE_CHECKED = {
     "prune.min_channels": "load; a floor above a layer's width keeps the layer whole",
     "prune.round_to": "load; rounding never exceeds a layer's width",
     "export.opset": "load (against this torch's exporter)",
+    "export.int8": "load (every export.int8 key); sample counts are capped by what the splits "
+    "hold, and an INT8 check that fails is a verdict (exit 1), not bad input",
     "bench.batches": "pre-flight (memory) and load (>= 1)",
     "bench.threads": "load",
     "bench.clock": "load (cpu needs threads 1)",
@@ -75,7 +77,7 @@ ALSO_LOAD_ONLY = {  # validated on load; no value that passes can fail later
               "target_ramp", "target_delay", "receded_below", "penalise", "strength_rate"],
     "prune": ["ratio", "scope", "aggregate", "max_layer_ratio", "finetune_epochs",
               "exact_borders", "recalibrate", "finetune_lr"],
-    "export": ["atol", "tensorrt", "fp16", "accept_insensitive"],
+    "export": ["atol", "tensorrt", "fp16", "accept_insensitive", "allow_slower"],
     "bench": ["runs", "warmup"],
 }  # fmt: skip
 
