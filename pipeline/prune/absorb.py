@@ -175,8 +175,9 @@ def _correction(
     form, value, err = _conv_correction(layer, xin, idx, exact, uniform)
     if form == "map" and larger is not None and xin.shape[-2:] == larger.shape[-2:]:
         there = _conv_correction(layer, larger, idx, exact, False)[1]
-        err = float((there - value).abs().max())  # one output size: the map cannot refuse
-        _refuse_if_exact(name, layer, xin, err, exact)
+        if not _matches(there, value):  # one output size: the map cannot refuse the other
+            err = float((there - value).abs().max())
+            _refuse_if_exact(name, layer, xin, err, exact)
     return form, value, err
 
 
