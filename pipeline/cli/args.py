@@ -170,6 +170,13 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         default=1,
         help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
     )
+    p.add_argument(
+        "--no-exact-borders",
+        dest="exact_borders",
+        action="store_false",
+        help="prune.exact_borders=false: absorb a removed channel's constant as it is at the "
+        "example's size and report the error it leaves at borders and other sizes",
+    )
     p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
 
