@@ -158,9 +158,9 @@ def prune_model(
 ) -> Pruned:
     """Plan and apply a prune of a copy of ``model`` according to ``cfg``.
 
-    ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: an
-    automatic threshold whose cut is far from the set of groups below it is refused
-    (``pipeline.prune.threshold.auto_threshold``). None: the training is unknown.
+    ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: the
+    automatic threshold cuts under the modes above it (``pipeline.prune.threshold``). None:
+    the training is unknown (its default, 0.01).
 
     Groups only an approximation removes (``pipeline.prune.remove.shifted_groups``: a gate reads
     their constant, and their shift is not zero) are kept out of the selection unless
