@@ -59,6 +59,25 @@ def shares(*values: float) -> tuple[str, ...]:
     return tuple(text)
 
 
+def floor_advice(prune: PruneConfig | None, most: float) -> str:
+    """What can still be changed when the layer floors cap the receded share at ``most``:
+    never a key already at its limit (``prune.max_layer_ratio`` 1, ``prune.min_channels`` 1),
+    and never a target of 0 or one that reads as high as the current one (the caller checks
+    that ``most`` is below it)."""
+    ratio = prune.max_layer_ratio if prune is not None else 0.0
+    floor = prune.min_channels if prune is not None else 2
+    changes = []
+    if ratio < 1.0:
+        changes.append("raise prune.max_layer_ratio")
+    if floor > 1:
+        changes.append("lower prune.min_channels")
+    if float(most) > 0.0:  # the printed value: train.target must be above 0
+        changes.append(f"lower train.target to <= {most}")
+    if not changes:
+        return "the model's layers are too narrow for any budget: set train.target to null"
+    return ", or ".join(changes)
+
+
 def warn_unreachable(cfg: TrainConfig, prune: PruneConfig, reachable: float) -> bool:
     """Log a warning, before any training, when the layer floors (``prune.min_channels``,
     ``prune.max_layer_ratio``) cap the receded share below ``cfg.target``; return whether
@@ -69,19 +88,22 @@ def warn_unreachable(cfg: TrainConfig, prune: PruneConfig, reachable: float) -> 
     logger.warning(
         "train.target %s cannot be reached: prune.min_channels %d and prune.max_layer_ratio "
         "%s let at most %s of the %s recede, and the strength would climb to its cap "
-        "chasing the rest; raise prune.max_layer_ratio or lower train.target to <= %s",
+        "chasing the rest; %s",
         want,
         prune.min_channels,
         f"{prune.max_layer_ratio:g}",
         most,
         "MACs" if cfg.target_cost == "macs" else "prunable groups",
-        most,
+        floor_advice(prune, most),
     )
     return True
 
 
 def budget_outcome(
-    target: float | None, receded: float | None, reachable: float | None = None
+    target: float | None,
+    receded: float | None,
+    reachable: float | None = None,
+    prune: PruneConfig | None = None,
 ) -> str:
     """One line: whether training reached its budget (achieved beside target), and what to
     change when it did not.
@@ -89,6 +111,8 @@ def budget_outcome(
     ``reachable`` (the most the layer floors let recede, known before training) picks the
     advice: a target above it needs looser floors or a lower target, as training longer cannot
     help; otherwise training ran out of time (more epochs) or the target is too ambitious.
+    ``prune`` (the floors trained against; None: unknown) leaves out advice to move a key
+    already at its limit.
     """
     reached = budget_reached(target, receded)
     if reached is None:
@@ -99,10 +123,9 @@ def budget_outcome(
         return f"budget reached: receded {got} of target {want}{within}"
     if reachable is not None and below(reachable, target * (1.0 - BUDGET_TOLERANCE)):
         most = shares(reachable, target)[0]
-        fix = (
-            f"the layer floors let at most {most} recede: raise prune.max_layer_ratio "
-            f"or lower prune.min_channels, or lower train.target to <= {most}"
-        )
+        fix = f"the layer floors let at most {most} recede: {floor_advice(prune, most)}"
+    elif prune is not None and prune.max_layer_ratio >= 1.0:
+        fix = "train longer (train.epochs) or lower train.target"
     else:
         fix = "train longer (train.epochs), raise prune.max_layer_ratio, or lower train.target"
     return f"budget MISSED: receded {got}, target {want}; {fix}"

@@ -299,7 +299,9 @@ def train_(
     if polariser is not None and polariser.controller is not None and logs:
         reached = budget_reached(cfg.target, logs[-1].receded)
         log = logger.info if reached else logger.warning
-        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded, logs[-1].reachable))
+        last_log = logs[-1]
+        outcome = budget_outcome(cfg.target, last_log.receded, last_log.reachable, polariser.prune)
+        log("%s: %s", tag, outcome)
     return logs
 
 

@@ -165,6 +165,7 @@ class Polariser:
             )
         self.step = 0
         self.reachable: float | None = None  # set by prepare under a target
+        self.prune: PruneConfig | None = None  # the floors prepare trained against
         self._momentum_checked = False
         self._warned_frozen: set[str] = set()
         self._masks: dict[int, torch.Tensor] = {}  # id(scale) -> channels the penalty acts on
@@ -211,6 +212,7 @@ class Polariser:
         tracker = ReceededShare(model, graph, None, floors, macs_example=macs)
         shifts = GatedShifts.of(model, graph) if penalty.config.method != "none" else None
         polariser = cls(model, penalty, tracker, cfg, total_steps, shifts)
+        polariser.prune = prune
         polariser._warn_frozen()
         if cfg.target is not None:
             polariser.reachable = tracker.reachable()

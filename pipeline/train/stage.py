@@ -199,7 +199,7 @@ def budget_summary(cfg: RunConfig, logs: list[EpochLog]) -> BudgetSummary:
         receded=receded,
         reachable=reachable,
         reached=budget_reached(target, receded),
-        outcome=budget_outcome(target, receded, reachable),
+        outcome=budget_outcome(target, receded, reachable, cfg.prune),
     )
 
 

@@ -121,3 +121,48 @@ def test_a_target_above_the_floors_still_warns_with_distinct_numbers(caplog):
         )
     assert "train.target 0.600 cannot be reached" in caplog.text
     assert "lower train.target to <= 0.500" in caplog.text
+
+
+ADVICE = re.compile(rf"lower ([a-z_.]+) to <= ({NUMBER})")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    targets,
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+    st.integers(1, 8),
+    st.one_of(st.just(1.0), st.floats(0.05, 1.0)),
+)
+def test_no_advice_asks_for_a_change_that_cannot_be_made(target, receded, cap, floor, ratio):
+    """Issue 31 item 13's class, every budget and feasibility line: "lower K to <= V" names a
+    V that reads lower than K's current value and that K may take (a target above 0); no line
+    asks to raise prune.max_layer_ratio already at 1 or lower prune.min_channels already at 1.
+    """
+    prune = PruneConfig(min_channels=floor, max_layer_ratio=ratio)
+    reachable = cap * target
+    lines = [budget_outcome(target, receded * target, reachable, prune)]
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    log = logging.getLogger("pipeline.train")
+    log.addHandler(handler)
+    try:
+        warn_unreachable(TrainConfig(target=target), prune, reachable)
+    finally:
+        log.removeHandler(handler)
+    for line in lines + records:
+        for key, value in ADVICE.findall(line):
+            assert key == "train.target", line
+            current = re.search(rf"(?:target|train.target) ({NUMBER})", line).group(1)
+            assert 0.0 < float(value) < float(current), line
+        if ratio >= 1.0:
+            assert "raise prune.max_layer_ratio" not in line, line
+        if floor <= 1:
+            assert "lower prune.min_channels" not in line, line
+
+
+def test_a_cap_of_nothing_does_not_advise_a_target_of_zero():
+    """The reported example's sibling: floors that let nothing recede."""
+    line = budget_outcome(0.5, 0.0, 0.0, PruneConfig(min_channels=1, max_layer_ratio=1.0))
+    assert "to <= 0.000" not in line and "train.target to null" in line, line
