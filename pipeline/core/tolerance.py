@@ -53,8 +53,8 @@ class Tolerance:
         rtol: Share of the reference output's largest magnitude.
         atol: Absolute floor, for outputs that are all near zero.
         precision: What the tolerance is for (``fp32``, ``fp16``, ``int8``).
-        rounding: The reference model's own float32 rounding, as a share of its output scale
-            (:func:`measured_rounding`; 0: not measured). The relative bound is
+        rounding: The checked graph's own rounding in ``precision``, as a share of its output
+            scale (:func:`measured_rounding`; 0: not measured). The relative bound is
             ``max(rtol, ROUNDING_FACTOR * rounding)``.
     """
 
