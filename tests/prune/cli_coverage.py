@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -90,15 +91,26 @@ def _verdicts(pruned: Path, release: Path) -> dict[str, str]:
 
 
 def cli_untrained(spec: str, size: int, workdir: Path) -> CliResult:
-    """``recede prune`` (``--scope layer``) then ``recede export`` of the untrained ``spec``."""
-    pruned, release = workdir / "cli-pruned", workdir / "cli-release"
-    shape = f"1,3,{size},{size}"
+    """``recede prune`` (``--scope layer``) then ``recede export`` of the untrained ``spec``.
+
+    Both write into a fresh folder of ``workdir``, removed afterwards: verdicts are read only
+    from what these two commands wrote (a refused command leaves nothing to read).
+    """
+    folder = workdir / f"cli-{spec.replace(':', '-')}"
+    shutil.rmtree(folder, ignore_errors=True)
+    pruned, release = folder / "pruned", folder / "release"
+    try:
+        return _prune_then_export(spec, f"1,3,{size},{size}", pruned, release)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _prune_then_export(spec: str, shape: str, pruned: Path, release: Path) -> CliResult:
     prune = _recede(
-        "prune", "--model", spec, "--input-shape", shape, "--scope", "layer",
-        "--out", str(pruned), "--force",
-    )  # fmt: skip
+        "prune", "--model", spec, "--input-shape", shape, "--scope", "layer", "--out", str(pruned)
+    )
     if prune.returncode != 0:
         return CliResult(prune.returncode, None, _verdicts(pruned, release), _why(prune))
-    export = _recede("export", str(pruned), "--out", str(release), "--force")
+    export = _recede("export", str(pruned), "--out", str(release))
     message = _why(export) if export.returncode != 0 else ""
     return CliResult(0, export.returncode, _verdicts(pruned, release), message)
