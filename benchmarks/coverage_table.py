@@ -3,8 +3,9 @@
 Runs ``check_model`` from ``tests/prune/test_torchvision_coverage.py`` (the check the test suite
 asserts) on each model: half of the prunable channel groups dropped at random, pruned vs masked
 output (float64), ONNX Runtime vs PyTorch on the pruned model (float32), and how far a 1% change
-of one channel in each third of the network moves the output. Writes the table to
-``docs/torchvision_coverage.md``.
+of one channel in each third of the network moves the output; then the untrained model through
+the command line (``recede prune --scope layer``, ``recede export``: exit codes and verdicts,
+``tests/prune/cli_coverage.py``). Writes the table to ``docs/torchvision_coverage.md``.
 
     python benchmarks/coverage_table.py                       # all 58 models (recede installed)
     python benchmarks/coverage_table.py --fast                # the default test subset (12)
@@ -27,24 +28,30 @@ import torch
 from _checks import load_check  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "tests" / "test_torchvision_coverage.py"
+CHECK = ROOT / "tests" / "prune" / "test_torchvision_coverage.py"
 
 
 def _load_check():
+    sys.path.insert(0, str(ROOT / "tests"))  # the check imports tests/sensitivity.py
     return load_check(CHECK, "torchvision_coverage")
 
 
-def _row(r, fast: bool) -> str:
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _row(r, fast: bool, cli) -> str:
     kept = 100.0 * r.params_after / r.params_before
     first, middle, last = r.sensitivity
     lost = r.loss_sensitivity
+    failures = [*r.failures(), *([] if cli.ok() else ["CLI"])]
     return (
         f"| {r.model}{'' if fast else ' (slow)'} | {r.input_size} | "
         f"{r.params_before / 1e6:.2f} | {r.params_after / 1e6:.2f} | {kept:.0f}% | "
         f"{r.prunable} / {r.groups} | {r.dropped} | {r.barriers} | "
         f"{r.prune_rel_err:.1e} | {r.onnx_rel_err:.1e} | {r.onnx_tolerance():.0e} | "
         f"{first:.1e} / {middle:.1e} / {last:.1e} | {lost[0]:.0e} / {lost[1]:.0e} | "
-        f"{r.seconds:.1f} | {'; '.join(r.failures()) or 'pass'} |"
+        f"{r.seconds:.1f} | {cli.cell()} | {'; '.join(failures) or 'pass'} |"
     )
 
 
@@ -74,23 +81,27 @@ def main() -> int:
     lines = [
         "| model | input | params before (M) | params after (M) | params kept | prunable / groups "
         "| dropped | barriers | pruned vs masked | ONNX vs PyTorch | ONNX bound | 1% channel: first "
-        "/ middle / last third | lost channel: first / middle | time (s) | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "/ middle / last third | lost channel: first / middle | time (s) | CLI untrained: prune "
+        "/ export | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     failures = 0
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
+            size = check.INPUT_SIZE.get(name, check.DEFAULT_SIZE)
+            cli = check.cli_untrained(f"torchvision:{name}", size, Path(tmp))
             try:
                 result = check.check_model(name, Path(tmp), seed=args.seed)
-                line = _row(result, name in check.FAST)
-                failures += bool(result.failures())
+                line = _row(result, name in check.FAST, cli)
+                failures += bool(result.failures()) or not cli.ok()
             except Exception as err:  # report every model, then fail at the end
-                line = f"| {name} |{' |' * 13} ERROR: {type(err).__name__}: {err} |"
+                line = f"| {name} |{' |' * 13} {cli.cell()} | ERROR: {type(err).__name__}: {err} |"
                 failures += 1
             print(line, flush=True)
             lines.append(line)
     total = time.perf_counter() - start
+    cli_ok = sum(check.CliResult.cell_ok(_cells(line)[-2]) for line in lines[2:])
     cpu = platform.processor() or platform.machine()
     header = [
         "# torchvision coverage",
@@ -114,6 +125,12 @@ def main() -> int:
         "thirds and the ONNX tolerance in the first two. In the last third it can be as small as",
         "fp32 rounding in ONNX Runtime, so the ONNX check does not show that a 1% error in one",
         "late channel would be caught (a dropped or swapped channel would be).",
+        "*CLI untrained* is the model as a new user meets it: untrained (BN at its initial",
+        "statistics), `recede prune --model torchvision:NAME --input-shape 1,3,S,S --scope layer`,",
+        "then `recede export` of the result, each in its own process: the two exit codes and the",
+        "verdict of every check (removal, fold, ONNX; `twin-ok`: verified on the BN-calibrated",
+        "copy, as the untrained model cannot see a wrong one). The goal: exit 0 / 0, or a refusal",
+        "(exit 2) that says why; never exit 1 or a traceback.",
         "ONNX: `pipeline.export.onnx.export_onnx` (opset 17, dynamic batch, onnxslim) on the",
         "pruned model, checked with `verify_onnx` at batch 2 and 3. *time* covers build,",
         "calibration, graph, prune, the checks, export and verification (wall clock; it varies",
@@ -125,6 +142,9 @@ def main() -> int:
         f"({len(names)} models, {total:.0f} s total; torch {torch.__version__}, {cpu}, "
         f"{torch.get_num_threads()} threads; load average {load_start:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end; {time.strftime('%Y-%m-%d')}).",
+        "",
+        f"Untrained through the command line: {cli_ok} of {len(names)} exit 0 / 0 or are "
+        "refused with exit 2 saying why.",
         "",
     ]
     if args.fast:

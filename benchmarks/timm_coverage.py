@@ -1,7 +1,9 @@
 """The timm mode of ``coverage_table.py``: recede and Torch-Pruning over timm's BN CNN families.
 
 Runs ``check_timm`` from ``tests/prune/test_timm_coverage.py`` (the check the test suite asserts) on
-one model per family and writes ``benchmarks/results/timm_coverage.md``.
+one model per family, then the untrained model through the command line (``recede prune --scope
+layer``, ``recede export``, ``tests/prune/cli_coverage.py``), and writes
+``benchmarks/results/timm_coverage.md``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import torch
 from _checks import load_check  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "tests" / "test_timm_coverage.py"
+CHECK = ROOT / "tests" / "prune" / "test_timm_coverage.py"
 OUT = ROOT / "benchmarks" / "results" / "timm_coverage.md"
 
 
 def _load_check():
+    sys.path.insert(0, str(ROOT / "tests"))  # the check imports tests/sensitivity.py
     return load_check(CHECK, "timm_coverage_check")
 
 
@@ -32,24 +35,25 @@ def _side(r, side) -> str:
     return f"{100 * r.removed(side):.0f}% | {side.onnx_rel_err:.1e} {ok} | {side.seconds:.0f} |"
 
 
-def _row(family: str, r, check, baseline: str | None = None) -> str:
-    """One table row; ``baseline``: Torch-Pruning's three cells kept from an earlier run."""
+def _row(family: str, r, check, cli, baseline: str | None = None) -> str:
+    """One table row; ``cli``: the untrained model through the command line; ``baseline``:
+    Torch-Pruning's three cells kept from an earlier run."""
     first, middle, _ = r.sensitivity
     barriers = "; ".join(sorted(set(r.barriers)))[:160].replace("|", "/") or "0"
-    status = "pass" if r.passes() else "FAIL"
+    status = "pass" if r.passes() and cli.ok() else "FAIL"
     tp = f"{baseline} |" if baseline is not None else _side(r, r.torch_pruning)
     return (
         f"| {family} | {r.model} | {r.input_size} | {r.params_before / 1e6:.2f} | "
         f"{_side(r, r.recede)} {len(r.barriers)}: {barriers} | {first:.0e} / {middle:.0e} | "
-        f"{tp} {status} |"
+        f"{tp} {cli.cell()} | {status} |"
     )
 
 
 HEADER = [
     "| family | model | input | params (M) | recede: params removed | recede: ONNX vs PyTorch "
     "(rel) | recede s | barriers | one channel lost: first / middle | Torch-Pruning: params removed "
-    "| TP: ONNX vs PyTorch (rel) | TP s | status |",
-    "|---|---|---:|---:|---:|---|---:|---|---|---:|---|---:|---|",
+    "| TP: ONNX vs PyTorch (rel) | TP s | CLI untrained: prune / export | status |",
+    "|---|---|---:|---:|---:|---|---:|---|---|---:|---|---:|---|---|",
 ]
 
 
@@ -61,6 +65,8 @@ def _summary(lines: list[str], check) -> list[str]:
     """Counts read back from the rows, so rows kept by ``--resume`` count too."""
     rows = [_cells(line) for line in lines[len(HEADER) :]]
     passed = sum(r[-1] == "pass" for r in rows)
+    cli = [r[-2] for r in rows if len(r) == len(_cells(HEADER[0]))]
+    cli_ok = sum(check.CliResult.cell_ok(cell) for cell in cli)
     ok = [(r[1], "verified" in r[5] and "NOT" not in r[5]) for r in rows]
     tp_ok = [
         (model, rec)
@@ -74,7 +80,8 @@ def _summary(lines: list[str], check) -> list[str]:
         f"{check.ONNX_TOL:g} of the output scale by a check that could fail (goal: >= 95%). "
         f"recede exports a verified ONNX for {sum(rec for _, rec in ok)}, Torch-Pruning for "
         f"{len(tp_ok)}; recede misses {len(missed)} of Torch-Pruning's"
-        f"{': ' + ', '.join(missed) if missed else ''}.",
+        f"{': ' + ', '.join(missed) if missed else ''}. Untrained through the command line, "
+        f"{cli_ok} of {len(cli)} exit 0 / 0 or are refused with exit 2 saying why.",
         "",
     ]
 
@@ -85,7 +92,9 @@ def _baselines(check) -> dict[str, str]:
         return {}
     rows = [_cells(x) for x in OUT.read_text().splitlines() if x.startswith("| ")]
     return {
-        c[1]: " | ".join(c[9:12]) for c in rows if len(c) == 13 and c[1] in check.FAMILIES.values()
+        c[1]: " | ".join(c[9:12])
+        for c in rows
+        if len(c) in (13, 14) and c[1] in check.FAMILIES.values()  # 13: before the CLI column
     }
 
 
@@ -117,13 +126,15 @@ def timm_main(
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m for m in picked if m not in done]:
             baseline = baselines.get(name)
+            size = check.INPUT_SIZE.get(name, check.DEFAULT_SIZE)
+            cli = check.cli_untrained(f"timm:{name}", size, Path(tmp))
             r = check.check_timm(name, Path(tmp), with_torch_pruning=baseline is None)
-            results.append(r)
-            lines.append(_row(families.get(name, name), r, check, baseline))
+            results.append((r, cli))
+            lines.append(_row(families.get(name, name), r, check, cli, baseline))
             print(lines[-1], flush=True)
-            reused = sum(r.model in baselines for r in results)
+            reused = sum(r.model in baselines for r, _ in results)
             _write(picked, start, load_start, lines, check, reused)
-    return 0 if all(r.passes() for r in results) else 1
+    return 0 if all(r.passes() and cli.ok() for r, cli in results) else 1
 
 
 def _write(picked, start, load_start, lines, check, reused: int = 0) -> None:
@@ -151,7 +162,11 @@ def _write(picked, start, load_start, lines, check, reused: int = 0) -> None:
         "model's output (median over the live ones of ten channels of the BN at 1/6 and 1/2 of the",
         "network; live: its loss changes the output on the example at all): it must",
         f"exceed {check.ONNX_TOL:g}, or the ONNX check could not see such an error. *status* is the",
-        "issue's goal for recede: >= 30% of parameters removed, verified, check sensitive.",
+        "issue's goal for recede: >= 30% of parameters removed, verified, check sensitive, and the",
+        "untrained model through the command line (*CLI untrained*: `recede prune --model",
+        "timm:NAME --input-shape 1,3,S,S --scope layer`, then `recede export`, each in its own",
+        "process; the two exit codes and every check's verdict) exiting 0 / 0 or refused with",
+        "exit 2 saying why, never exit 1 or a traceback.",
         "",
         f"Command: `{command}` "
         f"({len(lines) - len(HEADER)} of {len(picked)} models{kept}; this run {total:.0f} s; "

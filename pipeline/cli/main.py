@@ -161,8 +161,15 @@ def _check_forward(model, example, what: str) -> None:
         ) from None
 
 
-def _load_model(args: argparse.Namespace):
-    """(model, spec, example) from --from DIR or --model SPEC --input-shape."""
+# The prune example is also the removal check's batch: one sample cannot show that the output
+# depends on the input (the check's wrong-input effect is 0, so it is always insensitive), so it
+# holds at least as many samples as an export verifies with.
+VERIFY_BATCH = 4
+
+
+def _load_model(args: argparse.Namespace, *, batch: int = 1):
+    """(model, spec, example) from --from DIR or --model SPEC --input-shape; the example holds
+    at least ``batch`` samples (the shape given is what the model is checked to accept)."""
     import torch
 
     from pipeline.models.checkpoint import SHAPES, load_pruned, model_folder
@@ -179,8 +186,11 @@ def _load_model(args: argparse.Namespace):
             f"recede {args.command} needs --from DIR (a saved model, train or run folder) or "
             "--model SPEC with --input-shape N,C,H,W; got neither"
         )
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    _check_forward(model.eval(), example, what)
+    n, *sample = shape
+    example = torch.randn(max(n, batch), *sample, generator=torch.Generator().manual_seed(0))
+    _check_forward(model.eval(), example[:n], what)
+    if n < batch:  # a model that takes the shape given but not a batch of that size
+        _check_forward(model, example, f"{what} (at batch {batch}, to verify)")
     return model, spec, example
 
 
@@ -198,9 +208,11 @@ def _receded_below(args: argparse.Namespace) -> float | None:
     return load_config(config).train.receded_below if config.is_file() else None
 
 
-def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
-    """report.json of a prune: totals and per-layer rows from ``table``, groups, threshold."""
+def _prune_report(result, spec: ModelSpec, table: LayerTable, accepted: list) -> dict:
+    """report.json of a prune: totals and per-layer rows from ``table``, groups, threshold, the
+    removal check and the insensitive checks the user ``accepted``."""
     summary = result.report()
+    check = result.removal.check
     return {
         "model": spec.model.name,
         "input_shape": [1, *result.input_shape],
@@ -218,12 +230,27 @@ def _prune_report(result, spec: ModelSpec, table: LayerTable) -> dict:
         "threshold": {"mode": summary.threshold_mode, "value": summary.threshold_value},
         "barriers": summary.barriers,
         "layers": [dataclasses.asdict(row) for row in table.rows],
+        "verification": [check.to_dict()] if check else [],
+        "accepted_insensitive": accepted,
     }
 
 
+def _verified_removal(result, args: argparse.Namespace) -> list[dict]:
+    """Print the removal check and enforce it as ``export`` does (exit 1 on ``failed``, and on
+    ``insensitive`` without --accept-insensitive); returns the accepted insensitive checks."""
+    from pipeline.core.checks import raise_unless_verified
+
+    checks = [result.removal.check] if result.removal.check else []
+    for check in checks:
+        print(f"{check.what}: {check.precision}, {check.line()}")
+    return raise_unless_verified(
+        checks, accept_insensitive=args.accept_insensitive, where=f"{args.out} is left unchanged"
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a model (a torchvision/factory spec, or a saved model, train or run folder) and
-    print the per-layer table: channels kept, params and MACs before and after."""
+    """Prune a model (a torchvision/factory spec, or a saved model, train or run folder), verify
+    the removal, and print the per-layer table: channels kept, params and MACs before and after."""
     from pipeline.config import PruneConfig
     from pipeline.core.atomic import write_json_atomic, write_text_atomic
     from pipeline.core.output_folders import check_out_folder, staged_folder
@@ -237,7 +264,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"default); got --threshold {args.threshold}. Drop --threshold or use --scope global"
         )
     out = check_out_folder(args.out, kind="prune", force=args.force, flag="--out")
-    model, spec, example = _load_model(args)
+    model, spec, example = _load_model(args, batch=VERIFY_BATCH)
     cfg = PruneConfig(
         threshold=args.threshold,
         ratio=args.ratio,
@@ -249,12 +276,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)
-    report = _prune_report(result, spec, table)
+    print(table.render())
+    accepted = _verified_removal(result, args)
+    report = _prune_report(result, spec, table, accepted)
     with staged_folder(out, kind="prune") as stage:
         save_pruned(result.model, stage, spec=spec)
         write_json_atomic(stage / "report.json", report)
         write_text_atomic(stage / "plan.json", result.plan.to_json())
-    print(table.render())
     counts = result.report()
     print(
         f"pruned {spec.model.name}: {table.summary()}; dropped {counts.dropped} of "

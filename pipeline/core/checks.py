@@ -12,31 +12,45 @@ error and the bound it was held to, what it *could* have caught:
 
 Verdicts: ``ok``; ``twin-ok`` (see below); ``failed`` (the error is above the bound, NaN or Inf, a shape differs, or the
 error is at least :data:`MAX_REL_ERR` of the output scale, which no precision may reach: an
-absolute floor must never turn a 100% error into a pass); ``insensitive`` (within the bound,
-but the bound could not have caught a wrong model). A failed check wins over an insensitive one.
+absolute floor, or a bound scaled by the model's own rounding, must never turn a 100% error into
+a pass); ``insensitive`` (within the bound, but the bound could not have caught a wrong model).
+A failed check wins over an insensitive one.
 
-An untrained model (every BN at its initial statistics, mean 0 and variance 1) gives nearly the
-same output for any input, so its own check is ``insensitive`` by nature. There the export is
-also checked on a **calibrated twin**: a copy whose BN statistics are those of the verification
-batch, folded, exported and verified by the same code. When the twin's check is ``ok`` the
-verdict is ``twin-ok``: the export path is verified on this architecture, and the record says
-that the model itself could not be (``twin`` holds the twin's check). Only untrained models get
-a twin: a trained model whose outputs ignore its input stays ``insensitive``.
+**One policy for an untrained model** (every BN at its initial statistics, mean 0 and variance
+1): it gives nearly the same output for any input, so its own checks are ``insensitive`` by
+nature. Every check (the removal of ``pipeline.prune``, the fold of ``pipeline.fold``, the ONNX
+and fp16 ONNX exports) is then run again, by the same code, on a **calibrated twin**: a copy
+whose BN statistics are those of the verification batch (:func:`calibrated_twin`), transformed
+the same way (:func:`on_twin`). The twin's verdict decides:
+
+- twin ``ok``: the verdict is ``twin-ok``: the transform is verified on this architecture, and
+  the record says that the model itself could not be (``twin`` holds the twin's check);
+- twin ``failed``: the verdict is ``failed`` (exit 1), with the twin's error as the cause; a
+  comparison that failed is never reported as ``insensitive``;
+- twin ``insensitive``: the verdict stays ``insensitive``, and the cause says why the twin could
+  not see a wrong model either (for a deep untrained net, often that its calibrated copy is
+  chaotic: its own float32 rounding is a large share of its output, ``pipeline.core.tolerance``).
+
+Only untrained models get a twin: a trained model whose outputs ignore its input stays
+``insensitive``.
 
 The command line exits 1 (:class:`VerificationError`) on ``failed``, and on ``insensitive``
 unless the user accepted unverifiable artefacts explicitly (``recede export
---accept-insensitive``, ``export.accept_insensitive: true`` in a run config); the verdict and
-the figures are recorded in ``report.json`` and the release manifest either way.
+--accept-insensitive``, ``recede prune --accept-insensitive``, ``export.accept_insensitive:
+true`` in a run config). A failed check is never accepted. :func:`raise_unless_verified`
+returns the checks it accepted as insensitive, each with why, for the manifest and report.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from torch import nn
 
     from pipeline.core.tolerance import Tolerance
@@ -115,12 +129,12 @@ class Check:
             f"a wrong input moves the output by {self.input_effect:.2e} "
             f"({_times(self.sensitivity)} the bound) -> {self.verdict}"
         )
-        if self.verdict == "twin-ok" and self.twin:
+        if self.twin:
             twin = Check.from_dict(self.twin)
             text += (
                 f" (a copy with BN statistics calibrated on the verification batch: err "
                 f"{twin.max_abs_err:.2e}, bound {twin.bound:.2e}, a wrong input moves it "
-                f"{_times(twin.sensitivity)} the bound)"
+                f"{_times(twin.sensitivity)} the bound: {twin.verdict})"
             )
         return f"{text}: {self.cause}" if self.cause else text
 
@@ -177,6 +191,12 @@ def judge(
         shape_cause = ""
     bound = tolerance.bound(scale)
     rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    if tolerance.effective_rtol > tolerance.rtol:  # the bound is this model's own rounding
+        hint = (
+            f"the bound is {tolerance.effective_rtol / tolerance.rounding:g}x this model's own "
+            f"{tolerance.precision} rounding ({tolerance.rounding:.1e} of its output scale), which "
+            f"no {tolerance.precision} check can see through{'; ' + hint if hint else ''}"
+        )
     verdict, cause = _verdict(err, bound, rel, effect, shape_cause, hint)
     return Check(
         what, path, tolerance.precision, err, rel, bound, effect, verdict, cause,
@@ -223,17 +243,71 @@ def untrained_bns(model: nn.Module) -> int:
     return len(bns) if bns and len(fresh) == len(bns) else 0
 
 
-def with_twin(check: Check, twin: Check) -> Check:
-    """``check`` (insensitive, of an untrained model) judged with its calibrated twin's check."""
-    from dataclasses import replace
+def calibrated_twin(model: nn.Module, batch: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose BN running statistics are exactly those of ``batch``.
 
-    if twin.verdict != "ok":
-        return replace(check, twin=twin.to_dict())
+    Only the BN layers run in training mode (dropout stays off) and ``momentum=None`` makes the
+    statistics the batch's own; the copy is returned in eval mode. ``model`` is not changed.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    from pipeline.core.numerics import float_dtype
+
+    twin = copy.deepcopy(model).cpu().eval()
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    with torch.no_grad():
+        twin(batch.cpu().to(float_dtype(twin)))
+    return twin.eval()
+
+
+def on_twin(
+    check: Check | None,
+    model: nn.Module,
+    batch: torch.Tensor,
+    recheck: Callable[[nn.Module], Check | None],
+) -> Check | None:
+    """The one policy for every check: ``check`` as it is, unless it is ``insensitive`` and
+    ``model`` untrained; then ``recheck`` (the same transform and comparison, run on the
+    :func:`calibrated_twin` of ``model`` on ``batch``) decides, see :func:`with_twin`.
+
+    Args:
+        check: The check of ``model`` itself (None: nothing was checked, and nothing is).
+        model: The model the transform was applied to (the reference).
+        batch: The verification batch (at least 2 samples), which also calibrates the twin.
+        recheck: Applies the transform to the twin and returns its check (None: not checked).
+    """
+    if check is None or check.verdict != "insensitive" or not untrained_bns(model):
+        return check
+    twin = recheck(calibrated_twin(model, batch))
+    return check if twin is None else with_twin(check, twin)
+
+
+def with_twin(check: Check, twin: Check) -> Check:
+    """``check`` (insensitive, of an untrained model) judged by its calibrated twin's check:
+    ``twin-ok`` when the twin's is ok, ``failed`` when it failed, else ``insensitive``."""
+    record = replace(twin, path="").to_dict()
+    if twin.verdict == "ok":
+        cause = (
+            "this model's own outputs barely depend on its input (untrained BN statistics), so "
+            "it was verified on its BN-calibrated twin"
+        )
+        return replace(check, verdict="twin-ok", cause=cause, twin=record)
+    if twin.verdict == "failed":
+        cause = (
+            f"on its BN-calibrated twin (its own outputs barely depend on its input): {twin.cause}"
+        )
+        return replace(check, verdict="failed", cause=cause, twin=record)
     cause = (
-        "this model's own outputs barely depend on its input (untrained BN statistics), so the "
-        "export was verified on its BN-calibrated twin"
+        f"{check.cause}; its BN-calibrated twin could not see a wrong model either: {twin.cause}"
     )
-    return replace(check, verdict="twin-ok", cause=cause, twin=twin.to_dict())
+    return replace(check, cause=cause, twin=record)
 
 
 def insensitivity_hint(model: nn.Module) -> str:
@@ -247,24 +321,53 @@ def insensitivity_hint(model: nn.Module) -> str:
     return "the model's outputs barely depend on its input; verify on inputs it responds to"
 
 
-def raise_unless_verified(checks: list[Check], *, accept_insensitive: bool, where: str) -> None:
+def raise_unless_verified(
+    checks: list[Check], *, accept_insensitive: bool, where: str
+) -> list[dict[str, Any]]:
     """Raise :class:`VerificationError` naming every failed check, and every insensitive one
-    unless ``accept_insensitive``.
+    unless ``accept_insensitive``; return the insensitive checks accepted, each with why.
+
+    A failed check is never accepted, whatever ``accept_insensitive`` says.
 
     Args:
         checks: The checks of one command.
         accept_insensitive: The user accepted artefacts whose check could not see a wrong model.
         where: What the user should know about the outputs (for example that a folder is left
             unchanged, or where the report is).
+
+    Returns:
+        One record per accepted insensitive check (:func:`acceptance`), for the manifest or
+        report (empty when every check passed).
     """
     failed = [c for c in checks if c.verdict == "failed"]
-    blind = [c for c in checks if c.verdict == "insensitive" and not accept_insensitive]
-    if not failed and not blind:
-        return
-    lines = [f"{c.what} ({c.path or 'in memory'}) failed verification: {c.cause}" for c in failed]
-    lines += [
-        f"{c.what} ({c.path or 'in memory'}) could not be verified: {c.cause}; pass "
-        "--accept-insensitive (export.accept_insensitive: true in a run config) to accept it"
-        for c in blind
-    ]
-    raise VerificationError("; ".join(lines) + f"; {where}")
+    insensitive = [c for c in checks if c.verdict == "insensitive"]
+    blind = [] if accept_insensitive else insensitive
+    if failed or blind:
+        lines = [
+            f"{c.what} ({c.path or 'in memory'}) failed verification: {c.cause}" for c in failed
+        ]
+        lines += [
+            f"{c.what} ({c.path or 'in memory'}) could not be verified: {c.cause}; pass "
+            "--accept-insensitive (export.accept_insensitive: true in a run config) to accept it"
+            for c in blind
+        ]
+        if failed and accept_insensitive:
+            lines.append("--accept-insensitive never accepts a failed check")
+        raise VerificationError("; ".join(lines) + f"; {where}")
+    return [acceptance(c) for c in insensitive]
+
+
+def acceptance(check: Check) -> dict[str, Any]:
+    """Why an insensitive check was accepted: the check, its figures and its cause (JSON-ready)."""
+    return {
+        "what": check.what,
+        "path": check.path,
+        "verdict": check.verdict,
+        "accepted": "insensitive: accepted by the user (--accept-insensitive or "
+        "export.accept_insensitive)",
+        "why": check.cause,
+        "input_effect": check.input_effect,
+        "bound": check.bound,
+        "sensitivity": check.sensitivity,
+        "twin": None if check.twin is None else check.twin.get("verdict"),
+    }

@@ -25,6 +25,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from pipeline.core.checks import Check
+    from pipeline.core.tolerance import Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,12 @@ def export_checked(
 ) -> Check:
     """Write ``folded`` to ``path`` as ONNX and verify it against the unfolded ``model``.
 
+    The reference is ``model`` computed in float64: the exact answer, not another float32
+    rounding of it. The export is held to a bound that scales with PyTorch's own rounding of
+    ``folded`` in the export's precision (``pipeline.core.tolerance``). An untrained model whose check could
+    not see a wrong model is exported and verified again on its calibrated twin
+    (``pipeline.core.checks.on_twin``), as its fold is.
+
     Args:
         folded: The BN-folded model to export (``pipeline.fold.batchnorm.fold_bn``).
         model: The model it was folded from: the reference.
@@ -54,40 +61,53 @@ def export_checked(
         simplify: Try onnxslim (kept only when it changes no output).
         atol: The fp32 floor of the tolerance (None: the policy's default; ignored for fp16).
     """
-    from pipeline.core.checks import untrained_bns, with_twin
+    from pipeline.core.checks import on_twin
     from pipeline.export.onnx import export_onnx, verify_onnx
 
     settings = {"opset": opset, "simplify": simplify, "half": half}
-    path = export_onnx(folded, batch[:2], path, **settings)
-    check = verify_onnx(path, model, batch, atol=None if half else atol, what=what)
-    if check.verdict != "insensitive" or not untrained_bns(model):
-        return check
-    twin = calibrated_twin(model, batch)
-    with tempfile.TemporaryDirectory(prefix="recede-twin-") as tmp:
+
+    def checked(folded: nn.Module, reference: nn.Module, path: Path) -> Check:
+        exported = export_onnx(folded, batch[:2], path, **settings)
+        tolerance = export_tolerance(folded, batch, half=half, atol=atol)
+        return verify_onnx(exported, Float64(reference), batch, tolerance=tolerance, what=what)
+
+    def on_the_twin(twin: nn.Module) -> Check:
         from pipeline.fold.batchnorm import fold_bn
 
-        twin_path = export_onnx(
-            fold_bn(twin, batch)[0], batch[:2], Path(tmp, path.name), **settings
-        )
-        twin_check = verify_onnx(twin_path, twin, batch, atol=None if half else atol, what=what)
-    return with_twin(check, replace(twin_check, path=""))
+        with tempfile.TemporaryDirectory(prefix="recede-twin-") as tmp:
+            return checked(fold_bn(twin, batch)[0], twin, Path(tmp, path.name))
+
+    return on_twin(checked(folded, model, path), model, batch, on_the_twin)
 
 
-@torch.no_grad()
-def calibrated_twin(model: nn.Module, batch: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` whose BN running statistics are exactly those of ``batch``.
+def export_tolerance(
+    folded: nn.Module, batch: torch.Tensor, *, half: bool, atol: float | None
+) -> Tolerance:
+    """The bound an export of ``folded`` is held to: the fp32 (or fp16) policy, scaled by
+    PyTorch's own rounding of ``folded`` in that precision on the batches ``verify_onnx`` runs
+    (``batch`` and, for a dynamic batch axis, one sample more).
 
-    Only the BN layers run in training mode (dropout stays off) and ``momentum=None`` makes the
-    statistics the batch's own; the copy is returned in eval mode. ``model`` is not changed.
+    The rounding is measured against ``folded``'s own float64 run, never against the model it
+    was folded from: a wrong fold must not widen the bound it is judged by.
     """
-    twin = copy.deepcopy(model).cpu().eval()
-    bns = [m for m in twin.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    twin(batch.cpu().float())
-    return twin.eval()
+    from pipeline.core.tolerance import measured_rounding, tolerance_for
+
+    precision = "fp16" if half else "fp32"
+    inputs = torch.cat([batch, batch[:1].flip(-1)]).cpu()  # every sample verify_onnx runs
+    rounding = measured_rounding(folded, inputs, precision=precision)
+    return tolerance_for(precision, atol=None if half else atol, rounding=rounding)
+
+
+class Float64(nn.Module):
+    """A float64 copy of a model that takes and returns float32: the exact answer an artefact
+    is compared with (its float32 output is the float64 one rounded once, 6e-8 of its scale)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).cpu().double().eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.double()).float()
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,14 @@ The names the README's Python API shows are re-exported here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.config import PruneConfig
+from pipeline.core.checks import on_twin
 from pipeline.graph.channel_graph import ChannelGraph, build_channel_graph
 from pipeline.prune.plan import (
     LayerPlan,
@@ -191,6 +192,11 @@ def prune_model(
         exact_borders=cfg.exact_borders,
         allow_approximate=cfg.allow_approximate,
     )
+
+    def on_the_twin(twin: nn.Module):  # an untrained model's removal is checked on its twin too
+        return remove_groups(twin, graph, plan, example, exact_borders=cfg.exact_borders)[1].check
+
+    removal = replace(removal, check=on_twin(removal.check, model, example, on_the_twin))
     logger.info(
         "pruned %d of %d prunable groups (%s threshold %.4g); BN channels %d -> %d",
         len(dropped),

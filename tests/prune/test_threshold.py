@@ -212,7 +212,7 @@ def test_prune_model_cuts_at_the_level_training_receded_to():
     with torch.no_grad():
         for i, bn in enumerate(bns):
             bn.weight.copy_(torch.from_numpy(gammas[50 * i : 50 * (i + 1)]))
-    x, cfg = torch.randn(1, 3, 8, 8), PruneConfig(threshold="auto", min_channels=1)
+    x, cfg = torch.randn(1, 3, 8, 8), PruneConfig(threshold="auto", min_channels=1, round_to=1)
     assert len(prune_model(model.eval(), x, cfg).plan.dropped_groups) == 90
     assert len(prune_model(model.eval(), x, cfg, receded_below=0.001).plan.dropped_groups) == 30
 

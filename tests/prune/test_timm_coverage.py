@@ -24,6 +24,10 @@ change of one channel moved untrained regnetz_b16, efficientnetv2_rw_t and tinyn
 which makes a block nearly the identity). A representative handful runs by default; every
 family runs under ``pytest -m slow`` and ``python benchmarks/coverage_table.py --timm`` writes
 the table.
+
+Each model also goes through the command line untrained, as a new user runs it
+(``cli_coverage.cli_untrained``: ``recede prune --scope layer``, then ``recede export``): both
+exit 0, or one refuses with exit 2 saying why; never exit 1 and never a traceback (issue 33).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from unittest import mock
 import pytest
 import sensitivity
 import torch
+from cli_coverage import CliResult, cli_untrained  # noqa: F401 (the table reads CliResult)
 from sensitivity import calibrate_bn_, channel_sensitivity, randomise_affine_
 from torch import nn
 
@@ -342,3 +347,22 @@ def test_timm_model_prunes_and_exports(name: str, tmp_path: Path) -> None:
     assert result.sensitive(), f"losing one channel moves the output by {result.sensitivity}"
     assert result.recede.onnx_rel_err <= ONNX_TOL
     assert result.removed(result.recede) >= MIN_PARAMS_REMOVED, result.barriers
+
+
+# Reported (issue 31 item 11): repvgg_a0, xception41 and efficientvit_b0 exited 1 `insensitive`
+# on their fold check, which was not run on the calibrated twin their ONNX check used. A minute
+# each on the 2 shared cores, so all run under -m slow and in the table; the class is covered by
+# tests/fold/test_fold_twin.py, and googlenet runs by default in test_torchvision_coverage.py.
+CLI_FAST: frozenset[str] = frozenset()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in CLI_FAST else pytest.mark.slow)
+        for n in sorted(set(FAMILIES.values()))
+    ],
+)
+def test_untrained_model_prunes_and_exports_through_the_cli(name: str, tmp_path: Path) -> None:
+    result = cli_untrained(f"timm:{name}", INPUT_SIZE.get(name, DEFAULT_SIZE), tmp_path)
+    assert result.ok(), result.cell()

@@ -16,6 +16,10 @@ bound.
 A fast subset spanning every family runs by default; the rest are
 ``pytest.mark.slow`` (``make test-slow``). ``benchmarks/coverage_table.py`` runs the same
 :func:`check_model` over all of them and writes ``docs/torchvision_coverage.md``.
+
+Each model also goes through the command line untrained, as a new user runs it
+(``cli_coverage.cli_untrained``: ``recede prune --scope layer``, then ``recede export``): both
+exit 0, or one refuses with exit 2 saying why; never exit 1 and never a traceback (issue 33).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import pytest
 import sensitivity as sensitivity_module
 import torch
 import torchvision
+from cli_coverage import CliResult, cli_untrained  # noqa: F401 (the table reads CliResult)
 from sensitivity import calibrate_bn_, channel_sensitivity, randomise_affine_
 from torch import nn
 
@@ -357,3 +362,17 @@ def _marks(name: str) -> tuple:
 def test_prunes_exactly_and_exports_to_onnx(name: str, tmp_path: Path) -> None:
     result = check_model(name, tmp_path)
     assert not result.failures(), (result.failures(), result)
+
+
+# Reported (issue 33): googlenet exited 1 `insensitive` on its fold check, which was not run on
+# the calibrated twin its ONNX check used. The rest of the zoo runs under -m slow and in the table.
+CLI_FAST = frozenset({"googlenet"})
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in CLI_FAST else pytest.mark.slow) for n in BN_MODELS]
+)
+@pytest.mark.usefixtures("fair_share_of_threads")
+def test_untrained_model_prunes_and_exports_through_the_cli(name: str, tmp_path: Path) -> None:
+    result = cli_untrained(f"torchvision:{name}", INPUT_SIZE.get(name, DEFAULT_SIZE), tmp_path)
+    assert result.ok(), result.cell()
