@@ -194,7 +194,14 @@ def prune_model(
     )
 
     def on_the_twin(twin: nn.Module):  # an untrained model's removal is checked on its twin too
-        return remove_groups(twin, graph, plan, example, exact_borders=cfg.exact_borders)[1].check
+        return remove_groups(
+            twin,
+            graph,
+            plan,
+            example,
+            exact_borders=cfg.exact_borders,
+            allow_approximate=cfg.allow_approximate,  # the plan's groups, removed the same way
+        )[1].check
 
     removal = replace(removal, check=on_twin(removal.check, model, example, on_the_twin))
     logger.info(

@@ -179,3 +179,23 @@ def test_a_default_prune_never_changes_a_gated_model(seed, receded, shifted):
     assert summary.held_back == len(receded & shifted)
     assert summary.exact == summary.dropped == len(receded - shifted)
     assert _worst(result.model, model) <= EXACT
+
+
+def test_the_calibrated_twin_removes_an_approximate_plan_the_same_way(monkeypatch):
+    """An untrained model's insensitive removal check is rerun on its calibrated twin
+    (``pipeline.core.checks.on_twin``); with the opt-in, that rerun must remove the plan's gated
+    groups the same way, not refuse them (it once raised ApproximateRemovalError)."""
+    import pipeline.prune.stage as stage
+
+    rechecks = []
+
+    def always_recheck(check, model, batch, recheck):
+        rechecks.append(recheck(copy.deepcopy(model)))
+        return check
+
+    monkeypatch.setattr(stage, "on_twin", always_recheck)
+    model = recede_(gated_net(), [0, 3, 7], shift=0.5)
+    cfg = PruneConfig(threshold=1e-3, min_channels=2, allow_approximate=True)
+    result = prune_model(model, _inputs()[0], cfg)
+    assert result.report().approximate == 3
+    assert len(rechecks) == 1 and rechecks[0].verdict == result.removal.check.verdict == "ok"
