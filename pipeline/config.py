@@ -227,6 +227,7 @@ class PruneConfig:
     exact_borders: bool = True  # absorb constant channels exactly at zero-padded borders
     recalibrate: bool = True  # re-estimate BN running stats after pruning (no gradient steps)
     finetune_lr: float = 0.01
+    allow_approximate: bool = False  # zero gated shifts to remove their groups (error reported)
 
     def __post_init__(self) -> None:
         _check_types(self, "prune")

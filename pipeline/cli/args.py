@@ -178,6 +178,12 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         help="prune.exact_borders=false: absorb a removed channel's constant as it is at the "
         "example's size and report the error it leaves at borders and other sizes",
     )
+    p.add_argument(
+        "--allow-approximate",
+        action="store_true",
+        help="also remove groups whose constant a gate reads and whose shift is not zero, by "
+        "zeroing the shift (the error is in report.json); without it they are kept",
+    )
     p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
     p.add_argument(

@@ -222,6 +222,10 @@ def _prune_report(result, spec: ModelSpec, table: LayerTable, accepted: list) ->
             "total": summary.total,
             "prunable": summary.prunable,
             "dropped": summary.dropped,
+            "exact": summary.exact,
+            "approximate": summary.approximate,
+            "approximate_rel_err": summary.approximate_rel_err,
+            "held_back": summary.held_back,
         },
         "threshold": {"mode": summary.threshold_mode, "value": summary.threshold_value},
         "barriers": summary.barriers,
@@ -268,6 +272,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         min_channels=args.min_channels,
         round_to=args.round_to,
         exact_borders=args.exact_borders,
+        allow_approximate=args.allow_approximate,
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)

@@ -7,8 +7,9 @@ refused first, exit 2, naming the key:
 
 - ``data.image_size`` the model cannot take (its pooling stages shrink it to nothing);
 - ``model.name`` naming a model without BatchNorm (training polarises BN scales and pruning
-  ranks channels by them) or one torch.fx cannot trace (training's budget and every stage after
-  it work on the channel graph);
+  ranks channels by them), one whose every BN scale is frozen or absent (nothing could recede;
+  the library's ``Polariser.prepare`` would give Python-API advice), or one torch.fx cannot
+  trace (training's budget and every stage after it work on the channel graph);
 - ``train.device`` cuda on a machine without a GPU;
 - ``bench.batches`` (``recede run``) whose largest batch cannot fit in memory: the benchmark
   holds at least one layer's input and output at that batch, a floor on what it allocates
@@ -100,10 +101,25 @@ def check_trainable(cfg: RunConfig, model: nn.Module, example: torch.Tensor) -> 
             "with BatchNorm2d after its convolutions; pick one with --set model.name=resnet20 "
             "(or vgg, torchvision:resnet18, timm:<name>), or add BatchNorm2d to your factory"
         )
+    if not any(m.weight.requires_grad for m in model.modules() if _trains_scale(m)):
+        raise ConfigError(
+            f"model.name={cfg.model.name}: every BatchNorm layer's scale is frozen "
+            "(its weight does not require grad) or absent (not affine), and recede leaves "
+            "those BNs alone, so nothing could "
+            "recede; expected at least one BN with a trainable scale; unfreeze them in your "
+            "factory or pick another model with --set model.name=resnet20"
+        )
     try:
         build_channel_graph(model, example)
     except GraphError as err:
         raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
+
+
+def _trains_scale(module: nn.Module) -> bool:
+    """Whether ``module`` is a BN with an affine scale (one polarised training could move)."""
+    from pipeline.graph.slot_layers import SLOT_BN_CLASSES
+
+    return isinstance(module, SLOT_BN_CLASSES) and getattr(module, "weight", None) is not None
 
 
 def available_memory() -> int | None:
@@ -140,9 +156,21 @@ def check_bench_batches(batches: tuple[int, ...], peak: int) -> None:
                 f"bench.batches={list(batches)}: batch {biggest} needs at least "
                 f"{biggest * peak / 2**30:.3g} GiB (the largest layer's input and output, "
                 f"{peak} bytes per sample), and {where} has {free / 2**30:.3g} GiB free; "
-                f"expected batches up to {max(1, free // peak)}; lower them, e.g. --set "
-                "bench.batches=[1,32]"
+                f"{_batch_advice(batches, free // peak)}"
             )
+
+
+def _batch_advice(batches: tuple[int, ...], fit: int) -> str:
+    """What to change: batches up to ``fit`` samples (an example that passes this check), or,
+    when not even one sample fits, something other than the batches."""
+    if fit < 1:
+        return (
+            "expected at least one sample to fit, and none does at any batch; free memory, "
+            "lower data.image_size or pick a smaller model.name"
+        )
+    kept = sorted({b for b in batches if b <= fit} | {fit})
+    example = "[" + ",".join(str(b) for b in kept) + "]"
+    return f"expected batches up to {fit}; lower them, e.g. --set bench.batches={example}"
 
 
 def check_before_training(cfg: RunConfig, *, bench: bool) -> None:

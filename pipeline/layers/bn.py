@@ -35,6 +35,12 @@ def is_bn(m: nn.Module) -> bool:
     return isinstance(m, BN_TYPES)
 
 
+def is_frozen(bn: nn.Module) -> bool:
+    """Whether ``bn``'s scale is frozen (``requires_grad=False``): nothing recede does may move,
+    replace or re-initialise it. A BN without a scale (``affine=False``) is not frozen."""
+    return getattr(bn, "weight", None) is not None and not bn.weight.requires_grad
+
+
 def bn_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> BN module (plain or bounded) with a per-channel scale."""
     return {
@@ -69,14 +75,17 @@ def convert_to_bounded_bn_(
 ) -> int:
     """Replace every ``nn.BatchNorm2d`` in ``model`` with a fresh ``BoundedBatchNorm2d``, in place.
 
-    A norm-activation BN (timm's ``BatchNormAct2d``) keeps its activation.
+    A norm-activation BN (timm's ``BatchNormAct2d``) keeps its activation. A BN whose scale is
+    frozen (``requires_grad=False``) is kept as it is: a fresh trainable BN in its place would
+    discard what the user froze. (A model factory that freezes it does so again when
+    ``pipeline.models.checkpoint.load_pruned`` rebuilds the model, so the two agree.)
 
     Returns:
         The number of layers replaced.
     """
     replaced = 0
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
+        if isinstance(child, nn.BatchNorm2d) and not is_frozen(child):
             bounded = with_tail(
                 BoundedBatchNorm2d(
                     child.num_features,

@@ -100,4 +100,6 @@ def with_tail(bounded: BoundedBatchNorm2d, source: nn.Module) -> BoundedBatchNor
         shift=bounded.bias is not None,
     )
     out.load_state_dict(bounded.state_dict(), strict=False)  # drop/act keep their own state
+    for name, param in bounded.named_parameters(recurse=False):  # a frozen one stays frozen
+        getattr(out, name).requires_grad_(param.requires_grad)
     return out.to(bounded.weight.device).train(bounded.training)

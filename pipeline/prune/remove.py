@@ -138,6 +138,32 @@ def zero_groups_(
     return model
 
 
+def shifted_groups(model: nn.Module, graph: ChannelGraph, groups: Iterable[int]) -> set[int]:
+    """The ``groups`` that only an approximation removes: not absorbable (a reader sees their
+    constant through a gate or other non-affine op, so it cannot be added back), with a shift
+    that is not exactly zero (a BN's beta, or for a weight-gated group its writers' biases).
+
+    Zeroing such a shift changes the model; with every shift exactly zero, zeroing the scale
+    alone already leaves nothing, and the removal is exact (``pipeline.train.gated_shift``
+    trains them so).
+    """
+    modules, wanted, out = dict(model.named_modules()), set(groups), set()
+    for g in graph.groups:
+        if g.id not in wanted or g.absorbable:
+            continue
+        shifts = [(modules[n].bias, c) for n, c in g.bn_channels]
+        if g.weight_gated:
+            shifts = [(modules[n].bias, row) for n, row in graph.writers(g.id)]
+        if any(b is not None and float(b.detach()[i]) != 0.0 for b, i in shifts):
+            out.add(g.id)
+    return out
+
+
+class ApproximateRemovalError(PruneError):
+    """A plan drops groups whose removal is approximate without ``prune.allow_approximate``
+    (CLI exit 2: a setting the user chooses)."""
+
+
 EXACT_RTOL = 1e-6
 """Largest float64 error, relative to the output scale, an exact removal may show (see
 ``numerics.float_dtype``; exact absorption measures about 1e-13)."""
@@ -150,7 +176,13 @@ class ExactnessError(PruneError, VerificationError):
 
 @dataclass(frozen=True)
 class RemovalReport:
-    """What an exact removal did and how exact it was."""
+    """What an exact removal did and how exact it was.
+
+    ``absorbed_groups`` are the exact removals (constants absorbed, or nothing to absorb);
+    ``approximate_groups`` had a gated shift zeroed (``prune.allow_approximate``), and
+    ``approximate_err`` is what that alone changed: the output of the model with the dropped
+    scales zeroed against the same with those shifts zeroed too, relative to its scale.
+    """
 
     absorbed_groups: int
     approximate_groups: int
@@ -161,6 +193,7 @@ class RemovalReport:
     scale_bound: float  # max |scale * x_hat| of removed BN channels: per-channel change bound
     other_size_rel_err: float = 0.0  # pruned vs reference at a larger input size, where it runs
     check: Check | None = None  # the float64 pruned-vs-zeroed check, where exactness is required
+    approximate_err: float = 0.0  # output change from zeroing the approximate groups' shifts
 
 
 def _other_size_err(reference: nn.Module, pruned: nn.Module, x: torch.Tensor | None) -> float:
@@ -186,13 +219,17 @@ def remove_groups(
     example: torch.Tensor,
     *,
     exact_borders: bool = True,
+    allow_approximate: bool = False,
 ) -> tuple[nn.Module, RemovalReport]:
     """Physically remove ``plan``'s dropped groups from a copy of ``model``, absorbing constants.
 
-    The reference is ``model`` with the dropped groups' BN scales set to zero (and, for groups that
-    cannot be absorbed, their shifts too). The pruned copy is verified against it on ``example``.
+    The reference is ``model`` with the dropped groups' BN scales set to zero (and, for groups
+    whose constant cannot be absorbed, their shifts too: only with ``allow_approximate``, see
+    :func:`shifted_groups`). The pruned copy is verified against it on ``example``.
 
     Raises:
+        ApproximateRemovalError: the plan drops groups only an approximation removes and
+            ``allow_approximate`` is off.
         PruneError: a dropped group is neither prunable nor absorbable, or verification failed.
     """
     dropped, by_id = set(plan.dropped_groups), {g.id: g for g in graph.groups}
@@ -204,9 +241,12 @@ def remove_groups(
     bad = sorted(g for g in dropped if not (by_id[g].prunable or by_id[g].absorbable))
     if bad:
         raise PruneError(f"groups {bad[:10]} cannot be removed exactly ({by_id[bad[0]].reason})")
-    approximate = {g for g in dropped if not by_id[g].absorbable}
+    approximate = shifted_groups(model, graph, dropped)
+    if approximate and not allow_approximate:
+        raise ApproximateRemovalError(_approximate_message(graph, approximate))
     dtype = float_dtype(model)
     model, example = copy.deepcopy(model.eval()).double(), example.double()  # float_dtype says why
+    scales_only = zero_groups_(copy.deepcopy(model), graph, dropped)
     reference = zero_groups_(copy.deepcopy(model), graph, dropped, shifts=approximate)
     pruned = apply_plan_(copy.deepcopy(reference), plan)
     keep_out = {l.name: list(l.keep_out) for l in plan.layers}
@@ -229,6 +269,7 @@ def remove_groups(
         scale_bound(model, graph, dropped, example),
         _other_size_err(reference, pruned, larger_input(example)),
         check,
+        rel_err(ref_out, scales_only(example)) if approximate else 0.0,
     )
     if enforced:
         _check_exact(report, example)
@@ -236,13 +277,28 @@ def remove_groups(
     return pruned.to(dtype), report
 
 
+def _approximate_message(graph: ChannelGraph, groups: set[int]) -> str:
+    by_id = {g.id: g for g in graph.groups}
+    first = by_id[min(groups)]
+    where = first.bn_channels[0] if first.bn_channels else graph.writers(first.id)[0]
+    return (
+        f"{len(groups)} dropped groups (e.g. group {first.id}, {where[0]} channel {where[1]}) "
+        "emit a constant that a gate or other non-affine reader sees, and their shift is not "
+        "zero, so removing them changes the model; expected a plan without them. Keep them "
+        "(prune_model does unless prune.allow_approximate), train with train.target so the "
+        "shifts recede with the scales, or pass allow_approximate=True "
+        "(prune.allow_approximate=true) to zero the shifts and report the error"
+    )
+
+
 def _log(report: RemovalReport, dropped: int) -> None:
     logger.info(
-        "removed %d groups (%d absorbed exactly, %d approximate), %d corrections; rel err %.2e "
+        "removed %d groups (%d exactly, %d approximately: %.2e), %d corrections; rel err %.2e "
         "(%.2e at a larger size); zeroing changed outputs by %.2e (scale bound %.2e); %s",
         dropped,
         report.absorbed_groups,
         report.approximate_groups,
+        report.approximate_err,
         len(report.corrections),
         report.max_rel_err,
         report.other_size_rel_err,

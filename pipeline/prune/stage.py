@@ -28,7 +28,13 @@ from pipeline.prune.plan import (
     select_groups,
     weight_importance,
 )
-from pipeline.prune.remove import RemovalReport, apply_plan_, remove_groups, zero_groups_
+from pipeline.prune.remove import (
+    RemovalReport,
+    apply_plan_,
+    remove_groups,
+    shifted_groups,
+    zero_groups_,
+)
 from pipeline.prune.threshold import auto_threshold
 
 __all__ = [
@@ -68,6 +74,11 @@ class PruneSummary:
         threshold_mode: ``ratio``, ``auto`` or ``value``.
         threshold_value: The importance cut (for ``ratio``, the value the ratio landed on).
         barriers: Ops the graph could not see through, as ``Barrier`` fields.
+        exact: Dropped groups removed exactly (constants absorbed, or nothing to absorb).
+        approximate: Dropped groups whose gated shift was zeroed (``prune.allow_approximate``).
+        approximate_rel_err: What zeroing those shifts changed, relative to the output scale.
+        held_back: Groups the cut selected but kept, since only an approximation removes them
+            and ``prune.allow_approximate`` is off.
     """
 
     total: int
@@ -76,6 +87,10 @@ class PruneSummary:
     threshold_mode: str
     threshold_value: float | None
     barriers: list[dict[str, Any]]
+    exact: int = 0
+    approximate: int = 0
+    approximate_rel_err: float = 0.0
+    held_back: int = 0
 
 
 @dataclass(frozen=True, repr=False)
@@ -95,6 +110,7 @@ class Pruned:
     removal: RemovalReport
     source: nn.Module | None = field(default=None, compare=False)
     input_shape: tuple[int, ...] | None = None
+    held_back: tuple[int, ...] = ()  # selected, kept: only an approximation would remove them
 
     def __repr__(self) -> str:
         p = self.plan
@@ -114,6 +130,10 @@ class Pruned:
             threshold_mode=self.plan.threshold_mode,
             threshold_value=self.plan.threshold_value,
             barriers=[b.__dict__ for b in self.graph.barriers],
+            exact=self.removal.absorbed_groups,
+            approximate=self.removal.approximate_groups,
+            approximate_rel_err=self.removal.approximate_err,
+            held_back=len(self.held_back),
         )
 
     def summary(self) -> str:
@@ -142,33 +162,46 @@ def prune_model(
     ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: the
     automatic threshold cuts under the modes above it (``pipeline.prune.threshold``). None:
     the training is unknown (its default, 0.01).
+
+    Groups only an approximation removes (``pipeline.prune.remove.shifted_groups``: a gate reads
+    their constant, and their shift is not zero) are kept out of the selection unless
+    ``cfg.allow_approximate``; the cut is still computed over every group, and the ones it
+    selected but kept are logged and counted (``PruneSummary.held_back``).
     """
     graph = build_channel_graph(model, example)
     importance = group_importance(model, graph, cfg.aggregate)
     if cfg.scope == "layer":  # weight-gated groups rank only within their own layers
         importance |= weight_importance(model, graph)
-    rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
-    if cfg.threshold == "ratio":
-        dropped, mode, value = (
-            select_groups(importance, graph, ratio=cfg.ratio, rules=rules, scope=cfg.scope),
-            "ratio",
-            cfg.ratio,
-        )
-    else:
-        value = (
-            auto_threshold(list(importance.values()), receded_below=receded_below).value
-            if cfg.threshold == "auto"
-            else float(cfg.threshold)
-        )
-        mode = "auto" if cfg.threshold == "auto" else "value"
-        dropped = select_groups(importance, graph, threshold=value, rules=rules)
+    mode = cfg.threshold if cfg.threshold in ("ratio", "auto") else "value"
+    value = cfg.ratio if mode == "ratio" else None
+    if mode == "auto":
+        value = auto_threshold(list(importance.values()), receded_below=receded_below).value
+    elif mode == "value":
+        value = float(cfg.threshold)
+    inexact = set() if cfg.allow_approximate else shifted_groups(model, graph, importance)
+    dropped = _select(importance, graph, cfg, value, exclude=inexact)
+    held = _select(importance, graph, cfg, value) & inexact if inexact else set()
+    if held:
+        _warn_held_back(held, len(dropped))
     plan = make_plan(graph, dropped, mode=mode, value=value)
     pruned, removal = remove_groups(
-        model.cpu(), graph, plan, example, exact_borders=cfg.exact_borders
+        model.cpu(),
+        graph,
+        plan,
+        example,
+        exact_borders=cfg.exact_borders,
+        allow_approximate=cfg.allow_approximate,
     )
 
     def on_the_twin(twin: nn.Module):  # an untrained model's removal is checked on its twin too
-        return remove_groups(twin, graph, plan, example, exact_borders=cfg.exact_borders)[1].check
+        return remove_groups(
+            twin,
+            graph,
+            plan,
+            example,
+            exact_borders=cfg.exact_borders,
+            allow_approximate=cfg.allow_approximate,  # the plan's groups, removed the same way
+        )[1].check
 
     removal = replace(removal, check=on_twin(removal.check, model, example, on_the_twin))
     logger.info(
@@ -180,4 +213,32 @@ def prune_model(
         plan.channels_total,
         plan.channels_kept,
     )
-    return Pruned(pruned, plan, graph, importance, removal, model, tuple(example.shape[1:]))
+    shape = tuple(example.shape[1:])
+    return Pruned(pruned, plan, graph, importance, removal, model, shape, tuple(sorted(held)))
+
+
+def _select(
+    importance: dict[int, float],
+    graph: ChannelGraph,
+    cfg: PruneConfig,
+    value: float,
+    exclude: set[int] = frozenset(),
+) -> set[int]:
+    """The groups ``cfg``'s cut at ``value`` drops, never one of ``exclude``."""
+    candidates = {g: v for g, v in importance.items() if g not in exclude}
+    rules = SelectionRules(cfg.min_channels, cfg.max_layer_ratio, cfg.round_to)
+    if cfg.threshold == "ratio":
+        return select_groups(candidates, graph, ratio=value, rules=rules, scope=cfg.scope)
+    return select_groups(candidates, graph, threshold=value, rules=rules)
+
+
+def _warn_held_back(held: set[int], dropped: int) -> None:
+    logger.warning(
+        "kept %d channel groups the cut selected (dropped %d): a squeeze-excite gate or other "
+        "non-affine reader sees the constant they emit and their shift is not zero, so "
+        "removing them would change the model. Train with train.target (the shifts of "
+        "receding gated channels are trained to 0), or set prune.allow_approximate=true to "
+        "zero their shifts and remove them with the error measured in the report",
+        len(held),
+        dropped,
+    )

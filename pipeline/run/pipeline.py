@@ -82,6 +82,8 @@ def _groups(pruned: Pruned) -> GroupSummary:
         zeroing_rel_err=removal.zeroing_err,
         scale_bound=removal.scale_bound,
         barriers=counts.barriers,
+        approximate_rel_err=removal.approximate_err,
+        held_back=counts.held_back,
     )
 
 

@@ -116,6 +116,25 @@ def _budget_line(budget: Mapping[str, Any]) -> str:
     return f"{line}. Shares count the {unit}{floors}."
 
 
+def _removal_line(groups: Mapping[str, Any]) -> str:
+    """How the dropped groups were removed: exactly, approximately (with the error), kept back."""
+    line = f"**Removal:** {groups.get('absorbed_exactly', 0)} groups removed exactly"
+    approximate = groups.get("approximate", 0)
+    if approximate:
+        err = groups.get("approximate_rel_err", 0.0)
+        line += (
+            f", {approximate} approximately (prune.allow_approximate: their gated shifts "
+            f"zeroed, output changed by {err:.2e} of its scale)"
+        )
+    held = groups.get("held_back", 0)
+    if held:
+        line += (
+            f"; {held} selected groups kept, as only an approximation removes them "
+            "(prune.allow_approximate)"
+        )
+    return line + "."
+
+
 def _table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -242,6 +261,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         ["", "Dense", "Pruned", "Change"], ["---", "---:", "---:", "---:"], _summary_rows(report)
     )
     sections = ["# recede report", "## Before / after\n\n" + summary]
+    if report.get("groups"):
+        sections[-1] += "\n\n" + _removal_line(report["groups"])
     budget = report.get("budget") or {}
     if budget.get("outcome"):
         sections.insert(1, _budget_line(budget))

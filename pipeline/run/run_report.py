@@ -114,6 +114,8 @@ class GroupSummary:
     zeroing_rel_err: float
     scale_bound: float
     barriers: list[dict[str, Any]]
+    approximate_rel_err: float = 0.0  # what zeroing the approximate groups' shifts changed
+    held_back: int = 0  # selected but kept: only an approximation removes them
 
 
 def _reduction(before: int, after: int) -> str:

@@ -80,12 +80,16 @@ class ReceededShare:
         self.group_ids = tuple(g.id for g in groups)
         self._member = torch.tensor([p for _, p in members], dtype=torch.long)
         self._group = torch.tensor([j for j, _ in members], dtype=torch.long)
-        w = torch.tensor([1.0 if weights is None else weights[g] for g in self.group_ids])
-        self.weights = (w / w.sum()).double()
+        # float64 from the start: float32 weights summed to 0.4999999981 where the floors allow
+        # exactly 0.5, and the warning then advised lowering 0.500 to <= 0.500
+        w = [1.0 if weights is None else weights[g] for g in self.group_ids]
+        w = torch.tensor(w, dtype=torch.float64)
+        self.weights = w / w.sum()
         self._layers = _layer_limits(graph, self.group_ids, *floors)
-        # a group with a frozen BN scale (requires_grad=False) cannot be made to recede
-        frozen = {n for n, m in self.modules if m.weight is not None and not m.weight.requires_grad}
-        self._frozen = [any(n in frozen for n, _ in g.bn_channels) for g in groups]
+        self._bn_groups: dict[str, list[int]] = {}  # BN name -> the groups its channels gate
+        for j, g in enumerate(groups):
+            for n in dict.fromkeys(n for n, _ in g.bn_channels):
+                self._bn_groups.setdefault(n, []).append(j)
         # with an example, shares are exact shares of the MACs (train.target_cost: macs)
         self.macs = (
             None if macs_example is None else KeptMacs(model, graph, macs_example, self.group_ids)
@@ -113,13 +117,27 @@ class ReceededShare:
         chosen[order[:k]] = True
         return chosen
 
+    def frozen_bns(self) -> list[str]:
+        """BNs whose scale is frozen (``requires_grad=False``) now: read at every call, so a
+        layer frozen after ``Polariser.prepare`` counts as frozen from then on."""
+        return [n for n, m in self.modules if m.weight is not None and not m.weight.requires_grad]
+
+    def frozen(self) -> torch.Tensor:
+        """Groups (bool, aligned with ``group_ids``) with a frozen BN: never chosen, never
+        counted as receded, since nothing may move their scale."""
+        out = torch.zeros(len(self.group_ids), dtype=torch.bool)
+        for name in self.frozen_bns():
+            out[self._bn_groups.get(name, [])] = True
+        return out
+
     def _eligible(self, importance: torch.Tensor) -> torch.Tensor:
         """Groups weakest first, leaving out those the layer floors keep and frozen ones."""
         room = dict(self._layers[1])
         order = []
+        frozen = self.frozen().tolist()
         for j in torch.argsort(importance).tolist():
             uses = self._layers[0][j]
-            if not self._frozen[j] and all(room[name] >= n for name, n in uses):
+            if not frozen[j] and all(room[name] >= n for name, n in uses):
                 order.append(j)
                 for name, n in uses:
                     room[name] -= n
@@ -153,7 +171,7 @@ class ReceededShare:
         """Weighted mean of how far (in log importance) each group has come from ``top`` to
         ``level``: 0 at or above ``top``, 1 once receded. It moves as soon as groups move."""
         way = torch.log(top / importance.double().clamp_min(1e-30)) / math.log(top / level)
-        way = way.clamp(0.0, 1.0)
+        way = way.clamp(0.0, 1.0).masked_fill(self.frozen(), 0.0)  # a frozen group stays put
         if self.macs is not None:  # a group half-way counts as half kept
             return self.macs.removed_share(1.0 - way)
         return float((self.weights * way).sum())
@@ -161,7 +179,7 @@ class ReceededShare:
     def share(self, level: float, importance: torch.Tensor | None = None) -> float:
         """Weighted fraction of groups whose importance is below ``level``."""
         imp = self.group_importance() if importance is None else importance
-        return self.removed(imp < level)
+        return self.removed((imp < level) & ~self.frozen())
 
 
 def _layer_limits(

@@ -75,6 +75,8 @@ def _bounded_from(
         out.running_mean.copy_(bn.running_mean)
         out.running_var.copy_(var)
         out.num_batches_tracked.copy_(bn.num_batches_tracked)
+    out.weight.requires_grad_(bn.weight.requires_grad)  # a frozen BN stays frozen
+    out.bias.requires_grad_(bn.bias.requires_grad)
     return with_tail(out.train(bn.training), bn)  # a norm-activation layer keeps its act
 
 

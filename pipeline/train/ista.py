@@ -41,6 +41,8 @@ def rescale_gamma_(
     ReLU6 checked below its clip is not exact above it. The result is then verified on
     ``example`` and on 3x ``example``.
 
+    A BN with a frozen scale is skipped.
+
     Returns the BN names rescaled; undo with ``alpha=1/alpha, only=<that list>``.
 
     Raises:
@@ -59,6 +61,7 @@ def rescale_gamma_(
             or bn_name not in eligible
             or not isinstance(bn, nn.BatchNorm2d)
             or bn.weight is None
+            or not bn.weight.requires_grad  # frozen: never moved, not even there and back
             or (only is not None and bn_name not in only)
         ):
             continue

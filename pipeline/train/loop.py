@@ -31,7 +31,8 @@ from pipeline.core.progress import progress
 from pipeline.data.datasets import DataBundle
 from pipeline.layers.bn import bn_modules, channel_importance, is_bn
 from pipeline.prune.threshold import importance_summary
-from pipeline.train.polarise import Polariser, bn_param_groups, budget_outcome, budget_reached
+from pipeline.train.budget_outcome import budget_outcome, budget_reached
+from pipeline.train.polarise import Polariser, bn_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,9 @@ def train_(
     Inside an open process group (``pipeline.core.distributed``) each rank trains on its share of
     every global batch through DistributedDataParallel, and rank 0 alone writes checkpoints.
 
+    After the last epoch's steps the polariser zeroes the shifts of receded gated channels
+    (``Polariser.finish_``), so the last evaluation and the saved model are what the prune cuts.
+
     Raises:
         DivergedError: The loss or a BN scale became NaN/Inf; the last good checkpoint stays.
     """
@@ -283,6 +287,8 @@ def train_(
                 kept = f"the last good checkpoint is {last}" if good else "no checkpoint"
                 raise DivergedError(f"{err}; {kept}") from None
             sched.step()
+            if polariser is not None and epoch == epochs:  # before the last evaluation
+                polariser.finish_()
             recalibrate_bn_(model, loader, device)
             distributed.average_buffers_(model)
             logs.append(_epoch_log(model, data, polariser, device, epoch, losses, start))
@@ -293,7 +299,9 @@ def train_(
     if polariser is not None and polariser.controller is not None and logs:
         reached = budget_reached(cfg.target, logs[-1].receded)
         log = logger.info if reached else logger.warning
-        log("%s: %s", tag, budget_outcome(cfg.target, logs[-1].receded, logs[-1].reachable))
+        last_log = logs[-1]
+        outcome = budget_outcome(cfg.target, last_log.receded, last_log.reachable, polariser.prune)
+        log("%s: %s", tag, outcome)
     return logs
 
 

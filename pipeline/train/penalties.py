@@ -37,39 +37,45 @@ class Penalty:
     backend: str = "auto"
     lambdas: tuple[float, ...] = ()  # ISTA per-layer cost weights, aligned with params
 
+    def live(self) -> tuple[nn.Parameter, ...]:
+        """The bound scales not frozen now: a scale frozen (``requires_grad=False``) after the
+        penalty was made is skipped from then on, never penalised, clamped or shrunk."""
+        return tuple(p for p in self.params if p.requires_grad)
+
     def apply_(self, strength: float | None = None) -> torch.Tensor:
-        """Add the penalty gradient into ``.grad``; return the penalty value (detached)."""
+        """Add the penalty gradient into ``.grad`` of the live scales; return the penalty value
+        (detached)."""
         cfg = self.config
         strength = cfg.strength if strength is None else strength
-        if cfg.method in ("none", "ista") or strength == 0 or not self.params:
+        params = self.live()
+        if cfg.method in ("none", "ista") or strength == 0 or not params:
             return torch.zeros(())
         if cfg.method == "receding":
             from kernels.receding_penalty import receding_penalty_
 
-            return receding_penalty_(
-                self.params, strength=strength, bias=cfg.bias, backend=self.backend
-            )
+            return receding_penalty_(params, strength=strength, bias=cfg.bias, backend=self.backend)
         if cfg.method == "l1":
             from kernels.l1_penalty import l1_penalty_
 
-            return l1_penalty_(self.params, strength=strength, backend=self.backend)
+            return l1_penalty_(params, strength=strength, backend=self.backend)
         from kernels.polarization_penalty import polarization_penalty_
 
-        return polarization_penalty_(self.params, strength=strength, t=cfg.t, backend=self.backend)
+        return polarization_penalty_(params, strength=strength, t=cfg.t, backend=self.backend)
 
     @torch.no_grad()
     def after_step_(self, lr: float, strength: float | None = None) -> None:
         """Project or shrink weights after the optimizer step (``lr``: the BN scales' rate)."""
+        live = [i for i, p in enumerate(self.params) if p.requires_grad]
         if self.config.method == "polarization":
-            for p in self.params:
-                p.clamp_(0.0, 1.0)
-        elif self.config.method == "ista" and self.params:
+            for i in live:
+                self.params[i].clamp_(0.0, 1.0)
+        elif self.config.method == "ista" and live:
             from kernels.ista_shrink import ista_shrink_
 
             ista_shrink_(
-                self.params,
-                lrs=[lr] * len(self.params),
-                lambdas=self.lambdas,
+                [self.params[i] for i in live],
+                lrs=[lr] * len(live),
+                lambdas=[self.lambdas[i] for i in live],
                 rho=self.config.strength if strength is None else strength,
                 backend=self.backend,
             )

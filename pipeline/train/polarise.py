@@ -11,7 +11,8 @@ Lightning loop trains the same way::
         F.cross_entropy(model(x), y).backward()
         pol.before_step()   # penalty gradient into .grad; the controller sets its strength
         opt.step()
-        pol.after_step(opt) # polarization clamp / ISTA shrink
+        pol.after_step(opt) # polarization clamp / ISTA shrink; gated shifts follow scales
+    pol.finish_()           # after the last step: receded gated channels' shifts exactly 0
     pol.progress()          # step, strength, wanted and receded share
 
 ``prepare`` readies the model for the method: receding and ``none`` train bounded BN (a fresh
@@ -19,6 +20,11 @@ Lightning loop trains the same way::
 ``bn_init_logit`` or N(0, 1) as in the reference code); L1, polarization and ISTA train plain BN
 with gamma initialised to 0.5 (Network Slimming, polarization and the reference code all do).
 Pass ``convert=False`` for a model that is already prepared or pretrained.
+
+A *gated* channel (its constant feeds a squeeze-excite gate or another reader that cannot take
+it as a bias) has its shift bounded by its scale wherever the penalty acts, and ``finish_``
+zeroes the shifts of the receded ones, so the prune removes them exactly
+(``pipeline.train.gated_shift``).
 """
 
 from __future__ import annotations
@@ -35,7 +41,25 @@ from pipeline.graph.channel_graph import build_channel_graph
 from pipeline.layers.bn import bn_modules, convert_to_bounded_bn_
 from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 from pipeline.train.budget import BudgetController, ReceededShare
+from pipeline.train.budget_outcome import (  # re-exported: callers import them from here
+    BUDGET_TOLERANCE,
+    budget_outcome,
+    budget_reached,
+    warn_unreachable,
+)
+from pipeline.train.gated_shift import GatedShifts
 from pipeline.train.penalties import Penalty, make_penalty
+
+__all__ = [
+    "BUDGET_TOLERANCE",
+    "Polariser",
+    "Progress",
+    "bn_param_groups",
+    "budget_outcome",
+    "budget_reached",
+    "init_bn_",
+    "warn_unreachable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +77,11 @@ class Progress:
 
 @torch.no_grad()
 def init_bn_(model: nn.Module, cfg: TrainConfig, *, bounded: bool) -> None:
-    """Initialise BN scales as ``cfg.bn_init`` says (see module docstring)."""
+    """Initialise BN scales as ``cfg.bn_init`` says (see module docstring); frozen ones stay."""
     gen = torch.Generator().manual_seed(cfg.seed)
     for m in bn_modules(model).values():
+        if not m.weight.requires_grad:  # frozen: its values are the user's, left as they are
+            continue
         if bounded and cfg.bn_init == "normal":
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
         elif not bounded:  # a constant bounded logit was set by convert_to_bounded_bn_
@@ -108,7 +134,12 @@ def bn_param_groups(
 
 
 class Polariser:
-    """A penalty bound to one model, with an optional budget controller; see module docstring."""
+    """A penalty bound to one model, with an optional budget controller; see module docstring.
+
+    A BN whose scale is frozen (``requires_grad=False``), before ``prepare`` or at any step
+    after it, is never penalised, clamped or shrunk, never counted toward the budget and never
+    replaced by a trainable one; the module logger warns once per newly frozen set.
+    """
 
     def __init__(
         self,
@@ -117,8 +148,10 @@ class Polariser:
         tracker: ReceededShare,
         cfg: TrainConfig,
         total_steps: int,
+        shifts: GatedShifts | None = None,
     ) -> None:
         self.model, self.penalty, self.tracker, self.cfg = model, penalty, tracker, cfg
+        self.shifts = shifts if shifts is not None else GatedShifts({})
         self.controller = None
         if cfg.target is not None:
             self.controller = BudgetController(
@@ -132,9 +165,12 @@ class Polariser:
             )
         self.step = 0
         self.reachable: float | None = None  # set by prepare under a target
+        self.prune: PruneConfig | None = None  # the floors prepare trained against
         self._momentum_checked = False
-        self._masks: list[torch.Tensor] = []
-        self._signs: list[torch.Tensor] = []
+        self._warned_frozen: set[str] = set()
+        self._masks: dict[int, torch.Tensor] = {}  # id(scale) -> channels the penalty acts on
+        self._acting: dict[str, torch.Tensor] | None = None  # BN name -> the same, for shifts
+        self._signs: dict[int, torch.Tensor] = {}
 
     @classmethod
     def prepare(
@@ -152,6 +188,7 @@ class Polariser:
 
         ``prune`` is the pruning to come (default ``PruneConfig()``): the budget never asks a
         layer to recede channels that its ``min_channels`` and ``max_layer_ratio`` would keep.
+        A frozen BN is neither converted nor re-initialised.
         """
         bounded = cfg.penalty.bounded
         if convert and bounded:
@@ -161,7 +198,8 @@ class Polariser:
         if bounded and not any(isinstance(m, BoundedBatchNorm2d) for m in model.modules()):
             raise ValueError(
                 f"train.penalty.method={cfg.penalty.method} trains bounded BN, but the model has "
-                "none; pass convert=True or convert with pipeline.train.convert first"
+                "none (a frozen BN is never converted); pass convert=True, convert with "
+                "pipeline.train.convert first, or unfreeze a BN"
             )
         example = example.to(next(model.parameters()).device)
         graph = build_channel_graph(model, example)
@@ -172,7 +210,10 @@ class Polariser:
         floors = (prune.min_channels, prune.max_layer_ratio)
         macs = example if cfg.target_cost == "macs" else None  # exact MAC shares
         tracker = ReceededShare(model, graph, None, floors, macs_example=macs)
-        polariser = cls(model, penalty, tracker, cfg, total_steps)
+        shifts = GatedShifts.of(model, graph) if penalty.config.method != "none" else None
+        polariser = cls(model, penalty, tracker, cfg, total_steps, shifts)
+        polariser.prune = prune
+        polariser._warn_frozen()
         if cfg.target is not None:
             polariser.reachable = tracker.reachable()
             warn_unreachable(cfg, prune, polariser.reachable)
@@ -194,52 +235,93 @@ class Polariser:
         With a target, only the channels of the groups the controller chose get the gradient.
         """
         self.step += 1
+        self._warn_frozen()
         if self.controller is None:
             return self.penalty.apply_(self.strength)
-        self._masks = self._param_masks(self.controller.update_(self.tracker))
-        saved = [_grad_of(p).clone() for p in self.penalty.params]
+        self._set_masks(self.controller.update_(self.tracker))
+        live = self.penalty.live()
+        saved = [_grad_of(p).clone() for p in live]
         if self.penalty.config.method == "l1":  # after_step truncates at zero against these
-            self._signs = [torch.sign(p.detach()) for p in self.penalty.params]
+            self._signs = {id(p): torch.sign(p.detach()) for p in live}
         value = self.penalty.apply_(self.strength)
         with torch.no_grad():
-            for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=True):
-                p.grad.copy_(torch.where(mask, p.grad, before))
+            for p, before in zip(live, saved, strict=True):
+                p.grad.copy_(torch.where(self._chosen(p), p.grad, before))
         return value
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """After ``optimizer.step()``: clamp (polarization) or shrink (ISTA) the BN scales.
+        """After ``optimizer.step()``: clamp (polarization) or shrink (ISTA) the BN scales, and
+        bound the shifts of gated channels by their scales (``pipeline.train.gated_shift``).
 
         Under a budget, ISTA shrinks only the chosen channels, and L1 truncates its step at zero
         (a chosen gamma that changed sign becomes 0, Langford et al.'s truncated gradient): a
         controlled strength can make the subgradient step larger than the receded level, and
         plain subgradient L1 would then hop around zero above it for ever.
         """
-        if not self.penalty.params:
+        live = self.penalty.live()
+        if not live:
             return
         method = self.penalty.config.method
         budget = self.controller is not None
-        saved = (
-            [p.detach().clone() for p in self.penalty.params] if budget and method == "ista" else []
-        )
+        saved = [p.detach().clone() for p in live] if budget and method == "ista" else []
         if method == "ista" and not self._momentum_checked:
-            _warn_ista_momentum(optimizer, self.penalty.params)
+            _warn_ista_momentum(optimizer, live)
             self._momentum_checked = True
-        self.penalty.after_step_(_lr_of(optimizer, self.penalty.params[0]), self.strength)
+        self.penalty.after_step_(_lr_of(optimizer, live[0]), self.strength)
         with torch.no_grad():
-            for p, before, mask in zip(self.penalty.params, saved, self._masks, strict=False):
-                p.copy_(torch.where(mask, p, before))
+            for p, before in zip(live, saved, strict=False):
+                p.copy_(torch.where(self._chosen(p), p, before))
             if budget and method == "l1":
-                for p, sign, mask in zip(
-                    self.penalty.params, self._signs, self._masks, strict=True
-                ):
-                    p.masked_fill_(mask & (torch.sign(p) != sign), 0.0)
+                for p in live:
+                    sign = self._signs.get(id(p), torch.sign(p))
+                    p.masked_fill_(self._chosen(p) & (torch.sign(p) != sign), 0.0)
+        if not budget:  # the penalty acts on every channel, so does the shifts' bound
+            self.shifts.project_(None)
+        elif self._acting is not None:  # under a budget: on the chosen channels only
+            self.shifts.project_(self._acting)
 
-    def _param_masks(self, chosen: torch.Tensor) -> list[torch.Tensor]:
+    def finish_(self) -> tuple[int, int]:
+        """After the last step: set exactly 0 the shifts of receded gated channels, so that the
+        prune removes them exactly (see ``GatedShifts.zero_receded_``).
+
+        Returns:
+            (shifts zeroed, receded gated channels whose shift stays, which the prune keeps
+            unless ``prune.allow_approximate``).
+        """
+        imp = self.tracker.group_importance()
+        receded = (imp < self.cfg.receded_below) & ~self.tracker.frozen()
+        return self.shifts.zero_receded_(self.tracker.channel_masks(receded))
+
+    def _chosen(self, p: torch.Tensor) -> torch.Tensor:
+        """The channels of scale ``p`` the penalty acts on this step (none before a first step)."""
+        return self._masks.get(id(p), torch.zeros_like(p, dtype=torch.bool))
+
+    def _set_masks(self, chosen: torch.Tensor) -> None:
         if self.cfg.penalise == "all":  # the paper's form: every channel, the controller's lambda
-            return [torch.ones_like(p, dtype=torch.bool) for p in self.penalty.params]
+            chosen = torch.ones_like(chosen)
         by_name = self.tracker.channel_masks(chosen)
         by_param = {id(m.weight): by_name[n] for n, m in self.tracker.modules}
-        return [by_param[id(p)].to(p.device) for p in self.penalty.params]
+        every = self.cfg.penalise == "all"
+        self._masks = {
+            id(p): torch.ones_like(p, dtype=torch.bool) if every else by_param[id(p)].to(p.device)
+            for p in self.penalty.params
+        }
+        self._acting = by_name
+
+    def _warn_frozen(self) -> None:
+        """Warn once for every set of BNs found frozen that was not warned about before."""
+        frozen = self.tracker.frozen_bns()
+        new = [n for n in frozen if n not in self._warned_frozen]
+        if not new:
+            return
+        self._warned_frozen.update(new)
+        logger.warning(
+            "%d BN layer(s) have a frozen scale (requires_grad=False): %s; recede never "
+            "penalises, converts or re-initialises them and does not count them toward "
+            "train.target (unfreeze them to let them recede)",
+            len(new),
+            ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else ""),
+        )
 
     def progress(self) -> Progress:
         """Step, strength, wanted and measured receded share."""
@@ -262,59 +344,6 @@ class Polariser:
         self.step = int(state["step"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
-
-
-def warn_unreachable(cfg: TrainConfig, prune: PruneConfig, reachable: float) -> bool:
-    """Log a warning, before any training, when the layer floors cap the receded share below
-    ``cfg.target``; return whether they do."""
-    if cfg.target is None or reachable >= cfg.target - 1e-9:
-        return False
-    logger.warning(
-        "train.target %.3f cannot be reached: prune.min_channels %d and prune.max_layer_ratio "
-        "%.2f let at most %.3f of the %s recede, and the strength would climb to its cap "
-        "chasing the rest; raise prune.max_layer_ratio or lower train.target to <= %.3f",
-        cfg.target,
-        prune.min_channels,
-        prune.max_layer_ratio,
-        reachable,
-        "MACs" if cfg.target_cost == "macs" else "prunable groups",
-        reachable,
-    )
-    return True
-
-
-BUDGET_TOLERANCE = 0.02  # a receded share this far under the target still counts as reached
-
-
-def budget_reached(target: float | None, receded: float | None) -> bool | None:
-    """Whether training reached ``target`` (None without a budget)."""
-    if target is None or receded is None:
-        return None
-    return receded >= target - BUDGET_TOLERANCE
-
-
-def budget_outcome(
-    target: float | None, receded: float | None, reachable: float | None = None
-) -> str:
-    """One line: whether training reached its budget, and what to change when it did not.
-
-    ``reachable`` (the most the layer floors let recede, known before training) picks the
-    advice: a target above it needs looser floors or a lower target, as training longer cannot
-    help; otherwise training ran out of time (more epochs) or the target is too ambitious.
-    """
-    reached = budget_reached(target, receded)
-    if reached is None:
-        return "no budget (train.target is null): fixed penalty strength"
-    if reached:
-        return f"budget reached: receded {receded:.3f} of target {target:.3f}"
-    if reachable is not None and reachable < target - BUDGET_TOLERANCE:
-        fix = (
-            f"the layer floors let at most {reachable:.3f} recede: raise prune.max_layer_ratio "
-            f"or lower prune.min_channels, or lower train.target to <= {reachable:.3f}"
-        )
-    else:
-        fix = "train longer (train.epochs), raise prune.max_layer_ratio, or lower train.target"
-    return f"budget MISSED: receded {receded:.3f}, target {target:.3f}; {fix}"
 
 
 def _grad_of(p: torch.Tensor) -> torch.Tensor:

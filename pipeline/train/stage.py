@@ -30,6 +30,7 @@ from pipeline.data.datasets import DataBundle, load_data
 from pipeline.graph.channel_graph import build_channel_graph
 from pipeline.models.checkpoint import save_pruned
 from pipeline.models.zoo import ModelSpec, build_model
+from pipeline.train.budget_outcome import BUDGET_TOLERANCE, budget_outcome, budget_reached
 from pipeline.train.feasibility import check_feasible
 from pipeline.train.loop import (
     EpochLog,
@@ -39,7 +40,7 @@ from pipeline.train.loop import (
     seed_everything,
     train_,
 )
-from pipeline.train.polarise import Polariser, budget_outcome, budget_reached
+from pipeline.train.polarise import Polariser
 from pipeline.train.resume import check_resume_config
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class BudgetSummary:
     """Whether training reached ``train.target``: what was asked, what receded, the verdict.
 
     ``reachable`` is the largest share the layer floors allow (known before training); ``outcome``
-    is the one line the log and report.md print (``pipeline.train.polarise.budget_outcome``).
+    is the one line the log and report.md print (``pipeline.train.budget_outcome``), achieved
+    beside target; ``tolerance`` the relative shortfall still counted as reached.
     """
 
     target: float | None
@@ -68,6 +70,7 @@ class BudgetSummary:
     reachable: float | None
     reached: bool | None
     outcome: str
+    tolerance: float = BUDGET_TOLERANCE
 
 
 def model_spec(cfg: RunConfig, data: DataBundle) -> ModelSpec:
@@ -196,7 +199,7 @@ def budget_summary(cfg: RunConfig, logs: list[EpochLog]) -> BudgetSummary:
         receded=receded,
         reachable=reachable,
         reached=budget_reached(target, receded),
-        outcome=budget_outcome(target, receded, reachable),
+        outcome=budget_outcome(target, receded, reachable, cfg.prune),
     )
 
 

@@ -8,6 +8,8 @@ below with where it is checked, so a new key must be placed in the class or out 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,6 +26,16 @@ def no_batchnorm(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
         nn.Flatten(), nn.Linear(8, num_classes),
     )  # fmt: skip
+
+
+def frozen_batchnorm(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """BatchNorm whose scale is frozen: recede leaves it alone, so nothing could recede."""
+    model = nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )  # fmt: skip
+    model[1].requires_grad_(False)
+    return model
 
 
 class _Branchy(nn.Module):
@@ -76,7 +88,7 @@ ALSO_LOAD_ONLY = {  # validated on load; no value that passes can fail later
               "bn_init_logit", "bn_init", "schedule", "seed", "target", "target_cost",
               "target_ramp", "target_delay", "receded_below", "penalise", "strength_rate"],
     "prune": ["ratio", "scope", "aggregate", "max_layer_ratio", "finetune_epochs",
-              "exact_borders", "recalibrate", "finetune_lr"],
+              "exact_borders", "recalibrate", "finetune_lr", "allow_approximate"],
     "export": ["atol", "tensorrt", "fp16", "accept_insensitive", "allow_slower"],
     "bench": ["runs", "warmup"],
 }  # fmt: skip
@@ -97,6 +109,9 @@ LATE = {
     ),
     "model_without_batchnorm": (
         ["run", "train"], ["--set", f"model.name={__name__}:no_batchnorm"], "has no BatchNorm"
+    ),
+    "model_with_every_batchnorm_frozen": (
+        ["run", "train"], ["--set", f"model.name={__name__}:frozen_batchnorm"], "scale is frozen"
     ),
     "model_torch_fx_cannot_trace": (
         ["run", "train"], ["--set", f"model.name={__name__}:data_dependent"], "could not trace"
@@ -139,9 +154,11 @@ def test_the_reported_batch_is_refused_where_memory_is_short(
     assert "this machine's memory has 8 GiB free" in err and "--set bench.batches=" in err
 
 
-def test_a_model_without_batchnorm_gets_command_line_advice(tmp_path, capsys, no_work):
-    """It used to say "pass convert=True or convert with pipeline.train.convert first"."""
-    argv = ["run", *SMALL, "--set", f"model.name={__name__}:no_batchnorm", "--out",
+@pytest.mark.parametrize("factory", ["no_batchnorm", "frozen_batchnorm"])
+def test_a_model_without_batchnorm_gets_command_line_advice(factory, tmp_path, capsys, no_work):
+    """It used to say "pass convert=True or convert with pipeline.train.convert first"; a
+    model whose BNs are all frozen reached the same Python-API advice."""
+    argv = ["run", *SMALL, "--set", f"model.name={__name__}:{factory}", "--out",
             str(tmp_path / "o")]  # fmt: skip
     err = assert_refused(tmp_path, capsys, argv, "--set model.name=resnet20")
     assert "convert" not in err
@@ -165,6 +182,14 @@ def test_bench_batches_are_refused_exactly_when_the_floor_exceeds_free_memory(ba
         except ConfigError as err:
             refused = True
             assert f"batch {max(batches)} needs" in str(err)
+            # the advised example differs from the value refused, and passes this same check;
+            # where not even one sample fits, no batches are advised
+            advice = re.search(r"--set bench.batches=\[([0-9,]+)\]", str(err))
+            assert (advice is None) == (peak > free), str(err)
+            if advice is not None:
+                example = tuple(int(b) for b in advice.group(1).split(","))
+                assert example != tuple(sorted(set(batches))), str(err)
+                preflight.check_bench_batches(example, peak)
     assert refused == (max(batches) * peak > free)
 
 

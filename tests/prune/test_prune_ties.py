@@ -21,7 +21,8 @@ def test_python_api_refuses_an_untrained_model_and_layer_scope_prunes_it() -> No
     layered = prune_model(model, x, PruneConfig(threshold="ratio", ratio=0.5, scope="layer"))
     assert layered.plan.dropped_groups
     trained_like = randomise_bn_(TinyNet()).eval()  # distinct importances: the ranking decides
-    assert prune_model(trained_like, x, PruneConfig(threshold="ratio", ratio=0.5)).plan.layers
+    ranked = prune_model(trained_like, x, PruneConfig(threshold="ratio", ratio=0.5))
+    assert ranked.plan.dropped_groups or ranked.held_back  # chosen (kept if only approximate)
 
 
 def test_cli_untrained_global_ratio_exits_2_and_writes_nothing(tmp_path, capsys) -> None:
