@@ -32,9 +32,11 @@ from torch import nn
 
 from pipeline.config import PenaltyConfig, PruneConfig, TrainConfig
 from pipeline.graph.channel_graph import build_channel_graph
+from pipeline.graph.latency_cost import LatencyModel, latency_share
 from pipeline.layers.bn import bn_modules, convert_to_bounded_bn_
 from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 from pipeline.train.budget import BudgetController, ReceededShare
+from pipeline.train.latency_budget import latency_cost, warn_latency_unreachable
 from pipeline.train.penalties import Penalty, make_penalty
 
 logger = logging.getLogger(__name__)
@@ -117,12 +119,14 @@ class Polariser:
         tracker: ReceededShare,
         cfg: TrainConfig,
         total_steps: int,
+        target: float | None = None,
     ) -> None:
         self.model, self.penalty, self.tracker, self.cfg = model, penalty, tracker, cfg
         self.controller = None
-        if cfg.target is not None:
+        self.target = cfg.target if target is None else target  # a latency budget's share
+        if self.target is not None:
             self.controller = BudgetController(
-                cfg.target,
+                self.target,
                 total_steps,
                 penalty.config.strength,
                 level=cfg.receded_below,
@@ -147,11 +151,14 @@ class Polariser:
         convert: bool = True,
         backend: str = "auto",
         prune: PruneConfig | None = None,
+        latency: LatencyModel | None = None,
     ) -> Polariser:
         """Ready ``model`` in place for ``cfg.penalty`` and bind the penalty and controller.
 
         ``prune`` is the pruning to come (default ``PruneConfig()``): the budget never asks a
         layer to recede channels that its ``min_channels`` and ``max_layer_ratio`` would keep.
+        ``latency`` is the measured latency model a ``train.target_cost: latency`` budget
+        drives to (``pipeline.train.latency_budget``).
         """
         bounded = cfg.penalty.bounded
         if convert and bounded:
@@ -171,11 +178,16 @@ class Polariser:
         prune = prune or PruneConfig()
         floors = (prune.min_channels, prune.max_layer_ratio)
         macs = example if cfg.target_cost == "macs" else None  # exact MAC shares
-        tracker = ReceededShare(model, graph, None, floors, macs_example=macs)
-        polariser = cls(model, penalty, tracker, cfg, total_steps)
-        if cfg.target is not None:
+        kept = latency_cost(graph, cfg, latency)  # None unless target_cost is latency
+        tracker = ReceededShare(model, graph, None, floors, macs_example=macs, kept_cost=kept)
+        target = None if kept is None else latency_share(kept, cfg.target_latency_ms)
+        polariser = cls(model, penalty, tracker, cfg, total_steps, target=target)
+        if polariser.target is not None:
             polariser.reachable = tracker.reachable()
-            warn_unreachable(cfg, prune, polariser.reachable)
+            if kept is None:
+                warn_unreachable(cfg, prune, polariser.reachable)
+            else:
+                warn_latency_unreachable(cfg, prune, kept, polariser.reachable)
         return polariser
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
