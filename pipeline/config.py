@@ -249,7 +249,8 @@ class TrainConfig:
 
 
 def _check_latency_budget(cfg: TrainConfig) -> None:
-    """``train.target_cost: latency`` takes its budget from ``train.target_latency_ms`` alone."""
+    """``train.target_cost: latency`` takes its budget from ``train.target_latency_ms`` alone
+    (a ``train.target`` beside it is not used, and training says so)."""
     ms, latency = cfg.target_latency_ms, cfg.target_cost == "latency"
     if ms is not None and not ms > 0:
         raise ConfigError(
@@ -260,11 +261,6 @@ def _check_latency_budget(cfg: TrainConfig) -> None:
         raise ConfigError(
             "train.target_cost latency needs train.target_latency_ms (the latency to reach, in "
             "ms, e.g. --set train.target_latency_ms=0.5), got null"
-        )
-    if latency and cfg.target is not None:
-        raise ConfigError(
-            f"train.target must be null with train.target_cost latency (the share is derived "
-            f"from train.target_latency_ms), got {cfg.target!r}; drop train.target"
         )
     if ms is not None and not latency:
         raise ConfigError(

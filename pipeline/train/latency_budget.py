@@ -36,6 +36,12 @@ def latency_cost(
             "(train.latency); `recede run` and `recede train` build it, or pass one from "
             "pipeline.bench.latency_profiles.build_latency_model as Polariser.prepare(latency=...)"
         )
+    if cfg.target is not None:
+        logger.warning(
+            "train.target %g is not used under train.target_cost latency: the share comes from "
+            "train.target_latency_ms %g; set train.target=null to silence this",
+            cfg.target, cfg.target_latency_ms,
+        )  # fmt: skip
     return KeptLatency(graph, latency, tuple(g.id for g in graph.removable_groups))
 
 

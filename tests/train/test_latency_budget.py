@@ -67,6 +67,17 @@ def test_an_unreachable_latency_warns_before_training_with_both_numbers(caplog):
     assert "cannot be reached" not in caplog.text  # a reachable target says nothing
 
 
+def test_a_target_share_beside_a_latency_budget_is_not_used_and_says_so(caplog):
+    """The demo's config states train.target 0.5: --set train.target_cost=latency with a
+    latency must still run, driving to the latency, and say that the share is not used."""
+    model, x, latency = _vgg_and_latency()
+    cfg = TrainConfig(target=0.5, target_cost="latency", target_latency_ms=0.4 * latency.dense_ms)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.latency_budget"):
+        pol = Polariser.prepare(model, x, cfg, total_steps=10, latency=latency)
+    assert pol.target == pytest.approx(0.6) and pol.controller.target == pytest.approx(0.6)
+    assert "train.target 0.5 is not used" in caplog.text
+
+
 def test_a_latency_budget_needs_its_model_and_a_target_below_dense():
     model, x, latency = _vgg_and_latency()
     with pytest.raises(ValueError, match="needs the latency model"):
@@ -84,10 +95,6 @@ def test_a_latency_budget_needs_its_model_and_a_target_below_dense():
         ({"target_cost": "latency", "target_latency_ms": -1.0}, "train.target_latency_ms must be"),
         ({"target_cost": "latency"}, "needs train.target_latency_ms"),
         ({"target_latency_ms": 1.0}, "set train.target_cost=latency"),
-        (
-            {"target_cost": "latency", "target_latency_ms": 1.0, "target": 0.5},
-            "train.target must be null",
-        ),
     ],
 )
 def test_latency_budget_config_is_checked(keys, fragment):
