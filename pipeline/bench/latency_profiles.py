@@ -250,7 +250,5 @@ def _with_seconds(model: LatencyModel, seconds: float) -> LatencyModel:
 
 
 def _describe(cfg: LatencyConfig) -> str:
-    return (
-        f"{cfg.backend} {cfg.device} {cfg.precision}, batch {cfg.batch}, {cfg.threads} threads, "
-        f"{cfg.clock} clock"
-    )
+    threads = f"{cfg.threads} thread{'s' if cfg.threads != 1 else ''}"
+    return f"{cfg.backend} {cfg.device} {cfg.precision}, batch {cfg.batch}, {threads}, {cfg.clock} clock"
