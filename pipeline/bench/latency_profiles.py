@@ -3,10 +3,9 @@ on the whole model at a few width profiles.
 
 The layer tables (``pipeline.bench.latency_pieces``) time each layer alone, so they miss what
 only the whole graph has: pools, residual adds, activations left unfused, the one per-call
-overhead, and the load the machine is under while the run is timed (a piece is its fastest run,
-a run is a median). The whole model, exported as ``recede run`` exports it, is therefore timed
-at a few *width profiles* (a set of channel groups removed), all in alternating blocks so a
-load change hits every profile alike:
+overhead. The whole model, exported as ``recede run`` exports it, is therefore timed at a few
+*width profiles* (a set of channel groups removed), all in alternating blocks so a load change
+hits every profile alike, each taken as its quietest block's median (:func:`quietest_ms`):
 
 - **fit**: the dense model and a uniform cut of 20%, 40%, 60% and 80% of every layer (widths
   rounded up to the backend's block) calibrate ``measured = offset + scale * table sum`` by
@@ -81,11 +80,30 @@ def export_for_timing(
     return export_onnx(net, example[:2], path, simplify=False)
 
 
+def quietest_ms(blocks: list[list[float]]) -> float:
+    """The median of the quietest block: load only adds time, and the blocks of one model are
+    spread over the measurement, so the lowest block median is its cost with the least of the
+    load (on 7 agents' 2 cores the median of all runs of one model moved by 50% between two
+    measurements minutes apart)."""
+    return min(statistics.median(b) for b in blocks)
+
+
+def median_ms(blocks: list[list[float]]) -> float:
+    """The p50 of every run: the latency a user waits, load included."""
+    return statistics.median(v for b in blocks for v in b)
+
+
 def time_onnx_ms(
-    paths: list[Path], cfg: LatencyConfig, *, warmup: int = MODEL_WARMUP, runs: int = MODEL_RUNS
+    paths: list[Path],
+    cfg: LatencyConfig,
+    *,
+    warmup: int = MODEL_WARMUP,
+    runs: int = MODEL_RUNS,
+    statistic: Callable[[list[list[float]]], float] = quietest_ms,
 ) -> list[float]:
-    """The median ms of each ONNX file at ``cfg``'s batch, threads, clock and device, timed in
-    alternating blocks (``pipeline.bench.interleave``) so a load change hits every file."""
+    """``statistic`` (:func:`quietest_ms`) of each ONNX file's runs at ``cfg``'s batch,
+    threads, clock and device, timed in alternating blocks (``pipeline.bench.interleave``) so a
+    load change hits every file."""
     import numpy as np
 
     timers = []
@@ -96,12 +114,16 @@ def time_onnx_ms(
         feed = {inp.name: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         run = lambda s=sess, f=feed: s.run(None, f)  # noqa: E731
         timers.append(lambda n, r=run: host_samples_ms(r, warmup=0, runs=n, clock=cfg.clock))
-    samples = interleave(timers, runs=runs, warmup=warmup)
-    return [statistics.median(v for block in model for v in block) for model in samples]
+    return [statistic(blocks) for blocks in interleave(timers, runs=runs, warmup=warmup)]
 
 
 def time_models_ms(
-    models: list[nn.Module], example: torch.Tensor, cfg: LatencyConfig, *, fold: bool = True
+    models: list[nn.Module],
+    example: torch.Tensor,
+    cfg: LatencyConfig,
+    *,
+    fold: bool = True,
+    statistic: Callable[[list[list[float]]], float] = quietest_ms,
 ) -> list[float]:
     """:func:`time_onnx_ms` of the models, exported as ``recede run`` exports them."""
     with tempfile.TemporaryDirectory(prefix="recede-latency-") as tmp:
@@ -109,7 +131,7 @@ def time_models_ms(
             export_for_timing(m, example, Path(tmp, f"model{i}.onnx"), fold=fold)
             for i, m in enumerate(models)
         ]
-        return time_onnx_ms(paths, cfg)
+        return time_onnx_ms(paths, cfg, statistic=statistic)
 
 
 def models_timer(cfg: LatencyConfig) -> ModelsTimer:

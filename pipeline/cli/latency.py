@@ -74,7 +74,7 @@ def cut_to_latency(
     Returns:
         The pruned result, the ``latency`` section of the prune's report.json and the model.
     """
-    from pipeline.bench.latency_profiles import time_models_ms
+    from pipeline.bench.latency_profiles import median_ms, time_models_ms
     from pipeline.config import ConfigError
     from pipeline.run.latency_budget import (
         check_latency_target,
@@ -89,7 +89,7 @@ def cut_to_latency(
     except ConfigError as err:
         raise UsageError(str(err)) from None
     pruned, fit = prune_to_latency(model, example, prune, lm, args.target_ms)
-    measured = time_models_ms([model, pruned.model], example, deployment)
+    measured = time_models_ms([model, pruned.model], example, deployment, statistic=median_ms)
     summary = latency_summary(lm, fit, (measured[0], measured[1]), cached)
     (logger.info if summary.reached else logger.warning)("%s", summary.line())
     return pruned, dataclasses.asdict(summary), lm

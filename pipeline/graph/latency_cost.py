@@ -243,13 +243,6 @@ class LatencyModel:
     def dense_ms(self) -> float:
         return self.predict_ms({})
 
-    @property
-    def reference_ms(self) -> float:
-        """The dense model as measured when the model was calibrated (its predicted latency
-        when no profile was measured): the anchor of measurements relative to the dense model."""
-        dense = next((p for p in self.profiles if p.label == "dense"), None)
-        return self.dense_ms if dense is None else dense.measured_ms
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["schema"] = SCHEMA

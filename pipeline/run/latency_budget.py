@@ -21,7 +21,12 @@ from torch import nn
 
 from pipeline.bench.latency_cache import cached_latency_model
 from pipeline.bench.latency_pieces import check_deployment
-from pipeline.bench.latency_profiles import build_latency_model, time_models_ms, time_onnx_ms
+from pipeline.bench.latency_profiles import (
+    build_latency_model,
+    median_ms,
+    time_models_ms,
+    time_onnx_ms,
+)
 from pipeline.config import ConfigError, LatencyConfig, PruneConfig, RunConfig
 from pipeline.data.datasets import DataBundle
 from pipeline.graph.latency_cost import LatencyModel
@@ -107,7 +112,7 @@ def prune_to_latency(
         check_cut_ranking(cutter.importance, cut)
         pruned[cut.index] = prune_model(model, example, cut.prune, receded_below=receded_below)
         dense_ms, cut_ms = time_models_ms([model, pruned[cut.index].model], example, cfg)
-        return cut_ms / dense_ms * latency.reference_ms  # at the load the model was calibrated
+        return cut_ms / dense_ms * latency.dense_ms  # in the latency model's own frame
 
     fit = fit_to_latency(lambda aim, start: cutter.best(aim, start), measure, target_ms)
     return pruned[fit.cut.index], fit
@@ -116,7 +121,9 @@ def prune_to_latency(
 def measure_final(paths: tuple[Path, Path], cfg: LatencyConfig) -> tuple[float, float]:
     """p50 ms of the dense and the pruned ONNX file on the deployment ``cfg``, timed together
     (:data:`FINAL_RUNS` runs each, alternating blocks)."""
-    dense, pruned = time_onnx_ms(list(paths), cfg, warmup=FINAL_WARMUP, runs=FINAL_RUNS)
+    dense, pruned = time_onnx_ms(
+        list(paths), cfg, warmup=FINAL_WARMUP, runs=FINAL_RUNS, statistic=median_ms
+    )
     return dense, pruned
 
 

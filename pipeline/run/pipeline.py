@@ -193,7 +193,7 @@ def _run_into(
     dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), example_batch(data)
     fit = _latency_cut(model, batch, cfg, lm)  # None without a latency budget
     try:
-        pruned, acc = _prune_and_finetune(model, data, batch, cfg, out, fit and fit[0])
+        pruned, acc = _prune_and_finetune(model, data, batch, cfg, out, fit[0] if fit else None)
     except NotBimodalError as err:
         raise NotBimodalError(f"{err}; {_trained_hint(out / 'trained')}") from None
     exported = export_and_verify(
