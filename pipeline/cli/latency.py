@@ -74,14 +74,16 @@ def cut_to_latency(
     Returns:
         The pruned result, the ``latency`` section of the prune's report.json and the model.
     """
-    from pipeline.bench.latency_profiles import median_ms, time_models_ms
+    from pipeline.bench.latency_profiles import time_models_ms
     from pipeline.config import ConfigError
     from pipeline.run.latency_budget import (
+        both,
         check_latency_target,
         latency_model,
         latency_summary,
         prune_to_latency,
     )
+    from pipeline.run.latency_report import Measured
 
     lm, cached = latency_model(model, example, deployment)
     try:
@@ -89,8 +91,10 @@ def cut_to_latency(
     except ConfigError as err:
         raise UsageError(str(err)) from None
     pruned, fit = prune_to_latency(model, example, prune, lm, args.target_ms)
-    measured = time_models_ms([model, pruned.model], example, deployment, statistic=median_ms)
-    summary = latency_summary(lm, fit, (measured[0], measured[1]), cached)
+    (dense, _), (p50, quiet) = time_models_ms(
+        [model, pruned.model], example, deployment, statistic=both
+    )
+    summary = latency_summary(lm, fit, Measured(p50, quiet, dense), cached)
     (logger.info if summary.reached else logger.warning)("%s", summary.line())
     return pruned, dataclasses.asdict(summary), lm
 

@@ -56,7 +56,7 @@ def test_report_json_says_target_predicted_and_measured(latency_run):
     assert latency["target_ms"] == pytest.approx(0.7 * lm.dense_ms)
     assert latency["table_error"] == pytest.approx(lm.table_error)
     assert latency["measured_ms"] > 0 and latency["reached"] == (
-        latency["measured_ms"] <= 1.05 * latency["target_ms"]
+        latency["measured_quiet_ms"] <= 1.05 * latency["target_ms"]
     )
     budget = json.loads((run / "report.json").read_text())["budget"]
     assert budget["cost"] == "latency" and budget["target"] == pytest.approx(0.3, abs=0.01)
