@@ -25,9 +25,12 @@ test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m 'gpu or trt'
 
 # On a lent CUDA machine, nothing installed (docs/gpu-check.md); GPU_CHECK_ARGS=--dry-run on a CPU.
+# The interpreter: the venv's where it exists (a CPU machine's system python3 has no torch), else
+# python3 (a lent machine has no .venv, and its python3 has torch); tests/test_gpu_check.py.
 GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR) $(GPU_CHECK_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline kernels tests benchmarks

@@ -40,8 +40,9 @@ decades apart).
     python benchmarks/quality.py --device cuda --data fashion_mnist --image-size 28  # full set
     python benchmarks/quality_report.py RESULTS_JSON          # RESULTS.md and plots from the JSON
 
-Every dependency and the data set are checked before any training (exit 2 names what is missing
-and how to get it). Each cell logs its result and the grid's elapsed time and ETA. Results are
+Every flag, dependency, the data set, the output path and a results file to extend are checked
+before any training (exit 2 names the flag or what is missing, and how to fix it;
+``benchmarks/quality_args.py``). Each cell logs its result and the grid's elapsed time and ETA. Results are
 written atomically after every cell, so an interrupted grid keeps what it finished and
 ``--resume`` skips the cells already there.
 """
@@ -65,6 +66,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from quality_args import SetupError, build_parser, check_out, check_results  # noqa: E402
 from quality_data import load_tensor_data, training_view  # noqa: E402
 from quality_peers import (  # noqa: E402
     TorchPruningSparsity,
@@ -188,6 +190,7 @@ def _train_config(grid: Grid, method: str, kept: float | None, seed: int, start=
     )
     prune = PruneConfig(
         threshold="auto",
+        round_to=1,  # every method is cut to the same MACs; Torch-Pruning does not round
         min_channels=grid.min_channels,
         max_layer_ratio=grid.max_layer_ratio,
         finetune_epochs=grid.finetune_epochs,
@@ -527,12 +530,18 @@ def run_sweep(grid: Grid, data: DataBundle, starts: list[float], out: Path) -> d
 # Command line.
 
 
-class SetupError(Exception):
-    """A dependency, data set or output path is missing; exit 2 before any training."""
+def check_ready(grid: Grid, out: Path, extends: str | None = None) -> DataBundle:
+    """Everything a grid needs, checked before the first epoch; returns the data.
 
-
-def check_ready(grid: Grid, out: Path) -> DataBundle:
-    """Everything a grid needs, checked before the first epoch; returns the data."""
+    Args:
+        grid: What will run.
+        out: ``--out``.
+        extends: The flag that makes the run read ``out`` first (``--resume``, ``--ablation``,
+            ``--starts``), or None.
+    """
+    check_out(out)
+    if extends is not None:
+        check_results(out, extends)
     needs = {"onnxruntime": "pip install 'recede[onnx]'"}
     if any(m.startswith("tp-") for m in grid.methods):
         needs["torch_pruning"] = "pip install 'recede[bench]' (Torch-Pruning 1.6.1)"
@@ -544,102 +553,87 @@ def check_ready(grid: Grid, out: Path) -> DataBundle:
     if grid.device == "cuda" and not torch.cuda.is_available():
         raise SetupError("--device cuda but no CUDA GPU is visible; use --device cpu")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent):
-            pass
-    except OSError as err:
-        raise SetupError(f"--out {out}: its folder is not writable ({err})") from None
-    try:
-        return load_tensor_data(grid.data)
+        data = load_tensor_data(grid.data)
     except DataError as err:
         raise SetupError(f"--data {grid.data.name}: {err}") from None
+    _check_models_run(grid, data)
+    return data
+
+
+def _check_models_run(grid: Grid, data: DataBundle) -> None:
+    """One forward pass of each model on one example batch: an input too small for a model
+    fails here, not after the first epoch."""
+    batch = example_batch(data)[:2]
+    for name in grid.models:
+        model = build_model(
+            MODELS[name], num_classes=data.num_classes, in_channels=data.in_channels
+        )
+        try:
+            with torch.no_grad():
+                model.eval()(batch)
+        except RuntimeError as err:
+            raise SetupError(
+                f"--models {name} --image-size {grid.data.image_size}: the model cannot run "
+                f"on {tuple(batch.shape[1:])} inputs ({str(err)[:160]}); pass a larger "
+                "--image-size"
+            ) from None
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
-    if args.quick:
-        data = DataConfig(name="digits", image_size=16, batch_size=64)
-        return Grid(
-            data,
-            ("vgg",),
-            tuple(args.methods or ("receding", "l1", "ucs", "tp-mag")),
-            tuple(args.macs_kept or (0.3,)),
-            tuple(range(args.seeds or 1)),
-            args.epochs or 6,
-            args.finetune_epochs if args.finetune_epochs is not None else 2,
-            device=args.device,
-        )
+    """The grid the flags ask for: ``--quick`` (digits, VGG, 1 seed, 30% kept, 6 + 2 epochs)
+    or the full grid; a flag given explicitly overrides either mode's default."""
+    quick = args.quick
+
+    def given(value, quick_default, full_default):
+        return value if value is not None else quick_default if quick else full_default
+
     data = DataConfig(
-        name=args.data,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
+        name=given(args.data, "digits", "fashion_mnist"),
+        image_size=given(args.image_size, 16, 28),
+        batch_size=given(args.batch_size, 64, 128),
         train_limit=args.train_limit,
     )
     return Grid(
         data,
-        tuple(args.models),
-        tuple(args.methods or CONTROLLED + BASELINES),
-        tuple(args.macs_kept or (0.3, 0.1)),
-        tuple(range(args.seeds or 2)),
-        args.epochs or 3,
-        args.finetune_epochs if args.finetune_epochs is not None else 1,
+        tuple(given(args.models, ["vgg"], ["vgg", "resnet20"])),
+        tuple(
+            args.methods
+            or (("receding", "l1", "ucs", "tp-mag") if quick else CONTROLLED + BASELINES)
+        ),
+        tuple(given(args.macs_kept, [0.3], [0.3, 0.1])),
+        tuple(range(given(args.seeds, 1, 2))),
+        given(args.epochs, 6, 3),
+        given(args.finetune_epochs, 2, 1),
         device=args.device,
         receding=tuple(RECEDING_VARIANTS[args.variant].items()),
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="digits, VGG, 1 seed, 30%% MACs kept")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument(
-        "--data", default="fashion_mnist", choices=("digits", "fashion_mnist", "cifar10")
-    )
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-limit", type=int, default=None, help="first N training images")
-    p.add_argument("--models", nargs="+", default=["vgg", "resnet20"], choices=sorted(MODELS))
-    p.add_argument("--methods", nargs="+", choices=CONTROLLED + BASELINES)
-    p.add_argument("--macs-kept", nargs="+", type=float, help="shares of dense MACs kept (0.3 0.1)")
-    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default 2)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 3)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tune epochs after the cut (default 1)")
-    p.add_argument(
-        "--variant",
-        default="default",
-        choices=sorted(RECEDING_VARIANTS),
-        help="the receding configuration the grid uses",
-    )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
-    p.add_argument("--resume", action="store_true", help="skip cells already in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--starts",
-        nargs="+",
-        type=float,
-        help="instead of the grid: the cliff check from these starting strengths",
-    )
-    mode.add_argument(
-        "--ablation",
-        nargs="*",
-        choices=sorted(RECEDING_VARIANTS),
-        help="instead of the grid: the receding factors (all when none named)",
-    )
-    return p
+def _extends(args: argparse.Namespace) -> str | None:
+    """The flag that makes this run read ``--out`` before writing it, if any."""
+    if args.starts:
+        return "--starts"
+    if args.ablation is not None:
+        return "--ablation"
+    return "--resume" if args.resume else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = build_parser(__doc__.split("\n")[0], MODELS, CONTROLLED + BASELINES, RECEDING_VARIANTS)
+    try:
+        args = parser.parse_args(argv)  # every flag typed and range-checked (exit 2)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    grid = grid_from_args(args)
     try:
-        data = check_ready(grid, args.out)
+        grid = grid_from_args(args)
+        data = check_ready(grid, args.out, _extends(args))
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.starts:
         results = run_sweep(grid, data, args.starts, args.out)
         logger.info("%d sweep cells in %s", len(results["sweep"]), args.out)

@@ -6,6 +6,7 @@ Settings follow Torch-Pruning's own ``benchmarks/main.py`` (see ``benchmarks/qua
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,20 +43,35 @@ def ucs_prune(
         threshold="ratio",
         ratio=fraction,
         scope="layer",
+        round_to=1,  # the grid's protocol: no rounding, the same MACs for every method
         min_channels=min_channels,
         max_layer_ratio=max_layer_ratio,
     )
     return prune_model(model, batch, cfg).model
 
 
+@dataclass(frozen=True)
+class NoPenaltyTerm:
+    """What ``TorchPruningSparsity.penalty`` is: Torch-Pruning's ``regularize`` edits the
+    gradients itself, so no penalty term is added to the loss, and the epoch log's penalty per
+    channel (``pipeline.train.loop``, which counts ``penalty.params``) is left out."""
+
+    params: tuple[nn.Parameter, ...] = ()
+
+
 class TorchPruningSparsity:
     """Torch-Pruning's sparse training behind the polariser's calls (``pipeline.train.loop``): the
     pruner's ``regularize`` after every backward, ``update_regularizer`` every epoch, and its
-    benchmark's optimizer for sparse learning: one learning rate for all, no weight decay."""
+    benchmark's optimizer for sparse learning: one learning rate for all, no weight decay.
+
+    It offers every attribute the training loop reads from a
+    :class:`~pipeline.train.polarise.Polariser` (``controller``, ``reachable``, ``penalty``);
+    ``tests/test_quality_bench.py`` trains one Torch-Pruning sparse cell so a new one is caught."""
 
     def __init__(self, pruner, model: nn.Module, steps_per_epoch: int) -> None:
         self.pruner, self.model, self.steps_per_epoch = pruner, model, steps_per_epoch
         self.controller, self.reachable, self.step = None, None, 0
+        self.penalty = NoPenaltyTerm()
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": list(self.model.parameters()), "lr": lr, "weight_decay": 0.0}]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -177,3 +178,33 @@ def test_a_stage_that_crashes_is_recorded_with_its_last_line(tmp_path, monkeypat
     result = gpu_check.run_python_stage("kernels", tmp_path, True, budget_s=600)
     assert result["status"] == "error" and "boom in the stage" in result["detail"]
     assert (tmp_path / "kernels.log").is_file() and not (tmp_path / ".kernels.json").exists()
+
+
+def _recording_python(path: Path) -> Path:
+    """An executable at ``path`` that writes the arguments it got to ``path.args`` and exits 0:
+    which interpreter `make gpu-check` starts, and with what."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$@" > "{path}.args"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_gpu_check_runs_the_venv_python_where_there_is_one_else_python3(tmp_path):
+    # A CPU machine's system python3 has no torch: the dry run must use the venv's interpreter;
+    # a lent GPU machine has no .venv and a python3 with torch.
+    venv_python = _recording_python(tmp_path / "venv" / "bin" / "python")
+    system = _recording_python(tmp_path / "bin" / "python3")
+    env = {**os.environ, "PATH": f"{system.parent}{os.pathsep}{os.environ['PATH']}"}
+    make = ["make", "-s", "-C", str(ROOT), "gpu-check", "GPU_CHECK_ARGS=--dry-run"]
+    out = f"GPU_CHECK_OUT={tmp_path / 'out'}"
+    subprocess.run([*make, out, f"VENV={venv_python.parents[1]}"], env=env, check=True)
+    assert Path(f"{venv_python}.args").read_text().split() == [
+        "benchmarks/gpu_check.py",
+        "--out",
+        str(tmp_path / "out"),
+        "--dry-run",
+    ]
+    assert not Path(f"{system}.args").exists()
+    subprocess.run([*make, out, f"VENV={tmp_path / 'no-venv'}"], env=env, check=True)
+    assert Path(f"{system}.args").read_text().split()[0] == "benchmarks/gpu_check.py"

@@ -65,3 +65,110 @@ def test_missing_data_exits_2_naming_the_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "load_tensor_data", missing)
     code = quality.main(["--methods", "receding", "--out", str(tmp_path / "q.json")])
     assert code == 2 and "--data fashion_mnist" in capsys.readouterr().err
+
+
+# --- every flag checked before any training (issue 32 item 12) ----------------------------------
+
+
+class Trained(Exception):
+    """Raised by a stand-in for the data loader: the grid got past its checks."""
+
+
+@pytest.fixture
+def quality_untrained(monkeypatch):
+    """benchmarks/quality.py with its data loader replaced by one that raises :class:`Trained`."""
+    quality = _load("quality")
+
+    def load(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(quality, "load_tensor_data", load)
+    return quality
+
+
+def _corrupt(text: str):
+    return lambda out: out.write_text(text)
+
+
+BAD_FLAGS = {
+    "seeds_0": ([], ["--seeds", "0"], "argument --seeds: expected an integer >= 1, got '0'"),
+    "macs_kept_above_1": ([], ["--macs-kept", "1.5"], "argument --macs-kept: expected a share"),
+    "macs_kept_0": ([], ["--macs-kept", "0.3", "0"], "argument --macs-kept: expected a share"),
+    "macs_kept_nan": ([], ["--macs-kept", "nan"], "argument --macs-kept: expected a share"),
+    "batch_size_0": ([], ["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    "threads_negative": ([], ["--threads", "-1"], "argument --threads: expected an integer >= 1"),
+    "threads_0": ([], ["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    "seeds_huge": ([], ["--seeds", "9" * 400], "argument --seeds: expected an integer >= 1"),
+    "epochs_0": ([], ["--epochs", "0"], "argument --epochs: expected an integer >= 1"),
+    "finetune_negative": ([], ["--finetune-epochs", "-1"], "argument --finetune-epochs"),
+    "image_size_0": ([], ["--image-size", "0"], "argument --image-size: expected an integer"),
+    "start_0": ([], ["--starts", "0"], "argument --starts: expected a finite strength > 0"),
+    "out_is_a_folder": ([], ["--out", "{tmp}"], "--out {tmp}: a folder; expected a results file"),
+    "out_under_a_file": ([], ["--out", "{tmp}/f/q.json"], "is not a writable folder"),
+    "resume_not_json": (
+        [_corrupt("{not json")],
+        ["--resume"],
+        "--resume reads {out}: not UTF-8 JSON",
+    ),
+    "resume_not_cells": (
+        [_corrupt('{"cells": [{"model": "vgg"}]}')],
+        ["--resume"],
+        "--resume reads {out}: cells[0] is not a cell with model, method, kept, seed",
+    ),
+    "ablation_reads_a_corrupt_out": (
+        [_corrupt('{"cells": 3}')],
+        ["--ablation"],
+        "--ablation reads {out}: expected 'cells' to be a list, got int",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_a_bad_flag_exits_2_naming_it_before_any_training(
+    case, quality_untrained, tmp_path, capsys
+) -> None:
+    damage, flags, fragment = BAD_FLAGS[case]
+    out = tmp_path / "q.json"
+    (tmp_path / "f").write_text("a file, not a folder")
+    for write in damage:
+        write(out)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    fill = {"tmp": str(tmp_path), "out": str(out)}
+    argv = ["--quick", "--out", str(out), *(f.format(**fill) for f in flags)]
+    assert quality_untrained.main(argv) == 2  # Trained would mean it got past the checks
+    err = capsys.readouterr().err
+    assert fragment.format(**fill) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or made
+
+
+def test_good_flags_get_past_the_checks_and_make_no_folder_before_it(quality_untrained, tmp_path):
+    out = tmp_path / "new" / "q.json"
+    with pytest.raises(Trained):  # the data loader is reached: the flags were accepted
+        quality_untrained.main(["--quick", "--seeds", "1", "--macs-kept", "0.5", "--out", str(out)])
+    assert not out.parent.exists()
+
+
+def test_quick_honours_the_flags_it_is_given() -> None:
+    quality = _load("quality")
+    args = quality.build_parser("q", quality.MODELS, ["receding"], quality.RECEDING_VARIANTS)
+    grid = quality.grid_from_args(
+        args.parse_args(["--quick", "--seeds", "3", "--batch-size", "32"])
+    )
+    assert grid.seeds == (0, 1, 2) and grid.data.batch_size == 32 and grid.data.name == "digits"
+    full = quality.grid_from_args(args.parse_args([]))
+    assert full.seeds == (0, 1) and full.data.name == "fashion_mnist" and full.kept == (0.3, 0.1)
+
+
+def test_a_torch_pruning_sparse_cell_trains_prunes_and_measures(tmp_path):
+    # Issue 31 item 15: every tp-slim and tp-group cell crashed at its first epoch's log line.
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch_pruning")
+    quality = _load("quality")
+    out = tmp_path / "q.json"
+    argv = ["--quick", "--methods", "tp-slim", "--epochs", "1", "--finetune-epochs", "0"]
+    argv += ["--train-limit", "128", "--macs-kept", "0.9"]  # 0.9: a few of the 400 steps
+    assert quality.main([*argv, "--out", str(out)]) == 0
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert (cell["method"], cell["kept"]) == ("tp-slim", 0.9)
+    assert 0 < cell["macs_kept"] <= 0.9 and cell["params"] < cell["params_dense"]
+    assert 0.0 <= cell["acc_raw"] <= 1.0 and cell["ort_p50_b1"] > 0

@@ -5,6 +5,11 @@ the path holds ``model.pt``) and its ONNX graph (when there is one). A run folde
 ``dense`` (``trained/`` + ``dense.onnx``) and ``pruned`` (``pruned/`` + ``pruned.onnx``). A
 path that cannot be measured raises :class:`ArtefactError` naming it, before any timing.
 
+INT8 graphs (``dense.int8.onnx``/``pruned.int8.onnx`` in a run folder, ``model.int8.onnx`` in a
+model or release folder) open as artefacts of their own, with the label of the model they
+quantize and precision ``int8``: ONNX Runtime times them interleaved with the fp32 graphs, and
+their speed-up is against the dense fp32 model like every other row's.
+
 A pruned model alone says nothing about speed, so :func:`dense_reference` finds the dense model
 it came from. Decision: nothing new is stored beside pruned artefacts. A run's ``pruned/``
 already has its trained dense model one folder up (``trained/`` + ``dense.onnx``), used as is.
@@ -49,6 +54,7 @@ class Artefact:
         onnx: Its ONNX graph, or None.
         fixed_batch: The ONNX input's batch size when it is not dynamic, else None.
         macs: Multiply-accumulates per sample of ``model`` (None without one).
+        precision: ``fp32``, or ``int8`` for a quantized (QDQ) graph, which has no torch model.
     """
 
     label: str
@@ -58,13 +64,14 @@ class Artefact:
     onnx: Path | None
     fixed_batch: int | None = None
     macs: int | None = None
+    precision: str = "fp32"
 
 
 class ArtefactError(ValueError):
     """A MODEL path cannot be measured (missing, unreadable or of an unknown kind)."""
 
 
-def _onnx_input(path: Path) -> tuple[tuple[int, ...], int | None]:
+def onnx_input(path: Path) -> tuple[tuple[int, ...], int | None]:
     """Check ``path`` with onnx; return its per-sample input shape and fixed batch (or None)."""
     import onnx
 
@@ -145,7 +152,7 @@ def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
     fixed = None
     if onnx is not None and onnx.is_file():
         _check_against_manifest(folder, onnx)
-        onnx_shape, fixed = _onnx_input(onnx)
+        onnx_shape, fixed = onnx_input(onnx)
         if onnx_shape != shape:
             raise ArtefactError(
                 f"{onnx} takes inputs of shape {onnx_shape}, but {folder / 'shapes.json'} says "
@@ -154,6 +161,20 @@ def _torch_artefact(label: str, folder: Path, onnx: Path | None) -> Artefact:
     else:
         onnx = None
     return Artefact(label, str(folder), shape, folded, onnx, fixed, count_macs(folded, shape))
+
+
+def _with_int8(artefact: Artefact, path: Path) -> list[Artefact]:
+    """``artefact``, and its INT8 graph at ``path`` when that file exists."""
+    if not path.is_file():
+        return [artefact]
+    shape, fixed = onnx_input(path)
+    if shape != artefact.input_shape:
+        raise ArtefactError(
+            f"{path} takes inputs of shape {shape}, and its fp32 model {artefact.input_shape}; "
+            f"re-export it with `recede export --format onnx-int8`"
+        )
+    int8 = Artefact(artefact.label, str(path), shape, None, path, fixed, artefact.macs, "int8")
+    return [artefact, int8]
 
 
 def open_artefacts(path: str | Path) -> list[Artefact]:
@@ -171,17 +192,23 @@ def open_artefacts(path: str | Path) -> list[Artefact]:
     if root.is_file():
         if root.suffix != ".onnx":
             raise ArtefactError(f"MODEL {root}: a file, but not .onnx; expected {_KINDS}")
-        shape, fixed = _onnx_input(root)
-        return [Artefact(root.stem, str(root), shape, None, root, fixed)]
+        from pipeline.export.int8 import is_qdq
+
+        shape, fixed = onnx_input(root)
+        precision = "int8" if is_qdq(root) else "fp32"
+        return [Artefact(root.stem, str(root), shape, None, root, fixed, precision=precision)]
     if (root / "trained" / WEIGHTS).is_file() and (root / "pruned" / WEIGHTS).is_file():
-        return [
+        fp32 = [
             _torch_artefact(label, root / sub, root / f"{label}.onnx")
             for label, sub in (("dense", "trained"), ("pruned", "pruned"))
         ]
+        return [a for f in fp32 for a in _with_int8(f, root / f"{f.label}.int8.onnx")]
     if not (root / WEIGHTS).is_file() and (root / "model.onnx").is_file():  # an export --out
-        return open_artefacts(root / "model.onnx")
+        return _with_int8(open_artefacts(root / "model.onnx")[0], root / "model.int8.onnx")
     folder = model_folder(root)
-    return [_torch_artefact(root.name, folder, folder / "model.onnx")]
+    return _with_int8(
+        _torch_artefact(root.name, folder, folder / "model.onnx"), folder / "model.int8.onnx"
+    )
 
 
 def _recorded_spec(root: Path) -> tuple[dict | None, Path | None]:
@@ -207,7 +234,8 @@ def _recorded_spec(root: Path) -> tuple[dict | None, Path | None]:
 
 
 def _rebuilt_dense(spec: dict, where: Path, with_onnx: bool) -> Artefact:
-    """The dense model ``spec`` describes, fresh weights, folded; exported to ONNX in a
+    """The dense model ``spec`` describes, fresh weights (seed 0, so the same spec gives the
+    same model and the same sha256 in a bench baseline), folded; exported to ONNX in a
     temporary folder (removed at exit) when ``with_onnx``."""
     import atexit
     import shutil
@@ -220,7 +248,9 @@ def _rebuilt_dense(spec: dict, where: Path, with_onnx: bool) -> Artefact:
     try:
         typed = ModelSpec.from_dict(spec)
         shape = tuple(int(d) for d in typed.input_shape)
-        model = _folded(typed.build(), shape)
+        with torch.random.fork_rng(devices=[]):  # one spec, one model: a baseline's sha256 holds
+            torch.manual_seed(0)
+            model = _folded(typed.build(), shape)
     except (ModelError, KeyError, TypeError, ValueError) as err:
         raise ArtefactError(
             f"{where}: cannot rebuild the dense model from its recorded spec ({err}); expected "
@@ -259,10 +289,14 @@ def dense_reference(path: str | Path, pruned: Artefact) -> Artefact | None:
 
 
 def unique_labels(artefacts: list[Artefact]) -> list[Artefact]:
-    """``artefacts`` with repeated labels made unique (``pruned``, ``pruned-2``, ...)."""
+    """``artefacts`` with repeated labels made unique (``pruned``, ``pruned-2``, ...); a model's
+    INT8 graph keeps its model's label (its rows differ by precision)."""
     seen: dict[str, int] = {}
-    out = []
+    out: list[Artefact] = []
     for a in artefacts:
+        if a.precision == "int8" and a.model is None and out and out[-1].precision == "fp32":
+            out.append(replace(a, label=out[-1].label))  # a model's INT8 graph follows it
+            continue
         seen[a.label] = seen.get(a.label, 0) + 1
         out.append(a if seen[a.label] == 1 else replace(a, label=f"{a.label}-{seen[a.label]}"))
     return out

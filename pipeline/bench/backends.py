@@ -15,14 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.interleave import Timer
-from pipeline.bench.timing import (
-    MIN_RUNS,
-    LatencyRow,
-    Setting,
-    cuda_event_samples_ms,
-    host_samples_ms,
-    time_callable,
-)
+from pipeline.bench.timed_runs import HostTimer, cuda_event_samples_ms, time_callable
+from pipeline.bench.timing import MIN_RUNS, LatencyRow, Setting
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +110,9 @@ def torch_timer(
 
     While the context is open torch uses ``threads`` CPU threads (restored on exit) and runs in
     inference mode, so several timers can be open at once and timed in alternation. ``clock``
-    times CPU runs (:data:`~pipeline.bench.timing.CLOCKS`); CUDA runs use CUDA events.
+    times CPU runs (:data:`~pipeline.bench.timing.CLOCKS`); CUDA runs use CUDA events. A
+    one-thread CPU timer is a :class:`~pipeline.bench.timed_runs.HostTimer` that reads both clocks
+    (torch computes in the calling thread then).
     """
     import torch
 
@@ -135,7 +131,7 @@ def torch_timer(
             if s.device == "cuda":
                 yield lambda n: cuda_event_samples_ms(fn, warmup=0, runs=n) if n else []
             else:
-                yield lambda n: host_samples_ms(fn, warmup=0, runs=n, clock=clock) if n else []
+                yield HostTimer(fn, clock=clock, both=threads == 1)
     finally:
         torch.set_num_threads(previous)
 
@@ -175,6 +171,7 @@ def bench_torch(
         timer(warmup)
         samples = timer(runs)
     fields = {"backend": "torch", "device": s.device, "mode": s.mode, "precision": s.precision}
+    fields |= timer.clock_p50s(runs) if isinstance(timer, HostTimer) else {}
     return LatencyRow.from_samples(
         samples,
         **fields,
@@ -252,8 +249,8 @@ def onnxruntime_timer(
     """A :data:`~pipeline.bench.interleave.Timer` of an ONNX Runtime session (all graph
     optimisations, sequential execution) on a fixed random batch, and the graph's precision
     (``fp32``, or ``fp16`` when its input is float16). ``clock`` times CPU sessions (with one
-    intra-op thread the session computes in the calling thread); CUDA sessions use the wall
-    clock."""
+    intra-op thread the session computes in the calling thread, and the timer reads both
+    clocks); CUDA sessions use the wall clock."""
     import numpy as np
 
     _check_target(device, batch, threads)
@@ -261,11 +258,10 @@ def onnxruntime_timer(
     fp16 = session.get_inputs()[0].type == "tensor(float16)"
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
     fn = _ort_runner(session, x.astype(np.float16) if fp16 else x, device, copies)
-    clock = clock if device == "cpu" else "wall"
-    yield (
-        (lambda n: host_samples_ms(fn, warmup=0, runs=n, clock=clock) if n else []),
-        ("fp16" if fp16 else "fp32"),
-    )
+    if device == "cpu":
+        yield HostTimer(fn, clock=clock, both=threads == 1), ("fp16" if fp16 else "fp32")
+    else:
+        yield HostTimer(fn), ("fp16" if fp16 else "fp32")
 
 
 def bench_onnxruntime(
@@ -301,6 +297,7 @@ def bench_onnxruntime(
     with onnxruntime_timer(onnx_path, input_shape, **target) as (timer, precision):
         timer(warmup)
         samples = timer(runs)
+        clocks = timer.clock_p50s(runs)
     return LatencyRow.from_samples(
         samples,
         backend="onnxruntime",
@@ -312,6 +309,7 @@ def bench_onnxruntime(
         precision=precision,
         copies=None if device == "cpu" else copies,
         warmup=warmup,
+        **clocks,
     )
 
 

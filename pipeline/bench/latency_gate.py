@@ -4,18 +4,15 @@ A release gate that fails on noise is switched off after its first false alarm, 
 only when the lower quartile of its block medians is slower than ``max_slowdown`` times the
 baseline's upper quartile: the two measurements' interquartile ranges, not their medians, must be
 that far apart (quartiles, so one outlier block cannot hide or fake a regression). Rows are matched
-by model, backend, device, mode, precision, batch, threads and clock (a baseline written before
-clocks existed timed the wall clock); a latency is only comparable on the machine that measured
-the baseline.
+by model, backend, device, mode, precision, batch, threads and clock; rows on one side only are
+reported (:func:`missing_rows`). What a baseline must hold before it is compared at all (its
+values, its noise, its machine and models) is checked by :mod:`pipeline.bench.baseline`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.bench.interleave import quartiles
@@ -25,7 +22,9 @@ KEY_FIELDS = ("model", "backend", "device", "mode", "precision", "batch", "threa
 
 
 class BaselineError(ValueError):
-    """A baseline file is missing, not a bench report, or shares no row with the new one."""
+    """A ``--compare`` baseline cannot be compared with this bench (CLI exit 2): missing, not a
+    bench report, holding invalid or noisy rows, from another machine or model, or sharing no
+    row with the new measurement."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,9 @@ class Slowdown:
         )
 
 
-def _key(row: Mapping[str, Any]) -> str:
+def row_key(row: Mapping[str, Any]) -> str:
+    """A row's identity, e.g. ``pruned onnxruntime cpu session fp32 batch 1 threads 1 cpu
+    clock`` (the clock said only when it is not the wall clock)."""
     model, backend, device, mode, precision, batch, threads = (row.get(k) for k in KEY_FIELDS[:-1])
     clock = row.get("clock") or "wall"
     key = f"{model} {backend} {device} {mode} {precision} batch {batch} threads {threads}"
@@ -70,32 +71,6 @@ def _range_ms(row: Mapping[str, Any]) -> tuple[float, float]:
     return float(row["p50_ms"]), float(row.get("p90_ms", row["p50_ms"]))
 
 
-def load_baseline(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a ``recede bench --json``/``--save-baseline`` file.
-
-    Raises:
-        BaselineError: naming the file, what was expected and how to make one.
-    """
-    how = "create one with `recede bench MODEL --save-baseline PATH` on this machine"
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))["rows"]
-    except FileNotFoundError:
-        raise BaselineError(f"--compare {path}: no such file; {how}") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BaselineError(
-            f"--compare {path}: expected a bench report (JSON with 'rows'), got "
-            f"{type(err).__name__}: {err}; {how}"
-        ) from None
-    fields = ("p50_ms", *KEY_FIELDS)
-    if not isinstance(rows, list) or not all(
-        isinstance(r, dict) and all(k in r for k in fields) for r in rows
-    ):
-        raise BaselineError(
-            f"--compare {path}: expected 'rows' to be a list of latency rows with {fields}; {how}"
-        )
-    return rows
-
-
 def compare_rows(
     new: Sequence[Mapping[str, Any]],
     old: Sequence[Mapping[str, Any]],
@@ -109,8 +84,8 @@ def compare_rows(
     Raises:
         BaselineError: If no row of ``new`` has a counterpart in ``old``.
     """
-    baseline = {_key(r): r for r in old}
-    matched = [(r, baseline[_key(r)]) for r in new if _key(r) in baseline]
+    baseline = {row_key(r): r for r in old}
+    matched = [(r, baseline[row_key(r)]) for r in new if row_key(r) in baseline]
     if not matched:
         raise BaselineError(
             f"--compare: none of the {len(new)} new rows matches one of the baseline's "
@@ -123,6 +98,16 @@ def compare_rows(
         beyond = _range_ms(row)[0] / _range_ms(ref)[1]
         if beyond > max_slowdown:
             failing.append(
-                Slowdown(_key(row), float(ref["p50_ms"]), float(row["p50_ms"]), ratio, beyond)
+                Slowdown(row_key(row), float(ref["p50_ms"]), float(row["p50_ms"]), ratio, beyond)
             )
     return failing, len(matched)
+
+
+def missing_rows(
+    new: Sequence[Mapping[str, Any]], old: Sequence[Mapping[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """The keys of the rows of ``new`` that ``old`` lacks, and of ``old``'s rows ``new`` lacks."""
+    new_keys, old_keys = [row_key(r) for r in new], [row_key(r) for r in old]
+    return [k for k in new_keys if k not in set(old_keys)], [
+        k for k in old_keys if k not in set(new_keys)
+    ]

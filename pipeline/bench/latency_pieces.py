@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.bench.timing import host_samples_ms
+from pipeline.bench.timed_runs import host_samples_ms
 from pipeline.config import ConfigError, LatencyConfig
 from pipeline.graph.channel_graph import ChannelGraph
 from pipeline.graph.latency_cost import Blocking, LayerTable, axis_points

@@ -46,7 +46,7 @@ from pipeline.bench.latency_pieces import (
     measure_tables,
     session,
 )
-from pipeline.bench.timing import host_samples_ms
+from pipeline.bench.timed_runs import host_samples_ms
 from pipeline.config import LatencyConfig
 from pipeline.graph.channel_graph import ChannelGraph, build_channel_graph
 from pipeline.graph.latency_cost import LatencyModel, Profile, layer_widths

@@ -37,6 +37,7 @@ from pipeline.bench.backends import (
     torch_timer,
 )
 from pipeline.bench.interleave import Timer, interleave
+from pipeline.bench.timed_runs import HostTimer
 from pipeline.bench.timing import (
     MIN_RUNS,
     QUICK_MIN_RUNS,
@@ -127,7 +128,8 @@ def plan_settings(
 
 
 def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
-    """Build an engine tuned for ``batch`` (in a temporary folder) and time it on device data."""
+    """Build an engine tuned for ``batch`` (in a temporary folder) and time it on device data;
+    an INT8 (QDQ) artefact builds an INT8 engine and its row says ``int8``."""
     from pipeline.export.tensorrt import build_engine
 
     with tempfile.TemporaryDirectory(prefix="recede-trt-") as tmp:
@@ -147,7 +149,7 @@ def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int)
         p90_ms=p90,
         p99_ms=p99,
         mode="engine",
-        precision=s.precision,
+        precision="int8" if artefact.precision == "int8" else s.precision,
         copies=False,
         runs=cfg.runs,
         warmup=cfg.warmup,
@@ -173,8 +175,16 @@ def measure(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> Lat
     return bench_tensorrt(artefact, s, cfg, batch)
 
 
+INT8_SETTINGS = (("onnxruntime", "cpu", "fp32"), ("tensorrt", "cuda", "fp32"))
+"""Where a QDQ INT8 graph runs: ONNX Runtime's CPU provider, and TensorRT, which builds it by
+explicit quantization (once, under the fp32 setting: its precision comes from the graph)."""
+
+
 def runnable(artefact: Artefact, s: Setting) -> bool:
-    """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file)."""
+    """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file; an
+    INT8 graph: one of :data:`INT8_SETTINGS`)."""
+    if artefact.precision == "int8" and (s.backend, s.device, s.precision) not in INT8_SETTINGS:
+        return False
     return (artefact.model if s.backend == "torch" else artefact.onnx) is not None
 
 
@@ -195,8 +205,8 @@ def open_timer(
         target = {"batch": batch, "threads": cfg.threads, "device": s.device, "clock": cfg.clock}
         with onnxruntime_timer(
             artefact.onnx, artefact.input_shape, copies=bool(s.copies), **target
-        ) as opened:
-            yield opened
+        ) as (timer, precision):
+            yield timer, artefact.precision if artefact.precision != "fp32" else precision
     else:
         raise ValueError(f"expected a torch or onnxruntime setting, got {s.backend!r}")
 
@@ -222,9 +232,16 @@ def measure_interleaved(
     labels |= {"threads": cfg.threads, "copies": s.copies, "warmup": cfg.warmup}
     labels |= {"clock": cfg.clock if s.device == "cpu" else "wall"}
     return [
-        LatencyRow.from_blocks(b, model=a.label, precision=precision, **labels)
-        for a, (_, precision), b in zip(artefacts, opened, blocks, strict=True)
+        LatencyRow.from_blocks(
+            b, model=a.label, precision=precision, **labels, **_clock_p50s(timer, cfg.runs)
+        )
+        for a, (timer, precision), b in zip(artefacts, opened, blocks, strict=True)
     ]
+
+
+def _clock_p50s(timer: Timer, runs: int) -> dict[str, float]:
+    """A one-thread CPU timer's wall and CPU medians (:class:`HostTimer`), else none."""
+    return timer.clock_p50s(runs) if isinstance(timer, HostTimer) else {}
 
 
 def sweep(
@@ -253,14 +270,21 @@ def sweep(
         cfg.threads,
         cfg.runs,
     )
+    from pipeline.core.progress import progress  # tqdm: measure() alone runs without it
+
     rows = []
+    total = len(cfg.batches) * len(settings)
+    bar = progress((), "latency sweep", total=total, unit="setting")  # updated by hand
     for batch in cfg.batches:
         for s in settings:
+            bar.set_postfix_str(f"batch {batch}, {s.backend} {s.device} {s.mode}")
             group = [a for a in artefacts if runnable(a, s)]
             if s.backend == "tensorrt":
                 rows += [(measure_fn or measure)(a, s, cfg, batch) for a in group]
             elif group:
                 rows += measure_interleaved(group, s, cfg, batch, open_fn)
+            bar.update()
+    bar.close()
     logger.info("latency sweep finished in %.1f s: %d rows", time.perf_counter() - start, len(rows))
     return rows
 
@@ -290,10 +314,12 @@ def latency_table(
     runs: int = MIN_RUNS,
     warmup: int = 10,
     clock: str = "wall",
+    int8_paths: Mapping[str, Path] | None = None,
 ) -> list[LatencyRow]:
     """Latency of every model under every available setting and batch (the ``recede run``
     table): a :func:`sweep` over every setting :func:`available_settings` finds, fp32,
-    device-resident on CUDA.
+    device-resident on CUDA, and each model's INT8 graph on ONNX Runtime's CPU provider, timed
+    interleaved with the fp32 graphs.
 
     Args:
         models: Label (``"dense"``, ``"pruned"``) to network.
@@ -304,6 +330,7 @@ def latency_table(
         runs: Timed runs per row; at least 5 (below 50 the rows are marked ``quick``).
         warmup: Untimed runs before each row.
         clock: ``wall`` or ``cpu`` (one thread only) for CPU rows (see :class:`SweepConfig`).
+        int8_paths: Label to its INT8 ONNX file (rows with precision ``int8``).
 
     Raises:
         ValueError: If ``runs < 5``, ``batches`` is empty or the clock cannot time ``threads``.
@@ -312,6 +339,10 @@ def latency_table(
     artefacts = [
         Artefact(label, "in memory", tuple(input_shape), models.get(label), onnx_paths.get(label))
         for label in dict.fromkeys([*models, *onnx_paths])
+    ]
+    artefacts += [
+        Artefact(label, str(path), tuple(input_shape), None, path, precision="int8")
+        for label, path in (int8_paths or {}).items()
     ]
     return sweep(artefacts, available_settings(), cfg)
 

@@ -1,20 +1,20 @@
-"""Time a callable and summarise it: warm-up, timed runs, percentiles, one latency row per setting.
+"""Summarise timed runs: percentiles, one latency row per setting, its flags, and the tables.
 
-The timing loop is the one place recede measures latency; ``bench``, ``run`` and the TensorRT
-export all go through it. Every timed run ends with the device idle (a synchronisation, or a
-CUDA event waited on), so a row measures the full forward pass, never the time to enqueue it,
-and runs never overlap: these are latencies, not pipelined throughput.
+The runs themselves are timed by :mod:`pipeline.bench.timed_runs` (the one place recede measures
+latency: every run ends with the device idle, and runs never overlap); this module turns their
+durations into :class:`LatencyRow` s and renders them for ``bench``, ``run`` and the run report.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from pipeline.bench.interleave import Ratio, block_ratio, relative_spread
+from pipeline.bench.preemption import PREEMPT_LIMIT, is_preempted
 
 MIN_RUNS = 50
 """Timed runs per row for a figure worth reporting; fewer (down to :data:`QUICK_MIN_RUNS`)
@@ -67,11 +67,6 @@ def percentiles_ms(samples_s: Sequence[float]) -> tuple[float, float, float]:
     return p50, p90, p99
 
 
-def _check_counts(warmup: int, runs: int) -> None:
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"expected runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-
-
 CLOCKS = {"wall": time.perf_counter_ns, "cpu": time.thread_time_ns}
 """How a host run is timed. ``wall`` is elapsed time (``perf_counter_ns``): latency as a user
 sees it, including any time the scheduler kept the run waiting. ``cpu`` is the calling thread's
@@ -93,80 +88,6 @@ def check_clock(clock: str, threads: int) -> None:
             f"threads={threads}: the other threads' work would be missing; use threads=1 or the "
             "wall clock"
         )
-
-
-def host_samples_ms(
-    fn: Callable[[], Any],
-    *,
-    warmup: int,
-    runs: int,
-    sync: Callable[[], Any] | None = None,
-    clock: str = "wall",
-) -> list[float]:
-    """Durations of ``runs`` calls of ``fn`` on a host clock (:data:`CLOCKS`), in ms.
-
-    Args:
-        fn: The work to time.
-        warmup: Untimed calls first (allocator, autotuning and thread pools settle).
-        runs: Timed calls.
-        sync: Called after every call, inside the timed region (e.g.
-            ``torch.cuda.synchronize``); None for work that is done when ``fn`` returns.
-        clock: ``wall`` or ``cpu`` (the calling thread's CPU time: only for work that runs
-            entirely in this thread, never with ``sync``: a GPU's time is not this thread's).
-    """
-    _check_counts(warmup, runs)
-    if clock not in CLOCKS or (clock == "cpu" and sync is not None):
-        raise ValueError(f"expected clock 'wall', or 'cpu' without sync; got {clock!r}")
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        fn()
-    if sync is not None:
-        sync()
-    samples = []
-    for _ in range(runs):
-        start = now()
-        fn()
-        if sync is not None:
-            sync()
-        samples.append((now() - start) / 1e6)
-    return samples
-
-
-def cuda_event_samples_ms(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
-    """Durations of ``runs`` calls of ``fn`` between CUDA events on the current stream, in ms.
-
-    The GPU is idle when each start event is recorded, so the span covers kernel launches and
-    execution (a launch-bound eager model shows its launch cost); each end event is waited on
-    before the next run starts.
-    """
-    import torch
-
-    _check_counts(warmup, runs)
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(float(start.elapsed_time(end)))
-    return samples
-
-
-def time_callable(
-    fn: Callable[[], Any],
-    *,
-    warmup: int,
-    runs: int,
-    sync: Callable[[], Any] | None = None,
-) -> tuple[float, float, float]:
-    """``(p50, p90, p99)`` in ms of ``fn`` on the host clock; see :func:`host_samples_ms`."""
-    samples = host_samples_ms(fn, warmup=warmup, runs=runs, sync=sync)
-    return percentiles_ms([s / 1e3 for s in samples])
 
 
 @dataclass(frozen=True)
@@ -207,6 +128,9 @@ class LatencyRow:
             rows timed alone (TensorRT, reports written before interleaving).
         clock: ``wall`` (elapsed time; CUDA rows time with CUDA events) or ``cpu`` (the
             calling thread's CPU time, one-thread CPU rows only; see :data:`CLOCKS`).
+        wall_p50_ms: Median wall time of the timed runs, recorded beside ``cpu_p50_ms`` for
+            one-thread CPU rows (whichever the clock); None for other rows.
+        cpu_p50_ms: Median CPU time of the calling thread over the same runs, or None.
     """
 
     backend: str
@@ -224,6 +148,8 @@ class LatencyRow:
     warmup: int = 0
     blocks_ms: tuple[float, ...] = ()
     clock: str = "wall"
+    wall_p50_ms: float | None = None
+    cpu_p50_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not self.mode:
@@ -242,6 +168,12 @@ class LatencyRow:
     def noisy(self) -> bool:
         """The noise exceeds :data:`NOISE_LIMIT`."""
         return self.noise is not None and self.noise > NOISE_LIMIT
+
+    @property
+    def preempted(self) -> bool:
+        """A wall-clock row whose wall p50 exceeds :data:`PREEMPT_LIMIT` times its CPU p50:
+        it waited for the core more than it computed (:mod:`pipeline.bench.preemption`)."""
+        return is_preempted(self.clock, self.wall_p50_ms, self.cpu_p50_ms)
 
     @property
     def quick(self) -> bool:
@@ -265,6 +197,7 @@ class LatencyRow:
     def to_dict(self) -> dict[str, Any]:
         """The row as a plain dict, e.g. for JSON (throughput, noise and flags included)."""
         extra = {"noise": self.noise, "noisy": self.noisy, "quick": self.quick}
+        extra |= {"preempted": self.preempted}
         return {
             **asdict(self),
             "blocks_ms": list(self.blocks_ms),
@@ -304,8 +237,9 @@ def _markdown(header: Sequence[str], align: Sequence[str], body: Sequence[Sequen
 
 
 def _backend_cell(row: LatencyRow) -> str:
-    """The setting without the device (it has its own column): ``torch cuda-graph fp16``."""
-    return row.setting.replace(f" {row.device}", "", 1)
+    """The setting without the device and the precision (they have their own columns):
+    ``torch cuda-graph``."""
+    return replace(row, precision="fp32").setting.replace(f" {row.device}", "", 1)
 
 
 def reference_rows(rows: Sequence[LatencyRow]) -> dict[tuple[str, int, int], LatencyRow]:
@@ -317,21 +251,43 @@ def reference_rows(rows: Sequence[LatencyRow]) -> dict[tuple[str, int, int], Lat
     return {(r.setting, r.batch, r.threads): r for r in rows if r.model == reference}
 
 
+def fp32_setting(row: LatencyRow) -> str:
+    """``row``'s setting at fp32: the reference of an INT8 row is the dense fp32 model under the
+    same backend, device and mode (a user's gain over what they had)."""
+    return replace(row, precision="fp32").setting if row.precision == "int8" else row.setting
+
+
 def speedup_ratio(
-    row: LatencyRow, reference: Mapping[tuple[str, int, int], LatencyRow]
+    row: LatencyRow,
+    reference: Mapping[tuple[str, int, int], LatencyRow],
+    *,
+    same_precision: bool = False,
 ) -> Ratio | None:
-    """Speed-up of ``row`` over the reference model's row of the same setting and batch.
+    """Speed-up of ``row`` over the reference model's row of the same setting and batch (an
+    INT8 row: over the reference's fp32 row, unless ``same_precision``).
 
     Rows timed in the same interleaved blocks give the median of the per-block ratios with
     their smallest and largest; other rows (timed alone) give the p50 ratio with no spread.
     """
-    ref = reference.get((row.setting, row.batch, row.threads))
+    setting = row.setting if same_precision else fp32_setting(row)
+    ref = reference.get((setting, row.batch, row.threads))
     if ref is None or row.p50_ms <= 0:
         return None
     if row.blocks_ms and len(row.blocks_ms) == len(ref.blocks_ms):
         return block_ratio(ref.blocks_ms, row.blocks_ms)
     gain = ref.p50_ms / row.p50_ms
     return Ratio(gain, gain, gain)
+
+
+def slower_beyond_noise(ratio: Ratio | None) -> bool:
+    """A speed-up below 1 by more than its measurement can blur: the block ratios' upper end
+    below 1 (rows timed interleaved), or more than :data:`NOISE_LIMIT` slower (rows timed alone,
+    which carry no spread)."""
+    if ratio is None:
+        return False
+    if ratio.high > ratio.low:
+        return ratio.high < 1.0
+    return ratio.median < 1.0 / (1.0 + NOISE_LIMIT)
 
 
 def mac_fraction(
@@ -344,9 +300,10 @@ def mac_fraction(
 
 
 def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
-    """``noisy``, ``quick`` and ``implausible`` (speed-up above :data:`IMPLAUSIBLE_FACTOR`
-    times the MAC ratio), those that apply."""
+    """``noisy``, ``preempted``, ``quick`` and ``implausible`` (speed-up above
+    :data:`IMPLAUSIBLE_FACTOR` times the MAC ratio), those that apply."""
     flags = ["noisy"] if row.noisy else []
+    flags += ["preempted"] if row.preempted else []
     flags += ["quick"] if row.quick else []
     return flags + (
         ["implausible"] if fraction is not None and fraction > IMPLAUSIBLE_FACTOR else []
@@ -356,17 +313,29 @@ def row_flags(row: LatencyRow, fraction: float | None) -> list[str]:
 def annotated_rows(
     rows: Sequence[LatencyRow], macs: Mapping[str, int | None] | None = None
 ) -> list[dict[str, Any]]:
-    """Each row's dict with its speed-up over the first model (median, low, high), its
-    speed-up per MAC ratio and its flags: what ``recede bench --json`` writes per row."""
+    """Each row's dict with its speed-up over the first model (median, low, high; an INT8 row
+    over the first model at fp32), its speed-up per MAC ratio (against the first model at the
+    row's own precision: what pruning bought) and its flags: what ``recede bench --json``
+    writes per row. Beyond :func:`row_flags`: ``slower`` marks a row slower than the first
+    model at its own precision beyond noise (a pruned model that lost speed), ``int8-slower``
+    an INT8 row slower than its own model's fp32 row beyond noise."""
     reference = reference_rows(rows)
+    own = {(r.setting, r.model, r.batch, r.threads): r for r in rows}
     out = []
     for r in rows:
         ratio = speedup_ratio(r, reference)
-        fraction = mac_fraction(ratio and ratio.median, r.model, rows[0].model, macs)
+        pruning = speedup_ratio(r, reference, same_precision=True)  # what the cut bought
+        fraction = mac_fraction(pruning and pruning.median, r.model, rows[0].model, macs)
         gain = {"speedup": None, "speedup_low": None, "speedup_high": None}
         if ratio is not None:
             gain = {"speedup": ratio.median, "speedup_low": ratio.low, "speedup_high": ratio.high}
         flags = row_flags(r, fraction)
+        flags += ["slower"] * (r.model != rows[0].model and slower_beyond_noise(pruning))
+        fp32 = own.get((fp32_setting(r), r.model, r.batch, r.threads))
+        quantized = (
+            speedup_ratio(r, {(fp32_setting(r), r.batch, r.threads): fp32}) if fp32 else None
+        )
+        flags += ["int8-slower"] * (r.precision == "int8" and slower_beyond_noise(quantized))
         out.append({**r.to_dict(), **gain, "speedup_per_mac_ratio": fraction, "flags": flags})
     return out
 
@@ -386,7 +355,9 @@ def latency_markdown(
     """A Markdown table of ``rows`` in their order, with p50 speed-up over the first model.
 
     The speed-up is the median of per-block ratios where the rows were timed interleaved,
-    with the range of those ratios; the noise column is the row's relative spread
+    with the range of those ratios, against the first model at fp32 (an INT8 row's speed-up is
+    dense fp32 to that model in INT8); the speed-up ÷ MAC ratio compares with the first model at
+    the row's own precision; the noise column is the row's relative spread
     (:attr:`LatencyRow.noise`); the flags column says ``noisy``, ``quick`` or ``implausible``.
 
     Args:
@@ -396,14 +367,15 @@ def latency_markdown(
             the arithmetic did).
     """
     ref_macs = (macs or {}).get(rows[0].model) if rows else None
-    header = ["Backend", "Device", "Model", "Batch", "Threads", "p50 ms", "p90 ms", "p99 ms"]
+    header = ["Backend", "Device", "Model", "Precision", "Batch", "Threads", "p50 ms", "p90 ms"]
+    header += ["p99 ms"]
     header += ["Speed-up (p50)", "img/s", "Host↔device copies"]
     header += ["Speed-up ÷ MAC ratio"] if ref_macs else []
     header += ["Noise", "Flags"]
     body = []
     for r, a in zip(rows, annotated_rows(rows, macs), strict=True):
         threads = str(r.threads) if r.clock == "wall" else f"{r.threads} ({r.clock} clock)"
-        cells = [_backend_cell(r), r.device, r.model, str(r.batch), threads]
+        cells = [_backend_cell(r), r.device, r.model, r.precision, str(r.batch), threads]
         cells += [f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}"]
         cells += [_speedup_cell(a), f"{r.throughput:,.0f}", _COPIES[r.copies]]
         if ref_macs:
@@ -411,20 +383,37 @@ def latency_markdown(
             cells.append(MISSING if fraction is None else f"{fraction:.2f}")
         cells += [MISSING if r.noise is None else f"{r.noise:.0%}", ", ".join(a["flags"])]
         body.append(cells)
-    align = ["---"] * 3 + ["---:"] * 7 + ["---"] + ["---:"] * (len(header) - 13) + ["---:", "---"]
+    align = ["---"] * 4 + ["---:"] * 7 + ["---"] + ["---:"] * (len(header) - 14) + ["---:", "---"]
     return _markdown(header, align, body)
 
 
 def noise_note(rows: Sequence[LatencyRow]) -> str | None:
-    """A warning naming the noisy rows, or None when there are none."""
+    """A warning naming the noisy and the preempted rows, or None when there are none."""
     noisy = [f"{r.setting} {r.model} batch {r.batch} ({r.noise:.0%})" for r in rows if r.noisy]
-    if not noisy:
+    preempted = [
+        f"{r.setting} {r.model} batch {r.batch} (wall {r.wall_p50_ms:.3f} ms, cpu "
+        f"{r.cpu_p50_ms:.3f} ms)"
+        for r in rows
+        if r.preempted
+    ]
+    notes = []
+    if noisy:
+        notes.append(
+            f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block "
+            f"medians spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}"
+        )
+    if preempted:
+        notes.append(
+            f"{len(preempted)} of {len(rows)} rows are preempted (wall time above "
+            f"{PREEMPT_LIMIT}x the CPU time: they waited for a core): {'; '.join(preempted)}"
+        )
+    if not notes:
         return None
     return (
-        f"{len(noisy)} of {len(rows)} rows are noisy (the middle half of their block medians "
-        f"spans more than {NOISE_LIMIT:.0%} of the median): {'; '.join(noisy)}; their latency "
-        "measures the machine's load as much as the model: rerun on an idle machine or with "
-        "more --runs"
+        f"{'; and '.join(notes)}; their latency measures the machine's load as much as the "
+        "model: rerun on an idle machine, with more runs (--runs; bench.runs in a run config), "
+        "or on the CPU clock with one thread (--threads 1 --clock cpu; bench.threads and "
+        "bench.clock)"
     )
 
 

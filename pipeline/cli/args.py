@@ -167,8 +167,16 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-to",
         type=_number(int, 1),
-        default=1,
-        help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
+        default=8,
+        help="round kept widths of layers at least 4 multiples wide up to a multiple: 8 keeps "
+        "ONNX Runtime's CPU convolutions on their fast layout (1: no rounding)",
+    )
+    p.add_argument(
+        "--no-exact-borders",
+        dest="exact_borders",
+        action="store_false",
+        help="prune.exact_borders=false: absorb a removed channel's constant as it is at the "
+        "example's size and report the error it leaves at borders and other sizes",
     )
     p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
@@ -220,9 +228,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("onnx", "onnx-fp16", "tensorrt", "all"),
+        choices=("onnx", "onnx-fp16", "onnx-int8", "tensorrt", "all"),
         default="onnx",
-        help="all: ONNX, FP16 ONNX and, where TensorRT and a GPU exist, an engine",
+        help="onnx-int8: a calibrated, verified INT8 (QDQ) graph; all: ONNX, FP16 ONNX, INT8 ONNX "
+        "where there is calibration data and, where TensorRT and a GPU exist, an engine",
     )
     p.add_argument(
         "--out", help="release folder for the artefacts and manifest.json (default: DIR itself)"
@@ -243,7 +252,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="TensorRT INT8 kernels, calibrated on the training data named by the run's config.yaml",
+        help="a TensorRT INT8 engine, built from the INT8 ONNX graph (explicit quantization)",
     )
     p.add_argument(
         "--max-batch",
@@ -257,12 +266,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         default=1,
         help="batch TensorRT tunes its kernels for",
     )
-    p.add_argument(
-        "--calib-batches",
-        type=_number(int, 1, 10000),
-        default=16,
-        help="training batches that calibrate --int8",
-    )
+    _add_export_int8(p)
     p.add_argument(
         "--require",
         choices=("tensorrt",),
@@ -272,11 +276,46 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         "no TensorRT engine can be built, instead of warning and skipping it",
     )
     p.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="export a run's pruned model even when the run's latency table shows it slower "
+        "than the dense one beyond noise (default: exit 1, nothing written)",
+    )
+    p.add_argument(
         "--accept-insensitive",
         action="store_true",
         help="write the release even when a check could not have seen a wrong model (its "
         "outputs barely depend on the input); the verdict `insensitive` stays in the manifest. "
         "Default: such an export fails with exit code 1",
+    )
+
+
+def _add_export_int8(p: argparse.ArgumentParser) -> None:
+    """``recede export``'s INT8 flags (``--format onnx-int8``, and the engine's QDQ graph)."""
+    p.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="INT8 calibration data for a folder that carries none: a .npy array of model "
+        "inputs [N, C, H, W] or a folder of images (default: the run's training split)",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=_number(int, 1, 1_000_000),
+        default=None,
+        help="samples that calibrate INT8 (default: export.int8.calibration_samples, 512)",
+    )
+    p.add_argument(
+        "--int8-method",
+        choices=("minmax", "entropy", "percentile"),
+        default=None,
+        help="INT8 calibration method (default: export.int8.method, minmax)",
+    )
+    p.add_argument(
+        "--int8-max-drop",
+        type=_number(float, 0.0, 100.0),
+        default=None,
+        metavar="POINTS",
+        help="largest INT8 accuracy drop, in points, on held-out samples (default: 0.5)",
     )
 
 
@@ -351,6 +390,11 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         help="the dense model speed-ups are against (default: the one a prune, export or run "
         "folder records)",
     )
+    _add_bench_gate(p)
+
+
+def _add_bench_gate(p: argparse.ArgumentParser) -> None:
+    """``recede bench``'s release-gate flags: ``--compare`` a baseline, or save one."""
     p.add_argument(
         "--compare",
         metavar="BASELINE.json",
@@ -360,8 +404,21 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-slowdown",
         type=_number(float, 1.0, open_="low"),
-        default=1.2,  # latency_gate.DEFAULT_MAX_SLOWDOWN
+        default=None,  # latency_gate.DEFAULT_MAX_SLOWDOWN, 1.2
         help="with --compare: the allowed p50 slowdown factor (default 1.2)",
+    )
+    p.add_argument(
+        "--allow-other-machine",
+        action="store_true",
+        help="with --compare: compare with a baseline measured on another machine (CPU, cores, "
+        "OS, GPU) and say what differs (default: exit 2)",
+    )
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="with --compare: compare rows whose model differs from the baseline's (sha256 of "
+        "the weights or ONNX, input shape), e.g. a retrained release, and say which (default: "
+        "exit 2)",
     )
     p.add_argument(
         "--save-baseline",
@@ -431,6 +488,22 @@ def _epilog(name: str | None) -> str:
     return f"{EXIT_CODES}\n\n{SET_HELP}" if name in (None, "run", "train") else EXIT_CODES
 
 
+def _add_verbosity(p: argparse.ArgumentParser, *, default: object) -> None:
+    """-v and -q, on the top-level parser (default False) and on every subcommand (default
+    SUPPRESS, so a flag given before the subcommand is not reset by its parser)."""
+    off = " (default: off)" if default is argparse.SUPPRESS else ""  # help_text adds it for False
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help=f"debug logging{off}"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help=f"no progress bars (log lines stay; also RECEDE_QUIET=1){off}",
+    )
+
+
 def build_parser(
     commands: dict[str, Callable[[argparse.Namespace], int]], description: str
 ) -> argparse.ArgumentParser:
@@ -438,15 +511,9 @@ def build_parser(
     parser = argparse.ArgumentParser(
         prog="recede", description=description, epilog=_epilog(None), formatter_class=HelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbosity(parser, default=False)
     parser.add_argument(
         "--version", action="version", version=f"recede {version()}", help="print the version"
-    )
-    parser.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bars (log lines stay; also RECEDE_QUIET=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {
@@ -461,7 +528,14 @@ def build_parser(
     }
     for name, p in parsers.items():
         p.set_defaults(handler=commands[name])
+        _add_verbosity(p, default=argparse.SUPPRESS)  # after the command too: run -q ...
     _add_config(parsers["run"], "run")
+    parsers["run"].add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="write the run and exit 0 even when its latency table shows the pruned model slower "
+        "than the dense one beyond noise (export.allow_slower: true); such rows stay flagged",
+    )
     _add_config(parsers["train"], "train")
     _add_prune(parsers["prune"])
     _add_export(parsers["export"])

@@ -2,9 +2,11 @@
 
 The handler behind ``pipeline.cli.main.cmd_bench``. Outputs are checked before any timing: a path
 inside a folder recede indexed is refused (exit 2), as a file added there would make the next
-``recede bench`` of that folder refuse it as changed. ``--compare`` fails (exit 1) only on a
-slowdown beyond the measured noise that a second measurement confirms
-(:mod:`pipeline.bench.latency_gate`).
+``recede bench`` of that folder refuse it as changed. So is a ``--compare`` baseline that is
+invalid, noisy, or from another machine or model (:mod:`pipeline.bench.baseline`). ``--compare``
+fails (exit 1) only on a slowdown beyond the measured noise that a second measurement confirms
+(:mod:`pipeline.bench.latency_gate`). ``--save-baseline`` writes nothing when the gate failed
+or a row is noisy or preempted (exit 1): such a baseline would pass a slow release or be refused.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.cli.args import EXIT_OK, EXIT_VERIFY, UsageError
+from pipeline.cli.args import UsageError
 
 if TYPE_CHECKING:
     from pipeline.bench.artefacts import Artefact
@@ -96,12 +97,15 @@ def _check_bench_outputs(args: argparse.Namespace) -> None:
             check_writable(Path(path).absolute().parent, flag)
 
 
-def _write_bench_outputs(args: argparse.Namespace, report: dict, text: str) -> None:
+def _write_bench_outputs(
+    args: argparse.Namespace, report: dict, text: str, *, baseline: bool
+) -> None:
+    """Write ``--json``, ``--markdown``, ``--plot`` and, when ``baseline``, ``--save-baseline``."""
     import importlib.util
 
     from pipeline.core.atomic import write_json_atomic, write_text_atomic
 
-    for path in (args.json, args.save_baseline):
+    for path in (args.json, args.save_baseline if baseline else None):
         if path:
             write_json_atomic(path, report)
     if args.markdown:
@@ -127,11 +131,7 @@ def _bench_artefacts(args: argparse.Namespace, settings: list[Setting]) -> list[
 
     artefacts = [a for path in args.models for a in _open_bench_model(path, args)]
     if not any(runnable(a, s) for a in artefacts for s in settings):
-        raise UsageError(
-            f"nothing to time: --backends {' '.join(args.backends)} on --devices "
-            f"{' '.join(args.devices or ['cpu', 'cuda'])} cannot run here on these MODELs "
-            "(TensorRT and CUDA need a GPU, ONNX Runtime an .onnx file); add torch or onnxruntime"
-        )
+        raise UsageError(nothing_to_time(args.backends, args.devices, artefacts, settings))
     if args.reference:
         reference = _open_bench_model(args.reference, args)
     elif not any(a.label == "dense" for a in artefacts):
@@ -140,6 +140,59 @@ def _bench_artefacts(args: argparse.Namespace, settings: list[Setting]) -> list[
     else:
         reference = []
     return unique_labels([*reference, *artefacts])
+
+
+def _why_not(backend: str, devices: list[str], artefacts: list[Artefact], settings: list) -> str:
+    """Why ``backend`` times nothing here: no setting of it can run, or no MODEL has what it
+    needs."""
+    from pipeline.export.tensorrt import tensorrt_available
+
+    if not any(s.backend == backend for s in settings):
+        if backend == "tensorrt" and "cuda" not in devices:
+            return "tensorrt runs on CUDA only, and --devices has no cuda"
+        if backend == "tensorrt":
+            return "tensorrt needs a CUDA GPU and the tensorrt package" + (
+                "" if tensorrt_available() else " (not usable here)"
+            )
+        return f"{backend} has no usable provider on --devices {' '.join(devices)} here"
+    if backend == "torch":
+        return "torch needs a model folder (model.pt); these MODELs are .onnx files only"
+    return (
+        f"{backend} needs an .onnx file, and these MODELs have none "
+        "(export one with `recede export MODEL`)"
+    )
+
+
+def nothing_to_time(
+    backends: list[str], devices: list[str] | None, artefacts: list[Artefact], settings: list
+) -> str:
+    """The refusal when no MODEL runs under any setting: why each backend given times
+    nothing, and only fixes that differ from the flags given (a backend not yet in
+    ``--backends`` that would time these MODELs here, else another MODEL)."""
+    from pipeline.bench.sweep import available_settings, runnable
+
+    devices = list(devices or ("cpu", "cuda"))
+    reasons = "; ".join(_why_not(b, devices, artefacts, settings) for b in backends)
+    others = [
+        b
+        for b in ("torch", "onnxruntime")
+        if b not in backends
+        and any(
+            runnable(a, s)
+            for a in artefacts
+            for s in available_settings(backends=[b], devices=devices)
+        )
+    ]
+    fix = (
+        f"add {' '.join(others)} to --backends (--backends {' '.join([*backends, *others])})"
+        if others
+        else "pass a MODEL that has what they need: a model folder with model.pt for torch, "
+        "an .onnx file for onnxruntime and tensorrt"
+    )
+    return (
+        f"nothing to time: --backends {' '.join(backends)} on --devices {' '.join(devices)} "
+        f"cannot run on these MODELs here: {reasons}; {fix}"
+    )
 
 
 def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig) -> dict:
@@ -154,75 +207,43 @@ def _timed(artefacts: list[Artefact], settings: list[Setting], cfg: SweepConfig)
         raise VerificationError(str(err)) from None
 
 
-def _gate(args: argparse.Namespace, report: dict, remeasure: Callable[[], dict]) -> dict:
-    """Compare ``report`` with ``--compare``; a failing row is measured again and fails only
-    if it fails again. Returns the report (the repeat's, if any) with its ``gate`` section."""
-    from pipeline.bench.latency_gate import compare_rows, load_baseline
-
-    baseline = load_baseline(args.compare)
-    failing, compared = compare_rows(report["rows"], baseline, args.max_slowdown)
-    repeated = bool(failing)
-    if repeated:
-        print(f"{len(failing)} rows slower than the baseline; measuring again", file=sys.stderr)
-        report = remeasure()
-        again, compared = compare_rows(report["rows"], baseline, args.max_slowdown)
-        failing = [f for f in again if f.key in {first.key for first in failing}]
-    report["gate"] = {
-        "baseline": str(args.compare),
-        "max_slowdown": args.max_slowdown,
-        "compared": compared,
-        "repeated": repeated,
-        "failing": [f.describe() for f in failing],
-    }
-    return report
-
-
 def bench_command(args: argparse.Namespace) -> int:
     """``recede bench`` (see ``pipeline.cli.main.cmd_bench``): check the outputs and the baseline,
     open the models and their dense reference, time them interleaved, gate, write."""
     from pipeline.bench.artefacts import check_batches
-    from pipeline.bench.latency_gate import load_baseline
+    from pipeline.bench.baseline import check_against, identity, load_baseline, planned_rows, stamp
     from pipeline.bench.sweep import SweepConfig, bench_markdown
     from pipeline.bench.timing import LatencyRow, noise_note
+    from pipeline.cli.gate import baseline_refusal, check_gate_flags, gate, gate_verdict
 
     _check_bench_outputs(args)
+    check_gate_flags(args)
     try:
         cfg = SweepConfig(tuple(args.batches), args.threads, args.runs, args.warmup, args.clock)
     except ValueError as err:
         raise UsageError(f"--clock {args.clock} --threads {args.threads}: {err}") from None
-    if args.compare:
-        load_baseline(args.compare)  # a bad baseline is refused before any timing
+    baseline = load_baseline(args.compare) if args.compare else None  # before opening models
     settings = _bench_settings(args)
     artefacts = _bench_artefacts(args, settings)
     check_batches(artefacts, tuple(args.batches))
-    report = _timed(artefacts, settings, cfg)
-    if args.compare:
-        report = _gate(args, report, lambda: _timed(artefacts, settings, cfg))
+    identities = {a.label: identity(a) for a in artefacts}
+    allowed: list[str] = []
+    if baseline is not None:  # another machine or model is refused before any timing
+        planned = planned_rows(artefacts, settings, cfg, identities)
+        allow = {"allow_machine": args.allow_other_machine, "allow_model": args.allow_other_model}
+        allowed = check_against(baseline, planned, args.compare, **allow)
+
+    def timed() -> dict:
+        return stamp(_timed(artefacts, settings, cfg), identities)
+
+    report = timed()
+    if baseline is not None:
+        report = gate(args, report, timed, baseline, allowed)
     text = bench_markdown(report)
     print(text)
     note = noise_note([LatencyRow.from_mapping(r) for r in report["rows"]])
     if note:
         print(f"recede bench: warning: {note}", file=sys.stderr)
-    _write_bench_outputs(args, report, text)
-    return _gate_verdict(report)
-
-
-def _gate_verdict(report: dict) -> int:
-    """Print the release gate's outcome; exit 1 when a slowdown was confirmed."""
-    gate = report.get("gate")
-    if gate is None:
-        return EXIT_OK
-    if gate["failing"]:
-        lines = "\n  ".join(gate["failing"])
-        print(
-            f"recede bench: verification failed: {len(gate['failing'])} of {gate['compared']} "
-            f"rows slower than {gate['max_slowdown']}x the baseline {gate['baseline']} beyond "
-            f"the measured noise, in two measurements:\n  {lines}",
-            file=sys.stderr,
-        )
-        return EXIT_VERIFY
-    print(
-        f"latency gate: {gate['compared']} rows compared with {gate['baseline']}, none slower "
-        f"than {gate['max_slowdown']}x beyond the measured noise"
-    )
-    return EXIT_OK
+    refusal = baseline_refusal(args, report)
+    _write_bench_outputs(args, report, text, baseline=refusal is None)
+    return gate_verdict(report, refusal)

@@ -44,6 +44,7 @@ class DataBundle:
     num_classes: int
     in_channels: int
     image_size: int
+    class_names: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -218,6 +219,62 @@ def _torchvision_checked(cfg: DataConfig) -> tuple[Dataset, Dataset, int, int]:
         ) from None
 
 
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
+)  # fmt: skip
+_NORMALISE = {  # (mean, std) per channel, as the loaders above apply them
+    "digits": ((0.5,), (0.5,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "cifar100": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def preprocessing(cfg: DataConfig) -> dict[str, object]:
+    """What a deployment must do to an image before the model sees it, as the loaders do:
+    size, channel order, scaling, normalisation (or none), and the class of each output."""
+    channels = 1 if cfg.name in ("digits", "fashion_mnist") else 3
+    mean, std = _NORMALISE.get(cfg.name, (None, None))
+    resize = {
+        "digits": "the 8x8 digit scaled to [0, 1] (value / 16), resized bilinearly",
+        "imagefolder": "resized to exactly H x W (aspect ratio not kept), RGB",
+    }.get(cfg.name, "resized (shorter side) with torchvision's Resize")
+    return {
+        "input_shape": [channels, cfg.image_size, cfg.image_size],
+        "layout": "NCHW, float32",
+        "channel_order": "greyscale" if channels == 1 else "RGB",
+        "resize": resize,
+        "scale": "[0, 1] (torchvision ToTensor: value / 255)" if cfg.name != "digits" else "[0, 1]",
+        "mean": list(mean) if mean else None,
+        "std": list(std) if std else None,
+        "normalise": "(x - mean) / std per channel" if mean else "none",
+        "class_names": list(class_names(cfg)),
+    }
+
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+def class_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The class of each model output, in order, without loading the data: fixed lists for the
+    built-in datasets, the sorted class folders of ``train/`` for an ImageFolder (torchvision's
+    order); () where it cannot be told cheaply (CIFAR-100's names live in its data files)."""
+    fixed = {
+        "digits": tuple(str(d) for d in range(10)),
+        "fashion_mnist": FASHION_CLASSES,
+        "cifar10": CIFAR10_CLASSES,
+    }
+    if cfg.name in fixed:
+        return fixed[cfg.name]
+    train = Path(cfg.root or "", "train")
+    if cfg.name == "imagefolder" and train.is_dir():
+        return tuple(sorted(d.name for d in train.iterdir() if d.is_dir()))
+    return ()
+
+
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     """Build train/test loaders for ``cfg``.
 
@@ -227,6 +284,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     train, test, num_classes, in_channels = (
         _digits(cfg) if cfg.name == "digits" else _torchvision_checked(cfg)
     )
+    names = class_names(cfg)
     if cfg.train_limit is not None:
         train = Subset(train, range(min(cfg.train_limit, len(train))))
     gen = torch.Generator().manual_seed(seed)
@@ -251,4 +309,5 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
         num_classes,
         in_channels,
         cfg.image_size,
+        names,
     )

@@ -49,6 +49,7 @@ def write_manifest(
     config: Mapping[str, Any],
     metrics: Mapping[str, Any],
     export: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/manifest.json`` describing ``artefacts``.
 
@@ -60,6 +61,9 @@ def write_manifest(
         metrics: Measured results (accuracy, MACs, export error, ...).
         export: How the artefacts were made, for a release: opset, builder flags, input spec,
             and each artefact's verification (error, bound, tolerance). Omitted when None.
+        preprocessing: What a deployment must do to an input before the model sees it (size,
+            channel order, scaling, mean and std or none, class names:
+            ``pipeline.data.datasets.preprocessing``); recorded as null when unknown.
 
     Returns:
         The manifest path.
@@ -75,6 +79,7 @@ def write_manifest(
         "artefacts": {name: _artefact_entry(out, name, Path(p)) for name, p in artefacts.items()},
         "config": dict(config),
         "metrics": dict(metrics),
+        "preprocessing": dict(preprocessing) if preprocessing is not None else None,
     }
     if export is not None:
         manifest["export"] = dict(export)

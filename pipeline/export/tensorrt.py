@@ -2,10 +2,14 @@
 
 Written against the TensorRT 10 Python API (named I/O tensors, ``set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``): ``OnnxParser`` with its errors reported, one
-optimisation profile over the dynamic batch axis, FP16, INT8 with an
-``IInt8EntropyCalibrator2`` fed from dataset batches (deprecated since TensorRT 10.1 in favour of
-explicit Q/DQ graphs, still supported in 10.x), a timing cache that is loaded and saved, and
-verification of the engine's outputs against PyTorch under ``pipeline.core.tolerance``.
+optimisation profile over the dynamic batch axis, FP16, INT8 by **explicit quantization** (the
+ONNX file is a QDQ graph from ``pipeline.export.int8``: TensorRT keeps its scales, and the
+network is strongly typed where TensorRT has that flag, as its documentation asks, so no
+precision flag is set), a timing cache that is loaded and saved, and verification: fp32 and fp16
+engines against PyTorch under ``pipeline.core.tolerance``, INT8 engines by their agreement with
+the fp32 graph on held-out samples (``pipeline.export.int8_check``). The implicit
+``IInt8EntropyCalibrator2`` path (deprecated since TensorRT 10.1) is gone: one QDQ file serves
+ONNX Runtime and TensorRT alike.
 TensorRT and a CUDA GPU are optional: without them every entry point raises a
 :class:`RuntimeError` that says what to install, and nothing else in recede is affected.
 ``tensorrt`` is imported only inside the functions that use it; the batching, profile and cache
@@ -22,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.tolerance import Tolerance, tolerance_for
-from pipeline.export.calibration import CalibrationFeed, entropy_calibrator
+from pipeline.export.int8 import is_qdq
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
     from pipeline.core.checks import Check
+    from pipeline.data.calibration import Int8Samples
+    from pipeline.export.int8_check import Int8Check
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +107,24 @@ def profile_shapes(
     return (1, *rest), (opt_batch, *rest), (max_batch, *rest)
 
 
-def _parse_onnx(trt: Any, builder: Any, onnx_path: Path, trt_logger: Any) -> tuple[Any, Any]:
-    """Parse ``onnx_path`` into a new network; parser errors become a ValueError."""
+def _network_flags(trt: Any, *, strongly_typed: bool) -> int:
+    """Explicit batch before TensorRT 10 (implicit was the default there); strongly typed for
+    a Q/DQ graph where TensorRT has the flag (9.x and later)."""
     flags = 0
     explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
     if explicit is not None and int(trt.__version__.split(".")[0]) < 10:
-        flags |= 1 << int(explicit)  # implicit batch is the default before TensorRT 10
-    network = builder.create_network(flags)
+        flags |= 1 << int(explicit)
+    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if strongly_typed and typed is not None:
+        flags |= 1 << int(typed)
+    return flags
+
+
+def _parse_onnx(
+    trt: Any, builder: Any, onnx_path: Path, trt_logger: Any, *, strongly_typed: bool = False
+) -> tuple[Any, Any]:
+    """Parse ``onnx_path`` into a new network; parser errors become a ValueError."""
+    network = builder.create_network(_network_flags(trt, strongly_typed=strongly_typed))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
@@ -117,14 +135,8 @@ def _parse_onnx(trt: Any, builder: Any, onnx_path: Path, trt_logger: Any) -> tup
     return network, parser  # the parser must outlive the network's use
 
 
-def _add_profile(
-    builder: Any, network: Any, config: Any, opt_batch: int, max_batch: int, *, calibration: int = 0
-) -> None:
-    """Add one optimization profile covering the dynamic batch axis of every input.
-
-    ``calibration`` > 0 also sets a calibration profile fixed at that batch size: INT8
-    calibration of a dynamic-shape network runs at one shape only.
-    """
+def _add_profile(builder: Any, network: Any, config: Any, opt_batch: int, max_batch: int) -> None:
+    """Add one optimization profile covering the dynamic batch axis of every input."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     if all(d >= 1 for t in inputs for d in tuple(t.shape)):
         logger.info("ONNX inputs have static shapes; no optimization profile needed")
@@ -135,14 +147,6 @@ def _add_profile(
         profile.set_shape(tensor.name, *shapes)
         logger.info("profile for %s: min %s opt %s max %s", tensor.name, *shapes)
     config.add_optimization_profile(profile)
-    if calibration:
-        fixed = builder.create_optimization_profile()
-        for tensor in inputs:
-            shape = profile_shapes(
-                tuple(tensor.shape), opt_batch=calibration, max_batch=calibration
-            )
-            fixed.set_shape(tensor.name, shape[1], shape[1], shape[1])
-        config.set_calibration_profile(fixed)
 
 
 def attach_timing_cache(config: Any, path: str | Path | None) -> Any:
@@ -180,7 +184,6 @@ def build_engine(
     engine_path: str | Path,
     *,
     fp16: bool = False,
-    int8: CalibrationFeed | None = None,
     max_batch: int = 32,
     opt_batch: int = 1,
     workspace_mib: int = 1024,
@@ -188,12 +191,16 @@ def build_engine(
 ) -> Path:
     """Build and serialise a TensorRT engine from an ONNX file.
 
+    A QDQ graph (:func:`is_qdq`) builds by explicit quantization: strongly typed where
+    TensorRT has the flag (no precision flags then), else with the INT8 flag (and FP16 for the
+    layers left in float when ``fp16``).
+
     Args:
-        onnx_path: ONNX file, typically from :func:`pipeline.export.onnx.export_onnx`.
+        onnx_path: ONNX file: fp32 from :func:`pipeline.export.onnx.export_onnx`, or the QDQ
+            graph of :func:`pipeline.export.int8.quantize_int8`.
         engine_path: Destination of the serialised engine, written atomically.
-        fp16: Allow FP16 kernels (inputs and outputs stay FP32).
-        int8: Allow INT8 kernels, calibrated by an entropy calibrator on these batches (its
-            cache is kept beside the engine as ``<engine>.calib``).
+        fp16: Allow FP16 kernels (inputs and outputs stay FP32); ignored by a strongly typed
+            network, whose types come from the graph.
         max_batch: Largest batch the engine accepts on a dynamic batch axis.
         opt_batch: Batch size the kernels are tuned for.
         workspace_mib: Workspace memory pool limit in MiB.
@@ -212,22 +219,22 @@ def build_engine(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"expected an ONNX file at {onnx_path}, found none; export first")
     start = time.perf_counter()
-    logger.info("TensorRT %s build of %s started (fp16=%s)", trt.__version__, onnx_path, fp16)
+    explicit = is_qdq(onnx_path)
+    typed = explicit and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    logger.info(
+        "TensorRT %s build of %s started (fp16=%s, explicit INT8=%s, strongly typed=%s)",
+        trt.__version__, onnx_path, fp16, explicit, typed,
+    )  # fmt: skip
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    network, _parser = _parse_onnx(trt, builder, onnx_path, trt_logger)
+    network, _parser = _parse_onnx(trt, builder, onnx_path, trt_logger, strongly_typed=typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if fp16:
+    if fp16 and not typed:
         config.set_flag(_fp16_flag(trt))
-    calibrator = None
-    if int8 is not None:
-        config.set_flag(trt.BuilderFlag.INT8)
-        calibrator = entropy_calibrator(trt, int8, engine_path.with_suffix(".calib"))
-        config.int8_calibrator = calibrator
-    _add_profile(
-        builder, network, config, opt_batch, max_batch, calibration=int8.batch_size if int8 else 0
-    )
+    if explicit and not typed:
+        config.set_flag(trt.BuilderFlag.INT8)  # TensorRT 8.x: Q/DQ layers need the flag
+    _add_profile(builder, network, config, opt_batch, max_batch)
     if timing_cache is not None:
         attach_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
@@ -377,3 +384,45 @@ def verify_engine(
     log = logger.info if result.passed else logger.warning
     log("TensorRT verification of %s: %s", engine_path, result.line())
     return result
+
+
+def engine_outputs(engine_path: str | Path, samples: np.ndarray, *, batch: int = 8) -> np.ndarray:
+    """The engine's outputs on ``samples`` (``[N, C, H, W]``), in batches of ``batch``, as
+    float64 numpy (``batch`` must lie within the engine's profile)."""
+    import numpy as np
+    import torch
+
+    runner = TrtRunner(engine_path)
+    chunks = [
+        runner(torch.from_numpy(samples[i : i + batch])).double().cpu().numpy()
+        for i in range(0, len(samples), batch)
+    ]
+    return np.concatenate(chunks)
+
+
+def verify_engine_int8(
+    engine_path: str | Path,
+    fp32_onnx: str | Path,
+    samples: Int8Samples,
+    onnx_check: Int8Check,
+    *,
+    max_drop: float,
+) -> Int8Check:
+    """Judge an INT8 engine as the INT8 ONNX graph it came from was judged: its agreement with
+    the fp32 graph on the same held-out samples, bounded by ``max_drop`` points.
+
+    The check's sensitivity is the ONNX check's: the same wrong model on the same samples
+    (building a second, corrupted engine would prove nothing more about these samples).
+    """
+    from pipeline.export.int8_check import agreement, judge_int8, run_onnx
+
+    reference = run_onnx(fp32_onnx, samples.heldout)
+    measured = agreement(
+        reference, engine_outputs(engine_path, samples.heldout), samples.heldout_labels
+    )
+    wrong_model = f"{onnx_check.wrong_model}, run by ONNX Runtime on the same samples"
+    check = judge_int8(
+        "tensorrt", str(engine_path), measured, onnx_check.wrong, wrong_model, max_drop
+    )
+    (logger.info if check.passed else logger.warning)("TensorRT INT8: %s", check.line())
+    return check

@@ -5,8 +5,9 @@ pruning, folding, export and verification ``pipeline.export.verify``, timing ``p
 plots and Markdown ``pipeline.run.report``); this file only wires them, collects a typed
 :class:`~pipeline.run.run_report.RunReport` and writes the run folder:
 ``config.yaml``, ``report.json``, ``report.md``, ``plan.json``, ``trained/`` and ``pruned/``
-(state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, PNG plots and
-the release ``manifest.json``, built in a staging folder and moved into place as a unit.
+(state dict + ``shapes.json``), ``checkpoints/``, ``dense.onnx``/``pruned.onnx``, their INT8
+graphs ``dense.int8.onnx``/``pruned.int8.onnx`` (``export.int8.enabled``), PNG plots and the
+release ``manifest.json``, built in a staging folder and moved into place as a unit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from pipeline.run.run_report import (
     ThresholdSummary,
 )
 from pipeline.train.loop import evaluate, resolve_device
+
 from pipeline.train.stage import (
     PrunedAccuracy,
     budget_summary,
@@ -61,6 +63,9 @@ from pipeline.train.stage import (
     train_as_worker,
     train_into,
 )
+
+if TYPE_CHECKING:
+    from pipeline.export.int8_export import Int8Export
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +167,24 @@ def run_pipeline(
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
         report = _run_into(cfg, data, partial, final, resume, latency)
     raise_unless_verified(  # after the move: the folder in place is the evidence
-        [Check.from_dict(c) for c in report.export.checks],
+        [*(Check.from_dict(c) for c in report.export.checks), *report.int8_checks()],
         accept_insensitive=cfg.export.accept_insensitive,
         where=f"export.atol {cfg.export.atol:.0e}; see {final / 'report.json'}",
     )
+    _refuse_slower(report, cfg, final)
     return report
+
+
+def _refuse_slower(report: RunReport, cfg: RunConfig, final: Path) -> None:
+    """Exit 1 (``SlowerError``) when the run's own table shows the pruned model slower than
+    the dense one beyond noise, unless ``export.allow_slower``; warn when allowed."""
+    from pipeline.bench.speed_gate import refuse_slower
+
+    where = f"the rows are flagged `slower` in {final / 'report.md'}"
+    flagged = refuse_slower(report.latency, allow=cfg.export.allow_slower, where=where)
+    if flagged:
+        logger.warning("the pruned model is slower than the dense one on %s (allowed by "
+                       "export.allow_slower)", "; ".join(flagged))  # fmt: skip
 
 
 def _removal_check(pruned: Pruned) -> list[Check]:
@@ -203,6 +221,7 @@ def _run_into(
         opset=cfg.export.opset,
         atol=cfg.export.atol,
     )
+    int8 = _int8_exports(cfg, data, exported.paths, out) if cfg.export.int8.enabled else {}
     rows = latency_table(
         exported.folded,
         exported.paths,
@@ -212,6 +231,7 @@ def _run_into(
         runs=cfg.bench.runs,
         warmup=cfg.bench.warmup,
         clock=cfg.bench.clock,
+        int8_paths={label: done.path for label, done in int8.items()},
     )
     check = exported.checks["pruned"]
     dense, after = _summaries(model, dense_acc, pruned, acc, data.input_shape)
@@ -231,6 +251,7 @@ def _run_into(
         seconds=time.perf_counter() - start,
         budget=budget_summary(cfg, logs) if lm is None else training_budget(cfg, lm, logs),
         latency_budget=_latency_outcome(cfg, out, exported.paths["pruned"], latency, fit),
+        int8=_int8_record(int8),
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
     widths = layer_widths(pruned.graph, pruned.plan)
@@ -240,7 +261,8 @@ def _run_into(
     write_json_atomic(out / "report.json", report.to_dict())
     links = {name: path.relative_to(out).as_posix() for name, path in plots.items()}
     write_text_atomic(out / "report.md", render_markdown(report.to_dict(), links))
-    _write_release_manifest(cfg, out, exported.paths, plots, report)
+    int8_paths = {f"{label}_int8_onnx": done.path for label, done in int8.items()}
+    _write_release_manifest(cfg, out, {**exported.paths, **int8_paths}, plots, report)
     return report
 
 
@@ -275,16 +297,59 @@ def _latency_outcome(
     return summary
 
 
+def _int8_exports(
+    cfg: RunConfig, data: DataBundle, paths: dict[str, Path], out: Path
+) -> dict[str, Int8Export]:
+    """The dense and pruned INT8 graphs, each verified on the test split (its failure is
+    reported, and raised after the folder is in place, like the fp32 checks)."""
+    from pipeline.bench.int8_cost import fallback_latency
+    from pipeline.data.calibration import from_datasets
+    from pipeline.export.int8_export import export_int8, settings_from_config
+
+    section = cfg.export.int8
+    samples = from_datasets(
+        data.train.dataset, data.test.dataset, calibration=section.calibration_samples,
+        validation=section.validation_samples, heldout=section.verify_samples,
+        seed=cfg.train.seed, name=cfg.data.name,
+    )  # fmt: skip
+    settings = settings_from_config(section)
+    return {
+        label: export_int8(
+            paths[label],
+            out / f"{label}.int8.onnx",
+            samples,
+            settings,
+            what=f"{label}-int8",
+            latency_cost=fallback_latency,
+        )  # fmt: skip
+        for label in ("dense", "pruned")
+    }
+
+
+def _int8_record(int8: dict[str, Int8Export]) -> dict[str, Any] | None:
+    """report.json's ``int8``: the pruned graph's record, and the dense one's under ``dense``."""
+    if not int8:
+        return None
+    records = {}
+    for label, done in int8.items():
+        record = done.record()
+        record["check"] = {**record["check"], "path": done.path.name}  # relative to the run
+        records[label] = record
+    return {**records["pruned"], "dense": records["dense"]}
+
+
 def _write_release_manifest(
     cfg: RunConfig, out: Path, onnx: dict[str, Path], plots: dict[str, Path], report: RunReport
 ) -> None:
     """The release ``manifest.json``: every artefact of the run folder, hashed."""
     from pipeline.export.manifest import write_manifest
 
+    extra = {name: path for name, path in onnx.items() if name.endswith("_int8_onnx")}
     artefacts = {
         "config": out / "config.yaml",
         "dense_onnx": onnx["dense"],
         "pruned_onnx": onnx["pruned"],
+        **extra,
         "pruned_weights": out / "pruned" / WEIGHTS,
         "pruned_shapes": out / "pruned" / SHAPES,
         "trained_weights": out / "trained" / WEIGHTS,
@@ -293,4 +358,9 @@ def _write_release_manifest(
         "report": out / "report.json",
         **plots,
     }
-    write_manifest(out, artefacts, config=to_dict(cfg), metrics=report.metrics())
+    from pipeline.data.datasets import preprocessing
+
+    write_manifest(
+        out, artefacts, config=to_dict(cfg), metrics=report.metrics(),
+        preprocessing=preprocessing(cfg.data),
+    )  # fmt: skip

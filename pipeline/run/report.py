@@ -160,10 +160,58 @@ def _verification_section(checks: list[Mapping[str, Any]]) -> str:
     return "## Verification\n\n" + note + "\n\n" + _table(header, ["---"] * len(header), rows)
 
 
+def _int8_row(label: str, record: Mapping[str, Any]) -> tuple[str, ...]:
+    check = record["check"]
+    kept = record.get("excluded_nodes") or []
+    return (
+        f"{label} (`{record['path']}`)",
+        f"{record['fp32_accuracy']:.2f}%",
+        f"{record['accuracy']:.2f}%",
+        f"{check['drop']:+.2f}",
+        f"{record['agreement']:.2f}%",
+        f"{record['max_logit_error']:.3g}",
+        f"{check['wrong']['drop']:.2f} ({check['sensitivity']:.3g}x)",
+        ", ".join(f"`{n}`" for n in kept) or "none",
+        f"**{check['verdict']}**" + (f": {check['cause']}" if check.get("cause") else ""),
+    )
+
+
+def _int8_section(int8: Mapping[str, Any]) -> str:
+    """The INT8 graphs: accuracy against fp32 on held-out samples, agreement, what a wrong
+    INT8 model loses there, the nodes kept in float, the verdict; then how it was calibrated."""
+    header = ["INT8 graph", "fp32 acc.", "INT8 acc.", "Drop (pp)", "Top-1 agreement",
+              "Max logit err", "Wrong model's drop (÷ bound)", "Kept in float", "Verdict"]  # fmt: skip
+    rows = [_int8_row("pruned", int8), _int8_row("dense", int8["dense"])]
+    cal = int8["calibration"]
+    check = int8["check"]
+    lines = [
+        f"Held-out: {check['measured']['samples']} samples of the {cal.get('heldout_split', 'given')} "
+        f"data ({'labels' if cal.get('labelled') else 'agreement with fp32: no labels'}), never "
+        f"the calibration ones; bound {check['max_drop']:g} points. The wrong model is "
+        f"{check['wrong_model']}.",
+        f"Calibration: {cal['calibration_samples']} samples ({cal['method']}), "
+        f"{cal['format']}, weights {cal['weights']}, activations {cal['activations']}, "
+        f"reduce_range {cal['reduce_range']} (CPU {cal['cpu']['machine']}, VNNI-class flags: "
+        f"{', '.join(cal['cpu']['flags']) or 'none'}).",
+    ]
+    cost = (int8.get("fallback") or {}).get("latency")
+    if cost:
+        lines.append(
+            "Layers kept in float cost "
+            + ", ".join(
+                f"{float(v['slowdown']):.2f}x at batch {b}"
+                for b, v in cost.items()
+                if isinstance(v, dict) and v.get("slowdown")
+            )  # fmt: skip
+            + " against the all-INT8 graph (ONNX Runtime CPU, one thread)."
+        )
+    return "## INT8\n\n" + _table(header, ["---"] * len(header), rows) + "\n\n" + "\n\n".join(lines)
+
+
 PLOT_CAPTIONS = {
     "importance_hist": "Channel-group importance before pruning, with the valley and the cut",
     "kept_channels": "Channels kept per layer",
-    "latency": "Latency, dense and pruned",
+    "latency": "Latency, dense and pruned, fp32 and INT8",
 }
 
 
@@ -202,6 +250,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         sections.insert(1, _budget_line(budget))
     if budget.get("latency"):
         sections.insert(2, latency_budget_markdown(budget["latency"]))
+    if report.get("speed"):
+        sections.insert(1, f"**Speed:** {report['speed']}.")
     plots = dict(plots or {})
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
@@ -211,6 +261,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
             sections[-1] += "\n\n" + _figure(name, plots.pop(name))
     if (report.get("export") or {}).get("checks"):
         sections.append(_verification_section(report["export"]["checks"]))
+    if report.get("int8"):
+        sections.append(_int8_section(report["int8"]))
     if report.get("latency"):
         macs = {k: (report.get(k) or {}).get("macs") for k in (REFERENCE_MODEL, "pruned")}
         sections.append(_latency_section(report["latency"], macs))
@@ -434,13 +486,16 @@ def _draw_latency_panel(
             x = g + (m - (len(models) - 1) / 2) * width
             first = g == drawn[0][0]  # one legend entry per model, wherever its first bar is
             hatch = "///" if row.noisy else None
-            ax.bar(x, row.p50_ms, width, color=colors[model], hatch=hatch, edgecolor="black",
-                   linewidth=0.5, label=model if first else None)  # fmt: skip
+            slower = "slower" in note["flags"]  # slower than dense beyond noise: a red frame
+            ax.bar(x, row.p50_ms, width, color=colors[model], hatch=hatch,
+                   edgecolor="red" if slower else "black", linewidth=2 if slower else 0.5,
+                   label=model if first else None)  # fmt: skip
             ax.vlines(x, row.p50_ms, row.p99_ms, color="black", linewidth=1)
             ax.plot(x, row.p99_ms, marker="_", color="black", markersize=10)
             ax.plot(x, row.p90_ms, marker=".", color="black", markersize=5)
-            if m > 0 and note["speedup"] is not None:
+            if (m > 0 or row.precision != "fp32") and note["speedup"] is not None:
                 label = f"{note['speedup']:.2f}×" + ("\nnoisy" if row.noisy else "")
+                label += "\nslower" if slower else ""
                 ax.annotate(label, (x, row.p50_ms), xytext=(0, -2), textcoords="offset points",
                             ha="center", va="top", fontsize=7, color="white", weight="bold")  # fmt: skip
     ax.set_xticks(range(len(groups)), [g.replace(" ", "\n") for g in groups], fontsize=8)
@@ -492,7 +547,9 @@ def plot_latency(
         ax.set(title=f"batch {batch}", ylabel="latency (ms, log scale)")
     axes[0].legend(title="model")
     title = f"Latency: bar p50, dot p90, whisker top p99; label: speed-up over {models[0]}"
+    title += " fp32" if any(r.precision != "fp32" for r in table) else ""
     marks = ["hatched: noisy"] * any(r.noisy for r in table)
+    marks += ["red frame: slower than dense"] * any("slower" in n["flags"] for n in notes)
     marks += ["quick look (few runs)"] * any(r.quick for r in table)
     fig.suptitle(title + ("\n" + "; ".join(marks) if marks else ""), fontsize=10)
     return save_figure(fig, path)

@@ -11,7 +11,8 @@ from torch import nn
 from pipeline.bench.artefacts import Artefact
 from pipeline.bench.latency_gate import BaselineError, compare_rows
 from pipeline.bench.sweep import SweepConfig, plan_settings, sweep
-from pipeline.bench.timing import LatencyRow, host_samples_ms, latency_markdown
+from pipeline.bench.timed_runs import host_samples_ms
+from pipeline.bench.timing import LatencyRow, latency_markdown
 from pipeline.cli.main import main
 from pipeline.config import BenchConfig, ConfigError
 

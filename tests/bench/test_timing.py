@@ -10,15 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.bench.timed_runs import cuda_event_samples_ms, host_samples_ms, time_callable
 from pipeline.bench.timing import (
     LatencyRow,
-    cuda_event_samples_ms,
+    annotated_rows,
     gpu_vs_cpu_markdown,
-    host_samples_ms,
     latency_markdown,
     percentile,
     percentiles_ms,
-    time_callable,
 )
 
 finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False, allow_infinity=False)
@@ -133,16 +132,16 @@ ROWS = [
 def test_latency_markdown_speedup_against_first_model_and_mac_ratio() -> None:
     text = latency_markdown(ROWS, macs={"dense": 400, "pruned": 100})
     lines = text.splitlines()
-    assert lines[0].startswith("| Backend | Device | Model | Batch | Threads | p50 ms")
+    assert lines[0].startswith("| Backend | Device | Model | Precision | Batch | Threads | p50 ms")
     assert (
-        "| torch | cpu | pruned | 1 | 2 | 2.000 | 2.200 | 2.400 | 2.00× | 500 | — | 0.50 | 10% |  |"
-        in lines
+        "| torch | cpu | pruned | fp32 | 1 | 2 | 2.000 | 2.200 | 2.400 | 2.00× | 500 | — | 0.50 "
+        "| 10% |  |" in lines
     )
-    assert "| torch cuda-graph | cuda | pruned | 1 | 2 | 0.500 |" in text
+    assert "| torch cuda-graph | cuda | pruned | fp32 | 1 | 2 | 0.500 |" in text
     assert "2.00× | 2,000 | excluded (device-resident) | 0.50 |" in text
     assert (
-        "| onnxruntime | cpu | pruned | 1 | 2 | 0.250 | 0.275 | 0.300 | 3.20× | 4,000 | — | 0.80 "
-        "| 10% |  |" in lines
+        "| onnxruntime | cpu | pruned | fp32 | 1 | 2 | 0.250 | 0.275 | 0.300 | 3.20× | 4,000 | — "
+        "| 0.80 | 10% |  |" in lines
     )
     assert len(lines) == 2 + len(ROWS)
 
@@ -150,7 +149,26 @@ def test_latency_markdown_speedup_against_first_model_and_mac_ratio() -> None:
 def test_latency_markdown_without_macs_or_reference() -> None:
     text = latency_markdown([row("pruned", 8, 2.0)])
     assert "÷ MAC" not in text
-    assert "| torch | cpu | pruned | 8 | 2 | 2.000 | 2.200 | 2.400 | 1.00× | 4,000 | — |" in text
+    assert "| torch | cpu | pruned | fp32 | 8 | 2 | 2.000 | 2.200 | 2.400 | 1.00× | 4,000 | — |" in text
+
+
+def test_int8_rows_gain_over_dense_fp32_and_their_mac_ratio_is_within_int8() -> None:
+    ort = {"backend": "onnxruntime", "mode": "session"}
+    rows = [
+        row("dense", 1, 4.0, **ort),
+        row("pruned", 1, 1.0, **ort),
+        row("dense", 1, 2.0, precision="int8", **ort),
+        row("pruned", 1, 0.5, precision="int8", **ort),
+    ]
+    annotated = annotated_rows(rows, {"dense": 400, "pruned": 100})
+    speedups = [a["speedup"] for a in annotated]
+    assert speedups == pytest.approx([1.0, 4.0, 2.0, 8.0])  # each against dense fp32
+    fractions = [a["speedup_per_mac_ratio"] for a in annotated]
+    assert fractions == pytest.approx([1.0, 1.0, 1.0, 1.0])  # pruned int8 vs dense int8: 4x/4x
+    assert all("implausible" not in a["flags"] for a in annotated)
+    text = latency_markdown(rows, macs={"dense": 400, "pruned": 100})
+    assert "| onnxruntime | cpu | pruned | int8 | 1 | 2 | 0.500 |" in text
+    assert "8.00× |" in text
 
 
 def test_gpu_vs_cpu_uses_the_fastest_cpu_row() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,17 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+def contradictions(argv: list[str], message: str) -> list[str]:
+    """The fixes ``message`` offers that the flags in ``argv`` already apply: ``add X`` or
+    ``pass --flag V`` where ``argv`` holds X (as a value) or ``--flag V``."""
+    given = {" ".join(argv[i : i + 2]) for i in range(len(argv))} | set(argv)
+    offered = re.findall(r"\badd (--[\w-]+ [\w.-]+)", message)
+    for words in re.findall(r"\badd ([\w.-]+(?: (?:or|and) [\w.-]+)*)", message):
+        offered += re.split(r" (?:or|and) ", words)
+    offered += re.findall(r"\b(?:pass|use) (--[\w-]+ [\w.-]+)", message)
+    return [fix for fix in offered if fix in given]
+
+
 def refused(tmp_path: Path, capsys, argv: list[str], fragment: str) -> str:
     before = snapshot(tmp_path)
     assert main(argv) == 2
@@ -44,7 +56,15 @@ def refused(tmp_path: Path, capsys, argv: list[str], fragment: str) -> str:
     assert fragment in err, err
     assert "Traceback" not in err
     assert snapshot(tmp_path) == before
+    assert contradictions(argv, err) == [], err  # a fix the user already applied is no fix
     return err
+
+
+def test_the_contradiction_check_catches_the_reported_message() -> None:
+    said = "nothing to time: ... an .onnx file); add torch or onnxruntime"
+    assert contradictions(["bench", "m", "--backends", "onnxruntime"], said) == ["onnxruntime"]
+    assert contradictions(["bench", "m", "--batches", "1"], "pass --batches 1") == ["--batches 1"]
+    assert contradictions(["bench", "m", "--batches", "1"], "pass --batches 4") == []
 
 
 def test_bench_folder_and_onnx_file_with_every_output(model_dir, tmp_path, capsys) -> None:
@@ -68,7 +88,7 @@ def test_bench_folder_and_onnx_file_with_every_output(model_dir, tmp_path, capsy
     assert dense["source"].startswith("rebuilt from") and dense["macs"] > pruned["macs"] > 0
     assert onnx_only["macs"] is None
     assert all(r["threads"] == 1 and r["runs"] == 50 and r["warmup"] == 1 for r in report["rows"])
-    assert "| onnxruntime | cpu | model-2 | 2 | 1 |" in text
+    assert "| onnxruntime | cpu | model-2 | fp32 | 2 | 1 |" in text
     assert ("## GPU vs CPU" in text) == torch.cuda.is_available()
 
 
@@ -138,6 +158,10 @@ BAD = {
     "json_is_a_folder": (None, ["{dir}", "--json", "{tmp}"], "--json {tmp}: a folder"),
     "fixed_batch": (_fixed_batch_onnx, ["{dir}", "--batches", "1"], "has a fixed batch of 4"),
     "nothing_runs": (None, ["{dir}/model.onnx", "--backends", "torch"], "nothing to time"),
+    "cpu_clock_threads": (None, ["{dir}", "--clock", "cpu", "--threads", "2"], "needs threads=1"),
+    "slowdown_no_compare": (None, ["{dir}", "--max-slowdown", "2"], "no --compare was given"),
+    "allow_no_compare": (None, ["{dir}", "--allow-other-model"], "no --compare was given"),
+    "slowdown_at_1": (None, ["{dir}", "--max-slowdown", "1"], "--max-slowdown: expected"),
 }
 
 
@@ -174,3 +198,80 @@ def test_bench_tensorrt_only_without_tensorrt_is_refused(model_dir, tmp_path, ca
     refused(
         tmp_path, capsys, ["bench", str(model_dir), "--backends", "tensorrt"], "nothing to time"
     )
+
+
+# --- every refusal says something the flags given do not contradict (issue 31 item 13) ---------
+
+
+def test_onnxruntime_on_a_folder_without_onnx_is_not_told_to_add_onnxruntime(
+    exported, tmp_path, capsys
+) -> None:
+    # The reported case: "add torch or onnxruntime" to a user who passed --backends onnxruntime.
+    folder = Path(
+        shutil.copytree(exported, tmp_path / "model", ignore=shutil.ignore_patterns("*.onnx"))
+    )
+    argv = [
+        "bench",
+        str(folder),
+        "--backends",
+        "onnxruntime",
+        "--force",
+    ]  # the index lists the ONNX
+    err = refused(tmp_path, capsys, argv, "nothing to time: --backends onnxruntime")
+    assert "onnxruntime needs an .onnx file" in err and "recede export MODEL" in err
+    assert "add torch to --backends (--backends onnxruntime torch)" in err
+    assert "add torch or onnxruntime" not in err
+
+
+def _kinds():
+    from hypothesis import strategies as st
+
+    return st.lists(st.sampled_from(["model", "onnx", "both"]), min_size=1, max_size=3)
+
+
+def _artefacts(kinds: list[str]):
+    from pipeline.bench.artefacts import Artefact
+
+    return [
+        Artefact(
+            f"m{i}",
+            "src",
+            (3, 8, 8),
+            torch.nn.Identity() if kind in ("model", "both") else None,
+            Path(f"m{i}.onnx") if kind in ("onnx", "both") else None,
+        )
+        for i, kind in enumerate(kinds)
+    ]
+
+
+def test_the_nothing_to_time_refusal_never_contradicts_the_flags_given() -> None:
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.bench.sweep import BACKENDS, available_settings, runnable
+    from pipeline.cli.bench import nothing_to_time
+
+    devices_ = st.sampled_from([None, ["cpu"], ["cuda"], ["cpu", "cuda"]])
+    backends_ = st.lists(st.sampled_from(BACKENDS), min_size=1, max_size=3, unique=True)
+
+    @settings(max_examples=150, deadline=None)
+    @given(backends=backends_, devices=devices_, kinds=_kinds())
+    def check(backends, devices, kinds) -> None:
+        artefacts = _artefacts(kinds)
+        plan = available_settings(backends=backends, devices=devices or ("cpu", "cuda"))
+        assume(not any(runnable(a, s) for a in artefacts for s in plan))
+        text = nothing_to_time(backends, devices, artefacts, plan)
+        assert text.startswith(f"nothing to time: --backends {' '.join(backends)} on --devices ")
+        reasons = text.split("cannot run on these MODELs here: ", 1)[1]
+        assert all(f"{b} " in reasons for b in backends)  # each backend given, with its reason
+        if "add " in reasons:
+            added = reasons.split("; add ", 1)[1].split(" to --backends")[0].split()
+            assert added and not set(added) & set(backends), text  # never one already given
+            for b in added:  # and each one would time something here
+                more = available_settings(backends=[b], devices=devices or ("cpu", "cuda"))
+                assert any(runnable(a, s) for a in artefacts for s in more), text
+        else:
+            assert "pass a MODEL that has what they need" in text
+        assert "add torch or onnxruntime" not in text
+
+    check()

@@ -16,7 +16,7 @@ from pipeline.run.pipeline import run_pipeline
 SMALL = [
     "data.image_size=16", "model.width=0.125", "train.epochs=1", "train.penalty.strength=0.01",
     "prune.threshold=ratio", "prune.ratio=0.4", "prune.finetune_epochs=1", "bench.batches=[1]",
-    "bench.runs=50", "bench.warmup=2",
+    "bench.runs=50", "bench.warmup=2", "export.allow_slower=true", "export.int8.enabled=false",
 ]  # fmt: skip
 KINDS = [
     "config.yaml", "report.md", "report.json", "plan.json", "manifest.json", "dense.onnx",

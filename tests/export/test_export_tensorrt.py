@@ -101,60 +101,47 @@ def test_fp16_without_builder_flag_says_what_to_do() -> None:
         trt_export._fp16_flag(tensorrt_11)
 
 
-# --- CPU-runnable logic around TensorRT: calibration batching, calibrator, profiles, cache ------
+# --- CPU-runnable logic around TensorRT: explicit quantization, profiles, cache ----------------
 
 from types import SimpleNamespace  # noqa: E402
 
-from pipeline.export.calibration import CalibrationFeed, entropy_calibrator  # noqa: E402
+
+def _fake_trt(version: str, *, strongly_typed: bool) -> SimpleNamespace:
+    flags = {"EXPLICIT_BATCH": 0}
+    if strongly_typed:
+        flags["STRONGLY_TYPED"] = 5
+    return SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=SimpleNamespace(**flags))
 
 
-def _loader(sizes, shape=(3, 4, 4)):
-    """Dataset-like (inputs, labels) batches whose values count up, so order is checkable."""
-    start = 0
-    for n in sizes:
-        x = torch.arange(start, start + n, dtype=torch.float64).view(n, 1, 1, 1).expand(n, *shape)
-        start += n
-        yield x.clone(), torch.zeros(n)
+@pytest.mark.parametrize(
+    "version, typed_flag, want_typed, expected",
+    [
+        ("8.6.1", False, True, 1 << 0),  # explicit batch only: no strong typing to ask for
+        ("10.3.0", True, True, 1 << 5),  # a QDQ graph on TensorRT 10: strongly typed
+        ("10.3.0", True, False, 0),  # an fp32 graph: nothing
+        ("9.2.0", True, True, (1 << 0) | (1 << 5)),
+    ],
+)
+def test_network_flags_ask_for_strong_typing_only_for_qdq_graphs(
+    version, typed_flag, want_typed, expected
+) -> None:
+    trt = _fake_trt(version, strongly_typed=typed_flag)
+    assert trt_export._network_flags(trt, strongly_typed=want_typed) == expected
 
 
-def test_calibration_feed_cuts_fixed_batches_across_loader_batches() -> None:
-    feed = CalibrationFeed(_loader([3, 5, 2, 4]), 4, (3, 4, 4), max_batches=10)
-    batches = []
-    while (b := feed.next_batch()) is not None:
-        batches.append(b)
-    assert [b.shape for b in batches] == [(4, 3, 4, 4)] * 3  # 14 samples: the short 2 dropped
-    assert all(b.dtype == torch.float32 and b.is_contiguous() for b in batches)
-    assert [b[:, 0, 0, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+def test_is_qdq_tells_a_quantized_graph_from_a_float_one(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    import numpy as np
 
+    from pipeline.export.int8 import Int8Options, preprocess, quantize_int8
+    from pipeline.export.onnx import export_onnx
 
-def test_calibration_feed_stops_at_max_batches_and_checks_shapes() -> None:
-    feed = CalibrationFeed(_loader([8] * 10), 4, (3, 4, 4), max_batches=2)
-    assert feed.next_batch() is not None and feed.next_batch() is not None
-    assert feed.next_batch() is None and feed.given == 2
-    wrong = CalibrationFeed(_loader([4], shape=(1, 4, 4)), 4, (3, 4, 4))
-    with pytest.raises(ValueError, match=r"per-sample shape \(1, 4, 4\), expected \(3, 4, 4\)"):
-        wrong.next_batch()
-    with pytest.raises(ValueError, match="batch_size >= 1"):
-        CalibrationFeed([], 0, (3, 4, 4))
-
-
-class _FakeCalibratorBase:
-    def __init__(self) -> None:
-        self.base_initialised = True
-
-
-def test_entropy_calibrator_gives_pointers_then_none_and_keeps_its_cache(tmp_path) -> None:
-    fake_trt = SimpleNamespace(IInt8EntropyCalibrator2=_FakeCalibratorBase)
-    feed = CalibrationFeed(_loader([4, 4]), 4, (3, 4, 4))
-    calib = entropy_calibrator(fake_trt, feed, tmp_path / "m.calib", device="cpu")
-    assert calib.base_initialised and calib.get_batch_size() == 4
-    assert calib.read_calibration_cache() is None
-    pointers = calib.get_batch(["input"])
-    assert pointers == [calib.current.data_ptr()] and calib.current[0, 0, 0, 0] == 0
-    assert calib.get_batch(["input"]) is not None and calib.get_batch(["input"]) is None
-    calib.write_calibration_cache(memoryview(b"scales"))
-    again = entropy_calibrator(fake_trt, feed, tmp_path / "m.calib", device="cpu")
-    assert again.read_calibration_cache() == b"scales"
+    net = _small_cnn().eval()
+    fp32 = export_onnx(net, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    prepared = preprocess(fp32, tmp_path / "p.onnx")
+    samples = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    qdq = quantize_int8(prepared, tmp_path / "q.onnx", samples, Int8Options(symmetric=True))
+    assert trt_export.is_qdq(qdq.path) and not trt_export.is_qdq(fp32)
 
 
 class _FakeCache:
@@ -167,7 +154,7 @@ class _FakeCache:
 
 class _FakeConfig:
     def __init__(self) -> None:
-        self.cache, self.ignore, self.profiles, self.calibration_profile = None, None, [], None
+        self.cache, self.ignore, self.profiles = None, None, []
 
     def create_timing_cache(self, blob: bytes) -> _FakeCache:
         return _FakeCache(bytes(blob))
@@ -180,9 +167,6 @@ class _FakeConfig:
 
     def add_optimization_profile(self, profile) -> None:
         self.profiles.append(profile)
-
-    def set_calibration_profile(self, profile) -> None:
-        self.calibration_profile = profile
 
 
 def test_timing_cache_is_loaded_when_present_and_saved_after(tmp_path) -> None:
@@ -204,20 +188,19 @@ class _FakeProfile:
         self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
 
 
-def test_profiles_cover_the_batch_and_calibration_runs_at_one_shape() -> None:
+def test_profiles_cover_the_batch_axis_of_a_dynamic_input_only() -> None:
     tensor = SimpleNamespace(name="input", shape=(-1, 3, 16, 16))
     network = SimpleNamespace(num_inputs=1, get_input=lambda i: tensor)
     builder = SimpleNamespace(create_optimization_profile=_FakeProfile)
     config = _FakeConfig()
-    trt_export._add_profile(builder, network, config, 2, 32, calibration=8)
+    trt_export._add_profile(builder, network, config, 2, 32)
     assert config.profiles[0].shapes["input"] == ((1, 3, 16, 16), (2, 3, 16, 16), (32, 3, 16, 16))
-    assert config.calibration_profile.shapes["input"] == ((8, 3, 16, 16),) * 3
     static = SimpleNamespace(
         num_inputs=1, get_input=lambda i: SimpleNamespace(name="x", shape=(1, 3, 8, 8))
     )
     config = _FakeConfig()
-    trt_export._add_profile(builder, static, config, 2, 32, calibration=8)
-    assert config.profiles == [] and config.calibration_profile is None
+    trt_export._add_profile(builder, static, config, 2, 32)
+    assert config.profiles == []
 
 
 @pytest.mark.trt
@@ -233,7 +216,7 @@ def test_engine_verification_passes_and_catches_a_wrong_model(engine) -> None:
 
 
 @pytest.mark.trt
-def test_fp16_and_int8_engines_verify_and_reuse_the_timing_cache(tmp_path) -> None:
+def test_fp16_engines_verify_and_reuse_the_timing_cache(tmp_path) -> None:
     if not trt_export.tensorrt_available():
         pytest.skip("needs TensorRT and a CUDA GPU")
     from pipeline.export.onnx import export_onnx
@@ -245,9 +228,25 @@ def test_fp16_and_int8_engines_verify_and_reuse_the_timing_cache(tmp_path) -> No
                                    timing_cache=cache)  # fmt: skip
     assert cache.stat().st_size > 0
     assert trt_export.verify_engine(fp16, net, torch.randn(2, 3, 16, 16), precision="fp16").passed
-    batches = (torch.randn(8, 3, 16, 16) for _ in range(4))
-    feed = CalibrationFeed(batches, 4, (3, 16, 16), max_batches=4)
-    int8 = trt_export.build_engine(onnx_path, tmp_path / "q.engine", fp16=True, int8=feed,
-                                   max_batch=8, timing_cache=cache)  # fmt: skip
-    assert (tmp_path / "q.calib").is_file() and feed.given == 4
-    assert trt_export.verify_engine(int8, net, torch.randn(2, 3, 16, 16), precision="int8").passed
+
+
+@pytest.mark.trt
+def test_an_int8_engine_builds_from_the_qdq_graph_and_is_judged_by_agreement(tmp_path) -> None:
+    if not trt_export.tensorrt_available():
+        pytest.skip("needs TensorRT and a CUDA GPU")
+    from pipeline.data.calibration import from_datasets
+    from pipeline.export.int8 import Int8Options
+    from pipeline.export.int8_export import Int8Settings, export_int8
+    from pipeline.export.onnx import export_onnx
+    from tests.export.int8_models import trained_digits_net
+
+    net, data = trained_digits_net()
+    fp32 = export_onnx(net, torch.randn(2, 1, 16, 16), tmp_path / "m.onnx")
+    samples = from_datasets(data.train.dataset, data.test.dataset, calibration=256,
+                            validation=128, heldout=360, seed=0, name="digits")  # fmt: skip
+    settings = Int8Settings(options=Int8Options(symmetric=True))  # TensorRT's form
+    done = export_int8(fp32, tmp_path / "m.int8.onnx", samples, settings)
+    assert done.check.passed
+    engine = trt_export.build_engine(done.path, tmp_path / "q.engine", max_batch=8)
+    check = trt_export.verify_engine_int8(engine, fp32, samples, done.check, max_drop=0.5)
+    assert check.passed and check.measured.agreement > 97.0, check.line()

@@ -37,13 +37,19 @@ def test_options_are_refused_on_construction(options, match) -> None:
         ReleaseOptions(**options)
 
 
-def test_format_all_skips_only_an_unavailable_tensorrt() -> None:
-    assert resolve_formats("all", None) == (FORMATS, None)
-    formats, warning = resolve_formats("all", "no CUDA GPU")
-    assert formats == ("onnx", "onnx-fp16") and warning == "skipping TensorRT: no CUDA GPU"
-    assert resolve_formats("onnx-fp16", "no CUDA GPU") == (("onnx-fp16",), None)
+def test_format_all_skips_only_what_cannot_be_made_and_says_why() -> None:
+    assert resolve_formats("all", None) == (FORMATS, [])
+    formats, warnings = resolve_formats("all", "no CUDA GPU")
+    assert formats == ("onnx", "onnx-fp16", "onnx-int8")
+    assert warnings == ["skipping TensorRT: no CUDA GPU"]
+    formats, warnings = resolve_formats("all", "no CUDA GPU", "no calibration data")
+    assert formats == ("onnx", "onnx-fp16") and len(warnings) == 2
+    assert "skipping onnx-int8 (INT8 ONNX): no calibration data" in warnings
+    assert resolve_formats("onnx-fp16", "no CUDA GPU") == (("onnx-fp16",), [])
     with pytest.raises(ValueError, match="--format tensorrt cannot run: no CUDA GPU"):
         resolve_formats("tensorrt", "no CUDA GPU")
+    with pytest.raises(ValueError, match="--format onnx-int8 cannot run: no data"):
+        resolve_formats("onnx-int8", None, "no data")
     with pytest.raises(ValueError, match="--format must be one of"):
         resolve_formats("onnx32", None)
 
@@ -91,8 +97,12 @@ def test_a_release_and_a_run_judge_the_same_model_alike(tmp_path) -> None:
     assert {**exported, "path": None} == {**run.to_dict(), "path": None}
 
 
-def test_int8_without_calibration_is_refused_before_writing(tmp_path) -> None:
-    options = ReleaseOptions(formats=("tensorrt",), trt_precision="int8")
-    with pytest.raises(ValueError, match="needs calibration batches"):
+@pytest.mark.parametrize(
+    "options",
+    [ReleaseOptions(formats=("tensorrt",), trt_precision="int8"),
+     ReleaseOptions(formats=("onnx", "onnx-int8"))],
+)  # fmt: skip
+def test_int8_without_calibration_is_refused_before_writing(tmp_path, options) -> None:
+    with pytest.raises(ValueError, match="needs calibration samples"):
         export_release(tiny_net_random_bn(), SHAPE, tmp_path, options)
     assert not any(tmp_path.iterdir())

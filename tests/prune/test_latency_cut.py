@@ -18,6 +18,7 @@ from pipeline.prune.latency_cut import (
     LatencyCut,
     fit_to_latency,
 )
+from pipeline.prune.plan import ROUND_MIN_BLOCKS
 from pipeline.prune.stage import prune_model
 from tests.latency_fakes import synthetic_latency
 
@@ -48,14 +49,17 @@ def test_the_cut_is_the_cheapest_that_fits_the_prediction(fraction):
 
 def test_widths_round_up_to_the_block_when_that_keeps_more():
     model, x, latency = _trained_vgg()
-    cutter = Cutter(model, x, PruneConfig(min_channels=1, max_layer_ratio=0.95), latency)
+    prune = PruneConfig(min_channels=1, max_layer_ratio=0.95, round_to=1)  # not the default 8
+    cutter = Cutter(model, x, prune, latency)
     assert cutter.roundings == [1, 16]
     aim = 0.5 * latency.dense_ms
     raw, aligned = cutter.fitting(aim, 1), cutter.fitting(aim, 16)
     assert len(aligned.dropped) < len(raw.dropped)  # unaligned widths run the slow path
     assert cutter.best(aim) == aligned
     widths = layer_widths(prune_model(model, x, aligned.prune).model)
-    assert all(cin % 16 == 0 or cin == 3 for cin, _ in widths.values())
+    dense = layer_widths(model)
+    rounded = [n for n, (cin, _) in dense.items() if cin >= ROUND_MIN_BLOCKS * 16]  # plan.py
+    assert rounded and all(widths[n][0] % 16 == 0 for n in rounded)
 
 
 def _cuts(n: int = 50, step: float = 0.15):
