@@ -53,7 +53,15 @@ RUN_CASES = {
     ),
     "int8": (
         ["train.target_latency_ms=1", "train.latency.precision=int8"],
-        "int8 before the INT8 export exists",
+        "train.latency.precision int8: the latency model times fp32 graphs only",
+    ),
+    "int8_with_prune_flags": (  # the INT8 export's own settings do not make it measurable
+        [
+            "train.target_latency_ms=1",
+            "train.latency.precision=int8",
+            "export.int8.enabled=true",
+        ],
+        "the latency model times fp32 graphs only",
     ),
     "cpu_clock_two_threads": (
         ["train.target_latency_ms=1", "train.latency.threads=2"],
@@ -111,7 +119,10 @@ PRUNE_CASES = {
     "zero": (["--target-ms", "0"], "--target-ms: expected a number in (0.0"),
     "negative": (["--target-ms", "-1"], "argument --target-ms"),
     "flag_without_target": (["--threads", "2"], "--threads set the deployment of a latency budget"),
-    "int8": (["--target-ms", "1", "--precision", "int8"], "--precision int8: int8 before"),
+    "int8": (
+        ["--target-ms", "1", "--precision", "int8"],
+        "--precision int8: the latency model times fp32 graphs only",
+    ),
     "cpu_clock_threads": (
         ["--target-ms", "1", "--threads", "2", "--clock", "cpu"],
         "--clock 'cpu'",
