@@ -163,9 +163,7 @@ def check_deployment(cfg: LatencyConfig) -> None:
     from pipeline.bench.backends import ort_cuda_available
 
     if cfg.precision == "int8" and not int8_supported():
-        raise ConfigError(
-            f"train.latency.precision int8: {INT8_HINT}: {INT8_WHY}"
-        )
+        raise ConfigError(f"train.latency.precision int8: {INT8_HINT}: {INT8_WHY}")
     if cfg.backend == "tensorrt":
         from pipeline.export.tensorrt import tensorrt_available
 

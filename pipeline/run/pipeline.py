@@ -52,7 +52,6 @@ from pipeline.run.run_report import (
     ThresholdSummary,
 )
 from pipeline.train.loop import evaluate, resolve_device
-
 from pipeline.train.stage import (
     PrunedAccuracy,
     budget_summary,
