@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--header", type=Path, help="Markdown to put first (commands, notes)")
     p.add_argument("--title", default="Fashion-MNIST")
     p.add_argument("--quick", type=Path, nargs="*", default=[], help="the digits grid's JSON")
-    p.add_argument("--appendix", type=Path, help="hand-written Markdown to put last")
+    p.add_argument(
+        "--appendix", type=Path, nargs="*", default=[], help="Markdown files to put last, in order"
+    )
     args = p.parse_args(argv)
     figures = args.out / "results"
     parts = [args.header.read_text().strip() if args.header else "# Quality results"]
@@ -357,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(
             section(merge(args.quick), figures, "quality_digits", "digits (the quick grid)")
         )
-    if args.appendix:
-        parts.append(args.appendix.read_text().strip())
+    parts += [path.read_text().strip() for path in args.appendix]
     write_text_atomic(args.out / "RESULTS.md", "\n\n".join(parts) + "\n")
     return 0
 

@@ -147,6 +147,45 @@ class PenaltyConfig:
         return self.method in ("receding", "none")
 
 
+LATENCY_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """The deployment a latency budget (``train.target_cost: latency``) is measured on.
+
+    ``clock`` times CPU runs as ``recede bench --clock`` does: ``cpu`` (the thread's CPU time,
+    one thread only, robust to a loaded machine) or ``wall``; CUDA runs always need ``wall``.
+    """
+
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch: int = 1
+    threads: int = 1
+    clock: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_types(self, "train.latency")
+        _check_choice("train.latency.backend", self.backend, LATENCY_BACKENDS)
+        _check_choice("train.latency.device", self.device, ("cpu", "cuda"))
+        _check_choice("train.latency.precision", self.precision, ("fp32", "int8"))
+        _check("train.latency.batch", self.batch >= 1, ">= 1 such as 1", self.batch)
+        _check(
+            "train.latency.threads",
+            1 <= self.threads <= MAX_THREADS,
+            f"in [1, {MAX_THREADS}]",
+            self.threads,
+        )
+        _check_choice("train.latency.clock", self.clock, ("wall", "cpu"))
+        if self.clock == "cpu" and (self.threads != 1 or self.device != "cpu"):
+            raise ConfigError(
+                f"train.latency.clock 'cpu' counts one CPU thread's time, so it needs "
+                f"train.latency.threads 1 and train.latency.device cpu, got threads "
+                f"{self.threads} and device {self.device!r}; set train.latency.clock=wall"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """SGD training. BN parameters get ``bn_lr_mult`` x the learning rate and no weight decay."""
@@ -173,6 +212,8 @@ class TrainConfig:
     receded_below: float = 0.01  # a group has receded when its importance is below this
     penalise: str = "scheduled"  # under a target: "scheduled" (the controller's set) or "all"
     strength_rate: float = 3.0  # decades the controller may move lambda per tenth of training
+    target_latency_ms: float | None = None  # with target_cost latency: the latency to reach
+    latency: LatencyConfig = field(default_factory=LatencyConfig)  # where it is measured
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -186,7 +227,8 @@ class TrainConfig:
         _check_choice("train.schedule", self.schedule, ("cosine", "step", "constant"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train.bn_init", self.bn_init, ("constant", "normal"))
-        _check_choice("train.target_cost", self.target_cost, ("groups", "macs"))
+        _check_choice("train.target_cost", self.target_cost, ("groups", "macs", "latency"))
+        _check_latency_budget(self)
         if self.target is not None and not 0.0 < self.target < 1.0:
             raise ConfigError(
                 f"train.target must be a fraction in (0, 1) such as 0.5, or null for a fixed "
@@ -204,6 +246,27 @@ class TrainConfig:
             self.target_delay,
         )
         _check("train.strength_rate", self.strength_rate > 0, "> 0 such as 3", self.strength_rate)
+
+
+def _check_latency_budget(cfg: TrainConfig) -> None:
+    """``train.target_cost: latency`` takes its budget from ``train.target_latency_ms`` alone
+    (a ``train.target`` beside it is not used, and training says so)."""
+    ms, latency = cfg.target_latency_ms, cfg.target_cost == "latency"
+    if ms is not None and not ms > 0:
+        raise ConfigError(
+            f"train.target_latency_ms must be a latency in milliseconds > 0 such as 0.5, got "
+            f"{ms!r}; set it with --set train.target_latency_ms=..."
+        )
+    if latency and ms is None:
+        raise ConfigError(
+            "train.target_cost latency needs train.target_latency_ms (the latency to reach, in "
+            "ms, e.g. --set train.target_latency_ms=0.5), got null"
+        )
+    if ms is not None and not latency:
+        raise ConfigError(
+            f"train.target_latency_ms={ms!r} is a latency budget, but train.target_cost is "
+            f"{cfg.target_cost!r}; set train.target_cost=latency (or drop target_latency_ms)"
+        )
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,44 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         help="write the pruned model even when the removal check could not have seen a wrong "
         "model; report.json records it. Default: exit code 1 (a failed check always exits 1)",
     )
+    _add_latency_target(p)
+
+
+def _add_latency_target(p: argparse.ArgumentParser) -> None:
+    """``recede prune --target-ms`` and the deployment it is measured on (``train.latency``)."""
+    g = p.add_argument_group(
+        "latency budget", "cut to a latency measured on a backend instead of --ratio/--threshold"
+    )
+    g.add_argument(
+        "--target-ms",
+        type=_number(float, 0.0, open_="low"),
+        help="cut to this latency in ms, predicted by a latency model measured on the backend "
+        "(cached per machine) and checked by timing the cut model; replaces --ratio, "
+        "--threshold and --scope (default: none, cut by --ratio/--threshold)",
+    )
+    g.add_argument(
+        "--backend", choices=("onnxruntime", "tensorrt"),
+        help="with --target-ms: the backend timed (default: onnxruntime)",
+    )  # fmt: skip
+    g.add_argument(
+        "--device", choices=("cpu", "cuda"), help="with --target-ms: the device (default: cpu)"
+    )
+    g.add_argument(
+        "--precision", choices=("fp32", "int8"),
+        help="with --target-ms: the precision (default: fp32; int8 is refused: timed in fp32 only)",
+    )  # fmt: skip
+    g.add_argument(
+        "--batch", type=_number(int, 1), help="with --target-ms: the batch size (default: 1)"
+    )
+    g.add_argument(
+        "--threads", type=_number(int, 1, 256),
+        help="with --target-ms: ONNX Runtime intra-op threads (default: 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--clock", choices=("wall", "cpu"),
+        help="with --target-ms: how runs are timed, as `recede bench --clock` (default: cpu, "
+        "one thread only; wall otherwise)",
+    )  # fmt: skip
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
@@ -522,4 +560,10 @@ def build_parser(
         parsers[name].add_argument(
             "--force", action="store_true", help="use DIR even if its files changed since"
         )
+    parsers["inspect"].add_argument(
+        "--latency-table",
+        action="store_true",
+        help="print the latency model a latency budget used (DIR/latency_model.json): "
+        "deployment, calibration, held-out error and every layer's table",
+    )
     return parser

@@ -74,19 +74,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train only (with the configured penalty) and save the model as state dict + shapes."""
     from pipeline.core.distributed import is_main
     from pipeline.core.output_folders import staged_folder
-    from pipeline.train.stage import budget_summary, open_training, train_as_worker, train_into
+    from pipeline.run.latency_budget import check_latency_deployment, latency_model_for_run
+    from pipeline.train.stage import open_training, train_as_worker, train_into
 
     cfg = _config(args)
+    check_latency_deployment(cfg)  # a latency budget's deployment, before any work
     _before_training(args, cfg, bench=False)
     out, data = open_training(cfg, args.out, kind="train", resume=args.resume, force=args.force)
     if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
         train_as_worker(cfg, data, out, resume=args.resume)
         return EXIT_OK
+    latency = latency_model_for_run(cfg, data)  # None without train.target_cost latency
     start = "resume" if args.resume else "empty"
     with staged_folder(out, kind="train", start=start, keep_on_error=True) as stage:
-        _, logs = train_into(cfg, data, stage, "model", resume=args.resume)
+        lm = latency[0] if latency else None
+        _, logs = train_into(cfg, data, stage, "model", resume=args.resume, latency=lm)
+        _save_latency_model(stage, latency)
     accuracy = logs[-1].accuracy if logs else float("nan")
-    budget = f"; {budget_summary(cfg, logs).outcome}" if cfg.train.target is not None else ""
+    budget = f"; {_train_budget(cfg, logs, latency)}" if cfg.train.target or latency else ""
     print(f"trained {len(logs)} epochs, accuracy {accuracy:.4f}; model in {out / 'model'}{budget}")
     return EXIT_OK
 
@@ -251,6 +256,7 @@ def _verified_removal(result, args: argparse.Namespace) -> list[dict]:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a model (a torchvision/factory spec, or a saved model, train or run folder), verify
     the removal, and print the per-layer table: channels kept, params and MACs before and after."""
+    from pipeline.cli.latency import cut_to_latency, latency_flags
     from pipeline.config import PruneConfig
     from pipeline.core.atomic import write_json_atomic, write_text_atomic
     from pipeline.core.output_folders import check_out_folder, staged_folder
@@ -263,6 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"--scope layer drops a ratio from every layer, so it needs --threshold ratio (the "
             f"default); got --threshold {args.threshold}. Drop --threshold or use --scope global"
         )
+    deployment = latency_flags(args)  # None without --target-ms
     out = check_out_folder(args.out, kind="prune", force=args.force, flag="--out")
     model, spec, example = _load_model(args, batch=VERIFY_BATCH)
     cfg = PruneConfig(
@@ -274,15 +281,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         exact_borders=args.exact_borders,
         allow_approximate=args.allow_approximate,
     )
-    result = prune_model(model, example, cfg, receded_below=_receded_below(args))
+    latency = None
+    if deployment is None:
+        result = prune_model(model, example, cfg, receded_below=_receded_below(args))
+    else:
+        result, section, latency = cut_to_latency(args, model, example, cfg, deployment)
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)
     print(table.render())
     accepted = _verified_removal(result, args)
     report = _prune_report(result, spec, table, accepted)
+    report |= {"latency": section} if latency else {}
     with staged_folder(out, kind="prune") as stage:
         save_pruned(result.model, stage, spec=spec)
         write_json_atomic(stage / "report.json", report)
         write_text_atomic(stage / "plan.json", result.plan.to_json())
+        _save_latency_model(stage, latency and (latency, True))
     counts = result.report()
     print(
         f"pruned {spec.model.name}: {table.summary()}; dropped {counts.dropped} of "
@@ -291,6 +304,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
     return EXIT_OK
+
+
+def _save_latency_model(stage: Path, latency) -> None:
+    """A latency budget's model, copied into the staged folder (``inspect --latency-table``)."""
+    if latency:
+        from pipeline.core.atomic import write_json_atomic
+
+        write_json_atomic(stage / "latency_model.json", latency[0].to_dict())
+
+
+def _train_budget(cfg, logs, latency) -> str:
+    """``recede train``'s budget outcome, in shares of MACs, groups or predicted latency."""
+    from pipeline.run.latency_budget import training_budget
+    from pipeline.train.stage import budget_summary
+
+    if latency is None:
+        return budget_summary(cfg, logs).outcome
+    return training_budget(cfg, latency[0], logs).outcome
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -364,8 +395,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     DIR (or --from DIR) holding report.md is a run folder: its files are checked against its
     index (unless --force) and its report is printed. Any other DIR must hold a saved model (a
-    prune, train or model folder), loaded and checked as `recede prune DIR` does.
+    prune, train or model folder), loaded and checked as `recede prune DIR` does. With
+    --latency-table, DIR's latency model (a latency budget's run, train or prune folder).
     """
+    if args.latency_table:
+        from pipeline.cli.latency import print_latency_table
+
+        if not args.source:
+            raise UsageError("--latency-table needs DIR, a folder a latency budget wrote")
+        print_latency_table(Path(args.source), args)
+        return EXIT_OK
     if args.source and (Path(args.source) / "report.md").is_file():
         folder = Path(args.source)
         from pipeline.cli.bench import verify_unless_forced

@@ -28,10 +28,21 @@ from pipeline.core.atomic import write_json_atomic, write_text_atomic
 from pipeline.core.checks import Check, raise_unless_verified
 from pipeline.core.output_folders import staged_folder
 from pipeline.data.datasets import DataBundle
+from pipeline.graph.latency_cost import LatencyModel
 from pipeline.models.checkpoint import SHAPES, WEIGHTS, save_pruned
+from pipeline.prune.latency_cut import LatencyFit
 from pipeline.prune.plan import layer_widths
 from pipeline.prune.stage import Pruned, prune_model
 from pipeline.prune.threshold import NotBimodalError
+from pipeline.run.latency_budget import (
+    check_latency_deployment,
+    latency_model_for_run,
+    latency_summary,
+    measure_final,
+    prune_to_latency,
+    training_budget,
+)
+from pipeline.run.latency_report import LatencyBudgetSummary
 from pipeline.run.run_report import (
     DenseSummary,
     ExportSummary,
@@ -41,9 +52,6 @@ from pipeline.run.run_report import (
     ThresholdSummary,
 )
 from pipeline.train.loop import evaluate, resolve_device
-
-if TYPE_CHECKING:
-    from pipeline.export.int8_export import Int8Export
 from pipeline.train.stage import (
     PrunedAccuracy,
     budget_summary,
@@ -55,14 +63,24 @@ from pipeline.train.stage import (
     train_into,
 )
 
+if TYPE_CHECKING:
+    from pipeline.export.int8_export import Int8Export
+
 logger = logging.getLogger(__name__)
 
 
 def _prune_and_finetune(
-    model: nn.Module, data: DataBundle, batch: torch.Tensor, cfg: RunConfig, out: Path
+    model: nn.Module,
+    data: DataBundle,
+    batch: torch.Tensor,
+    cfg: RunConfig,
+    out: Path,
+    pruned: Pruned | None = None,
 ) -> tuple[Pruned, PrunedAccuracy]:
-    """Prune, recalibrate BN, fine-tune; returns the result and the pruned model's accuracies."""
-    pruned = prune_model(model, batch, cfg.prune, receded_below=cfg.train.receded_below)
+    """Prune (unless ``pruned`` is the cut already made), recalibrate BN, fine-tune; returns
+    the result and the pruned model's accuracies."""
+    if pruned is None:
+        pruned = prune_model(model, batch, cfg.prune, receded_below=cfg.train.receded_below)
     write_text_atomic(out / "plan.json", pruned.plan.to_json())
     accuracy = finetune_(pruned.model, data, cfg.train, cfg.prune)
     save_pruned(pruned.model, out / "pruned", spec=model_spec(cfg, data))
@@ -140,13 +158,15 @@ def run_pipeline(
         VerificationError: a fold, removal or ONNX check failed, or could not have seen a wrong
             model and ``export.accept_insensitive`` is off (``pipeline.core.checks``).
     """
+    check_latency_deployment(cfg)  # a latency budget's deployment, before any work
     final, data = open_training(cfg, out, kind="run", resume=resume, force=force)
     if not distributed.is_main():
         train_as_worker(cfg, data, final, resume=resume)
         return None
+    latency = latency_model_for_run(cfg, data)  # measured or cached before anything is staged
     start = "resume" if resume else "empty"
     with staged_folder(final, kind="run", start=start, keep_on_error=True) as partial:
-        report = _run_into(cfg, data, partial, final, resume)
+        report = _run_into(cfg, data, partial, final, resume, latency)
     raise_unless_verified(  # after the move: the folder in place is the evidence
         [*(Check.from_dict(c) for c in report.export.checks), *report.int8_checks()],
         accept_insensitive=cfg.export.accept_insensitive,
@@ -173,17 +193,26 @@ def _removal_check(pruned: Pruned) -> list[Check]:
     return [pruned.removal.check] if pruned.removal.check else []
 
 
-def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: bool) -> RunReport:
+def _run_into(
+    cfg: RunConfig,
+    data: DataBundle,
+    out: Path,
+    final: Path,
+    resume: bool,
+    latency: tuple[LatencyModel, bool] | None = None,
+) -> RunReport:
     """Every stage, writing into the staging folder ``out`` that becomes ``final``."""
     from pipeline.bench.sweep import latency_table
     from pipeline.export.verify import export_and_verify
     from pipeline.run.report import plot_run, render_markdown
 
     start = time.perf_counter()
-    model, logs = train_into(cfg, data, out, "trained", resume=resume)
+    lm = latency[0] if latency else None
+    model, logs = train_into(cfg, data, out, "trained", resume=resume, latency=lm)
     dense_acc, batch = evaluate(model, data.test, torch.device("cpu")), example_batch(data)
+    fit = _latency_cut(model, batch, cfg, lm)  # None without a latency budget
     try:
-        pruned, acc = _prune_and_finetune(model, data, batch, cfg, out)
+        pruned, acc = _prune_and_finetune(model, data, batch, cfg, out, fit[0] if fit else None)
     except NotBimodalError as err:
         raise NotBimodalError(f"{err}; {_trained_hint(out / 'trained')}") from None
     exported = export_and_verify(
@@ -221,7 +250,8 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
         groups=_groups(pruned),
         environment=_environment(cfg),
         seconds=time.perf_counter() - start,
-        budget=budget_summary(cfg, logs),
+        budget=budget_summary(cfg, logs) if lm is None else training_budget(cfg, lm, logs),
+        latency_budget=_latency_outcome(cfg, out, exported.paths["pruned"], latency, fit),
         int8=_int8_record(int8),
     )
     cut = pruned.plan.threshold_value if pruned.plan.threshold_mode != "ratio" else None
@@ -235,6 +265,37 @@ def _run_into(cfg: RunConfig, data: DataBundle, out: Path, final: Path, resume: 
     int8_paths = {f"{label}_int8_onnx": done.path for label, done in int8.items()}
     _write_release_manifest(cfg, out, {**exported.paths, **int8_paths}, plots, report)
     return report
+
+
+def _latency_cut(
+    model: nn.Module, batch: torch.Tensor, cfg: RunConfig, lm: LatencyModel | None
+) -> tuple[Pruned, LatencyFit] | None:
+    """Under a latency budget, the cut measured to the target (None otherwise)."""
+    if lm is None:
+        return None
+    logger.info("latency budget: the cut is chosen by the latency model, not prune.threshold")
+    return prune_to_latency(
+        model, batch, cfg.prune, lm, cfg.train.target_latency_ms,
+        receded_below=cfg.train.receded_below,
+    )  # fmt: skip
+
+
+def _latency_outcome(
+    cfg: RunConfig,
+    out: Path,
+    onnx: Path,
+    latency: tuple[LatencyModel, bool] | None,
+    fit: tuple[Pruned, LatencyFit] | None,
+) -> LatencyBudgetSummary | None:
+    """The final pruned ONNX timed on the deployment, and the latency model copied into the
+    run folder (``latency_model.json``, what ``recede inspect --latency-table`` shows)."""
+    if latency is None or fit is None:
+        return None
+    write_json_atomic(out / "latency_model.json", latency[0].to_dict())
+    measured = measure_final((onnx.with_name("dense.onnx"), onnx), cfg.train.latency)
+    summary = latency_summary(latency[0], fit[1], measured, latency[1])
+    (logger.info if summary.reached else logger.warning)("%s", summary.line())
+    return summary
 
 
 def _int8_exports(

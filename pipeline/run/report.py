@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.timing import LatencyRow, annotated_rows, latency_markdown
 from pipeline.core.atomic import atomic_path
+from pipeline.run.latency_report import latency_budget_markdown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -110,7 +111,9 @@ def _budget_line(budget: Mapping[str, Any]) -> str:
     line = f"**Training budget:** {budget['outcome']}"
     if budget.get("target") is None:
         return line
-    unit = "MACs" if budget.get("cost") == "macs" else "prunable channel groups"
+    unit = {"macs": "MACs", "latency": "predicted latency"}.get(
+        budget.get("cost"), "prunable channel groups"
+    )
     reachable = budget.get("reachable")
     floors = "" if reachable is None else f"; the layer floors let at most {reachable:.3f} recede"
     return f"{line}. Shares count the {unit}{floors}."
@@ -266,6 +269,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     budget = report.get("budget") or {}
     if budget.get("outcome"):
         sections.insert(1, _budget_line(budget))
+    if budget.get("latency"):
+        sections.insert(2, latency_budget_markdown(budget["latency"]))
     if report.get("speed"):
         sections.insert(1, f"**Speed:** {report['speed']}.")
     plots = dict(plots or {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline.run.latency_report import LatencyBudgetSummary
 from pipeline.train.stage import BudgetSummary
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ class RunReport:
     seconds: float = 0.0
     budget: BudgetSummary | None = None
     int8: dict[str, Any] | None = None  # the pruned INT8 graph's record, with "dense": the dense's
+    latency_budget: LatencyBudgetSummary | None = None  # report.json budget.latency
 
     def to_dict(self) -> dict[str, Any]:
         """The report.json content (keys documented in the README)."""
@@ -148,10 +150,19 @@ class RunReport:
             "groups": asdict(self.groups),
             "environment": dict(self.environment),
             "seconds": round(self.seconds, 1),
-            "budget": asdict(self.budget) if self.budget else None,
+            "budget": self._budget_dict(),
             "int8": self.int8,
             "speed": self.speed() or None,
         }
+
+    def _budget_dict(self) -> dict[str, Any] | None:
+        """The budget section; a latency budget's own outcome under ``latency``."""
+        if self.budget is None:
+            return None
+        budget = asdict(self.budget)
+        if self.latency_budget is not None:
+            budget["latency"] = asdict(self.latency_budget)
+        return budget
 
     def outcome(self) -> str:
         """The run in one line: accuracy before and after, MACs and parameters removed, and
@@ -166,6 +177,8 @@ class RunReport:
             f"params {_reduction(dense.params, pruned.params)}",
         ]
         budget = f"; {self.budget.outcome}" if self.budget is not None else ""
+        if self.latency_budget is not None:
+            budget += f"; {self.latency_budget.line()}"
         speed = self.speed()
         return (
             ", ".join(parts + _int8_outcome(self.int8)) + budget + (f"; {speed}" if speed else "")

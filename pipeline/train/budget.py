@@ -67,6 +67,7 @@ class ReceededShare:
         weights: dict[int, float] | None = None,
         floors: tuple[int, float] = (1, 1.0),
         macs_example: torch.Tensor | None = None,
+        kept_cost: Any | None = None,
     ) -> None:
         self.modules = list(bn_modules(model).items())
         offsets, start = {}, 0
@@ -94,6 +95,8 @@ class ReceededShare:
         self.macs = (
             None if macs_example is None else KeptMacs(model, graph, macs_example, self.group_ids)
         )
+        if kept_cost is not None:  # any cost of kept groups: KeptLatency (target_cost: latency)
+            self.macs = kept_cost
 
     def select(self, importance: torch.Tensor, share: float) -> torch.Tensor:
         """The weakest groups up to ``share`` that pruning could remove together: each layer

@@ -297,10 +297,11 @@ def train_(
                 save_torch_atomic(model.state_dict(), last.with_name(f"{tag}_epoch{epoch:03d}.pt"))
                 state.save(last, [dataclasses.asdict(log) for log in logs])
     if polariser is not None and polariser.controller is not None and logs:
-        reached = budget_reached(cfg.target, logs[-1].receded)
+        target = getattr(polariser, "target", cfg.target)  # a latency budget derives its share
+        reached = budget_reached(target, logs[-1].receded)
         log = logger.info if reached else logger.warning
         last_log = logs[-1]
-        outcome = budget_outcome(cfg.target, last_log.receded, last_log.reachable, polariser.prune)
+        outcome = budget_outcome(target, last_log.receded, last_log.reachable, polariser.prune)
         log("%s: %s", tag, outcome)
     return logs
 

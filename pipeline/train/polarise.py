@@ -38,6 +38,7 @@ from torch import nn
 
 from pipeline.config import PenaltyConfig, PruneConfig, TrainConfig
 from pipeline.graph.channel_graph import build_channel_graph
+from pipeline.graph.latency_cost import LatencyModel, latency_share
 from pipeline.layers.bn import bn_modules, convert_to_bounded_bn_
 from pipeline.layers.bounded_bn import BoundedBatchNorm2d
 from pipeline.train.budget import BudgetController, ReceededShare
@@ -48,6 +49,7 @@ from pipeline.train.budget_outcome import (  # re-exported: callers import them 
     warn_unreachable,
 )
 from pipeline.train.gated_shift import GatedShifts
+from pipeline.train.latency_budget import latency_cost, warn_latency_unreachable
 from pipeline.train.penalties import Penalty, make_penalty
 
 __all__ = [
@@ -149,13 +151,15 @@ class Polariser:
         cfg: TrainConfig,
         total_steps: int,
         shifts: GatedShifts | None = None,
+        target: float | None = None,
     ) -> None:
         self.model, self.penalty, self.tracker, self.cfg = model, penalty, tracker, cfg
         self.shifts = shifts if shifts is not None else GatedShifts({})
         self.controller = None
-        if cfg.target is not None:
+        self.target = cfg.target if target is None else target  # a latency budget's share
+        if self.target is not None:
             self.controller = BudgetController(
-                cfg.target,
+                self.target,
                 total_steps,
                 penalty.config.strength,
                 level=cfg.receded_below,
@@ -183,12 +187,15 @@ class Polariser:
         convert: bool = True,
         backend: str = "auto",
         prune: PruneConfig | None = None,
+        latency: LatencyModel | None = None,
     ) -> Polariser:
         """Ready ``model`` in place for ``cfg.penalty`` and bind the penalty and controller.
 
         ``prune`` is the pruning to come (default ``PruneConfig()``): the budget never asks a
         layer to recede channels that its ``min_channels`` and ``max_layer_ratio`` would keep.
         A frozen BN is neither converted nor re-initialised.
+        ``latency`` is the measured latency model a ``train.target_cost: latency`` budget
+        drives to (``pipeline.train.latency_budget``).
         """
         bounded = cfg.penalty.bounded
         if convert and bounded:
@@ -209,14 +216,19 @@ class Polariser:
         prune = prune or PruneConfig()
         floors = (prune.min_channels, prune.max_layer_ratio)
         macs = example if cfg.target_cost == "macs" else None  # exact MAC shares
-        tracker = ReceededShare(model, graph, None, floors, macs_example=macs)
+        kept = latency_cost(graph, cfg, latency)  # None unless target_cost is latency
+        tracker = ReceededShare(model, graph, None, floors, macs_example=macs, kept_cost=kept)
+        target = None if kept is None else latency_share(kept, cfg.target_latency_ms)
         shifts = GatedShifts.of(model, graph) if penalty.config.method != "none" else None
-        polariser = cls(model, penalty, tracker, cfg, total_steps, shifts)
+        polariser = cls(model, penalty, tracker, cfg, total_steps, shifts, target=target)
         polariser.prune = prune
         polariser._warn_frozen()
-        if cfg.target is not None:
+        if polariser.target is not None:
             polariser.reachable = tracker.reachable()
-            warn_unreachable(cfg, prune, polariser.reachable)
+            if kept is None:
+                warn_unreachable(cfg, prune, polariser.reachable)
+            else:
+                warn_latency_unreachable(cfg, prune, kept, polariser.reachable)
         return polariser
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:

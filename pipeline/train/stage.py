@@ -28,6 +28,7 @@ from pipeline.core.atomic import write_text_atomic
 from pipeline.core.output_folders import check_out_folder, partial_folder
 from pipeline.data.datasets import DataBundle, load_data
 from pipeline.graph.channel_graph import build_channel_graph
+from pipeline.graph.latency_cost import LatencyModel
 from pipeline.models.checkpoint import save_pruned
 from pipeline.models.zoo import ModelSpec, build_model
 from pipeline.train.budget_outcome import BUDGET_TOLERANCE, budget_outcome, budget_reached
@@ -100,7 +101,12 @@ def reseed_(data: DataBundle, seed: int) -> None:
 
 
 def build_and_train(
-    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, *, resume: bool = False
+    cfg: RunConfig,
+    data: DataBundle,
+    checkpoint_dir: Path | None,
+    *,
+    resume: bool = False,
+    latency: LatencyModel | None = None,
 ) -> tuple[nn.Module, list[EpochLog]]:
     """Build the model, ready it for the penalty (``Polariser.prepare``) and train it.
 
@@ -109,21 +115,27 @@ def build_and_train(
 
     For ISTA with ``rescale != 1`` the gamma/W rescaling is applied before training and undone
     after, so the saved model has the original parameterisation.
+
+    ``latency`` is the measured latency model a ``train.target_cost: latency`` budget needs.
     """
     device = resolve_device(cfg.train.device)
     with distributed.process_group(device, cfg.data.batch_size):  # only under torchrun
-        return _build_and_train(cfg, data, checkpoint_dir, resume)
+        return _build_and_train(cfg, data, checkpoint_dir, resume, latency)
 
 
 def _build_and_train(
-    cfg: RunConfig, data: DataBundle, checkpoint_dir: Path | None, resume: bool
+    cfg: RunConfig,
+    data: DataBundle,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    latency: LatencyModel | None = None,
 ) -> tuple[nn.Module, list[EpochLog]]:
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
     pen_cfg = cfg.train.penalty
     example = example_batch(data, 2)
     steps = cfg.train.epochs * len(distributed.shard_loader(data.train, cfg.train.seed))
     polariser = Polariser.prepare(
-        model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune
+        model, example, cfg.train, total_steps=max(1, steps), prune=cfg.prune, latency=latency
     )
     rescaled: list[str] = []
     if pen_cfg.method == "ista" and pen_cfg.rescale != 1.0:
@@ -167,13 +179,19 @@ def open_training(
 
 
 def train_into(
-    cfg: RunConfig, data: DataBundle, stage: Path, model_dir: str, *, resume: bool
+    cfg: RunConfig,
+    data: DataBundle,
+    stage: Path,
+    model_dir: str,
+    *,
+    resume: bool,
+    latency: LatencyModel | None = None,
 ) -> tuple[nn.Module, list[EpochLog]]:
     """Write ``config.yaml``, train (checkpoints in ``stage/checkpoints``) and save the trained
     model into ``stage/model_dir``; returns the model and the epoch logs."""
     write_text_atomic(stage / "config.yaml", dump_config(cfg))
     seed_everything(cfg.train.seed)
-    model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=resume)
+    model, logs = build_and_train(cfg, data, stage / "checkpoints", resume=resume, latency=latency)
     save_pruned(model, stage / model_dir, spec=model_spec(cfg, data))
     return model, logs
 
