@@ -241,8 +241,9 @@ def _write(
     for name in (*FILES.values(), MANIFEST_NAME):  # nothing stale from an earlier export
         (stage / name).unlink(missing_ok=True)
     release = export_release(
-        model, spec.input_shape, stage, options, int8_samples=samples, latency_cost=_int8_cost()
-    )
+        model, spec.input_shape, stage, options, int8_samples=samples, latency_cost=_int8_cost(),
+        classes=spec.num_classes,
+    )  # fmt: skip
     for check in release.all_checks():
         print(
             f"{out / check.path if check.path else check.what}: {check.precision}, {check.line()}"

@@ -69,6 +69,9 @@ class Check:
         batch_sizes: Batch sizes compared.
         opset: The ONNX graph's default-domain opset (None for other artefacts).
         twin: For an untrained model, the check of its BN-calibrated twin (as a dict).
+        output: For a model with several outputs, the one whose figures these are: the worst
+            (``pipeline.core.output_checks``); "" for a model with one output.
+        outputs: For a model with several outputs, every output's own check (as dicts).
     """
 
     what: str
@@ -84,6 +87,8 @@ class Check:
     batch_sizes: tuple[int, ...] = ()
     opset: int | None = None
     twin: dict[str, Any] | None = None  # the calibrated twin's check, for an untrained model
+    output: str = ""  # the worst of several outputs, whose figures these are
+    outputs: dict[str, dict[str, Any]] | None = None  # every output's own check
 
     @property
     def passed(self) -> bool:
@@ -122,6 +127,8 @@ class Check:
                 f"{twin.max_abs_err:.2e}, bound {twin.bound:.2e}, a wrong input moves it "
                 f"{_times(twin.sensitivity)} the bound)"
             )
+        if self.output:
+            text = f"output {self.output!r} (worst of {len(self.outputs or ())}): {text}"
         return f"{text}: {self.cause}" if self.cause else text
 
 
