@@ -250,6 +250,7 @@ def export_release(
     batch = verification_input(shape, options.verify_batch)
     folded, fold = fold_bn(model, batch)
     checks: list[Check | Int8Check] = list(_export_onnx_formats(folded, model, out, batch, options))
+    checks += _whole_detector(model, shape, out, options)
     int8 = (
         _export_int8(out, options, int8_samples, latency_cost, classes)
         if needs_int8(options)
@@ -268,6 +269,21 @@ def export_release(
     return Release(
         tuple(checks), files, _details(options, shape, files, fold, checks, int8), fold.check
     )
+
+
+def _whole_detector(
+    model: nn.Module, shape: tuple[int, ...], out: Path, options: ReleaseOptions
+) -> list[Check]:
+    """A detector's whole pipeline as ``detector.onnx`` beside its trunk, where torch's exporter
+    can export it (``pipeline.export.detector``); nothing for other models."""
+    from pipeline.models.detection import DetectorTrunk
+
+    if not isinstance(model, DetectorTrunk) or "onnx" not in options.formats:
+        return []
+    from pipeline.export.detector import export_detector
+
+    check = export_detector(model, (shape[1], shape[2]), out, opset=options.opset)
+    return [] if check is None else [check]
 
 
 def _details(
