@@ -222,7 +222,7 @@ class PruneConfig:
     aggregate: str = "max"
     min_channels: int = 4
     max_layer_ratio: float = 0.95
-    round_to: int = 1
+    round_to: int = 8  # kept widths that ONNX Runtime's CPU kernels run fast (decisions.md)
     finetune_epochs: int = 3
     exact_borders: bool = True  # absorb constant channels exactly at zero-padded borders
     recalibrate: bool = True  # re-estimate BN running stats after pruning (no gradient steps)
@@ -498,7 +498,9 @@ def _parse_value(key: str, raw: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(raw)
+        return _load_yaml(raw)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"--set {key}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(
             f"--set {key}: {raw!r} is not a YAML value; quote strings and write lists as [1, 8] "
@@ -506,21 +508,72 @@ def _parse_value(key: str, raw: str) -> Any:
         ) from err
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides."""
+class DuplicateKeyError(ConfigError):
+    """A YAML mapping names one key twice (PyYAML would keep the last silently)."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping, at any depth.
+
+    PyYAML keeps the last of two equal keys, so a second ``train:`` section silently dropped the
+    first; merge keys (``<<: *base``) still override as YAML intends.
+    """
     import yaml
 
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise DuplicateKeyError(
+                        f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
+                        f"{line}); YAML would keep only the last and drop the first silently; "
+                        "expected each key once; merge the two into one"
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_config_file(path: Path) -> Any:
+    """The YAML at ``path``; a missing, unreadable, non-UTF-8 or malformed file names itself."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass a path such as configs/demo.yaml"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+            f"offset {err.start}); expected a UTF-8 YAML file; save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read ({err.strerror}); expected a readable "
+            "YAML file; fix its permissions or pass another -c"
+        ) from None
+    try:
+        return _load_yaml(text) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``--set`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; pass a path such as configs/demo.yaml"
-            )
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        data = _read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(
                 f"config file {str(path)!r} must be a mapping of sections such as train: and "

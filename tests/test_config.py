@@ -274,3 +274,84 @@ def test_fuzz_set_strings_give_a_valid_config_or_config_error(tmp_path_factory, 
     except ConfigError:
         return
     _assert_valid_and_round_trips(cfg, folder)
+
+
+# --- a key given twice, a file that is not UTF-8 (both silently wrong or unnamed before) --------
+
+
+def _yaml_lines(tree: dict, indent: int = 0) -> list[tuple[int, str, object]]:
+    """Block-style YAML of ``tree``, one (indent, key, value) per line; a mapping value is
+    written as its own lines below its key."""
+    lines = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            lines.append((indent, key, None))
+            lines += _yaml_lines(value, indent + 2)
+        else:
+            lines.append((indent, key, value))
+    return lines
+
+
+def _render(lines) -> str:
+    def scalar(value):
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+    return "".join(
+        f"{' ' * i}{k}:\n" if v is None else f"{' ' * i}{k}: {scalar(v)}\n" for i, k, v in lines
+    )
+
+
+SECTIONS = st.lists(st.sampled_from(sorted(to_dict(RunConfig()))), min_size=1, unique=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sections=SECTIONS, data=st.data())
+def test_a_key_given_twice_at_any_depth_is_refused_naming_the_file(tmp_path_factory, sections, data):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` dropped the first silently.
+    Any key repeated in one mapping, at any depth, is refused naming the file, key and lines."""
+    defaults = to_dict(RunConfig())
+    lines = _yaml_lines({s: defaults[s] for s in sections})
+    at = data.draw(st.integers(0, len(lines) - 1), label="line to repeat")
+    indent, key, _ = lines[at]
+    end = next((j for j in range(at + 1, len(lines)) if lines[j][0] < indent), len(lines))
+    repeated = [*lines[:end], (indent, key, "0"), *lines[end:]]  # same mapping, after its block
+    folder = tmp_path_factory.mktemp("dup", numbered=True)
+    path = folder / "c.yaml"
+    path.write_text(_render(lines))
+    load_config(path)  # the file without the repeat is a valid config
+    path.write_text(_render(repeated))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"config file {str(path)!r}: key {key!r} appears twice" in str(err.value)
+    assert f"(lines {at + 1} and {end + 1})" in str(err.value)
+
+
+def test_two_train_sections_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 1\nprune:\n  ratio: 0.3\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping \(lines 1 and 5\)"):
+        load_config(path)
+
+
+def test_a_key_given_twice_in_a_set_value_is_refused():
+    with pytest.raises(ConfigError, match=r"--set train.penalty: key 'bias' appears twice"):
+        load_config(None, ["train.penalty={bias: 1, bias: 2}"])
+
+
+def test_a_yaml_merge_key_still_overrides(tmp_path):
+    """``<<: *base`` then a key of the base is YAML's override, not a repeat."""
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, epochs: 2}\n")
+    text = "train:\n  <<: {lr: 0.1, epochs: 2}\n  lr: 0.2\n"
+    path.write_text(text)
+    assert load_config(path).train.lr == 0.2 and load_config(path).train.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "raw", [b"train:\n  epochs: 1 \xff\xfe\n", "prune:\n  ratio: 0.3  # caf\u00e9\n".encode("latin-1")]
+)
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path, raw):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError, match=rf"config file '{path}' is not UTF-8 text \(byte 0x"):
+        load_config(path)

@@ -43,10 +43,12 @@ def code_blocks(text: str, language: str) -> list[str]:
 def shell_commands(block: str) -> list[list[str]]:
     """Each command of a bash block as argv.
 
-    Backslash continuations are joined, comments dropped, here-document bodies skipped, and
-    leading ``NAME=value`` environment assignments (``PYTHONPATH=. recede ...``) removed.
+    Backslash continuations are joined, comments dropped, here-document bodies skipped,
+    leading ``NAME=value`` environment assignments (``PYTHONPATH=. recede ...``) removed, and a
+    ``$NAME`` that an assignment earlier in the block set is replaced by its words (``GATE="..."``
+    then ``recede bench $GATE``), so the flags it holds are checked too.
     """
-    commands, pending, heredoc = [], "", None
+    commands, pending, heredoc, names = [], "", None, {}
     for line in block.splitlines():
         if heredoc is not None:
             heredoc = None if line.strip() == heredoc else heredoc
@@ -59,11 +61,22 @@ def shell_commands(block: str) -> list[list[str]]:
         if marker:
             heredoc, line = marker.group(1), line[: marker.start()]
         for argv in _split_lists(shlex.split(line, comments=True)):
-            while argv and re.fullmatch(r"[A-Za-z_]\w*=\S*", argv[0]):
+            while argv and (assigned := re.fullmatch(r"([A-Za-z_]\w*)=(.*)", argv[0], re.S)):
+                names[assigned.group(1)] = shlex.split(assigned.group(2))
                 argv.pop(0)
+            argv = _expand(argv, names)
             if argv and argv[0] != "[":  # a `[ test ]` guard: the command after || is checked
                 commands.append(argv)
     return commands
+
+
+def _expand(argv: list[str], names: dict[str, list[str]]) -> list[str]:
+    """``argv`` with each ``$NAME``/``${NAME}`` the block assigned replaced by its words."""
+    out: list[str] = []
+    for word in argv:
+        key = word[1:].strip("{}") if word.startswith("$") else ""
+        out += names.get(key, [word])
+    return out
 
 
 def _split_lists(argv: list[str]) -> list[list[str]]:
@@ -107,7 +120,8 @@ def command_problem(argv: list[str]) -> str | None:
         script = rest[0] if rest else "-"
         return None if script == "-" or (ROOT / script).is_file() else f"no script {script}"
     if name == "make":
-        missing = [t for t in rest if not t.startswith("-") and t not in make_targets()]
+        targets = [t for t in rest if not t.startswith("-") and "=" not in t]  # VAR=x: a value
+        missing = [t for t in targets if t not in make_targets()]
         return f"no make target {', '.join(missing)}" if missing else None
     if name in OTHER_COMMANDS:
         return None

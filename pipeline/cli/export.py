@@ -263,6 +263,18 @@ def _write(
     return release
 
 
+def _run_allowed_slower(folder: Path) -> bool:
+    """Whether the run that made ``folder`` was told to ship a slower model
+    (``export.allow_slower: true`` in its config.yaml): the same decision holds for its export."""
+    from pipeline.config import ConfigError, load_config
+
+    config = folder.parent / "config.yaml"
+    try:
+        return config.is_file() and load_config(config, ()).export.allow_slower
+    except ConfigError:
+        return False  # an unreadable config decides nothing here; the export checks it later
+
+
 def _refuse_slower_run(folder: Path, allow: bool) -> None:
     """A run's pruned model whose own latency table (``RUN/report.json``) shows it slower than
     the dense model beyond noise is not exported unless ``--allow-slower`` (exit 1, nothing
@@ -357,7 +369,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     folder = _export_folder(args.dir)
     model, spec = load_pruned(folder)  # a damaged folder is refused here, naming the file
-    _refuse_slower_run(folder, args.allow_slower)
+    _refuse_slower_run(folder, args.allow_slower or _run_allowed_slower(folder))
     out = _out_folder(args, folder)
     source, int8_reason = _int8_source(args, folder)
     options, warnings = _options(args, folder, int8_reason)

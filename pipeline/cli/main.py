@@ -41,6 +41,15 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+def _before_training(args: argparse.Namespace, cfg, *, bench: bool) -> None:
+    """``--out`` and every value only training or later would use, checked before any work."""
+    from pipeline.cli.preflight import check_before_training
+    from pipeline.core.output_folders import check_out_folder
+
+    check_out_folder(args.out, kind=args.command, force=args.force, flag="--out")
+    check_before_training(cfg, bench=bench)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Train with the polarising penalty, prune, fine-tune, fold, export, verify and time."""
     from pipeline.run.pipeline import run_pipeline
@@ -48,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.allow_slower:
         args.set = [*(args.set or ()), "export.allow_slower=true"]
     cfg = _config(args)
+    _before_training(args, cfg, bench=True)
     report = run_pipeline(cfg, args.out, resume=args.resume, force=args.force)
     if report is None:  # a torchrun rank other than 0: it trained, rank 0 writes and reports
         return EXIT_OK
@@ -67,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train.stage import budget_summary, open_training, train_as_worker, train_into
 
     cfg = _config(args)
+    _before_training(args, cfg, bench=False)
     out, data = open_training(cfg, args.out, kind="train", resume=args.resume, force=args.force)
     if not is_main():  # a torchrun rank other than 0 trains in step and writes nothing
         train_as_worker(cfg, data, out, resume=args.resume)
@@ -160,11 +171,12 @@ def _load_model(args: argparse.Namespace):
     """(model, spec, example) from --from DIR or --model SPEC --input-shape."""
     import torch
 
-    from pipeline.models.checkpoint import load_pruned
+    from pipeline.models.checkpoint import SHAPES, load_pruned, model_folder
 
     if args.source:
         model, spec = load_pruned(args.source)
-        shape, what = (1, *spec.input_shape), f"--from {args.source}"
+        shapes = model_folder(args.source) / SHAPES
+        shape, what = (1, *spec.input_shape), f"--from {args.source} ({shapes}: spec.input_shape)"
     elif args.model and args.input_shape:
         shape, what = args.input_shape, f"--model {args.model} --input-shape"
         model, spec = _build(args, tuple(shape[1:]))
@@ -235,6 +247,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scope=args.scope,
         min_channels=args.min_channels,
         round_to=args.round_to,
+        exact_borders=args.exact_borders,
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)
@@ -264,7 +277,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     calibrated INT8 ONNX and/or a TensorRT engine, verify each (INT8 by its agreement with fp32
     on held-out samples), and write a release manifest (into --out, or the folder itself)."""
     from pipeline.cli.export import export_command
+    from pipeline.core.output_folders import check_replaceable
+    from pipeline.models.checkpoint import model_folder
 
+    folder = model_folder(args.dir).absolute()
+    if args.out is None:  # in place: the model folder itself is swapped for its new version
+        check_replaceable(folder, "DIR")
+    elif folder in Path(args.out).absolute().parents:  # one without a marker, too
+        raise UsageError(
+            f"--out {args.out} is inside the model folder {folder} it exports; replacing that "
+            f"folder would delete the release; expected a folder outside it; pass e.g. --out "
+            f"{folder.parent / (folder.name + '-release')}"
+        )
     return export_command(args)
 
 
@@ -383,13 +407,27 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _interrupted(args: argparse.Namespace) -> str:
-    """What Ctrl-C left: staging folders are removed on the way out, except one kept to resume."""
+    """What Ctrl-C left: staging folders are removed on the way out, except one kept to resume
+    (only ``run`` and ``train`` have ``--resume``, and only a folder with work in it is kept)."""
     from pipeline.core.output_folders import partial_folder
 
     out = getattr(args, "out", None)
-    if out and partial_folder(out).is_dir():
+    if out and partial_folder(out).is_dir() and hasattr(args, "resume"):
         return f"interrupted; {out} is unchanged, the unfinished {partial_folder(out)} is kept for --resume"
+    if out and partial_folder(out).is_dir():  # Ctrl-C twice: the clean-up was cut short
+        return f"interrupted; {out} is unchanged; the next write removes {partial_folder(out)}"
     return "interrupted; nothing was written"
+
+
+def _recover_paths(args: argparse.Namespace) -> None:
+    """Finish a swap a kill interrupted at any folder the command names, before it reads or
+    judges it (``pipeline.core.folder_swap``); a file's folder counts (``bench rel/x.onnx``)."""
+    from pipeline.core.output_folders import recover_interrupted_swap
+
+    named = [getattr(args, n, None) for n in ("source", "dir", "out")]
+    for path in filter(None, [*named, *(getattr(args, "models", None) or [])]):
+        for folder in (Path(path), Path(path).absolute().parent):
+            recover_interrupted_swap(folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         resolve_input_folder(args)
+        _recover_paths(args)
         return args.handler(args)
     except VerificationError as err:
         print(f"recede {args.command}: verification failed: {err}", file=sys.stderr)

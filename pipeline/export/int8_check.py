@@ -140,8 +140,12 @@ class Int8Check:
         return self.wrong.drop / self.bound if self.bound > 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields (each agreement with its ``drop``), plus ``drop``, ``passed`` and
+        ``sensitivity``."""
         return {
             **asdict(self),
+            "measured": {**asdict(self.measured), "drop": self.measured.drop},
+            "wrong": {**asdict(self.wrong), "drop": self.wrong.drop},
             "drop": self.measured.drop,
             "passed": self.passed,
             "sensitivity": self.sensitivity,

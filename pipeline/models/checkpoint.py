@@ -9,7 +9,6 @@ re-shaping the layers named in the manifest, and loading the state dict with
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import warnings
@@ -23,20 +22,22 @@ from torch import nn
 from pipeline.core.atomic import save_torch_atomic, write_json_atomic
 from pipeline.layers.bn import convert_to_bounded_bn_, is_bn
 from pipeline.layers.corrected_conv import corrections, make_corrected_
+from pipeline.models.shapes_file import (  # noqa: F401 - CheckpointError, SHAPES: public here
+    LEGACY_SHAPES,
+    SHAPES,
+    CheckpointError,
+    check_layer_shapes,
+    model_spec,
+    read_shapes,
+    shapes_path,
+)
 from pipeline.models.zoo import ModelSpec
 
-SHAPES = "shapes.json"
-LEGACY_SHAPES = "manifest.json"  # the name before run folders got a release manifest.json
 WEIGHTS = "model.pt"
 MODEL_SUBFOLDERS = ("model", "trained")  # `recede train` and `recede run` save the model there
-_SPEC_KEYS = ("model", "num_classes", "in_channels", "input_shape")
 
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A saved model folder or file cannot be loaded; the message names the file (CLI exit 2)."""
 
 
 def shape_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -138,54 +139,6 @@ def model_folder(path: str | Path) -> Path:
     )
 
 
-def _read_shapes(folder: Path) -> dict[str, Any]:
-    path = folder / SHAPES if (folder / SHAPES).is_file() else folder / LEGACY_SHAPES
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder} has {WEIGHTS} but no {SHAPES}; save the model again with "
-            "pipeline.models.checkpoint.save_pruned (or `recede prune`)"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({err}); expected the shape manifest written by "
-            "save_pruned; restore it or save the model again"
-        ) from None
-    spec = manifest.get("spec") if isinstance(manifest, dict) else None
-    missing = [k for k in _SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
-    if missing or not isinstance(manifest.get("shapes"), dict):
-        raise CheckpointError(
-            f"{path} is not a shape manifest: expected keys 'spec' (with {', '.join(_SPEC_KEYS)}) "
-            f"and 'shapes', got {_describe_keys(manifest)}; restore it or save the model again"
-        )
-    return manifest
-
-
-def _model_spec(spec: dict[str, Any], folder: Path) -> ModelSpec:
-    """``spec`` read as a ``ModelSpec``; a malformed one names the file and the key."""
-    path = folder / SHAPES if (folder / SHAPES).is_file() else folder / LEGACY_SHAPES
-    if not isinstance(spec["model"], dict):
-        raise CheckpointError(
-            f"{path}: key 'spec.model' must be a mapping such as {{'name': 'resnet20'}}, got "
-            f"{spec['model']!r}; restore the file or save the model again"
-        )
-    try:
-        return ModelSpec.from_dict(spec)
-    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
-        raise CheckpointError(
-            f"{path}: key 'spec' does not describe a model ({err}); expected 'model' (a mapping), "
-            "'num_classes', 'in_channels' (integers) and 'input_shape' (a list of integers); "
-            "restore the file or save the model again"
-        ) from None
-
-
-def _describe_keys(obj: Any) -> str:
-    if not isinstance(obj, dict):
-        return type(obj).__name__
-    return f"keys {sorted(obj)}" if obj else "an empty object"
-
-
 def _unpickling_reason(err: Exception) -> str:
     """The line of torch's weights-only refusal that says what was refused, without its advice."""
     lines = [ln.strip() for ln in str(err).splitlines() if "nsupported" in ln]
@@ -212,8 +165,8 @@ def load_state_dict_file(path: Path, *, plain: bool = True) -> dict[str, Any]:
     except pickle.UnpicklingError as err:  # torch's advice (weights_only=False) is not ours
         raise CheckpointError(
             f"{path} is not a plain state dict ({_unpickling_reason(err)}), so it was refused "
-            "without running it; expected a file saved by torch.save(model.state_dict(), path); "
-            "save the model again"
+            "without running it; expected the state dict recede saves; restore it, or write the "
+            "folder again with the command that made it (`recede prune`, `recede train`)"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise CheckpointError(
@@ -226,7 +179,8 @@ def load_state_dict_file(path: Path, *, plain: bool = True) -> dict[str, Any]:
     if not isinstance(state, dict) or not tensors:
         raise CheckpointError(
             f"{path} holds a {type(state).__name__}, expected a state dict (names to tensors); "
-            "save it with torch.save(model.state_dict(), path)"
+            "restore it, or write the folder again with the command that made it (`recede prune`, "
+            "`recede train`)"
         )
     return state
 
@@ -241,12 +195,13 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
         CheckpointError: If a file is missing, malformed or does not match the model.
     """
     folder = model_folder(out_dir)
-    manifest = _read_shapes(folder)
-    typed = _model_spec(manifest["spec"], folder)
+    manifest, path = read_shapes(folder, WEIGHTS), shapes_path(folder)
+    typed = model_spec(manifest["spec"], path)
     model = typed.build()
-    classes = _output_width(model.eval(), typed.input_shape)  # the head is never pruned
+    classes = _output_width(model.eval(), typed.input_shape, path)  # the head is never pruned
     if typed.bounded_bn:
         convert_to_bounded_bn_(model, shift=typed.bn_shift)
+    check_layer_shapes(manifest["shapes"], model, path)
     state = load_state_dict_file(folder / WEIGHTS)
     try:
         reshape_to_manifest_(model, manifest["shapes"])
@@ -256,7 +211,7 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
             f"{folder / WEIGHTS} does not fit the model its shape manifest describes "
             f"({type(err).__name__}: {str(err)[:300]}); save both files again together"
         ) from None
-    got = _output_width(model.eval(), typed.input_shape)
+    got = _output_width(model.eval(), typed.input_shape, path)
     if None not in (classes, got) and classes != got:  # an edited spec would be carried on
         raise CheckpointError(
             f"{folder / SHAPES}: spec.num_classes {typed.num_classes} builds a model with "
@@ -266,14 +221,22 @@ def load_pruned(out_dir: str | Path) -> tuple[nn.Module, ModelSpec]:
     return model, typed
 
 
-def _output_width(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    """Width of ``model``'s 2-D output for one example, or None if it cannot be told."""
+def _output_width(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> int | None:
+    """Width of ``model``'s 2-D output for one example, or None if it cannot be told.
+
+    A model that cannot take its own recorded ``spec.input_shape`` at all is refused here,
+    naming ``shapes.json``: export, bench and prune would all fail on it later.
+    """
     import torch
 
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *input_shape))
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:  # judged elsewhere
-        logger.debug("no output width: %s", err)
-        return None
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: key 'spec.input_shape' {list(input_shape)}: the model cannot take an input "
+            f"of that shape ({type(err).__name__}: {first}); expected the shape it was saved "
+            "with; restore the file or save the model again"
+        ) from None
     return out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None

@@ -185,20 +185,46 @@ def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise ModelError(
             f"unknown timm model {name!r}; "
-            + (f"close names: {', '.join(close)}" if close else "see timm.list_models()")
+            + (
+                f"close names: {', '.join(close)}"
+                if close
+                else "the names timm knows are "
+                'listed by: python -c "import timm; print(timm.list_models())"'
+            )
         )
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
 def _factory(spec: str) -> Callable[..., nn.Module]:
+    """The object ``spec`` (``package.module:name``) names; whatever importing the user's module
+    raises (a SyntaxError, any exception at its top level, a sys.exit) is a ModelError."""
     module_name, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
         raise ModelError(
             f"cannot import model factory {spec!r} ({err}); expected 'package.module:function' "
-            "importable from the current environment"
-        ) from err
+            "importable from the current environment (run from its folder with PYTHONPATH=.)"
+        ) from None
+    except SyntaxError as err:
+        where = f"{err.filename}, line {err.lineno}" if err.filename else module_name
+        raise ModelError(
+            f"cannot import model factory {spec!r}: {where}: SyntaxError: {err.msg}; expected a "
+            "module Python can import; fix the syntax there"
+        ) from None
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - user code may raise anything
+        raise ModelError(
+            f"cannot import model factory {spec!r}: importing {module_name} raised "
+            f"{type(err).__name__}: {err}; expected a module that imports cleanly; fix the code "
+            "it runs at import"
+        ) from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ModelError(
+            f"cannot import model factory {spec!r}: module {module_name} has no {attr!r}; "
+            "expected 'package.module:function' naming a function or class in it"
+        ) from None
 
 
 def _call_factory(name: str, num_classes: int, in_channels: int) -> nn.Module:

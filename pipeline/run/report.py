@@ -245,6 +245,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     budget = report.get("budget") or {}
     if budget.get("outcome"):
         sections.insert(1, _budget_line(budget))
+    if report.get("speed"):
+        sections.insert(1, f"**Speed:** {report['speed']}.")
     plots = dict(plots or {})
     onnx_path = (report.get("export") or {}).get("onnx_path")
     if onnx_path:
@@ -540,6 +542,7 @@ def plot_latency(
         ax.set(title=f"batch {batch}", ylabel="latency (ms, log scale)")
     axes[0].legend(title="model")
     title = f"Latency: bar p50, dot p90, whisker top p99; label: speed-up over {models[0]}"
+    title += " fp32" if any(r.precision != "fp32" for r in table) else ""
     marks = ["hatched: noisy"] * any(r.noisy for r in table)
     marks += ["red frame: slower than dense"] * any("slower" in n["flags"] for n in notes)
     marks += ["quick look (few runs)"] * any(r.quick for r in table)

@@ -98,3 +98,24 @@ def test_layer_scope_prunes_the_bn_less_classifier_layer(tmp_path, capsys):
     assert widths == {"global": 1024, "layer": 512}
     assert main(["export", str(tmp_path / "layer")]) == 0
     assert "-> ok" in capsys.readouterr().out
+
+
+def test_quiet_and_verbose_work_before_and_after_the_subcommand(tmp_path, monkeypatch):
+    """`recede run -q ...` exited 2 ("unrecognized arguments: -q"): only `recede -q run` worked."""
+    import logging
+
+    import pipeline.core.progress
+    from pipeline.cli.main import build_parser
+
+    parser = build_parser()
+    for argv in (["-q", "-v", "run"], ["run", "-q", "-v"], ["-q", "run", "-v"], ["-v", "run", "-q"]):
+        args = parser.parse_args(argv)
+        assert (args.quiet, args.verbose) == (True, True), argv
+    args = parser.parse_args(["run"])
+    assert (args.quiet, args.verbose) == (False, False)
+    seen = []
+    monkeypatch.setattr(pipeline.core.progress, "set_quiet", seen.append)
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.append(kw["level"]))
+    TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
+    assert main(["prune", "-q", "-v", *TINY, "--out", str(tmp_path / "p")]) == 0
+    assert seen == [True, logging.DEBUG]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,21 @@ def model_dir(pruned, tmp_path) -> Path:
     return Path(shutil.copytree(pruned, tmp_path / "model"))
 
 
+# Advice that only a Python caller can follow: keyword arguments, dotted module paths, calls of
+# library functions. A command-line user needs flags, keys and commands instead.
+PYTHON_API_ADVICE = re.compile(
+    r"\b\w+=(True|False)\b|\bpipeline(\.\w+){2,}|\btorch\.save\(|\bcall \w+[.(]|Polariser"
+)
+
+
+def python_api_advice(err: str) -> list[str]:
+    """The Python-API advice in ``err``, besides a shell command given to run as written."""
+    return [m.group(0) for m in PYTHON_API_ADVICE.finditer(re.sub(r'python -c "[^"]*"', "", err))]
+
+
 def assert_refused(tmp_path, capsys, argv, fragment, *, code=2, absent=()):
-    """Run ``argv``; assert exit code, stderr fragment, an unchanged tree and absent words."""
+    """Run ``argv``; assert exit code, stderr fragment, an unchanged tree and absent words,
+    and that the message advises flags, keys or commands, not Python calls."""
     before = snapshot(tmp_path)
     assert main(argv) == code
     err = capsys.readouterr().err
@@ -74,6 +88,7 @@ def assert_refused(tmp_path, capsys, argv, fragment, *, code=2, absent=()):
     for word in absent:
         assert word not in err, err
     assert "Traceback" not in err
+    assert python_api_advice(err) == [], err
     assert snapshot(tmp_path) == before
     return err
 
@@ -119,6 +134,19 @@ MODEL_CASES = {
     "factory_not_importable": (["--model", "no_such_pkg.nets:build"], "cannot import"),
     "factory_exits": (["--model", f"{__name__}:exiting_factory"], "called sys.exit(0)"),
     "factory_not_callable": (["--model", f"{__name__}:NOT_CALLABLE"], "is a int, not a callable"),
+    # Anything importing a user module raises is a ModelError naming it (a SyntaxError traced back)
+    "module_syntax_error": (
+        ["--model", "recede_bad_syntax:build"],
+        "recede_bad_syntax.py, line 2: SyntaxError",
+    ),
+    "module_raises_at_import": (
+        ["--model", "recede_raises_at_import:build"],
+        "importing recede_raises_at_import raised KeyError: 'CUDA_HOME'",
+    ),
+    "module_exits_at_import": (
+        ["--model", "recede_exits_at_import:build"],
+        "importing recede_exits_at_import raised SystemExit: 3",
+    ),
     "unknown_model": (["--model", "nosuchnet"], "unknown model 'nosuchnet'"),
     "unknown_torchvision": (["--model", "torchvision:nosuch"], "unknown torchvision model"),
     "input_too_small": (
@@ -130,8 +158,26 @@ MODEL_CASES = {
 }
 
 
+USER_MODULES = {
+    "recede_bad_syntax": "import torch\ndef build(:\n    pass\n",
+    "recede_raises_at_import": "import os\nHOME = os.environ['CUDA_HOME']\n",
+    "recede_exits_at_import": "import sys\nsys.exit(3)\n",
+}
+
+
+@pytest.fixture(scope="module")
+def user_modules(tmp_path_factory):
+    """Broken user model modules, importable for the module's tests (beside, not in, tmp_path)."""
+    folder = tmp_path_factory.mktemp("user_modules")
+    for name, code in USER_MODULES.items():
+        (folder / f"{name}.py").write_text(code)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+
+
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_prune_model_that_cannot_be_built(case, tmp_path, capsys):
+def test_prune_model_that_cannot_be_built(case, tmp_path, capsys, user_modules):
     extra, fragment = MODEL_CASES[case]
     argv = ["prune", *TINY, *extra, "--out", str(tmp_path / "o")]
     assert_refused(tmp_path, capsys, argv, fragment)
@@ -191,7 +237,8 @@ def test_shapes_num_classes_that_the_weights_contradict(tmp_path, capsys):
     shapes["spec"]["num_classes"] = 7
     (src / "shapes.json").write_text(json.dumps(shapes))
     argv = ["prune", "--from", str(src), "--out", str(tmp_path / "o")]
-    assert_refused(tmp_path, capsys, argv, "spec.num_classes 7 builds a model with 7 outputs")
+    # The head is never pruned, so its 10 outputs contradict the 7 classes the spec builds
+    assert_refused(tmp_path, capsys, argv, "shapes.json: key 'shapes.fc.out_features' must be an integer in [1, 7]")
 
 
 def test_out_where_no_file_can_be_created(tmp_path, capsys):
@@ -293,7 +340,7 @@ EXPORT_FLAGS = {
     # --int8 was ignored without a word by an ONNX export
     "int8_without_tensorrt": (
         ["--format", "onnx", "--int8"],
-        "--int8 builds TensorRT INT8 kernels, and --format onnx makes no TensorRT engine",
+        "--int8 builds a TensorRT INT8 engine, and --format onnx makes no TensorRT engine",
     ),
 }
 
@@ -377,7 +424,8 @@ def test_inspect_needs_a_model(tmp_path, capsys):
 
 # --- train and run: config and data -----------------------------------------------------------
 
-SMALL = ["--set", "data.image_size=8", "--set", "model.width=0.125", "--set", "train.epochs=1",
+# 16 px: VGG-11's four pools take 8 px to nothing, which is refused as a bad data.image_size now
+SMALL = ["--set", "data.image_size=16", "--set", "model.width=0.125", "--set", "train.epochs=1",
          "--set", "export.allow_slower=true", "--set", "export.int8.enabled=false"]  # fmt: skip
 
 
@@ -405,12 +453,20 @@ CONFIG_CASES = {
     ),
     "factory_not_callable": (["--set", f"model.name={__name__}:NOT_CALLABLE"], "not a callable"),
     "factory_exits": (["--set", f"model.name={__name__}:exiting_factory"], "called sys.exit(0)"),
+    "module_syntax_error": (
+        ["--set", "model.name=recede_bad_syntax:build"],
+        "model.name: cannot import model factory 'recede_bad_syntax:build'",
+    ),
+    "module_raises_at_import": (
+        ["--set", "model.name=recede_raises_at_import:build"],
+        "importing recede_raises_at_import raised KeyError",
+    ),
 }
 
 
 @pytest.mark.parametrize("command", ["train", "run"])
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_bad_config_for_train(case, command, tmp_path, capsys):
+def test_bad_config_for_train(case, command, tmp_path, capsys, user_modules):
     extra, fragment = CONFIG_CASES[case]
     argv = [command, "-c", "configs/demo.yaml", *SMALL, *extra, "--out", str(tmp_path / "o")]
     assert_refused(tmp_path, capsys, argv, fragment)

@@ -59,6 +59,22 @@ def test_resume_keeps_the_partial_folder_and_drops_stale_temps(tmp_path):
     assert (out / "checkpoints" / "train_last.pt").is_file()
 
 
+def test_a_failure_before_any_work_keeps_no_partial_folder_to_resume(tmp_path):
+    """A run refused before its first checkpoint (a model without BN, say) left .o.partial,
+    with nothing in it to resume from; one that trained keeps it."""
+    out = tmp_path / "o"
+    with pytest.raises(ValueError), staged_folder(out, kind="run", keep_on_error=True) as s:
+        (s / "config.yaml").write_text("train: {}\n")
+        raise ValueError("model.name has no BatchNorm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(ValueError), staged_folder(out, kind="run", keep_on_error=True) as s:
+        (s / "config.yaml").write_text("train: {}\n")
+        (s / "checkpoints").mkdir()
+        (s / "checkpoints" / "train_last.pt").write_bytes(b"ckpt")
+        raise ValueError("threshold: auto found no valley")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.partial"]
+
+
 def _kill_between_the_renames(out: Path) -> Path:
     """The disk as a SIGKILL between a swap's two renames leaves it: ``out`` missing, its last
     complete copy hidden as ``.out.old.*`` and the new folder still partial."""
@@ -84,14 +100,14 @@ def test_a_kill_mid_swap_never_loses_the_last_complete_copy(tmp_path, caplog):
     assert "restored" in caplog.text and old.name in caplog.text
 
 
-def test_old_copies_go_only_once_the_new_folder_is_in_place(tmp_path):
+def test_what_a_killed_swap_left_beside_a_complete_folder_is_tidied(tmp_path):
     out = tmp_path / "out"
     with staged_folder(out, kind="prune") as stage:
         (stage / "model.txt").write_text("v1")
-    stray = tmp_path / ".out.old.0badf00d"  # a swap killed after its second rename
-    stray.mkdir()
+    (tmp_path / ".out.old.0badf00d").mkdir()  # a fallback swap killed after its second rename
+    (tmp_path / ".out.new.0badf00d").mkdir()  # an exchange killed before deleting what it replaced
     with staged_folder(out, kind="prune") as stage:
-        assert stray.exists()
+        assert (out / "model.txt").read_text() == "v1"
         (stage / "model.txt").write_text("v2")
     assert (out / "model.txt").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -109,7 +109,7 @@ def test_cli_exits_2_on_a_corrupt_png_and_leaves_nothing(folder, tmp_path, capsy
     bad = folder / "val" / "cat" / "1.png"
     bad.write_bytes(b"junk")
     out = tmp_path / "runs" / "t"
-    sets = ["data.name=imagefolder", f"data.root={folder}", "data.image_size=8"]
+    sets = ["data.name=imagefolder", f"data.root={folder}", "data.image_size=16"]
     sets += ["model.width=0.125", "train.epochs=1"]
     code = main(["train", "--out", str(out), *[a for s in sets for a in ("--set", s)]])
     assert code == 2

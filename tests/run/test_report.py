@@ -68,8 +68,8 @@ def test_markdown_contains_the_numbers() -> None:
         "Test CPU, 2 cores available",
     ]:
         assert expected in text, expected
-    assert "| torch | cpu | pruned | 1 | 2 | 2.000 | 2.200 | 2.500 | 2.00× |" in text
-    assert "| onnxruntime | cpu | pruned | 1 | 2 | 1.200 | 1.300 | 1.400 | 2.50× |" in text
+    assert "| torch | cpu | pruned | fp32 | 1 | 2 | 2.000 | 2.200 | 2.500 | 2.00× |" in text
+    assert "| onnxruntime | cpu | pruned | fp32 | 1 | 2 | 1.200 | 1.300 | 1.400 | 2.50× |" in text
 
 
 def test_markdown_tolerates_missing_sections() -> None:

@@ -205,5 +205,6 @@ def test_a_pruned_model_slower_than_dense_fails_the_run_unless_allowed(
 
     rows = annotated_rows([LatencyRow.from_mapping(r) for r in report["latency"]])
     flagged = {(r["backend"], r["batch"]) for r in rows if "slower" in r["flags"]}
-    assert flagged == {("onnxruntime", 1), ("onnxruntime", 4)}
+    assert {("onnxruntime", 1), ("onnxruntime", 4)} <= flagged  # the injected rows
+    assert all(r["speedup_high"] < 1 for r in rows if "slower" in r["flags"])  # and only slower
     assert "slower" in (tmp_path / "run" / "report.md").read_text()

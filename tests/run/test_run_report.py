@@ -55,7 +55,7 @@ def test_to_dict_keeps_the_report_json_keys_and_order():
     report = _report(_export()).to_dict()
     assert list(report) == [
         "dense", "pruned", "threshold", "export", "latency", "groups", "environment", "seconds",
-        "budget",
+        "budget", "int8", "speed",
     ]  # fmt: skip
     assert report["budget"] is None  # this report states no budget
     assert list(report["export"]) == [
@@ -66,7 +66,10 @@ def test_to_dict_keeps_the_report_json_keys_and_order():
     assert report["threshold"] == {"mode": "ratio", "value": 0.4}
     assert report["latency"][1]["model"] == "pruned" and report["seconds"] == 12.3
     assert json.loads(json.dumps(report)) == report  # plain JSON, nothing typed left in it
-    assert _report(_export()).metrics() == {k: report[k] for k in ("dense", "pruned", "export")}
+    assert _report(_export()).metrics() == {
+        k: report[k] for k in ("dense", "pruned", "export", "int8")
+    }
+    assert report["int8"] is None and report["speed"] is None  # no INT8, no ONNX Runtime rows
 
 
 @pytest.mark.parametrize(
@@ -137,3 +140,28 @@ def test_report_md_links_resolve_to_the_plots_of_the_run(tmp_path):
     found = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", text)
     assert sorted(found) == sorted(links.values()) and len(found) == 3
     assert all((tmp_path / link).is_file() for link in found)
+
+
+def _ort(model: str, batch: int, p50: float, precision: str = "fp32") -> LatencyRow:
+    return LatencyRow("onnxruntime", "cpu", model, batch, 1, p50, p50, p50, precision=precision,
+                      blocks_ms=(p50,) * 5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pruned_p50", "low"),
+    [(1.0, False), (2.0, True)],  # 2.5x faster (1.0 of the cut) and 1.25x (0.5 of it)
+)
+def test_the_outcome_states_the_measured_speed_against_the_mac_cut(pruned_p50, low):
+    import dataclasses
+
+    # dense 5000 MACs, pruned 2000: a 2.5x cut; dense p50 4.0 ms
+    rows = (_ort("dense", 1, 4.0), _ort("pruned", 1, pruned_p50 * 1.6),
+            _ort("pruned", 1, 1.0, "int8"))  # fmt: skip
+    report = dataclasses.replace(_report(_export()), latency=rows)
+    speed = report.speed()
+    gain = 4.0 / (pruned_p50 * 1.6)
+    assert f"{gain:.2f}x at batch 1 ({gain / 2.5:.2f} of the MAC cut)" in speed
+    assert "4.00x in INT8 at batch 1" in speed  # against dense fp32
+    assert ("LOW: under 0.7 of the MAC cut" in speed) is low
+    assert speed in report.outcome() and report.to_dict()["speed"] == speed
+    assert f"**Speed:** {speed}." in render_markdown(report.to_dict())
