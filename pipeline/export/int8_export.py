@@ -3,7 +3,7 @@
 One call turns a verified fp32 ONNX file into a verified INT8 one and says what it did:
 :func:`pipeline.export.int8.quantize_int8` (ONNX Runtime's static QDQ quantization),
 :func:`pipeline.export.int8_fallback.quantize_with_fallback` (layers kept in float while the
-validation drop exceeds the bound), :func:`pipeline.export.int8_check.verify_int8` (the verdict
+validation drop exceeds the bound), :func:`pipeline.export.int8_outputs.verify_int8` (the verdict
 on held-out samples, with what a wrong model would show). ``recede run`` calls it for the dense
 and the pruned model, ``recede export --format onnx-int8`` for a release.
 """
@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.export.int8 import CpuInt8, Int8Options, Quantized, cpu_int8_support, preprocess
-from pipeline.export.int8_check import Int8Check, verify_int8
+from pipeline.export.int8_check import Int8Check
 from pipeline.export.int8_fallback import Fallback, quantize_with_fallback
+from pipeline.export.int8_outputs import verify_int8
 
 if TYPE_CHECKING:
     from pipeline.config import Int8Config

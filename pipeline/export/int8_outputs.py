@@ -21,12 +21,18 @@ A one-output graph is a classifier or a segmenter, judged by agreement with the 
 The verdict is the worst over the outputs (``pipeline.core.output_checks.worst``), naming the
 output. The fallback (``pipeline.export.int8_fallback``) is steered by the decision outputs
 only (:func:`decision_agreement`); a graph without one is quantized once and judged.
+
+:func:`verify_int8` is the check of any INT8 graph, one output or several; it lives here, above
+``pipeline.export.int8_check``, so that imports run one way.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.checks import MIN_SENSITIVITY, Check
@@ -35,6 +41,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from pipeline.export.int8_check import Agreement, Int8Check
+
+logger = logging.getLogger(__name__)
 
 Arrays = dict[str, "np.ndarray"]
 _RANK = {"failed": 3, "insensitive": 2, "ok": 0}
@@ -150,3 +158,56 @@ def judge_outputs_int8(
         else:
             checks[name] = elementwise_check(what, path, ref, got[name], wrong.get(name, ref))
     return worst_int8(checks)
+
+
+def verify_int8(
+    int8: str | Path,
+    fp32: str | Path,
+    samples: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    max_drop: float,
+    what: str = "onnx-int8",
+    classes: int | None = None,
+) -> Int8Check | Check:
+    """Run the check of ``pipeline.export.int8_check``'s docstring on held-out ``samples`` (and their ``labels``).
+
+    A graph with several outputs is judged per output (``pipeline.export.int8_outputs``):
+    decisions by agreement, the others element-wise; the worst output decides.
+
+    Args:
+        int8: The QDQ graph.
+        fp32: The fp32 graph it was quantized from.
+        samples: Held-out inputs, disjoint from the calibration samples.
+        labels: Their true classes, or None to judge by agreement with fp32.
+        max_drop: The largest accuracy drop allowed, in points.
+        what: Name of the check (``onnx-int8``, or a run's ``dense-int8``/``pruned-int8``).
+        classes: The model's class count: which outputs of several are decisions.
+    """
+    from pipeline.export.int8_check import (
+        _all_float,
+        agreement,
+        corrupt_weight_scales,
+        judge_int8,
+        run_onnx_outputs,
+    )
+
+    references, got = run_onnx_outputs(fp32, samples), run_onnx_outputs(int8, samples)
+    reference = next(iter(references.values()))
+    measured = agreement(reference, next(iter(got.values())), labels)
+    with tempfile.TemporaryDirectory(prefix="recede-int8-wrong-") as tmp:
+        wrong_path = Path(tmp) / "wrong.onnx"
+        wrong_model = corrupt_weight_scales(int8, wrong_path)
+        if wrong_model is None:  # every weight layer is float: not an INT8 graph
+            return _all_float(what, str(int8), measured, max_drop)
+        wrongs = run_onnx_outputs(wrong_path, samples)
+    if len(references) > 1:
+        check = judge_outputs_int8(
+            what, str(int8), (references, got, wrongs), labels, wrong_model=wrong_model,
+            max_drop=max_drop, classes=classes,
+        )  # fmt: skip
+    else:
+        wrong = agreement(reference, next(iter(wrongs.values())), labels)
+        check = judge_int8(what, str(int8), measured, wrong, wrong_model, max_drop)
+    (logger.info if check.passed else logger.warning)("%s: %s", what, check.line())
+    return check

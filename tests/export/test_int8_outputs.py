@@ -75,8 +75,8 @@ def test_which_outputs_are_decisions():
 
 def test_export_int8_judges_every_output_of_a_real_graph(tmp_path):
     from pipeline.data.calibration import Int8Samples
-    from pipeline.export.int8_export import Int8Settings, export_int8
     from pipeline.export.int8 import Int8Options
+    from pipeline.export.int8_export import Int8Settings, export_int8
     from pipeline.export.onnx import export_onnx
     from pipeline.fold.batchnorm import fold_bn
     from tests.core.multi_output_models import dict_net
