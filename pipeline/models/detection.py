@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,8 +83,8 @@ class DetectorTrunk(nn.Module):
         self.two_stage = hasattr(detector, "rpn")
 
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
-        features = self.detector.backbone(images)  # an OrderedDict of levels
-        if isinstance(features, torch.Tensor):
+        features = self.detector.backbone(images)  # an OrderedDict of levels, or one tensor
+        if not isinstance(features, Mapping):  # a tensor, or a Proxy of one under torch.fx
             features = OrderedDict([("0", features)])
         levels = list(features.values())
         if self.two_stage:
