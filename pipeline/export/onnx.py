@@ -104,6 +104,7 @@ def _trace_to_proto(
     if half:  # CPU half kernels only have to run once, for the trace
         clone, example = clone.half(), example.half()
     names, batched = output_names(clone, example)
+    clone = _with_traceable_outputs(clone, example)
     kwargs: dict[str, Any] = {}
     if dynamo:
         kwargs["verbose"] = False  # otherwise it prints its progress to stdout
@@ -142,6 +143,35 @@ def output_names(model: nn.Module, example: torch.Tensor) -> tuple[list[str], li
     with torch.no_grad():
         axes = batch_axes(model(example), int(example.shape[0]))
     return list(axes), [n for n, batched in axes.items() if batched]
+
+
+def _with_traceable_outputs(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model``, or, when its output holds a dict key that is not a string (``{0: a, 1: b}``),
+    a wrapper returning its leaves as a flat tuple in :func:`output_names` order: torch's tracer
+    turns such keys into outputs of their own ('did not have observable data dependence')."""
+    import torch
+    from torch import nn
+
+    from pipeline.core.outputs import flatten
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return all(map(plain, value)) if isinstance(value, (tuple, list)) else True
+
+    with torch.no_grad():
+        if plain(model(example)):
+            return model
+
+    class Leaves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(flatten(self.model(x)).values())
+
+    return Leaves()
 
 
 def _io_signature(proto: Any) -> list[tuple[str, tuple[str, ...]]]:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from pipeline.cli.main import main
+from tests.core.multi_output_models import ODD, OddOutputs
 
 SHAPE = ["--input-shape", "1,3,32,32", "--num-classes", "4"]
 FACTORIES = "tests.core.multi_output_models"
@@ -50,3 +51,34 @@ def test_an_output_that_is_not_a_tensor_is_refused_before_any_work(tmp_path, cap
     err = capsys.readouterr().err
     assert "output 'note' is a str, not a tensor" in err and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_an_awkward_output_never_crashes_a_command(odd, tmp_path, monkeypatch, capsys):
+    """The class: any tree of tensors beside a model's map (a tensor returned twice, an integer
+    map, a 0-d tensor, numeric keys, the input itself, a constant). Each command exits 0, or 1
+    with a verification verdict, or 2 with a message; never an exception out of ``main``."""
+    import tests.core.multi_output_models as factories
+
+    monkeypatch.setattr(factories, "odd_output_net", lambda num_classes=4: OddOutputs(odd, num_classes).eval())
+    out, release = tmp_path / "pruned", tmp_path / "release"
+    model = ["--model", f"{FACTORIES}:odd_output_net", *SHAPE]
+    rc = main(["prune", *model, "--ratio", "0.3", "--scope", "layer", "--out", str(out)])
+    _judged(rc, out, capsys)
+    if rc != 0:
+        return
+    _judged(main(["inspect", str(out)]), None, capsys)
+    rc = main(["export", str(out), "--out", str(release)])
+    _judged(rc, release, capsys)
+    if rc == 0:
+        quick = ["--runs", "3", "--warmup", "1", "--batches", "1", "--threads", "1"]
+        _judged(main(["bench", str(out), str(release / "model.onnx"), *quick]), None, capsys)
+
+
+def _judged(rc: int, out, capsys) -> None:
+    err = capsys.readouterr().err
+    assert rc in (0, 1, 2) and "Traceback" not in err, err
+    if rc == 1:
+        assert "verification failed" in err or "insensitive" in err, err
+    if rc == 2:
+        assert "recede" in err and (out is None or not out.exists()), err

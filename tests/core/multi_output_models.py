@@ -153,3 +153,32 @@ class StringOutput(nn.Module):
 
 def string_output_net(num_classes: int = 4) -> nn.Module:
     return StringOutput(num_classes).eval()
+
+
+class OddOutputs(nn.Module):
+    """``dict_net`` with one more, awkward output beside its map (see :data:`ODD`)."""
+
+    def __init__(self, odd: str, num_classes: int = 4) -> None:
+        super().__init__()
+        self.odd, self.body = odd, dict_net(num_classes)
+        self.register_buffer("prior", torch.linspace(0, 1, 6).reshape(1, 6))
+
+    def forward(self, x):
+        out = self.body(x)
+        head = out["head0"]
+        extra = {
+            "twice": (head, head),  # the same tensor under two names
+            "classes": head.argmax(1),  # an integer map
+            "scalar": head.mean(),  # no batch axis
+            "int_keys": {0: out["head1"], 1: head},  # numeric dict keys
+            "image": x,  # the input itself
+            "constant": self.prior,  # moves with nothing
+        }[self.odd]
+        return {"map": head, "extra": extra}
+
+
+ODD = ("twice", "classes", "scalar", "int_keys", "image", "constant")
+
+
+def odd_output_net(num_classes: int = 4, odd: str = "twice") -> nn.Module:
+    return OddOutputs(odd, num_classes).eval()
