@@ -6,7 +6,7 @@ recede's side is the command line a user runs, in a child process with one threa
 
     recede prune --model torchvision:NAME --num-classes K --input-shape 1,3,S,S \\
         --ratio 0.3 --scope layer --out DIR
-    recede export DIR --out DIR/release
+    recede export DIR --out DIR.release
 
 and the table records each exit code (0 ok, 1 verification failed, 2 refused: with the
 message), MACs before and after, and every verification verdict of the release (the trunk's
@@ -18,6 +18,11 @@ then ``torch.onnx.export`` and ONNX Runtime against PyTorch on every output.
 
     python benchmarks/dense_coverage.py                 # all 18 models
     python benchmarks/dense_coverage.py lraspp_mobilenet_v3_large fcos_resnet50_fpn
+    python benchmarks/dense_coverage.py --budget 2700    # start no model after 45 minutes
+
+Models run lightest first (:data:`ORDER`), and the section is rewritten after each one, so a
+run stopped by ``--budget`` (or killed) still leaves a table: the models it did not reach are
+listed as not run.
 """
 
 from __future__ import annotations
@@ -43,10 +48,21 @@ from pipeline.models.detection import DETECTORS  # noqa: E402
 from pipeline.models.segmentation import SEGMENTERS  # noqa: E402
 
 RATIO = 0.3
-SIZE = {"lraspp_mobilenet_v3_large": 256}  # the goal figure's size; the others run small
+SIZE = {"lraspp_mobilenet_v3_large": 256, "ssd300_vgg16": 300}  # the goal figure's size; SSD300's
+# unpadded extra layers need 300 px; the others run small
 DEFAULT_SIZE = 128
 CLASSES = {"keypointrcnn_resnet50_fpn": 2}  # person + background, as torchvision trains it
 START, END = "<!-- dense-coverage:start -->", "<!-- dense-coverage:end -->"
+
+
+ORDER = (  # lightest first, so a budget-stopped run covers the most models
+    "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fcn_resnet50",
+    "deeplabv3_resnet50", "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2", "fcn_resnet101",
+    "deeplabv3_resnet101", "ssd300_vgg16",
+)  # fmt: skip
 
 
 def _classes(name: str) -> int:
@@ -72,7 +88,7 @@ def _why(err: str) -> str:
 
 def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
     """recede prune and export through the command line; exit codes, MACs and verdicts."""
-    out, start = work / name, time.perf_counter()
+    out, release, start = work / name, work / f"{name}.release", time.perf_counter()  # --out outside the model folder
     shape = f"1,3,{size},{size}"
     rc, _, err = _cli(
         ["prune", "--model", f"torchvision:{name}", "--num-classes", str(_classes(name)),
@@ -84,9 +100,9 @@ def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
         report = json.loads((out / "report.json").read_text())
         row["macs"] = (report["macs"]["before"], report["macs"]["after"])
         row["kept_whole"] = sorted(report.get("kept_whole", {}))
-        rc, _, err = _cli(["export", str(out), "--out", str(out / "release")], timeout)
+        rc, _, err = _cli(["export", str(out), "--out", str(release)], timeout)
         row["export"], row["why"] = rc, "" if rc == 0 else _why(err)
-        manifest = out / "release" / "manifest.json"
+        manifest = release / "manifest.json"
         if manifest.is_file():
             checks = json.loads(manifest.read_text())["export"]["verification"]
             row["verdicts"] = {c["what"]: c["verdict"] for c in checks}
@@ -188,6 +204,10 @@ HEADER = [
 ]
 
 
+def _not_run(names: list[str], why: str) -> list[str]:
+    return [f"| {n} | {SIZE.get(n, DEFAULT_SIZE)} | {_classes(n)} | — | not run: {why} | — | — | — | not run | — |" for n in names]
+
+
 def _section(lines: list[str], names: list[str], seconds: float, load: tuple[float, float]) -> str:
     import torch_pruning as tp
 
@@ -208,7 +228,7 @@ def _section(lines: list[str], names: list[str], seconds: float, load: tuple[flo
         "twin (`docs/how-it-works.md`). Seconds are wall clock on a machine shared with other",
         "jobs.",
         "",
-        f"Command: `python benchmarks/dense_coverage.py` ({len(names)} models, {seconds:.0f} s; "
+        f"Command: `python benchmarks/dense_coverage.py{_ARGS}` ({len(names)} models, {seconds:.0f} s; "
         f"one thread; torch {torch.__version__}, Torch-Pruning {tp.__version__}; this project's "
         f"2-core CPU, shared, load average {load[0]:.1f} at start and {load[1]:.1f} at end; "
         f"{time.strftime('%Y-%m-%d')}).",
@@ -229,23 +249,36 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+_ARGS = ""  # the command's arguments, for the section's command line
+
+
 def main() -> int:
+    global _ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help="model names (default: all 18)")
+    parser.add_argument("models", nargs="*", help="model names (default: all 18, lightest first)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "torchvision_coverage.md")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per command, seconds")
+    parser.add_argument("--budget", type=float, default=None, help="start no model after this many seconds")
     args = parser.parse_args()
+    _ARGS = "".join(f" {a}" for a in sys.argv[1:])
+    assert set(ORDER) == {*SEGMENTERS, *DETECTORS}, "ORDER must list every model"
     torch.set_num_threads(1)
-    names = args.models or [*SEGMENTERS, *DETECTORS]
+    names = args.models or list(ORDER)
     start, load = time.perf_counter(), os.getloadavg()[0]
     lines = []
     with tempfile.TemporaryDirectory(prefix="recede-dense-") as tmp:
-        for name in names:
+        for k, name in enumerate(names):
+            if args.budget is not None and time.perf_counter() - start > args.budget:
+                lines += _not_run(names[k:], f"past the run's --budget of {args.budget:.0f} s")
+                break
             size = SIZE.get(name, DEFAULT_SIZE)
             r = run_recede(name, size, Path(tmp), args.timeout)
             t = run_torch_pruning(name, size, Path(tmp))
             lines.append(row(name, size, r, t))
             print(lines[-1], flush=True)
+            rest = _not_run(names[k + 1 :], "the run was still going")
+            section = _section(lines + rest, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
+            write_section(args.out, section)
     section = _section(lines, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
     write_section(args.out, section)
     print(f"wrote {args.out}")
