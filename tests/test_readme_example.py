@@ -32,6 +32,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 OWN_LOOP = re.compile(r"<!-- own-loop example -->\n```python\n(.*?)```", re.S)
+DENSE_LOOPS = re.compile(r"<!-- \w+ loop -->\n```python\n(.*?)```", re.S)  # tests/train/test_dense_loops.py
 OTHER_COMMANDS = {"set", "mkdir"}  # what the release script runs besides recede
 
 
@@ -173,13 +174,13 @@ def test_own_loop_example_reaches_the_target(capsys, tmp_path, monkeypatch):
 
 
 def _other_python_blocks() -> list[tuple[str, str]]:
-    """(page, code) of every python block except the own-loop one, which has its own test."""
-    own = _example()
+    """(page, code) of every python block except the own-loop ones, which have their own tests."""
+    own = {_example(), *(code for page in DOCS for code in DENSE_LOOPS.findall(page.read_text()))}
     return [
         (page.relative_to(ROOT).as_posix(), code)
         for page in PAGES
         for code in code_blocks(page.read_text(), "python")
-        if code != own
+        if code not in own
     ]
 
 

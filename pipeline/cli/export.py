@@ -241,8 +241,9 @@ def _write(
     for name in (*FILES.values(), MANIFEST_NAME):  # nothing stale from an earlier export
         (stage / name).unlink(missing_ok=True)
     release = export_release(
-        model, spec.input_shape, stage, options, int8_samples=samples, latency_cost=_int8_cost()
-    )
+        model, spec.input_shape, stage, options, int8_samples=samples, latency_cost=_int8_cost(),
+        classes=spec.num_classes,
+    )  # fmt: skip
     for check in release.all_checks():
         print(
             f"{out / check.path if check.path else check.what}: {check.precision}, {check.line()}"
@@ -327,6 +328,33 @@ def check_metrics(check: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _single_output_engine(
+    args: argparse.Namespace, model: Any, spec: ModelSpec, options: Any, warnings: list[str]
+) -> tuple[Any, list[str]]:
+    """A TensorRT engine is verified with one output (``TrtRunner``): refuse one for a model
+    with several (``--format tensorrt``), or leave it out of ``--format all`` with a warning."""
+    from dataclasses import replace
+
+    if "tensorrt" not in options.formats:
+        return options, warnings
+    import torch
+
+    from pipeline.core.outputs import flatten
+
+    with torch.no_grad():
+        names = list(flatten(model.eval()(torch.zeros(1, *spec.input_shape))))
+    if len(names) == 1:
+        return options, warnings
+    why = (
+        f"the model has {len(names)} outputs ({', '.join(names[:6])}) and recede verifies "
+        "TensorRT engines with one output only"
+    )
+    if args.format != "all" or args.int8 or "tensorrt" in (args.require or []):
+        raise UsageError(f"--format {args.format}: {why}; pass --format onnx (or all)")
+    formats = tuple(f for f in options.formats if f != "tensorrt")
+    return replace(options, formats=formats), [*warnings, f"skipping TensorRT: {why}"]
+
+
 def _int8_cost() -> Any:
     from pipeline.bench.int8_cost import fallback_latency
 
@@ -345,6 +373,7 @@ def export_command(args: argparse.Namespace) -> int:
     out = _out_folder(args, folder)
     source, int8_reason = _int8_source(args, folder)
     options, warnings = _options(args, folder, int8_reason)
+    options, warnings = _single_output_engine(args, model, spec, options, warnings)
     samples = _int8_samples(source, spec, options)  # read and checked before any work
     for warning in warnings:
         logger.warning("%s", warning)

@@ -151,9 +151,11 @@ def _check_forward(model, example, what: str) -> None:
     """
     import torch
 
+    from pipeline.core.outputs import OutputError, flatten
+
     try:
         with torch.no_grad():
-            model(example)
+            out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
         if isinstance(err, AssertionError):
             first = _failed_check(err, model)
@@ -164,6 +166,10 @@ def _check_forward(model, example, what: str) -> None:
             f"({type(err).__name__}: {first}); expected a shape it accepts, e.g. a larger "
             "H,W or the channel count it was built for"
         ) from None
+    try:
+        flatten(out)  # a tree of tensors, or refused before any work
+    except OutputError as err:
+        raise UsageError(f"{what}: {err}") from None
 
 
 # The prune example is also the removal check's batch: one sample cannot show that the output
@@ -261,6 +267,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.core.atomic import write_json_atomic, write_text_atomic
     from pipeline.core.output_folders import check_out_folder, staged_folder
     from pipeline.models.checkpoint import save_pruned
+    from pipeline.models.detection import kept_whole
     from pipeline.prune.layer_table import layer_table
     from pipeline.prune.stage import prune_model
 
@@ -291,6 +298,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     accepted = _verified_removal(result, args)
     report = _prune_report(result, spec, table, accepted)
     report |= {"latency": section} if latency else {}
+    whole = kept_whole(model)  # a detector's parts outside its graph (pipeline.models.detection)
+    if whole:
+        report["kept_whole"] = whole
     with staged_folder(out, kind="prune") as stage:
         save_pruned(result.model, stage, spec=spec)
         write_json_atomic(stage / "report.json", report)
@@ -303,6 +313,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     for b in result.graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
+    for name, why in whole.items():
+        print(f"kept whole: {name}: {why}")
     return EXIT_OK
 
 
@@ -363,6 +375,7 @@ def _print_graph(args: argparse.Namespace) -> None:
     print(table.render())
     shape = "x".join(str(n) for n in example.shape)
     print(f"{spec.model.name} ({spec.num_classes} classes, input {shape}): {table.summary()}")
+    print(f"outputs: {_outputs_line(model, example)}")
     weight = {g.id for g in graph.weight_groups}
     print(
         f"{len(graph.layers)} layers, {len(graph.groups)} channel groups, "
@@ -377,6 +390,16 @@ def _print_graph(args: argparse.Namespace) -> None:
         print(f"  {n} groups kept: {reason}")
     for b in graph.barriers:
         print(f"barrier: {b.op} at {b.module} (node {b.node})")
+
+
+def _outputs_line(model, example) -> str:
+    """Each output's name and shape (one per tensor the model returns, as ONNX will name it)."""
+    import torch
+
+    from pipeline.core.outputs import describe
+
+    with torch.no_grad():
+        return describe(model.eval()(example))
 
 
 def _holds_model(path: str) -> bool:

@@ -83,6 +83,9 @@ class Check:
         batch_sizes: Batch sizes compared.
         opset: The ONNX graph's default-domain opset (None for other artefacts).
         twin: For an untrained model, the check of its BN-calibrated twin (as a dict).
+        output: For a model with several outputs, the one whose figures these are: the worst
+            (``pipeline.core.output_checks``); "" for a model with one output.
+        outputs: For a model with several outputs, every output's own check (as dicts).
     """
 
     what: str
@@ -98,6 +101,8 @@ class Check:
     batch_sizes: tuple[int, ...] = ()
     opset: int | None = None
     twin: dict[str, Any] | None = None  # the calibrated twin's check, for an untrained model
+    output: str = ""  # the worst of several outputs, whose figures these are
+    outputs: dict[str, dict[str, Any]] | None = None  # every output's own check
 
     @property
     def passed(self) -> bool:
@@ -136,6 +141,8 @@ class Check:
                 f"{twin.max_abs_err:.2e}, bound {twin.bound:.2e}, a wrong input moves it "
                 f"{_times(twin.sensitivity)} the bound: {twin.verdict})"
             )
+        if self.output:
+            text = f"output {self.output!r} (worst of {len(self.outputs or ())}): {text}"
         return f"{text}: {self.cause}" if self.cause else text
 
 
@@ -146,11 +153,12 @@ def _times(ratio: float) -> str:
 def input_effect(reference: np.ndarray) -> float:
     """``max|ref - ref rolled by one sample|``: the output change a swapped input causes.
 
-    Zero for a batch of one sample: one sample cannot show that the output depends on its input.
+    Zero for a batch of one sample, and for an output with no axes at all (a 0-d tensor, such
+    as a batch mean: there is no sample to swap; :func:`judge` compares it across batches).
     """
     import numpy as np
 
-    if reference.shape[0] < 2:
+    if reference.ndim == 0 or reference.shape[0] < 2:
         return 0.0
     moved = np.abs(reference - np.roll(reference, 1, axis=0)).max(initial=0.0)
     return float(moved) if np.isfinite(moved) else 0.0
@@ -178,6 +186,9 @@ def judge(
     import numpy as np
 
     err, scale, effect = 0.0, 0.0, 0.0
+    scalars = [float(r) for r, _ in pairs if np.ndim(r) == 0]  # no sample axis: across batches
+    if len(scalars) > 1 and all(map(math.isfinite, scalars)):
+        effect = max(scalars) - min(scalars)
     for ref, got in pairs:
         ref64 = np.asarray(ref, dtype=np.float64)
         scale = max(scale, float(np.abs(ref64).max(initial=0.0)))
@@ -200,7 +211,7 @@ def judge(
     verdict, cause = _verdict(err, bound, rel, effect, shape_cause, hint)
     return Check(
         what, path, tolerance.precision, err, rel, bound, effect, verdict, cause,
-        tolerance.to_dict(), tuple(int(np.shape(r)[0]) for r, _ in pairs), opset,
+        tolerance.to_dict(), tuple(int(np.shape(r)[0]) if np.ndim(r) else 1 for r, _ in pairs), opset,
     )  # fmt: skip
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor, *, floor: float = 1e-12) -> float:
+def rel_err(got: Any, want: Any, *, floor: float = 1e-12) -> float:
     """``max|got - want| / max|want|``: the error as a share of the reference output's scale.
+
+    For a model with several outputs (tuples, lists, dicts of tensors: ``pipeline.core.outputs``)
+    the largest such error over its outputs, each against its own scale; outputs that do not
+    match (names, shapes) give ``inf``.
 
     Args:
         got: the transformed model's output.
@@ -14,7 +21,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor, *, floor: float = 1e-12) -> f
         floor: smallest denominator, so an all-zero reference does not divide by zero (float64
             comparisons pass a tinier one).
     """
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
+        return _tree_rel_err(got, want, floor)
     return float((got - want).abs().max()) / max(float(want.abs().max()), floor)
+
+
+def _tree_rel_err(got: Any, want: Any, floor: float) -> float:
+    from pipeline.core.outputs import flatten
+
+    mine, theirs = flatten(got), flatten(want)
+    if list(mine) != list(theirs) or any(mine[n].shape != theirs[n].shape for n in mine):
+        return math.inf
+    return max(rel_err(mine[n], theirs[n], floor=floor) if mine[n].numel() else 0.0 for n in mine)
 
 
 def float_dtype(model: torch.nn.Module) -> torch.dtype:

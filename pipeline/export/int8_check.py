@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +119,8 @@ class Int8Check:
     verdict: str
     cause: str = ""
     precision: str = "int8"
+    output: str = ""  # the worst of several outputs (pipeline.export.int8_outputs)
+    outputs: dict[str, dict[str, Any]] | None = None  # every output's own check
 
     @property
     def passed(self) -> bool:
@@ -155,10 +156,15 @@ class Int8Check:
         fields["wrong"] = Agreement.from_dict(data["wrong"])
         return cls(**fields)
 
+    @property
+    def where(self) -> str:
+        """``output 'name' (worst of n): `` for a graph with several outputs, else ""."""
+        return f"output {self.output!r} (worst of {len(self.outputs or ())}): " if self.output else ""
+
     def line(self) -> str:
         m, w = self.measured, self.wrong
         basis = "accuracy" if m.labelled else "agreement with fp32"
-        text = (
+        text = self.where + (
             f"INT8 {basis} {m.int8_accuracy:.2f}% vs fp32 {m.fp32_accuracy:.2f}% on "
             f"{m.samples} held-out samples (drop {m.drop:+.2f} points, bound {self.max_drop:g}; "
             f"top-1 agreement {m.agreement:.2f}%, max logit error {m.max_logit_error:.3g}); "
@@ -215,15 +221,27 @@ def _with(check: Int8Check, verdict: str, cause: str) -> Int8Check:
 
 def run_onnx(path: str | Path, samples: np.ndarray, *, batch: int = 64) -> np.ndarray:
     """The first output of the ONNX graph at ``path`` on ``samples``, in batches, as float64."""
+    return next(iter(run_onnx_outputs(path, samples, batch=batch).values()))
+
+
+def run_onnx_outputs(
+    path: str | Path, samples: np.ndarray, *, batch: int = 64
+) -> dict[str, np.ndarray]:
+    """Every output of the ONNX graph at ``path`` on ``samples``, in batches, as float64, by
+    name (outputs without a batch axis are taken from the first batch)."""
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    outputs = [
-        session.run(None, {name: samples[i : i + batch]})[0] for i in range(0, len(samples), batch)
-    ]
-    return np.concatenate(outputs).astype(np.float64)
+    name, names = session.get_inputs()[0].name, [o.name for o in session.get_outputs()]
+    runs = [session.run(None, {name: samples[i : i + batch]}) for i in range(0, len(samples), batch)]
+    batched = [isinstance(o.shape[0], str) if o.shape else False for o in session.get_outputs()]
+    return {
+        n: np.concatenate([r[k] for r in runs]).astype(np.float64)
+        if batched[k] or len(names) == 1
+        else np.asarray(runs[0][k], dtype=np.float64)
+        for k, n in enumerate(names)
+    }
 
 
 def corrupt_weight_scales(qdq: str | Path, out: str | Path) -> str | None:
@@ -265,35 +283,3 @@ def _weight_dequantizers(graph: Any, weights: dict[str, Any]) -> list[tuple[Any,
         if math.prod(scale.dims) > 1:  # per channel (a scalar scale has no dims)
             found.append((node, reader.op_type))
     return found
-
-
-def verify_int8(
-    int8: str | Path,
-    fp32: str | Path,
-    samples: np.ndarray,
-    labels: np.ndarray | None,
-    *,
-    max_drop: float,
-    what: str = "onnx-int8",
-) -> Int8Check:
-    """Run the check of the module docstring on held-out ``samples`` (and their ``labels``).
-
-    Args:
-        int8: The QDQ graph.
-        fp32: The fp32 graph it was quantized from.
-        samples: Held-out inputs, disjoint from the calibration samples.
-        labels: Their true classes, or None to judge by agreement with fp32.
-        max_drop: The largest accuracy drop allowed, in points.
-        what: Name of the check (``onnx-int8``, or a run's ``dense-int8``/``pruned-int8``).
-    """
-    reference = run_onnx(fp32, samples)
-    measured = agreement(reference, run_onnx(int8, samples), labels)
-    with tempfile.TemporaryDirectory(prefix="recede-int8-wrong-") as tmp:
-        wrong_path = Path(tmp) / "wrong.onnx"
-        wrong_model = corrupt_weight_scales(int8, wrong_path)
-        if wrong_model is None:  # every weight layer is float: not an INT8 graph
-            return _all_float(what, str(int8), measured, max_drop)
-        wrong = agreement(reference, run_onnx(wrong_path, samples), labels)
-    check = judge_int8(what, str(int8), measured, wrong, wrong_model, max_drop)
-    (logger.info if check.passed else logger.warning)("%s: %s", what, check.line())
-    return check

@@ -3,7 +3,7 @@
 One call turns a verified fp32 ONNX file into a verified INT8 one and says what it did:
 :func:`pipeline.export.int8.quantize_int8` (ONNX Runtime's static QDQ quantization),
 :func:`pipeline.export.int8_fallback.quantize_with_fallback` (layers kept in float while the
-validation drop exceeds the bound), :func:`pipeline.export.int8_check.verify_int8` (the verdict
+validation drop exceeds the bound), :func:`pipeline.export.int8_outputs.verify_int8` (the verdict
 on held-out samples, with what a wrong model would show). ``recede run`` calls it for the dense
 and the pruned model, ``recede export --format onnx-int8`` for a release.
 """
@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.export.int8 import CpuInt8, Int8Options, Quantized, cpu_int8_support, preprocess
-from pipeline.export.int8_check import Int8Check, verify_int8
+from pipeline.export.int8_check import Int8Check
 from pipeline.export.int8_fallback import Fallback, quantize_with_fallback
+from pipeline.export.int8_outputs import verify_int8
 
 if TYPE_CHECKING:
     from pipeline.config import Int8Config
+    from pipeline.core.checks import Check
     from pipeline.data.calibration import Int8Samples
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class Int8Export:
     """What :func:`export_int8` wrote and found."""
 
     path: Path
-    check: Int8Check
+    check: Int8Check | Check  # a Check when an output judged element-wise decided
     quantized: Quantized
     fallback: Fallback
     samples: dict[str, Any]
@@ -62,14 +64,14 @@ class Int8Export:
 
     def record(self) -> dict[str, Any]:
         """The report.json / manifest entry (``report.json["int8"]`` for the pruned model)."""
-        m = self.check.measured
+        m = getattr(self.check, "measured", None)  # None: an output judged element-wise decided
         fallback = self.fallback
         return {
             "path": self.path.name,
-            "accuracy": m.int8_accuracy,
-            "fp32_accuracy": m.fp32_accuracy,
-            "agreement": m.agreement,
-            "max_logit_error": m.max_logit_error,
+            "accuracy": m and m.int8_accuracy,
+            "fp32_accuracy": m and m.fp32_accuracy,
+            "agreement": m and m.agreement,
+            "max_logit_error": m and m.max_logit_error,
             "excluded_nodes": list(self.quantized.excluded),
             "calibration": {**self.samples, **self.quantized.settings(), "cpu": self.cpu.to_dict()},
             "fallback": {
@@ -91,6 +93,7 @@ def export_int8(
     *,
     what: str = "onnx-int8",
     latency_cost: LatencyCost | None = None,
+    classes: int | None = None,
 ) -> Int8Export:
     """Quantize the fp32 graph ``fp32`` into ``out`` and verify it (see the module docstring).
 
@@ -101,6 +104,8 @@ def export_int8(
         settings: Options, bound and fallback limit.
         what: Name of the check.
         latency_cost: When layers stay in float, times them against the all-INT8 graph.
+        classes: The model's class count: which of several outputs are decisions
+            (``pipeline.export.int8_outputs``).
 
     Returns:
         The file, its check (a failed or insensitive one is returned, not raised) and the
@@ -113,14 +118,14 @@ def export_int8(
             prepared, out,
             (samples.calibration, samples.validation, samples.validation_labels),
             settings.options, max_drop=settings.max_drop, limit=settings.fallback_limit,
-            tmp=Path(tmp),
+            tmp=Path(tmp), classes=classes,
         )  # fmt: skip
         cost = None
         if fallback.excluded and fallback.all_int8 is not None and latency_cost is not None:
             cost = latency_cost(fallback.all_int8, out)
         check = verify_int8(
             out, fp32, samples.heldout, samples.heldout_labels, max_drop=settings.max_drop,
-            what=what,
+            what=what, classes=classes,
         )  # fmt: skip
     return Int8Export(
         out, check, fallback.quantized, fallback, samples.record(), cpu_int8_support(), cost

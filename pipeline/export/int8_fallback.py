@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.export.int8 import Int8Options, Quantized, quantize_int8
-from pipeline.export.int8_check import Agreement, agreement, run_onnx
+from pipeline.export.int8_check import Agreement, run_onnx_outputs
+from pipeline.export.int8_outputs import decision_agreement
 
 if TYPE_CHECKING:
     import numpy as np
@@ -210,6 +211,7 @@ def quantize_with_fallback(
     max_drop: float,
     limit: int,
     tmp: Path,
+    classes: int | None = None,
 ) -> Fallback:
     """Quantize ``prepared``; while the validation drop exceeds ``max_drop``, keep the next
     worst tensor (:func:`rank_tensors`) in float, up to ``limit`` tensors.
@@ -222,13 +224,20 @@ def quantize_with_fallback(
         max_drop: Accuracy points the validation drop may reach.
         limit: Most tensors to keep in float (0: no fallback).
         tmp: A scratch folder (calibration cache, the all-INT8 graph, exposed graphs).
+        classes: The model's class count: of several outputs, those with a class axis steer
+            the fallback (``pipeline.export.int8_outputs``); a graph without one is quantized
+            once.
     """
     calibration, validation, labels = samples
     cache = tmp / "calibration-ranges.json"
     first = quantize_int8(prepared, out, calibration, options, cache=cache)
-    reference = run_onnx(prepared, validation)
-    judged = agreement(reference, run_onnx(out, validation), labels)
-    if judged.drop <= max_drop or limit < 1:
+    reference = run_onnx_outputs(prepared, validation)
+
+    def judge(graph: Path) -> Agreement | None:
+        return decision_agreement(reference, run_onnx_outputs(graph, validation), labels, classes)
+
+    judged = judge(out)
+    if judged is None or judged.drop <= max_drop or limit < 1:
         return Fallback(first, first=judged, final=judged)
     kept = tmp / "all-int8.onnx"
     kept.write_bytes(out.read_bytes())
@@ -242,7 +251,7 @@ def quantize_with_fallback(
     for error in ranking[:limit]:
         excluded += [n for n in error.nodes if n not in excluded]
         current = quantize_int8(prepared, out, calibration, options, exclude=excluded, cache=cache)
-        final = agreement(reference, run_onnx(out, validation), labels)
+        final = judge(out)
         trail.append((error.tensor, final.drop))
         logger.info("  %s (adds %.1f dB; nodes %s) in float: drop %.2f", error.tensor,
                     error.added, ", ".join(error.nodes), final.drop)  # fmt: skip

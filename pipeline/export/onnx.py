@@ -103,13 +103,15 @@ def _trace_to_proto(
     fold_corrections_(clone, example)  # one Conv per conv: no correction subgraphs to trace
     if half:  # CPU half kernels only have to run once, for the trace
         clone, example = clone.half(), example.half()
+    names, batched = output_names(clone, example)
+    clone = _with_traceable_outputs(clone, example)
     kwargs: dict[str, Any] = {}
     if dynamo:
         kwargs["verbose"] = False  # otherwise it prints its progress to stdout
     if dynamic_batch and dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     elif dynamic_batch:
-        kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}} | {n: {0: "batch"} for n in batched}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # legacy-exporter notice
@@ -118,13 +120,58 @@ def _trace_to_proto(
             (example,),
             buffer,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=names,
             opset_version=opset,
             do_constant_folding=True,
             dynamo=dynamo,
             **kwargs,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def output_names(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The graph's output names (one per output leaf, ``pipeline.core.outputs``) and those whose
+    first axis is the batch, from one run of ``model`` on ``example``.
+
+    Raises:
+        OutputError: the model returns something other than a tree of tensors (bad input).
+    """
+    import torch
+
+    from pipeline.core.outputs import batch_axes
+
+    with torch.no_grad():
+        axes = batch_axes(model(example), int(example.shape[0]))
+    return list(axes), [n for n, batched in axes.items() if batched]
+
+
+def _with_traceable_outputs(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model``, or, when its output holds a dict key that is not a string (``{0: a, 1: b}``),
+    a wrapper returning its leaves as a flat tuple in :func:`output_names` order: torch's tracer
+    turns such keys into outputs of their own ('did not have observable data dependence')."""
+    import torch
+    from torch import nn
+
+    from pipeline.core.outputs import flatten
+
+    def plain(value: Any) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return all(map(plain, value)) if isinstance(value, (tuple, list)) else True
+
+    with torch.no_grad():
+        if plain(model(example)):
+            return model
+
+    class Leaves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(flatten(self.model(x)).values())
+
+    return Leaves()
 
 
 def _io_signature(proto: Any) -> list[tuple[str, tuple[str, ...]]]:
@@ -151,11 +198,18 @@ def _same_outputs(original: Any, candidate: Any, example: torch.Tensor) -> bool:
             proto.SerializeToString(), providers=["CPUExecutionProvider"]
         )
         feed = {INPUT_NAME: _as_input(session, example)}
-        outputs.append(session.run(None, feed)[0].astype(np.float64))
+        names = [o.name for o in session.get_outputs()]
+        outputs.append(dict(zip(names, session.run(None, feed), strict=True)))
         precision = onnx_precision(session)
     ref, got = outputs
-    err = float(np.abs(ref - got).max(initial=0.0)) if ref.shape == got.shape else math.inf
-    return tolerance_for(precision).allows(err, float(np.abs(ref).max(initial=0.0)))
+    if list(ref) != list(got):
+        return False
+    for name, want in ref.items():  # every output, each against its own scale
+        want, have = want.astype(np.float64), got[name].astype(np.float64)
+        err = float(np.abs(want - have).max(initial=0.0)) if want.shape == have.shape else math.inf
+        if not tolerance_for(precision).allows(err, float(np.abs(want).max(initial=0.0))):
+            return False
+    return True
 
 
 def _slimmed_or_original(proto: Any, example: torch.Tensor) -> Any:
@@ -204,7 +258,11 @@ def export_onnx(
     half: bool = False,
     ones_channels: bool = True,
 ) -> Path:
-    """Export ``model`` to an ONNX file with input ``"input"`` and output ``"output"``.
+    """Export ``model`` to an ONNX file with input ``"input"`` and one output per output leaf.
+
+    A model returning one tensor has one output, ``"output"``; one returning tuples, lists or
+    dicts of tensors has one named output per tensor (``pipeline.core.outputs``: ``out``,
+    ``aux``, ``output.0``), each with a symbolic batch axis where its first axis is the batch.
 
     A deep copy of the model is exported in eval mode on the CPU, so the caller's model keeps its
     mode and device. See the module docstring for why the TorchScript exporter is the default.
@@ -216,7 +274,8 @@ def export_onnx(
         example: An example input batch ``[N, C, H, W]``.
         path: Destination ``.onnx`` file, written atomically.
         opset: Default-domain opset, at least 17 (18 with ``dynamo``).
-        dynamic_batch: Make the batch axis of input and output symbolic.
+        dynamic_batch: Make the batch axis of the input and of every output that has one
+            symbolic.
         simplify: Simplify with onnxslim when installed, keeping the result only if it passes
             the checker, keeps the I/O signature and gives the same outputs under ONNX Runtime.
         dynamo: Use the ``torch.export``-based exporter instead of the TorchScript one.
@@ -232,6 +291,7 @@ def export_onnx(
     Raises:
         ImportError: If onnx is not installed.
         ValueError: If ``opset`` is too low.
+        OutputError: The model returns something other than a tree of tensors.
         onnx.checker.ValidationError: If the final graph is invalid.
     """
     onnx = _import_onnx()
@@ -280,13 +340,16 @@ def _batches(inputs: torch.Tensor, dynamic: bool) -> list[torch.Tensor]:
     return [inputs, torch.cat([inputs, inputs[:1].flip(-1)])]
 
 
-def _reference(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _reference(model: nn.Module, batch: torch.Tensor) -> dict[str, Any]:
+    """The model's outputs on ``batch`` as float64 arrays, by output name."""
     import torch
+
+    from pipeline.core.outputs import as_arrays
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else batch.device
     with _evaluating(model), torch.inference_mode():
-        return model(batch.to(device)).float().cpu()
+        return as_arrays(model(batch.to(device)))
 
 
 def _as_input(session: Any, batch: torch.Tensor) -> Any:
@@ -300,16 +363,25 @@ def onnx_precision(session: Any) -> str:
     return "fp16" if session.get_inputs()[0].type == "tensor(float16)" else "fp32"
 
 
+def session_outputs(session: Any, feed: Any) -> dict[str, Any]:
+    """Every output of an ONNX Runtime ``session`` on the input array ``feed``, by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: feed}), strict=True))
+
+
 def _outputs(session: Any, model: nn.Module, batches: list[torch.Tensor]) -> list[tuple]:
-    """(PyTorch, ONNX Runtime) outputs per batch, as float64 and float32 numpy arrays."""
-    input_name = session.get_inputs()[0].name
-    return [
-        (
-            _reference(model, batch).double().numpy(),
-            session.run(None, {input_name: _as_input(session, batch)})[0],
-        )
-        for batch in batches
-    ]
+    """(PyTorch, ONNX Runtime) outputs per batch, by output name, as float64 and float32 arrays.
+
+    A graph written before outputs had names of their own (one output, ``output``) compares
+    with a one-output model whatever its name.
+    """
+    pairs = []
+    for batch in batches:
+        want, got = _reference(model, batch), session_outputs(session, _as_input(session, batch))
+        if len(want) == len(got) == 1:
+            got = {next(iter(want)): next(iter(got.values()))}
+        pairs.append((want, got))
+    return pairs
 
 
 def verify_onnx(
@@ -342,7 +414,8 @@ def verify_onnx(
         ImportError: If onnx or onnxruntime is not installed.
         onnx.checker.ValidationError: If the graph is invalid.
     """
-    from pipeline.core.checks import insensitivity_hint, judge
+    from pipeline.core.checks import insensitivity_hint
+    from pipeline.core.output_checks import judge_outputs
 
     onnx, ort = _import_onnx(), _import_onnxruntime()
     proto = onnx.load(str(path))
@@ -350,7 +423,7 @@ def verify_onnx(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batches = _batches(inputs.detach().cpu().float(), _batch_is_dynamic(session))
     tolerance = tolerance or tolerance_for(onnx_precision(session), atol=atol)
-    result = judge(
+    result = judge_outputs(
         what or ("onnx-fp16" if onnx_precision(session) == "fp16" else "onnx"),
         _outputs(session, model, batches),
         tolerance,

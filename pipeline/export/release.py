@@ -175,13 +175,17 @@ def _int8_settings(options: ReleaseOptions) -> Int8Settings:
 
 
 def _export_int8(
-    out: Path, options: ReleaseOptions, samples: Int8Samples, cost: LatencyCost | None
+    out: Path,
+    options: ReleaseOptions,
+    samples: Int8Samples,
+    cost: LatencyCost | None,
+    classes: int | None = None,
 ) -> Int8Export:
     from pipeline.export.int8_export import export_int8
 
     done = export_int8(
         out / FILES["onnx"], out / FILES["onnx-int8"], samples, _int8_settings(options),
-        what="onnx-int8", latency_cost=cost,
+        what="onnx-int8", latency_cost=cost, classes=classes,
     )  # fmt: skip
     return replace(done, check=replace(done.check, path=FILES["onnx-int8"]))
 
@@ -219,6 +223,7 @@ def export_release(
     *,
     int8_samples: Int8Samples | None = None,
     latency_cost: LatencyCost | None = None,
+    classes: int | None = None,
 ) -> Release:
     """Fold BN, write every requested artefact into ``out`` and verify each against ``model``.
 
@@ -230,6 +235,8 @@ def export_release(
         int8_samples: Calibration, validation and held-out samples for INT8
             (``pipeline.data.calibration``).
         latency_cost: Times INT8 layers kept in float against the all-INT8 graph.
+        classes: The model's class count: of several outputs, those with a class axis are
+            judged by agreement in INT8, the others element-wise (``pipeline.export.int8_outputs``).
 
     Raises:
         ValueError: INT8 was asked for without samples.
@@ -243,7 +250,12 @@ def export_release(
     batch = verification_input(shape, options.verify_batch)
     folded, fold = fold_bn(model, batch)
     checks: list[Check | Int8Check] = list(_export_onnx_formats(folded, model, out, batch, options))
-    int8 = _export_int8(out, options, int8_samples, latency_cost) if needs_int8(options) else None
+    checks += _whole_detector(model, shape, out, options)
+    int8 = (
+        _export_int8(out, options, int8_samples, latency_cost, classes)
+        if needs_int8(options)
+        else None
+    )
     if int8 is not None and "onnx-int8" in options.formats:
         checks.append(int8.check)
     if "tensorrt" in options.formats:
@@ -257,6 +269,21 @@ def export_release(
     return Release(
         tuple(checks), files, _details(options, shape, files, fold, checks, int8), fold.check
     )
+
+
+def _whole_detector(
+    model: nn.Module, shape: tuple[int, ...], out: Path, options: ReleaseOptions
+) -> list[Check]:
+    """A detector's whole pipeline as ``detector.onnx`` beside its trunk, where torch's exporter
+    can export it (``pipeline.export.detector``); nothing for other models."""
+    from pipeline.models.detection import DetectorTrunk
+
+    if not isinstance(model, DetectorTrunk) or "onnx" not in options.formats:
+        return []
+    from pipeline.export.detector import export_detector
+
+    check = export_detector(model, (shape[1], shape[2]), out, opset=options.opset)
+    return [] if check is None else [check]
 
 
 def _details(

@@ -1,4 +1,5 @@
-"""Model zoo: a VGG-style CNN, CIFAR-style ResNets (20/56), any torchvision classifier, any timm
+"""Model zoo: a VGG-style CNN, CIFAR-style ResNets (20/56), any torchvision classifier,
+segmenter or detector (``pipeline.models.segmentation``, ``pipeline.models.detection``), any timm
 model (``timm:<name>``, the optional ``timm`` extra), or a user factory given as
 ``module.path:function``. All are built from constructor arguments so a
 pruned model can be rebuilt from its spec plus a shape manifest.
@@ -133,10 +134,16 @@ class CifarResNet(nn.Module):
 def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     import torchvision
 
+    from pipeline.models.detection import DETECTORS
+    from pipeline.models.segmentation import SEGMENTERS
+
     available = torchvision.models.list_models(module=torchvision.models)
+    if name in SEGMENTERS or name in DETECTORS:
+        return _dense_task(name, num_classes, in_channels)
     if name not in available:
         raise ModelError(
-            f"unknown torchvision model {name!r}; choose one of: {', '.join(available)}"
+            f"unknown torchvision model {name!r}; choose one of: {', '.join(available)}; "
+            f"segmenters: {', '.join(SEGMENTERS)}; detectors: {', '.join(DETECTORS)}"
         )
     kwargs = {"weights": None, "num_classes": num_classes}
     if name in ("inception_v3", "googlenet"):
@@ -148,6 +155,21 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
             "use an RGB dataset or a model spec that accepts in_channels"
         )
     return model
+
+
+def _dense_task(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A torchvision segmenter, or a detector's traceable part (``pipeline.models.detection``)."""
+    from pipeline.models.detection import DETECTORS, build_detector
+    from pipeline.models.segmentation import build_segmenter
+
+    if in_channels != 3:
+        raise ModelError(
+            f"torchvision:{name} takes 3 input channels, the data has {in_channels}; "
+            "use an RGB dataset or input shape"
+        )
+    if name in DETECTORS:
+        return build_detector(name, num_classes)
+    return build_segmenter(name, num_classes)
 
 
 def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:

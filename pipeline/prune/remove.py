@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.core.checks import Check, VerificationError, insensitivity_hint, judge
+from pipeline.core.checks import Check, VerificationError, insensitivity_hint
 from pipeline.core.numerics import float_dtype, rel_err
+from pipeline.core.output_checks import judge_trees
 from pipeline.core.tolerance import Tolerance
 from pipeline.graph.channel_graph import ChannelGraph
 from pipeline.layers.bn import zero_scale_
@@ -255,8 +256,8 @@ def remove_groups(
     )
     ref_out, out = reference(example), pruned(example)
     enforced = exact_borders or border == 0  # nothing approximated: must be exact
-    check = judge(
-        "removal", [(ref_out.numpy(), out.numpy())], Tolerance(EXACT_RTOL, 0.0, "fp64"),
+    check = judge_trees(
+        "removal", [(ref_out, out)], Tolerance(EXACT_RTOL, 0.0, "fp64"),
         hint=insensitivity_hint(model),
     ) if enforced else None  # fmt: skip
     report = RemovalReport(
@@ -310,8 +311,10 @@ def _log(report: RemovalReport, dropped: int) -> None:
 
 def _check_exact(report: RemovalReport, example: torch.Tensor) -> None:
     """Raise unless the pruned model matched the zeroed reference at both checked sizes."""
+    worst = report.check.output if report.check is not None else ""  # of several outputs
     for err, where in (
-        (report.max_rel_err, f"on the example {tuple(example.shape)}"),
+        (report.max_rel_err, f"on the example {tuple(example.shape)}"
+         + (f" (worst: output {worst!r})" if worst else "")),
         (report.other_size_rel_err, "at a larger input size"),
     ):
         if err > EXACT_RTOL:

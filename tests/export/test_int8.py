@@ -22,9 +22,9 @@ from pipeline.export.int8_check import (  # noqa: E402
     agreement,
     corrupt_weight_scales,
     judge_int8,
-    verify_int8,
 )
 from pipeline.export.int8_export import Int8Settings, export_int8  # noqa: E402
+from pipeline.export.int8_outputs import verify_int8  # noqa: E402
 from pipeline.export.onnx import export_onnx  # noqa: E402
 from tests.export.int8_models import (  # noqa: E402
     SHAPE,

@@ -1,0 +1,289 @@
+"""torchvision's segmenters and detectors through ``recede prune`` and ``recede export``, beside
+Torch-Pruning on the same model and ratio; writes a section of ``docs/torchvision_coverage.md``.
+
+recede's side is the command line a user runs, in a child process with one thread
+(``OMP_NUM_THREADS=1``):
+
+    recede prune --model torchvision:NAME --num-classes K --input-shape 1,3,S,S \\
+        --ratio 0.3 --scope layer --out DIR
+    recede export DIR --out DIR.release
+
+and the table records each exit code (0 ok, 1 verification failed, 2 refused: with the
+message), MACs before and after, and every verification verdict of the release (the trunk's
+``model.onnx`` and, for detectors, the whole ``detector.onnx``). Torch-Pruning's side
+(``torch_pruning`` as installed) is ``MagnitudePruner`` (L2 magnitude, ``pruning_ratio=0.3``,
+per layer) on the same module recede prunes (a segmenter, or a detector's trunk from
+``pipeline.models.detection``), with the convolutions that write the model's outputs ignored,
+then ``torch.onnx.export`` and ONNX Runtime against PyTorch on every output.
+
+    python benchmarks/dense_coverage.py                 # all 18 models
+    python benchmarks/dense_coverage.py lraspp_mobilenet_v3_large fcos_resnet50_fpn
+    python benchmarks/dense_coverage.py --budget 2700    # start no model after 45 minutes
+
+Models run lightest first (:data:`ORDER`), and the section is rewritten after each one, so a
+run stopped by ``--budget`` (or killed) still leaves a table: the models it did not reach are
+listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.core.outputs import flatten  # noqa: E402
+from pipeline.models.detection import DETECTORS  # noqa: E402
+from pipeline.models.segmentation import SEGMENTERS  # noqa: E402
+
+RATIO = 0.3
+SIZE = {"lraspp_mobilenet_v3_large": 256, "ssd300_vgg16": 300}  # the goal figure's size; SSD300's
+# unpadded extra layers need 300 px; the others run small
+DEFAULT_SIZE = 128
+CLASSES = {"keypointrcnn_resnet50_fpn": 2}  # person + background, as torchvision trains it
+START, END = "<!-- dense-coverage:start -->", "<!-- dense-coverage:end -->"
+
+
+ORDER = (  # lightest first, so a budget-stopped run covers the most models
+    "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fcn_resnet50",
+    "deeplabv3_resnet50", "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn_v2", "fcn_resnet101",
+    "deeplabv3_resnet101", "ssd300_vgg16",
+)  # fmt: skip
+
+
+def _classes(name: str) -> int:
+    return CLASSES.get(name, 91 if name in DETECTORS else 21)
+
+
+def _cli(args: list[str], timeout: float) -> tuple[int, str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+            env=env, timeout=timeout, cwd=ROOT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return -1, "", f"timed out after {timeout:.0f} s"
+    return done.returncode, done.stdout, done.stderr
+
+
+def _why(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("recede ")]
+    return (lines[-1] if lines else (err.strip().splitlines() or [""])[-1])[:300].replace("|", "/")
+
+
+def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
+    """recede prune and export through the command line; exit codes, MACs and verdicts."""
+    out, release, start = work / name, work / f"{name}.release", time.perf_counter()  # --out outside the model folder
+    shape = f"1,3,{size},{size}"
+    rc, _, err = _cli(
+        ["prune", "--model", f"torchvision:{name}", "--num-classes", str(_classes(name)),
+         "--input-shape", shape, "--ratio", str(RATIO), "--scope", "layer", "--out", str(out)],
+        timeout,
+    )  # fmt: skip
+    row = {"prune": rc, "why": "" if rc == 0 else _why(err)}
+    if rc == 0:
+        report = json.loads((out / "report.json").read_text())
+        row["macs"] = (report["macs"]["before"], report["macs"]["after"])
+        row["kept_whole"] = sorted(report.get("kept_whole", {}))
+        rc, _, err = _cli(["export", str(out), "--out", str(release)], timeout)
+        row["export"], row["why"] = rc, "" if rc == 0 else _why(err)
+        manifest = release / "manifest.json"
+        if manifest.is_file():
+            checks = json.loads(manifest.read_text())["export"]["verification"]
+            row["verdicts"] = {c["what"]: c["verdict"] for c in checks}
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _output_convs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.Module]:
+    """The convolutions whose output is returned as is (Torch-Pruning must keep them)."""
+    leaves = {id(t) for t in flatten(model(x)).values()}
+    found = []
+
+    def hook(module, _, output):  # noqa: ANN001
+        if id(output) in leaves:
+            found.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def run_torch_pruning(name: str, size: int, work: Path) -> dict:
+    """Torch-Pruning's MagnitudePruner at the same ratio, then ONNX export and parity."""
+    import onnxruntime as ort
+    import torch_pruning as tp
+
+    from pipeline.models.zoo import _torchvision
+
+    start = time.perf_counter()
+    try:
+        model = _torchvision(name, _classes(name), 3).eval()
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        macs_before = tp.utils.count_ops_and_params(model, x)[0]
+        ignored = _output_convs(model, x)
+        pruner = tp.pruner.MagnitudePruner(
+            model, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=RATIO,
+            ignored_layers=ignored,
+        )  # fmt: skip
+        pruner.step()
+        macs_after = tp.utils.count_ops_and_params(model, x)[0]
+        with torch.no_grad():
+            want = {n: t.numpy() for n, t in flatten(model(x)).items()}
+        path = work / f"{name}.tp.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(copy.deepcopy(model), (x,), str(path), opset_version=17,
+                              dynamo=False, output_names=list(want))  # fmt: skip
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    except Exception as err:  # noqa: BLE001 - a failed baseline is a table entry
+        first = (str(err).strip().splitlines() or [""])[0][:200].replace("|", "/")
+        return {"error": f"{type(err).__name__}: {first}", "seconds": time.perf_counter() - start}
+    rel = max(
+        float(abs(g - w).max()) / max(float(abs(w).max()), 1e-12)
+        for g, w in zip(got, want.values(), strict=True)
+    )
+    return {"macs": (macs_before, macs_after), "onnx_rel_err": rel, "seconds": time.perf_counter() - start}
+
+
+def _macs(pair: tuple[float, float] | None) -> str:
+    if not pair:
+        return "—"
+    before, after = pair
+    return f"{before / 1e9:.2f}G → {after / 1e9:.2f}G ({100 * after / before:.0f}%)"
+
+
+def _recede_cell(r: dict) -> str:
+    if r["prune"] != 0:
+        return f"prune exit {r['prune']}: {r['why']}"
+    verdicts = ", ".join(f"{k} {v}" for k, v in r.get("verdicts", {}).items())
+    if r.get("export") != 0:
+        return f"export exit {r['export']}: {r['why']}" + (f" ({verdicts})" if verdicts else "")
+    return f"ok: {verdicts}"
+
+
+def _tp_cell(t: dict) -> str:
+    if "error" in t:
+        return f"failed: {t['error']}"
+    return f"ok: ONNX vs PyTorch {t['onnx_rel_err']:.1e}"
+
+
+def row(name: str, size: int, r: dict, t: dict) -> str:
+    whole = ", ".join(w.removeprefix("detector.") for w in r.get("kept_whole", [])) or "—"
+    return (
+        f"| {name} | {size} | {_classes(name)} | {_macs(r.get('macs'))} | {_recede_cell(r)} | "
+        f"{whole} | {r['seconds']:.0f} | {_macs(t.get('macs'))} | {_tp_cell(t)} | {t['seconds']:.0f} |"
+    )
+
+
+HEADER = [
+    "| model | input | classes | recede MACs | recede: prune, export, verify | kept whole "
+    "| recede s | Torch-Pruning MACs | Torch-Pruning: prune, ONNX | TP s |",
+    "|---|---:|---:|---|---|---|---:|---|---|---:|",
+]
+
+
+def _not_run(names: list[str], why: str) -> list[str]:
+    return [f"| {n} | {SIZE.get(n, DEFAULT_SIZE)} | {_classes(n)} | — | not run: {why} | — | — | — | not run | — |" for n in names]
+
+
+def _section(lines: list[str], names: list[str], seconds: float, load: tuple[float, float]) -> str:
+    import torch_pruning as tp
+
+    return "\n".join([
+        START,
+        "## Segmentation and detection",
+        "",
+        f"Every torchvision segmenter and detector, untrained (`weights=None, "
+        f"weights_backbone=None`), pruned at {RATIO:.0%} per layer (`--scope layer`) and",
+        "exported through the command line (module docstring of `benchmarks/dense_coverage.py`);",
+        "Torch-Pruning's `MagnitudePruner` on the same module at the same ratio, its output",
+        "convolutions ignored, exported with `torch.onnx` and run by ONNX Runtime. A detector's",
+        "module is its trunk (backbone, FPN, dense heads: `pipeline.models.detection`); recede's",
+        "release also holds the whole detector (`detector.onnx`, `onnx-detector`) where torch's",
+        "exporter can export it. MACs are each tool's own count (recede: convs and linears;",
+        "Torch-Pruning: `count_ops_and_params`). Verdicts: `ok`, or `twin-ok` where the untrained",
+        "model's own outputs barely move with its input and the check ran on its BN-calibrated",
+        "twin (`docs/how-it-works.md`). Seconds are wall clock on a machine shared with other",
+        "jobs.",
+        "",
+        f"Command: `python benchmarks/dense_coverage.py{_ARGS}` ({len(names)} models, {seconds:.0f} s; "
+        f"one thread; torch {torch.__version__}, Torch-Pruning {tp.__version__}; this project's "
+        f"2-core CPU, shared, load average {load[0]:.1f} at start and {load[1]:.1f} at end; "
+        f"{time.strftime('%Y-%m-%d')}).",
+        "",
+        *HEADER,
+        *lines,
+        END,
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text()
+    if START in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+_ARGS = ""  # the command's arguments, for the section's command line
+
+
+def main() -> int:
+    global _ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model names (default: all 18, lightest first)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "torchvision_coverage.md")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per command, seconds")
+    parser.add_argument("--budget", type=float, default=None, help="start no model after this many seconds")
+    args = parser.parse_args()
+    _ARGS = "".join(f" {a}" for a in sys.argv[1:])
+    assert set(ORDER) == {*SEGMENTERS, *DETECTORS}, "ORDER must list every model"
+    torch.set_num_threads(1)
+    names = args.models or list(ORDER)
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="recede-dense-") as tmp:
+        for k, name in enumerate(names):
+            if args.budget is not None and time.perf_counter() - start > args.budget:
+                lines += _not_run(names[k:], f"past the run's --budget of {args.budget:.0f} s")
+                break
+            size = SIZE.get(name, DEFAULT_SIZE)
+            r = run_recede(name, size, Path(tmp), args.timeout)
+            t = run_torch_pruning(name, size, Path(tmp))
+            lines.append(row(name, size, r, t))
+            print(lines[-1], flush=True)
+            rest = _not_run(names[k + 1 :], "the run was still going")
+            section = _section(lines + rest, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
+            write_section(args.out, section)
+    section = _section(lines, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
+    write_section(args.out, section)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The whole detector beside its trunk (``pipeline.export.detector``): detections whose number
+differs between runtimes are compared where they can be, ties in either order, and a wrong box,
+score or label still fails, naming the output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.core.output_checks import judge_outputs
+from pipeline.export.detector import TOLERANCE, comparable
+
+SCORES = np.array([0.9, 0.8, 0.8, 0.5, 0.3])  # rows 1 and 2 tie
+BOXES = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40], [1, 2, 3, 4], [9, 9, 12, 12]])
+LABELS = np.array([1, 2, 2, 3, 1])
+
+
+def _detections(order=slice(None), n=5, boxes=BOXES, labels=LABELS) -> dict:
+    return {
+        "output.0.boxes": boxes[order][:n].astype(float),
+        "output.0.scores": SCORES[order][:n],
+        "output.0.labels": labels[order][:n].astype(float),
+    }
+
+
+def _judged(want: dict, got: dict):
+    want, got, note = comparable(want, got)
+    return judge_outputs("onnx-detector", [(want, got)], TOLERANCE), note
+
+
+def test_tied_detections_in_the_other_order_agree():
+    swapped = _detections(order=[0, 2, 1, 3, 4])
+    check, note = _judged(_detections(), swapped)
+    assert check.verdict == "ok", check.line()
+    assert note == "5 detections, compared 4"  # the lowest may tie with one beyond the cut
+
+
+def test_a_count_cut_at_a_tie_compares_what_both_kept_and_says_so():
+    check, note = _judged(_detections(), _detections(n=4))  # ONNX cut the last one
+    assert check.verdict == "ok", check.line()
+    assert note == "4/5 detections, compared 3"  # the 4th scores the lowest both kept
+
+
+@pytest.mark.parametrize("field", ["boxes", "labels"])
+def test_a_wrong_detection_fails_naming_its_output(field):
+    wrong = BOXES.copy() if field == "boxes" else LABELS.copy()
+    wrong[1] = wrong[1] + 3
+    got = _detections(**{field: wrong})
+    check, _ = _judged(_detections(), got)
+    assert check.verdict == "failed" and check.output == f"output.0.{field}", check.line()
+
+
+@pytest.mark.slow
+def test_prune_and_export_a_detector_with_its_whole_pipeline(tmp_path, capsys):
+    from pipeline.cli.main import main
+
+    out = tmp_path / "pruned"
+    model = ["--model", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", "--num-classes", "91"]
+    argv = ["prune", *model, "--input-shape", "1,3,128,128", "--ratio", "0.3", "--scope", "layer"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "kept whole: detector.roi_heads:" in printed
+    assert "detector.roi_heads" in json.loads((out / "report.json").read_text())["kept_whole"]
+    assert main(["export", str(out), "--out", str(tmp_path / "release")]) == 0
+    release = tmp_path / "release"
+    names = [o.name for o in onnx.load(str(release / "detector.onnx")).graph.output]
+    assert names == ["output.0.boxes", "output.0.labels", "output.0.scores"]
+    checks = json.loads((release / "manifest.json").read_text())["export"]["verification"]
+    verdicts = {c["what"]: c["verdict"] for c in checks}
+    assert verdicts["onnx-detector"] in ("ok", "twin-ok") and verdicts["onnx"] in ("ok", "twin-ok")
