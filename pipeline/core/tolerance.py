@@ -151,28 +151,35 @@ def measured_rounding(
 
     import torch
 
+    from pipeline.core.outputs import flatten
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
     with torch.no_grad():
         work = copy.deepcopy(model).cpu().double().eval()
-        want = work(inputs.double())
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        if not math.isfinite(scale) or scale == 0:
+        want = flatten(work(inputs.double()))  # several outputs: each against its own scale
+        scales = {k: float(v.abs().max()) if v.numel() else 0.0 for k, v in want.items()}
+        want = {k: v for k, v in want.items() if math.isfinite(scales[k]) and scales[k] > 0}
+        if not want:
             return 0.0
         work.to(dtype)
         tensors = [t for t in (*work.parameters(), *work.buffers()) if t.is_floating_point()]
         plain = [t.clone() for t in tensors] if dithers else []
         gen = torch.Generator().manual_seed(0)
         try:
-            err = _distance(work, inputs.to(dtype), want)
+            err = _distance(work, inputs.to(dtype), want, scales)
             for _ in range(dithers):
                 for t, value in zip(tensors, plain, strict=True):
                     up = torch.rand(t.shape, generator=gen) < 0.5
                     t.copy_(torch.nextafter(value, torch.where(up, math.inf, -math.inf).to(dtype)))
-                err = max(err, _distance(work, inputs.to(dtype), want))
+                err = max(err, _distance(work, inputs.to(dtype), want, scales))
         except (RuntimeError, NotImplementedError):  # an op without a kernel in this dtype
             return 0.0
-    return min(err / scale, 1.0) if math.isfinite(err) else 1.0
+    return min(err, 1.0) if math.isfinite(err) else 1.0
 
 
-def _distance(model: Any, inputs: Any, want: Any) -> float:
-    return float((model(inputs).double() - want).abs().max())
+def _distance(model: Any, inputs: Any, want: dict, scales: dict[str, float]) -> float:
+    """The largest output's error as a share of that output's float64 scale."""
+    from pipeline.core.outputs import flatten
+
+    got = flatten(model(inputs))
+    return max(float((got[k].double() - v).abs().max()) / scales[k] for k, v in want.items())

@@ -18,7 +18,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -106,8 +106,10 @@ class Float64(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).cpu().double().eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.double()).float()
+    def forward(self, x: torch.Tensor) -> Any:
+        from pipeline.core.outputs import map_leaves
+
+        return map_leaves(lambda t: t.float(), self.model(x.double()))  # a tree of outputs too
 
 
 @dataclass(frozen=True)
