@@ -37,7 +37,8 @@ def run_threads(run: Path) -> int:
 def speedups(
     run: Path, cfg: SweepConfig, repeats: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, int]]:
-    """Per ``"<setting> batch <n>"``: the pruned model's speed-up in each repeat, that speed-up
+    """Per ``"<backend> <device> <model>[ int8] batch <n>"``: each non-reference row's speed-up
+    (an INT8 row's over dense fp32) in each repeat, that speed-up
     divided by the MAC ratio (1.0: latency fell as much as the arithmetic did), and in how many
     repeats the dense or the pruned row was flagged ``noisy``."""
     artefacts = open_artefacts(run)
@@ -49,7 +50,8 @@ def speedups(
         report = bench_report(sweep(artefacts, settings, cfg), artefacts, cfg)
         flagged = set()
         for row in report["rows"]:
-            key = f"{row['backend']} {row['device']} batch {row['batch']}"
+            precision = "" if row["precision"] == "fp32" else f" {row['precision']}"
+            key = f"{row['backend']} {row['device']} {row['model']}{precision} batch {row['batch']}"
             if "noisy" in row["flags"]:
                 flagged.add(key)
             if row["model"] != artefacts[0].label and row["speedup"] is not None:

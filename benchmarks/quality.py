@@ -201,6 +201,7 @@ def _train_config(grid: Grid, method: str, kept: float | None, seed: int, start=
     )
     prune = PruneConfig(
         threshold="auto",
+        round_to=1,  # every method is cut to the same MACs; Torch-Pruning does not round
         min_channels=grid.min_channels,
         max_layer_ratio=grid.max_layer_ratio,
         finetune_epochs=grid.finetune_epochs,

@@ -43,6 +43,7 @@ def ucs_prune(
         threshold="ratio",
         ratio=fraction,
         scope="layer",
+        round_to=1,  # the grid's protocol: no rounding, the same MACs for every method
         min_channels=min_channels,
         max_layer_ratio=max_layer_ratio,
     )

@@ -222,7 +222,7 @@ class PruneConfig:
     aggregate: str = "max"
     min_channels: int = 4
     max_layer_ratio: float = 0.95
-    round_to: int = 1
+    round_to: int = 8  # kept widths that ONNX Runtime's CPU kernels run fast (decisions.md)
     finetune_epochs: int = 3
     exact_borders: bool = True  # absorb constant channels exactly at zero-padded borders
     recalibrate: bool = True  # re-estimate BN running stats after pruning (no gradient steps)

@@ -128,7 +128,8 @@ def plan_settings(
 
 
 def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> LatencyRow:
-    """Build an engine tuned for ``batch`` (in a temporary folder) and time it on device data."""
+    """Build an engine tuned for ``batch`` (in a temporary folder) and time it on device data;
+    an INT8 (QDQ) artefact builds an INT8 engine and its row says ``int8``."""
     from pipeline.export.tensorrt import build_engine
 
     with tempfile.TemporaryDirectory(prefix="recede-trt-") as tmp:
@@ -148,7 +149,7 @@ def bench_tensorrt(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int)
         p90_ms=p90,
         p99_ms=p99,
         mode="engine",
-        precision=s.precision,
+        precision="int8" if artefact.precision == "int8" else s.precision,
         copies=False,
         runs=cfg.runs,
         warmup=cfg.warmup,
@@ -174,10 +175,15 @@ def measure(artefact: Artefact, s: Setting, cfg: SweepConfig, batch: int) -> Lat
     return bench_tensorrt(artefact, s, cfg, batch)
 
 
+INT8_SETTINGS = (("onnxruntime", "cpu", "fp32"), ("tensorrt", "cuda", "fp32"))
+"""Where a QDQ INT8 graph runs: ONNX Runtime's CPU provider, and TensorRT, which builds it by
+explicit quantization (once, under the fp32 setting: its precision comes from the graph)."""
+
+
 def runnable(artefact: Artefact, s: Setting) -> bool:
     """Whether ``artefact`` has what setting ``s`` needs (a torch model, or an ONNX file; an
-    INT8 graph runs on ONNX Runtime's CPU provider only)."""
-    if artefact.precision == "int8" and (s.backend, s.device) != ("onnxruntime", "cpu"):
+    INT8 graph: one of :data:`INT8_SETTINGS`)."""
+    if artefact.precision == "int8" and (s.backend, s.device, s.precision) not in INT8_SETTINGS:
         return False
     return (artefact.model if s.backend == "torch" else artefact.onnx) is not None
 

@@ -167,8 +167,16 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--round-to",
         type=_number(int, 1),
-        default=1,
-        help="round kept widths up to a multiple, e.g. 8 for tensor cores (1: no rounding)",
+        default=8,
+        help="round kept widths of layers at least 4 multiples wide up to a multiple: 8 keeps "
+        "ONNX Runtime's CPU convolutions on their fast layout (1: no rounding)",
+    )
+    p.add_argument(
+        "--no-exact-borders",
+        dest="exact_borders",
+        action="store_false",
+        help="prune.exact_borders=false: absorb a removed channel's constant as it is at the "
+        "example's size and report the error it leaves at borders and other sizes",
     )
     p.add_argument("--out", required=True, help="output folder (required)")
     _add_force(p)
@@ -220,6 +228,32 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         default=1,
         help="batch TensorRT tunes its kernels for",
     )
+    _add_export_int8(p)
+    p.add_argument(
+        "--require",
+        choices=("tensorrt",),
+        action="append",
+        default=[],
+        help="make a missing artefact fatal: `--format all --require tensorrt` exits 2 where "
+        "no TensorRT engine can be built, instead of warning and skipping it",
+    )
+    p.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="export a run's pruned model even when the run's latency table shows it slower "
+        "than the dense one beyond noise (default: exit 1, nothing written)",
+    )
+    p.add_argument(
+        "--accept-insensitive",
+        action="store_true",
+        help="write the release even when a check could not have seen a wrong model (its "
+        "outputs barely depend on the input); the verdict `insensitive` stays in the manifest. "
+        "Default: such an export fails with exit code 1",
+    )
+
+
+def _add_export_int8(p: argparse.ArgumentParser) -> None:
+    """``recede export``'s INT8 flags (``--format onnx-int8``, and the engine's QDQ graph)."""
     p.add_argument(
         "--calibration",
         metavar="PATH",
@@ -244,27 +278,6 @@ def _add_export(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="POINTS",
         help="largest INT8 accuracy drop, in points, on held-out samples (default: 0.5)",
-    )
-    p.add_argument(
-        "--require",
-        choices=("tensorrt",),
-        action="append",
-        default=[],
-        help="make a missing artefact fatal: `--format all --require tensorrt` exits 2 where "
-        "no TensorRT engine can be built, instead of warning and skipping it",
-    )
-    p.add_argument(
-        "--allow-slower",
-        action="store_true",
-        help="export a run's pruned model even when the run's latency table shows it slower "
-        "than the dense one beyond noise (default: exit 1, nothing written)",
-    )
-    p.add_argument(
-        "--accept-insensitive",
-        action="store_true",
-        help="write the release even when a check could not have seen a wrong model (its "
-        "outputs barely depend on the input); the verdict `insensitive` stays in the manifest. "
-        "Default: such an export fails with exit code 1",
     )
 
 
@@ -339,6 +352,11 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         help="the dense model speed-ups are against (default: the one a prune, export or run "
         "folder records)",
     )
+    _add_bench_gate(p)
+
+
+def _add_bench_gate(p: argparse.ArgumentParser) -> None:
+    """``recede bench``'s release-gate flags: ``--compare`` a baseline, or save one."""
     p.add_argument(
         "--compare",
         metavar="BASELINE.json",

@@ -240,6 +240,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scope=args.scope,
         min_channels=args.min_channels,
         round_to=args.round_to,
+        exact_borders=args.exact_borders,
     )
     result = prune_model(model, example, cfg, receded_below=_receded_below(args))
     table = layer_table(model, result.graph, result.input_shape, result.model, result.plan)

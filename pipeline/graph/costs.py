@@ -13,8 +13,10 @@ For a group ``g``, over every conv/linear layer ``L`` with ``g`` among its chann
   the weights of the filters ``g`` produces, the weights of every reader's slice that reads ``g``,
   and the area of ``g``'s feature map at each BN that gates it, over the input image area. A
   depthwise conv holds one filter per channel, counted once (as an output).
-- ``macs``: the same weights, each multiplied by its layer's output area ``H_L W_L`` (1 for a
-  Linear): the multiply-accumulates per sample that disappear with the group.
+- ``macs``: the same weights, each multiplied by its layer's output positions per sample
+  (:func:`output_positions`: ``H_L W_L`` for a conv, the tokens or pixels of a Linear over the
+  last axis, 1 for a Linear on ``(B, C)``, summed over every call of a module called more than
+  once): the multiply-accumulates per sample that disappear with the group.
 
 Both are first-order: removing two groups that meet in one layer saves a little less than the sum
 (the weights between them are counted twice). They weigh groups against each other; exact MACs of
@@ -38,16 +40,34 @@ from pipeline.layers.bn import bn_modules
 COST_FORMS = ("memory", "macs")
 
 
-def output_areas(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """Output spatial area (``H * W``; 1 for 2-d outputs) of every module, from one forward."""
-    areas, hooks = {}, []
+def _channels(m: nn.Module, out: torch.Tensor) -> int:
+    """How many channels ``m``'s output has along the axis the channel graph reads."""
+    if isinstance(m, nn.Linear):
+        return m.out_features  # the last axis: (B, F), tokens (B, N, F), channels-last (B, H, W, F)
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    features = getattr(m, "num_features", None)
+    return features if isinstance(features, int) else (out.shape[1] if out.dim() > 1 else 1)
 
-    def record(name: str, out: torch.Tensor) -> None:  # a hook must return None
+
+def output_positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Output positions of one sample at every module, summed over the module's calls.
+
+    A position is one place a layer's channel vector is computed: ``H * W`` for a conv or a BN,
+    ``N`` for a Linear over tokens ``(B, N, C)``, ``H * W`` for a channels-last Linear
+    ``(B, H, W, C)``, 1 for a Linear on ``(B, C)``. It is what a forward hook sees (the output's
+    elements over its channels, on a batch-1 example), so a module called twice counts both
+    calls and no layout is assumed.
+    """
+    positions: Counter[str] = Counter()
+    hooks = []
+
+    def record(name: str, m: nn.Module, out: object) -> None:  # a hook must return None
         if isinstance(out, torch.Tensor):
-            areas.setdefault(name, out[0, 0].numel() if out.dim() == 4 else 1)
+            positions[name] += out.numel() // max(1, _channels(m, out))
 
     for name, m in model.named_modules():
-        hooks.append(m.register_forward_hook(lambda mod, a, out, name=name: record(name, out)))
+        hooks.append(m.register_forward_hook(lambda mod, a, out, name=name: record(name, mod, out)))
     was = model.training
     try:
         with torch.no_grad():
@@ -56,7 +76,7 @@ def output_areas(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
         model.train(was)
-    return areas
+    return dict(positions)
 
 
 def _weights_per_channel(m: nn.Module, layer: LayerChannels) -> tuple[int, int]:
@@ -75,7 +95,7 @@ def group_costs(
     """Raw cost of every group in ``graph`` (all groups, prunable or not), in ``form`` units."""
     if form not in COST_FORMS:
         raise ValueError(f"cost form must be one of {COST_FORMS}, got {form!r}")
-    modules, areas = dict(model.named_modules()), output_areas(model, example)
+    modules, areas = dict(model.named_modules()), output_positions(model, example)
     image_area = example.shape[-1] * example.shape[-2]
     cost: Counter[int] = Counter()
     for name, layer in graph.layers.items():
@@ -98,8 +118,9 @@ def group_costs(
 class KeptMacs:
     """Exact MACs of a model's conv and linear layers as a function of the groups it keeps.
 
-    A layer's MACs are ``scale * kept_in * kept_out`` (``scale`` = kernel area x output area /
-    conv groups; a depthwise conv: ``scale * kept_out``), so removing two groups that meet in one
+    A layer's MACs are ``scale * kept_in * kept_out`` (``scale`` = kernel area x output
+    positions summed over its calls / conv groups, as a forward hook counts them; a depthwise
+    conv: ``scale * kept_out``), so removing two groups that meet in one
     layer saves exactly what it does, unlike the first-order ``group_costs``. ``kept`` may be
     fractional (a group half-way to receding counts half), which makes it a smooth measure of how
     far training has gone. Groups not listed (unprunable) always count as kept.
@@ -110,7 +131,7 @@ class KeptMacs:
     ) -> None:
         position = {g: j for j, g in enumerate(group_ids)}
         n = len(group_ids)
-        modules, areas = dict(model.named_modules()), output_areas(model, example)
+        modules, areas = dict(model.named_modules()), output_positions(model, example)
         self._layers: list[tuple[torch.Tensor, torch.Tensor, float, bool]] = []
         for name, layer in graph.layers.items():
             if layer.kind == "bn":

@@ -53,7 +53,16 @@ class _Tracer(_Leaves, fx.Tracer):
 
 
 class _ValueProxy(MetaProxy):
-    """A proxy that knows its value's device (``MetaProxy`` answers a placeholder "meta")."""
+    """A proxy that knows its value's device (``MetaProxy`` answers a placeholder "meta") and
+    its size along dim 0 (``MetaProxy.size(0)`` tests ``if dim``, so it returned the whole
+    shape and ``x.size(0)`` was recorded as ``x.size()``)."""
+
+    def size(self, dim: int | None = None) -> object:
+        args = () if dim is None else (dim,)
+        value = getattr(self, "_tensor_meta", None)
+        if value is not None:
+            return value.size(*args)
+        return self.tracer.create_proxy("call_method", "size", (self, *args), {})
 
     @property
     def device(self) -> torch.device:

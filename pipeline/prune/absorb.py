@@ -80,19 +80,57 @@ def _effective_kernel(layer: nn.Conv2d, const: torch.Tensor) -> torch.Tensor:
     return (layer.weight * cvec[group_of_out][:, :, None, None]).sum(1, keepdim=True)
 
 
-def _correction(
-    layer: nn.Module, xin: torch.Tensor, idx: list[int], exact: bool, uniform: bool
-) -> tuple[str, torch.Tensor, float]:
-    """(form, tensor, border error) for the removed input channels ``idx`` of ``layer``.
+def _channel_dim(layer: nn.Module) -> int:
+    """The axis ``layer`` reads channels on: the last for a Linear (tokens, channels last), 1 for
+    a conv."""
+    return -1 if isinstance(layer, nn.Linear) else 1
 
-    The form follows from the layer's structure, never from the example's border: a 1x1 output
-    has no border to look at, yet its zero padding still shapes it. ``uniform``: the removed
-    channels hold one value per channel at every position (and every input size).
-    """
-    masked = torch.zeros_like(xin)
-    masked[:, idx] = xin[:, idx]
-    if isinstance(layer, nn.Linear):
-        return "bias", F.linear(masked, layer.weight)[0], 0.0
+
+def _removed(layer: nn.Module, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """The removed channels' values at every position: ``(positions, len(idx))``."""
+    dim = _channel_dim(layer) % x.dim()
+    picked = x.index_select(dim, torch.tensor(idx, dtype=torch.long, device=x.device))
+    return picked.movedim(dim, -1).reshape(-1, len(idx))
+
+
+def _masked(layer: nn.Module, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``x`` with every channel but ``idx`` zeroed, on ``layer``'s channel axis."""
+    dim = _channel_dim(layer) % x.dim()
+    keep = torch.zeros(x.shape[dim], dtype=x.dtype, device=x.device)
+    keep[idx] = 1
+    return x * keep.view(-1, *[1] * (x.dim() - dim - 1))
+
+
+def _matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the last ulps of a pooling sum (relative 1e-6 of the larger magnitude)."""
+    tol = 1e-6 * max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    return float((a - b).abs().max()) <= tol
+
+
+def _uniform(
+    layer: nn.Module, here: torch.Tensor, there: torch.Tensor | None, idx: list[int]
+) -> bool:
+    """Whether the removed channels hold one value per channel at every position of the example
+    and of the larger input (``there``; None where the model does not run there), the same at
+    both: then the correction is a bias or a kernel, right at every size."""
+    values = [_removed(layer, here, idx)]
+    if there is not None:
+        values.append(_removed(layer, there, idx))
+    first = values[0][:1]
+    return all(_matches(v, first.expand_as(v)) for v in values)
+
+
+def _linear_correction(layer: nn.Linear, xin: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``W x`` of the removed channels alone at every position: ``(positions, out_features)``."""
+    out = F.linear(_masked(layer, xin, idx), layer.weight)
+    return out.reshape(-1, out.shape[-1])
+
+
+def _conv_correction(
+    layer: nn.Conv2d, xin: torch.Tensor, idx: list[int], exact: bool, uniform: bool
+) -> tuple[str, torch.Tensor, float]:
+    """(form, tensor, border error) for a conv reader; see ``_correction``."""
+    masked = _masked(layer, xin, idx)
     full = layer._conv_forward(masked, layer.weight, None)[0]  # the layer's own padding mode
     if not uniform:  # position-dependent constants: exact at this size, refused at others
         return "map", full, 0.0
@@ -105,17 +143,66 @@ def _correction(
     return "bias", interior, float((full - interior[:, None, None]).abs().max())
 
 
-def _uniform(captures: list[dict[str, torch.Tensor]], name: str, idx: list[int]) -> bool:
-    """Whether channels ``idx`` of ``name``'s input are spatially uniform in every capture."""
-    for seen in captures:
-        x = seen.get(name)
-        if x is None or x.dim() != 4:
-            continue
-        x = x[0, idx]  # (len(idx), H, W)
-        tol = 1e-6 * max(float(x.abs().max()), 1e-30)  # pooling sums may differ in the last ulp
-        if float((x - x[:, :1, :1]).abs().max()) > tol:
-            return False
-    return True
+def _correction(
+    name: str,
+    layer: nn.Module,
+    xin: torch.Tensor,
+    larger: torch.Tensor | None,
+    idx: list[int],
+    exact: bool,
+) -> tuple[str, torch.Tensor, float]:
+    """(form, tensor, error left) for the removed input channels ``idx`` of ``layer``.
+
+    The form follows from the layer's structure, never from the example's border: a 1x1 output
+    has no border to look at, yet its zero padding still shapes it. A constant that differs
+    between positions or input sizes (a zero-padded or adaptive pooling, or a resampling,
+    between the BN and ``layer``) gets a per-position ``map`` on a conv whose output size
+    follows the input's, so a run at another size is refused; where nothing could refuse it (a
+    Linear's one bias, a conv behind a global pool) removal is refused here, or with ``exact``
+    False applied at the example's size with the error it leaves reported.
+    """
+    uniform = _uniform(layer, xin, larger, idx)
+    if isinstance(layer, nn.Linear):
+        here = _linear_correction(layer, xin, idx)
+        if uniform:
+            return "bias", here[0], 0.0
+        value, seen = here.mean(0), [here]
+        if larger is not None:
+            seen.append(_linear_correction(layer, larger, idx))
+        err = max(float((v - value).abs().max()) for v in seen)
+        _refuse_if_exact(name, layer, xin, err, exact)
+        return "bias", value, err
+    form, value, err = _conv_correction(layer, xin, idx, exact, uniform)
+    if form == "map" and larger is not None and xin.shape[-2:] == larger.shape[-2:]:
+        there = _conv_correction(layer, larger, idx, exact, False)[1]
+        if not _matches(there, value):  # one output size: the map cannot refuse the other
+            err = float((there - value).abs().max())
+            _refuse_if_exact(name, layer, xin, err, exact)
+    return form, value, err
+
+
+def _refuse_if_exact(
+    name: str, layer: nn.Module, xin: torch.Tensor, err: float, exact: bool
+) -> None:
+    """Raise ``PruneError`` naming ``layer`` and the setting that removes its channels anyway."""
+    if not exact or err == 0:
+        return
+    reader = (
+        "a Linear holds one bias for every position and input size"
+        if isinstance(layer, nn.Linear)
+        else "this conv's input has one size at every input size of the model, so a "
+        "per-position correction cannot refuse the sizes it is wrong at"
+    )
+    raise PruneError(
+        f"{name} ({type(layer).__name__}) reads removed channels whose constant differs between "
+        f"positions or input sizes (by up to {err:.2e} in its output): a zero-padded or adaptive "
+        f"pooling or a resampling between their BN and {name} makes it depend on where and at "
+        f"what size it is computed, and {reader}. Set prune.exact_borders=false (on `recede "
+        "prune`, --no-exact-borders) to remove them with the constant of the "
+        f"example's size ({tuple(xin.shape)} at {name}) and have the error it leaves reported, "
+        "or keep these channels (prune.threshold below their importance), or pool without "
+        "counting padding (count_include_pad=False keeps a constant constant)"
+    )
 
 
 def larger_input(example: torch.Tensor) -> torch.Tensor | None:
@@ -200,13 +287,14 @@ def absorb_(
     originals, modules = dict(reference.named_modules()), dict(pruned.named_modules())
     corrections, border = [], 0.0
     for name, idx in readers.items():
-        if not torch.allclose(inputs[name][:, idx], other[name][:, idx], atol=1e-6):
+        layer = originals[name]
+        here, there = _removed(layer, inputs[name], idx), _removed(layer, other[name], idx)
+        if not torch.allclose(here, there, atol=1e-6):
             raise PruneError(
                 f"{name} reads removed channels whose value depends on the input; "
                 "the channel graph marked them absorbable wrongly (please report)"
             )
-        uniform = _uniform([inputs, larger], name, idx)
-        form, value, err = _correction(originals[name], inputs[name], idx, exact, uniform)
+        form, value, err = _correction(name, layer, inputs[name], larger.get(name), idx, exact)
         border = max(border, err)
         if float(value.abs().max()) > 0:
             _attach(modules[name], form, value, keep_out.get(name))

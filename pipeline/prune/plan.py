@@ -79,7 +79,8 @@ class SelectionRules:
     Args:
         min_channels: every layer keeps at least this many output channels.
         max_layer_ratio: no layer loses more than this fraction of its output channels.
-        round_to: kept output channels of each conv/linear rounded up to a multiple of this.
+        round_to: kept output channels of each conv/linear at least
+            :data:`ROUND_MIN_BLOCKS` x ``round_to`` wide rounded up to a multiple of this.
     """
 
     min_channels: int = 4
@@ -283,6 +284,12 @@ def select_groups(
     return dropped
 
 
+ROUND_MIN_BLOCKS = 4
+"""A layer is rounded only when it is at least this many multiples wide: rounding a 16-wide layer
+to 8 leaves it two widths to choose from, and its kept width would be a layer's half or all of
+it. Narrow layers are cheap to run unaligned and costly to constrain."""
+
+
 def _round_kept(
     dropped: set[int],
     importance: Mapping[int, float],
@@ -290,11 +297,12 @@ def _round_kept(
     floors: dict[str, tuple[Counter, int]],
     multiple: int,
 ) -> None:
-    """Restore the most important dropped groups until kept counts are multiples."""
+    """Restore the most important dropped groups until kept counts are multiples (in layers at
+    least :data:`ROUND_MIN_BLOCKS` multiples wide)."""
     for _ in range(len(graph.layers) + 1):
         changed = False
         for name, layer in graph.layers.items():
-            if layer.kind == "bn":
+            if layer.kind == "bn" or len(layer.out_groups) < ROUND_MIN_BLOCKS * multiple:
                 continue
             kept = sum(1 for g in layer.out_groups if g not in dropped)
             candidates = sorted(

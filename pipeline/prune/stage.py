@@ -138,9 +138,9 @@ def prune_model(
 ) -> Pruned:
     """Plan and apply a prune of a copy of ``model`` according to ``cfg``.
 
-    ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: an
-    automatic threshold whose cut is far from the set of groups below it is refused
-    (``pipeline.prune.threshold.auto_threshold``). None: the training is unknown.
+    ``receded_below`` is the ``train.receded_below`` the model was trained with, when known: the
+    automatic threshold cuts under the modes above it (``pipeline.prune.threshold``). None:
+    the training is unknown (its default, 0.01).
     """
     graph = build_channel_graph(model, example)
     importance = group_importance(model, graph, cfg.aggregate)

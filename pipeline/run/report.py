@@ -542,6 +542,7 @@ def plot_latency(
         ax.set(title=f"batch {batch}", ylabel="latency (ms, log scale)")
     axes[0].legend(title="model")
     title = f"Latency: bar p50, dot p90, whisker top p99; label: speed-up over {models[0]}"
+    title += " fp32" if any(r.precision != "fp32" for r in table) else ""
     marks = ["hatched: noisy"] * any(r.noisy for r in table)
     marks += ["red frame: slower than dense"] * any("slower" in n["flags"] for n in notes)
     marks += ["quick look (few runs)"] * any(r.quick for r in table)

@@ -16,9 +16,10 @@ from pipeline.bench.sweep import (
     bench_report,
     latency_table,
     plan_settings,
+    runnable,
     sweep,
 )
-from pipeline.bench.timing import Setting
+from pipeline.bench.timing import LatencyRow, Setting
 from pipeline.graph.costs import count_macs, count_params
 
 
@@ -293,3 +294,29 @@ def test_the_sweep_shows_progress_only_to_someone_watching(watched, monkeypatch,
     shown = "latency sweep" in err and "/6 [" in err and "batch 8, torch cuda cuda-graph" in err
     assert shown is watched, err
     assert watched or err == ""
+
+
+def test_an_int8_graph_runs_on_onnxruntime_cpu_and_as_one_tensorrt_engine() -> None:
+    """A QDQ graph is timed by ONNX Runtime's CPU provider (interleaved with the fp32 graphs)
+    and by TensorRT once (explicit quantization), never by torch or under an fp16 setting."""
+    artefacts = [
+        Artefact("pruned", "p", (3, 8, 8), _tiny(4), "p.onnx"),
+        Artefact("pruned", "p.int8", (3, 8, 8), None, "p.int8.onnx", precision="int8"),
+    ]
+    settings = plan_settings(cuda=True, ort_cuda=True, tensorrt=True, fp16=True)
+    ran = {(s.backend, s.device, s.mode, s.precision): [runnable(a, s) for a in artefacts]
+           for s in settings}  # fmt: skip
+    int8_settings = {k for k, (_, int8) in ran.items() if int8}
+    assert int8_settings == {("onnxruntime", "cpu", "session", "fp32"),
+                             ("tensorrt", "cuda", "engine", "fp32")}  # fmt: skip
+    engines: list = []
+
+    def fake_engine(a, s, cfg, batch):
+        engines.append((a.precision, s.precision))
+        return LatencyRow("tensorrt", "cuda", a.label, batch, 1, 1.0, 1.0, 1.0, mode="engine",
+                          precision="int8" if a.precision == "int8" else s.precision)  # fmt: skip
+
+    trt = [s for s in settings if s.backend == "tensorrt"]
+    rows = sweep(artefacts, trt, SweepConfig(batches=(1,)), measure_fn=fake_engine)
+    assert sorted(engines) == [("fp32", "fp16"), ("fp32", "fp32"), ("int8", "fp32")]
+    assert {r.precision for r in rows} == {"fp32", "fp16", "int8"}

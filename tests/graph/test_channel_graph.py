@@ -406,16 +406,28 @@ def test_select_groups_respects_max_layer_ratio(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_select_groups_rounds_kept_widths_to_multiples(seed: int) -> None:
+def test_select_groups_rounds_kept_widths_of_wide_layers_to_multiples(seed: int) -> None:
+    from pipeline.prune.plan import ROUND_MIN_BLOCKS
+
     model = _Tiny()
     graph, x = _graph(model)
-    rules = SelectionRules(min_channels=1, round_to=8)
+    rules = SelectionRules(min_channels=1, round_to=4)  # layers >= 16 wide are rounded
     dropped = select_groups(_importance(graph, seed), graph, ratio=0.6, rules=rules)
     assert dropped
     pruned = _prune_exactly(model, graph, dropped, x)
-    convs = {name: m for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
-    widths = {name: m.out_channels for name, m in convs.items()}
-    assert all(w % 8 == 0 for w in widths.values()), widths
-    assert sum(widths.values()) < sum(
-        m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    wide = {n for n, w in dense.items() if w >= ROUND_MIN_BLOCKS * 4}
+    assert wide and all(widths[n] % 4 == 0 for n in wide), widths
+    assert sum(widths.values()) < sum(dense.values())
+
+
+def test_a_layer_narrower_than_four_multiples_keeps_its_exact_width() -> None:
+    model = _Tiny()
+    graph, x = _graph(model)
+    importance = _importance(graph, 0)
+    plain = select_groups(importance, graph, ratio=0.6, rules=SelectionRules(min_channels=1))
+    rounded = select_groups(
+        importance, graph, ratio=0.6, rules=SelectionRules(min_channels=1, round_to=64)
     )
+    assert rounded == plain  # no layer of _Tiny is 256 wide: round_to=64 rounds none of them

@@ -118,3 +118,33 @@ def test_untraceable_root_is_refused() -> None:
 
     with pytest.raises(GraphError, match="could not trace Root"):
         build_channel_graph(Root().eval(), X)
+
+
+class SizeOf(nn.Module):
+    """A branch on shapes (so only the tracer with values traces it), then ``x.size(dim)``
+    used as a number: timm's BAT blocks read ``x.size(0)`` this way."""
+
+    def __init__(self, dim: int, keyword: bool) -> None:
+        super().__init__()
+        self.dim, self.keyword = dim, keyword
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.shape[-1] > 100:
+            y = y[..., :100]
+        n = y.size(dim=self.dim) if self.keyword else y.size(self.dim)
+        return self.fc(y.reshape(y.shape[0], 4, -1).mean(-1) * (n + y.size(self.dim)))
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+@pytest.mark.parametrize("dim", [0, 1, 2, 3, -1, -2, -3, -4])
+def test_size_of_every_dim_is_traced_as_that_size(dim, keyword) -> None:
+    # MetaProxy.size(0) tested `if dim` and returned the whole shape: timm:bat_resnext26ts at
+    # 256 px failed with a TypeError
+    model = SizeOf(dim, keyword).eval()
+    x = torch.randn(1, 3, 5, 7)
+    gm, leaves = trace_with_leaves(model, x)
+    assert not leaves
+    assert torch.equal(gm(x), model(x))
+    assert build_channel_graph(model, x).prunable_groups

@@ -316,3 +316,56 @@ def test_a_bug_in_absorption_suggests_no_setting_that_hides_it(monkeypatch):
     for exact in (True, False):
         with pytest.raises(PruneError, match="No setting makes this removal exact"):
             remove_groups(model, graph, plan, x, exact_borders=exact)
+
+
+class PaddedPoolHead(nn.Module):
+    """conv -> BN -> ReLU -> zero-padded AvgPool2d(3, 1, 1) -> global pool -> ``reader``: a
+    removed channel's constant is smaller at the pool's border, so what the reader sees of it
+    depends on the input size."""
+
+    def __init__(self, reader: str = "linear") -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool, self.gap = nn.AvgPool2d(3, 1, 1), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4) if reader == "linear" else nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.gap(self.pool(torch.relu(self.b1(self.c1(x)))))
+        return self.fc(y.flatten(1)) if isinstance(self.fc, nn.Linear) else self.fc(y).flatten(1)
+
+
+def padded_pool_head(num_classes: int = 4, in_channels: int = 3) -> nn.Module:
+    """``PaddedPoolHead`` with two zero-scale channels (importance 0), for the CLI."""
+    net = _shifted(PaddedPoolHead())
+    with torch.no_grad():
+        net.b1.weight.fill_(1.0)
+        net.b1.weight[[1, 5]] = 0.0
+    return net
+
+
+@pytest.mark.parametrize("reader", ["linear", "conv"])
+def test_a_constant_that_depends_on_the_input_size_is_refused_naming_the_setting(reader):
+    # every prune failed with "this is a bug ... please report" (7.1e-2 at a larger size)
+    net = _shifted(PaddedPoolHead(reader))
+    x = torch.randn(2, 3, 6, 6)
+    graph = build_channel_graph(net, x)
+    dropped = {g.id for g in graph.removable_groups if ("b1", 1) in g.bn_channels}
+    plan = make_plan(graph, dropped)
+    with pytest.raises(PruneError, match=r"^fc \(.*prune.exact_borders=false") as info:
+        remove_groups(net, graph, plan, x)
+    assert "please report" not in str(info.value)
+    pruned, report = remove_groups(net, graph, plan, x, exact_borders=False)
+    assert report.max_rel_err < 1e-12  # exact at the example's size
+    assert report.max_border_err > 1e-3 and report.other_size_rel_err > 1e-3  # and said where not
+
+
+def test_recede_prune_refuses_it_with_exit_2_and_removes_it_when_told(tmp_path, capsys):
+    from pipeline.cli.main import main
+
+    args = ["prune", "--model", "tests.prune.test_absorb:padded_pool_head", "--input-shape",
+            "1,3,8,8", "--threshold", "0.05", "--min-channels", "1"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "fc (Linear)" in err and "--no-exact-borders" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing on disk
+    assert main([*args, "--no-exact-borders", "--out", str(tmp_path / "p")]) == 0
