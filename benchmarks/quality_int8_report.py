@@ -97,7 +97,8 @@ def _mark(ok: bool) -> str:
 
 def plot_latency_pareto(cells: list[dict], path: Path) -> Path:
     """Accuracy against measured p50 latency: a panel per (model, batch); per cell an fp32
-    circle joined to its INT8 triangle; the dense model's fp32 and INT8 points in black."""
+    circle (labelled with its MACs budget) joined to its INT8 triangle; the dense model's fp32
+    and INT8 points in black."""
     from pipeline.run.report import new_figure, save_figure
 
     have = int8_cells(cells)
@@ -120,16 +121,19 @@ def plot_latency_pareto(cells: list[dict], path: Path) -> Path:
 
 
 def _draw_cells(ax, cells: list[dict], batch: str) -> None:
-    colours: dict[str, str] = {}
+    seen: set[str] = set()
     for c in cells:
-        lat = c["latency"][batch]
-        colour = colours.setdefault(c["method"], f"C{METHODS.index(c['method'])}")
+        lat, method = c["latency"][batch], c["method"]
+        colour = f"C{METHODS.index(method)}"
         x = (lat["pruned_fp32"]["p50_ms"], lat["pruned_int8"]["p50_ms"])
         y = (100 * c["acc_fp32_onnx"], 100 * c["acc_int8"])
+        first = method not in seen  # one legend entry per method; the budget labels the point
+        seen.add(method)
         ax.plot(x, y, "-", color=colour, lw=0.8)
-        label = f"{c['method']} {c['kept']:.0%}"
-        ax.plot(x[0], y[0], "o", color=colour, label=f"{label} fp32")
-        ax.plot(x[1], y[1], "^", color=colour, label=f"{label} INT8")
+        ax.plot(x[0], y[0], "o", color=colour, label=f"{method} fp32" if first else None)
+        ax.plot(x[1], y[1], "^", color=colour, label=f"{method} INT8" if first else None)
+        ax.annotate(f"{c['kept']:.0%}", (x[0], y[0]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7, color=colour)  # fmt: skip
     first = cells[0]  # every cell of a (model, seed) shares its dense graphs
     dense, lat = first["dense_int8"], first["latency"][batch]
     ax.plot(lat["dense_fp32"]["p50_ms"], 100 * dense["acc_fp32_onnx"], "ko", mfc="none",
