@@ -20,10 +20,14 @@ def _load(name: str):
     return module
 
 
-def test_quick_grid_writes_every_cell_at_the_macs_budget_and_renders(tmp_path):
+def test_quick_grid_writes_every_cell_at_the_macs_budget_and_renders(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch_pruning")
     quality, report = _load("quality"), _load("quality_report")
+    int8 = sys.modules["quality_int8"]  # timed as a quick look: the test checks shape, not speed
+    monkeypatch.setattr(int8, "RUNS", 5)
+    monkeypatch.setattr(int8, "WARMUP", 1)
+    monkeypatch.setattr(int8, "CALIBRATION", 128)
     out = tmp_path / "quality.json"
     argv = ["--quick", "--methods", "receding", "ucs", "tp-mag", "--macs-kept", "0.3"]
     assert quality.main([*argv, "--epochs", "3", "--finetune-epochs", "0", "--out", str(out)]) == 0
