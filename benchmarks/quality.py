@@ -28,7 +28,17 @@ can delete whole layers of these small nets). The classifier is ignored, as ther
 
 Per cell: accuracy before fine-tuning, after BN recalibration and after fine-tuning; params; MACs
 (and the kept fraction); ONNX Runtime CPU p50 at batch 1 and 32 of the folded model. The dense
-reference is the unpenalised plain-BN model trained for the same total epochs.
+reference is the unpenalised plain-BN model trained for the same total epochs. Unless
+``--no-int8``, every cell is also quantized to INT8 by recede's export, verified on the whole test
+set, and timed interleaved beside the dense model: dense fp32, pruned fp32, pruned INT8 and dense
+INT8 on ONNX Runtime CPU, one thread, CPU clock (``benchmarks/quality_int8.py``).
+
+Models: VGG-11 at width 0.5, CIFAR-style ResNet-20, and timm's MobileNetV2 at width 0.5
+(``mobilenetv2``: inverted residuals with depthwise 3x3 convolutions, ReLU6, no squeeze-excite;
+built untrained with ``in_chans=1``; at 28 px its five stride-2 stages end at 1x1, 1.75 M MACs).
+Its receding cells diverge under the grid's learned BN shift (``RECEDING_DEFAULT``: loss NaN at
+step 12 of the first epoch, at lr 0.05 and at 0.02), so the INT8 grid runs it with ``--variant
+'no BN shift'`` (recede's own default, ``train.bn_shift: false``); the other methods are as usual.
 
 ``--ablation`` runs the receding method's factors one at a time from its configuration
 (``RECEDING_VARIANTS``); ``--starts`` runs the cliff check (the same cell from starting strengths
@@ -38,6 +48,10 @@ decades apart).
     python benchmarks/quality.py --data fashion_mnist --image-size 28 --train-limit 10000 \\
         --epochs 3 --finetune-epochs 1                        # the grid in benchmarks/RESULTS.md
     python benchmarks/quality.py --device cuda --data fashion_mnist --image-size 28  # full set
+    python benchmarks/quality.py --data fashion_mnist --image-size 28 --train-limit 10000 \\
+        --epochs 3 --finetune-epochs 1 --models mobilenetv2 --seeds 1 --threads 1 \\
+        --methods receding l1 polarization ista --variant 'no BN shift' \\
+        --out benchmarks/results/fmnist/int8/int8_mobilenetv2.json   # the INT8 grid's MobileNetV2
     python benchmarks/quality_report.py RESULTS_JSON          # RESULTS.md and plots from the JSON
 
 Every flag, dependency, the data set, the output path and a results file to extend are checked
@@ -50,6 +64,7 @@ written atomically after every cell, so an interrupted grid keeps what it finish
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -68,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_args import SetupError, build_parser, check_out, check_results  # noqa: E402
 from quality_data import load_tensor_data, training_view  # noqa: E402
+from quality_int8 import Int8Bench  # noqa: E402
 from quality_peers import (  # noqa: E402
     TorchPruningSparsity,
     fit_macs,
@@ -105,6 +121,7 @@ START_STRENGTH = {"receding": 1e-4, "l1": 1e-5, "polarization": 1e-5, "ista": 1e
 MODELS = {
     "vgg": ModelConfig(name="vgg", depth=11, width=0.5),
     "resnet20": ModelConfig(name="resnet20", width=1.0),
+    "mobilenetv2": ModelConfig(name="timm:mobilenetv2_050"),
 }
 # The receding method's factors, one at a time from ``default`` (what recede ships). Keys of each
 # variant: TrainConfig fields, ``bias`` (the penalty's shift b), ``plain_finetune`` (survivors
@@ -142,6 +159,7 @@ class Grid:
     min_channels: int = 2
     max_layer_ratio: float = 0.95
     receding: tuple[tuple[str, Any], ...] = ()  # overrides of RECEDING_DEFAULT (a variant)
+    int8: bool = True  # quantize, verify and time every cell (benchmarks/quality_int8.py)
 
 
 class Clock:
@@ -293,9 +311,17 @@ def _group_importances(model: nn.Module, batch: torch.Tensor) -> list[float]:
 
 
 def controlled_cell(
-    grid: Grid, data: DataBundle, model_name: str, method: str, kept: float, seed: int, start=None
+    grid: Grid,
+    data: DataBundle,
+    model_name: str,
+    method: str,
+    kept: float,
+    seed: int,
+    start=None,
+    int8: Int8Bench | None = None,
 ) -> dict:
-    """Train under the budget controller, prune at the valley (or to the MACs), fine-tune."""
+    """Train under the budget controller, prune at the valley (or to the MACs), fine-tune;
+    with ``int8``, quantize, verify and time the result beside the dense model."""
     train, prune = _train_config(grid, method, kept, seed, start)
     cfg = RunConfig(data=grid.data, model=MODELS[model_name], train=train, prune=prune)
     _seed_cell(data, seed)
@@ -310,6 +336,8 @@ def controlled_cell(
         convert_to_plain_bn_(pruned)
     cell.update(_finetune(pruned, data, grid, seed))
     cell.update(_measure(pruned, data, batch, dense))
+    if int8 is not None:
+        cell.update(int8.cell((model_name, seed, f"{method} {kept:.0%}"), model, pruned, batch))
     return cell
 
 
@@ -340,8 +368,16 @@ def _prune_to_budget(model, batch, prune: PruneConfig, kept: float, dense: dict,
 # Baselines: UCS and Torch-Pruning's recipes.
 
 
-def baseline_cells(grid: Grid, data: DataBundle, model_name: str, seed: int, clock: Clock):
-    """Train the plain and the sparse models once; prune each by its recipe at every budget."""
+def baseline_cells(
+    grid: Grid,
+    data: DataBundle,
+    model_name: str,
+    seed: int,
+    clock: Clock,
+    int8: Int8Bench | None = None,
+):
+    """Train the plain and the sparse models once; prune each by its recipe at every budget
+    (with ``int8``, each cell quantized, verified and timed beside the plain dense model)."""
     batch = example_batch(data)
     methods = [m for m in grid.methods if m in BASELINES]
     dense_model, _ = _train_plain(grid, data, model_name, seed)
@@ -367,6 +403,9 @@ def baseline_cells(grid: Grid, data: DataBundle, model_name: str, seed: int, clo
             pruned = _baseline_prune(trained, batch, method, kept, grid, data, facts)
             cell.update(_finetune(pruned, data, grid, seed))
             cell.update(_measure(pruned, data, batch, facts))
+            if int8 is not None:
+                key = (model_name, seed, "the plain-BN dense model")
+                cell.update(int8.cell(key, dense_model, pruned, batch))
             cell["epochs"] = grid.epochs
             cells.append(cell)
             clock.advance(grid.finetune_epochs, _line(cell))
@@ -436,7 +475,9 @@ def _open_results(out: Path, resume: bool, grid: Grid) -> dict:
     return results
 
 
-def run_grid(grid: Grid, data: DataBundle, out: Path, resume: bool) -> dict:
+def run_grid(
+    grid: Grid, data: DataBundle, out: Path, resume: bool, int8: Int8Bench | None = None
+) -> dict:
     """Run every cell not yet in ``out``; rewrite ``out`` after each one."""
     results = _open_results(out, resume, grid)
     done = {(c["model"], c["method"], c["kept"], c["seed"]) for c in results["cells"]}
@@ -461,13 +502,13 @@ def run_grid(grid: Grid, data: DataBundle, out: Path, resume: bool) -> dict:
                         c["model"] == model_name and c["seed"] == seed and c["method"] in BASELINES
                     )
                 ]
-                results["cells"] += baseline_cells(grid, data, model_name, seed, clock)
+                results["cells"] += baseline_cells(grid, data, model_name, seed, clock, int8)
                 write_json_atomic(out, results)
             for _, method, kept, _ in (c for c in mine if c[1] in CONTROLLED):
                 start = time.perf_counter()
                 cell = {
                     **_key(model_name, method, kept, seed),
-                    **controlled_cell(grid, data, model_name, method, kept, seed),
+                    **controlled_cell(grid, data, model_name, method, kept, seed, int8=int8),
                 }
                 cell.update(seconds=round(time.perf_counter() - start, 1), epochs=grid.epochs)
                 if method == "receding":
@@ -478,7 +519,9 @@ def run_grid(grid: Grid, data: DataBundle, out: Path, resume: bool) -> dict:
     return results
 
 
-def run_ablation(grid: Grid, data: DataBundle, out: Path, variants: list[str]) -> dict:
+def run_ablation(
+    grid: Grid, data: DataBundle, out: Path, variants: list[str], int8: Int8Bench | None = None
+) -> dict:
     """The receding method's factors one at a time, for every model, kept share and seed."""
     results = _open_results(out, True, grid)
     ablation = results.setdefault("ablation", [])
@@ -494,14 +537,16 @@ def run_ablation(grid: Grid, data: DataBundle, out: Path, variants: list[str]) -
     clock = Clock(len(cells) * (grid.epochs + grid.finetune_epochs))
     for variant, model_name, kept, seed in cells:
         varied = dataclasses.replace(grid, receding=tuple(RECEDING_VARIANTS[variant].items()))
-        cell = controlled_cell(varied, data, model_name, "receding", kept, seed)
+        cell = controlled_cell(varied, data, model_name, "receding", kept, seed, int8=int8)
         ablation.append({"variant": variant, **_key(model_name, "receding", kept, seed), **cell})
         write_json_atomic(out, results)
         clock.advance(grid.epochs + grid.finetune_epochs, f"{variant!r}: {_line(ablation[-1])}")
     return results
 
 
-def run_sweep(grid: Grid, data: DataBundle, starts: list[float], out: Path) -> dict:
+def run_sweep(
+    grid: Grid, data: DataBundle, starts: list[float], out: Path, int8: Int8Bench | None = None
+) -> dict:
     """The cliff check: the same controlled cells from starting strengths decades apart."""
     results = _open_results(out, True, grid)
     sweep = results.setdefault("sweep", [])
@@ -514,7 +559,7 @@ def run_sweep(grid: Grid, data: DataBundle, starts: list[float], out: Path) -> d
             for kept in grid.kept:
                 for start in starts:
                     cell = controlled_cell(
-                        grid, data, model_name, method, kept, grid.seeds[0], start
+                        grid, data, model_name, method, kept, grid.seeds[0], start, int8
                     )
                     sweep.append(
                         {**_key(model_name, method, kept, grid.seeds[0]), "start": start, **cell}
@@ -543,8 +588,15 @@ def check_ready(grid: Grid, out: Path, extends: str | None = None) -> DataBundle
     if extends is not None:
         check_results(out, extends)
     needs = {"onnxruntime": "pip install 'recede[onnx]'"}
+    if grid.int8:
+        needs["onnxruntime.quantization"] = "pip install 'recede[onnx]', or pass --no-int8"
+        needs["onnx"] = "pip install 'recede[onnx]', or pass --no-int8"
     if any(m.startswith("tp-") for m in grid.methods):
         needs["torch_pruning"] = "pip install 'recede[bench]' (Torch-Pruning 1.6.1)"
+    if any(MODELS[m].name.startswith("timm:") for m in grid.models):
+        needs["timm"] = "pip install 'recede[timm]', or leave out --models " + " ".join(
+            m for m in grid.models if MODELS[m].name.startswith("timm:")
+        )
     for module, fix in needs.items():
         try:
             __import__(module)
@@ -606,6 +658,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         given(args.finetune_epochs, 2, 1),
         device=args.device,
         receding=tuple(RECEDING_VARIANTS[args.variant].items()),
+        int8=args.int8,
     )
 
 
@@ -634,15 +687,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.starts:
-        results = run_sweep(grid, data, args.starts, args.out)
-        logger.info("%d sweep cells in %s", len(results["sweep"]), args.out)
-    elif args.ablation is not None:
-        results = run_ablation(grid, data, args.out, args.ablation or list(RECEDING_VARIANTS))
-        logger.info("%d ablation cells in %s", len(results["ablation"]), args.out)
-    else:
-        results = run_grid(grid, data, args.out, args.resume)
-        logger.info("%d cells in %s", len(results["cells"]), args.out)
+    with Int8Bench(data, grid.data.name) if grid.int8 else contextlib.nullcontext() as int8:
+        if args.starts:
+            results = run_sweep(grid, data, args.starts, args.out, int8)
+            logger.info("%d sweep cells in %s", len(results["sweep"]), args.out)
+        elif args.ablation is not None:
+            variants = args.ablation or list(RECEDING_VARIANTS)
+            results = run_ablation(grid, data, args.out, variants, int8)
+            logger.info("%d ablation cells in %s", len(results["ablation"]), args.out)
+        else:
+            results = run_grid(grid, data, args.out, args.resume, int8)
+            logger.info("%d cells in %s", len(results["cells"]), args.out)
     return 0
 
 

@@ -75,6 +75,13 @@ def build_parser(
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     p.add_argument("--resume", action="store_true", help="skip cells already in --out")
     p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize each cell to INT8, verify it on the test set and time dense/pruned "
+        "fp32/INT8 interleaved (default on; --no-int8 skips it)",
+    )
+    p.add_argument(
         "--threads", type=COUNT, default=None, help="torch CPU threads (default: torch's)"
     )
     mode = p.add_mutually_exclusive_group()

@@ -8,7 +8,8 @@ The JSON files of one grid (several processes may each write one) are merged. Th
 goals of the quality issue, each marked met or missed from the numbers; the headline (accuracy
 after fine-tuning per method at each MACs budget); every cell; the receding ablation; the cliff
 check; the Pareto plot (accuracy against MACs kept, one line per method) and the importance
-histograms. ``--quick`` adds the digits grid as a short second section.
+histograms; where the cells carry INT8, its section (``benchmarks/quality_int8_report.py``).
+``--int8`` adds the INT8 grid (its own models and seeds) as a section of its own. ``--quick`` adds the digits grid as a short second section.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_int8_report  # noqa: E402
 
 from pipeline.core.atomic import write_text_atomic  # noqa: E402
 
@@ -328,6 +332,9 @@ def section(results: dict, figures: Path, prefix: str, title: str) -> str:
         "\n".join(f"![{p.stem}](results/{p.name})" for p in plots),
         "### Every cell\n\n" + accuracy_table(groups),
     ]
+    int8 = quality_int8_report.section(results["cells"], figures, f"{prefix}_int8")
+    if int8 is not None:
+        parts.append(int8)
     if results.get("ablation"):
         parts.append(
             "### Receding ablation: one factor at a time\n\n" + ablation_table(results["ablation"])
@@ -349,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="Fashion-MNIST")
     p.add_argument("--quick", type=Path, nargs="*", default=[], help="the digits grid's JSON")
     p.add_argument(
+        "--int8", type=Path, nargs="*", default=[], help="the INT8 grid's JSON (its own section)"
+    )
+    p.add_argument(
         "--appendix", type=Path, nargs="*", default=[], help="Markdown files to put last, in order"
     )
     args = p.parse_args(argv)
@@ -359,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(
             section(merge(args.quick), figures, "quality_digits", "digits (the quick grid)")
         )
+    if args.int8:
+        parts.append(section(merge(args.int8), figures, "int8grid", "Quality grid with INT8"))
     parts += [path.read_text().strip() for path in args.appendix]
     write_text_atomic(args.out / "RESULTS.md", "\n\n".join(parts) + "\n")
     return 0

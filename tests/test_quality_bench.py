@@ -20,10 +20,14 @@ def _load(name: str):
     return module
 
 
-def test_quick_grid_writes_every_cell_at_the_macs_budget_and_renders(tmp_path):
+def test_quick_grid_writes_every_cell_at_the_macs_budget_and_renders(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch_pruning")
     quality, report = _load("quality"), _load("quality_report")
+    int8 = sys.modules["quality_int8"]  # timed as a quick look: the test checks shape, not speed
+    monkeypatch.setattr(int8, "RUNS", 5)
+    monkeypatch.setattr(int8, "WARMUP", 1)
+    monkeypatch.setattr(int8, "CALIBRATION", 128)
     out = tmp_path / "quality.json"
     argv = ["--quick", "--methods", "receding", "ucs", "tp-mag", "--macs-kept", "0.3"]
     assert quality.main([*argv, "--epochs", "3", "--finetune-epochs", "0", "--out", str(out)]) == 0
@@ -37,12 +41,60 @@ def test_quick_grid_writes_every_cell_at_the_macs_budget_and_renders(tmp_path):
         assert 0.0 <= c["acc_raw"] <= 1.0 and c["params"] < c["params_dense"]
         assert c["macs_kept"] <= 0.3 * 1.02 + 1e-9  # every method fits the same budget
         assert c["ort_p50_b1"] > 0 and c["ort_p50_b32"] > 0
+        _assert_int8(c)
     receding = next(c for c in cells if c["method"] == "receding")
     assert receding["strength"] is not None and receding["macs_kept"] > 0.1
     assert report.main([str(out), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| vgg | 30% | receding |" in text and "### Goals" in text
     assert (tmp_path / "results" / "quality_pareto.png").stat().st_size > 0
+    assert "### INT8 per cell" in text and "| vgg | 30% | receding | 0 |" in text
+    assert (tmp_path / "results" / "quality_int8_pareto.png").stat().st_size > 0
+
+
+def _assert_int8(cell: dict) -> None:
+    """Issue 28: every cell quantized by recede's INT8 export, verified on the whole test set
+    and timed beside its dense model (dense/pruned x fp32/INT8)."""
+    assert 0.0 <= cell["acc_int8"] <= 1.0 and cell["int8_verdict"] == "ok"
+    drop = 100 * (cell["acc_fp32_onnx"] - cell["acc_int8"])
+    assert cell["int8_drop"] == pytest.approx(drop, abs=1e-6) and cell["int8_drop"] <= 0.5
+    assert abs(cell["acc_fp32_onnx"] - cell["acc_ft"]) <= 0.005  # the ONNX graph is the model
+    check = cell["int8"]["check"]  # the check could fail: a corrupted graph is caught
+    assert check["wrong"]["agreement"] < check["measured"]["agreement"] - 10
+    assert cell["dense_int8"]["int8_verdict"] == "ok"
+    for batch in ("b1", "b32"):
+        rows = cell["latency"][batch]
+        assert set(rows) == {"dense_fp32", "pruned_fp32", "pruned_int8", "dense_int8"}
+        assert all(r["p50_ms"] > 0 and r["speedup"] > 0 for r in rows.values())
+        assert rows["dense_fp32"]["speedup"] == 1.0
+        low, high = rows["pruned_int8"]["speedup_range"]
+        assert low <= rows["pruned_int8"]["speedup"] <= high
+
+
+def _int8_cell(method: str, fp32: float, int8: float) -> dict:
+    timing = {"p50_ms": 1.0, "speedup": 2.0, "speedup_range": [1.5, 2.5]}
+    latency = {b: {g: dict(timing) for g in ("dense_fp32", "pruned_fp32", "pruned_int8",
+                                               "dense_int8")} for b in ("b1", "b32")}  # fmt: skip
+    dense = {"acc_fp32_onnx": 0.9, "acc_int8": 0.9}
+    return {
+        "model": "vgg", "method": method, "kept": 0.3, "seed": 0, "acc_fp32_onnx": fp32,
+        "acc_int8": int8, "int8_drop": 100 * (fp32 - int8), "int8_agreement": 0.99,
+        "int8_verdict": "ok", "int8_excluded": [], "dense_int8": dense,
+        "latency": {"setting": "cpu", "runs": 50, **latency},
+    }  # fmt: skip
+
+
+def test_int8_section_marks_a_cell_past_half_a_point_missed(tmp_path):
+    int8_report = _load("quality_int8_report")
+    within = [_int8_cell("receding", 0.900, 0.896), _int8_cell("l1", 0.890, 0.888)]
+    text = int8_report.section(within, tmp_path)
+    assert "2 of 2 within 0.5 points" in text and "**missed**" not in text
+    past = [within[0], _int8_cell("l1", 0.890, 0.884)]  # 0.6 points
+    text = int8_report.section(past, tmp_path)
+    assert "1 of 2 within 0.5 points" in text and "+0.60 points (**missed**" in text
+    assert "2.00× (1.50–2.50)" in text  # dense fp32 -> pruned INT8 with its quartiles
+    assert (tmp_path / "quality_int8_pareto.png").stat().st_size > 0
+    assert int8_report.section([{**within[0], "latency": None}], tmp_path) is None
 
 
 def test_missing_torch_pruning_exits_2_before_any_training(tmp_path, monkeypatch, capsys):
