@@ -73,6 +73,9 @@ WHERE_CHECKED = {
     "train.device": "pre-flight",
     "train.compile": "load; used from the first step",
     "train.penalty": "load",
+    "train.target_latency_ms": "load (> 0, and set exactly when target_cost is latency)",
+    "train.latency": "load (every train.latency key; int8 and tensorrt refused) and before "
+    "training (cuda needs a GPU: pipeline.cli.latency); the cut re-measures what it predicts",
     "prune.threshold": "load; `auto` on a unimodal model keeps the trained model to resume",
     "prune.min_channels": "load; a floor above a layer's width keeps the layer whole",
     "prune.round_to": "load; rounding never exceeds a layer's width",
