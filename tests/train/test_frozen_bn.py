@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
@@ -99,7 +100,12 @@ def _train(method: str, when: str, picks: list[bool], target: float | None):
 @example("receding", "after", [True, False, False, False, False], None)
 @example("l1", "after", [True, False, False, False, False], None)
 @example("ista", "after", [True, False, False, False, False], 0.5)
+@example("receding", "before", [True] * 5, None)  # every BN frozen: nothing to train bounded
 def test_a_frozen_bn_is_never_penalised_counted_or_replaced(method, when, picks, target):
+    if when == "before" and all(picks) and PenaltyConfig(method, strength=1.0).bounded:
+        with pytest.raises(ValueError, match="unfreeze a BN"):  # refused, never replaced
+            _train(method, when, picks, target)
+        return
     model, pol, frozen, snapshot, warnings = _train(method, when, picks, target)
     for name, bn in frozen.items():
         assert model.get_submodule(name) is bn, f"{method}: {name} frozen {when} was replaced"
