@@ -60,22 +60,17 @@ class LayerGeometry:
 
 def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """The input shape of every conv and linear layer in one eval forward of ``example[:1]``."""
-    shapes, hooks = {}, []
+    from pipeline.graph.costs import one_sample_with_hooks
 
-    def record(name: str, x: torch.Tensor) -> None:  # a hook must return None
-        shapes.setdefault(name, tuple(x.shape))
+    shapes: dict[str, tuple[int, ...]] = {}
 
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(lambda _m, a, _o, n=name: record(n, a[0])))
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    def record(name: str, _m: nn.Module, args: tuple, _out: object) -> None:  # returns None
+        shapes.setdefault(name, tuple(args[0].shape))
+
+    def layer(_name: str, m: nn.Module) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear))
+
+    one_sample_with_hooks(model, example, layer, record)
     return shapes
 
 

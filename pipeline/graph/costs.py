@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,14 +61,30 @@ def output_positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     calls and no layout is assumed.
     """
     positions: Counter[str] = Counter()
-    hooks = []
 
-    def record(name: str, m: nn.Module, out: object) -> None:  # a hook must return None
+    def record(name: str, m: nn.Module, _args: tuple, out: object) -> None:  # returns None
         if isinstance(out, torch.Tensor):
             positions[name] += out.numel() // max(1, _channels(m, out))
 
-    for name, m in model.named_modules():
-        hooks.append(m.register_forward_hook(lambda mod, a, out, name=name: record(name, mod, out)))
+    one_sample_with_hooks(model, example, lambda _name, _m: True, record)
+    return dict(positions)
+
+
+def one_sample_with_hooks(
+    model: nn.Module,
+    example: torch.Tensor,
+    hooked: Callable[[str, nn.Module], bool],
+    record: Callable[[str, nn.Module, tuple, object], None],
+) -> None:
+    """One eval, no-grad forward of ``example[:1]`` calling ``record(name, module, inputs,
+    output)`` after every module ``hooked`` accepts (``record`` must return None: a forward hook
+    that returns a value replaces the output); the hooks are removed and the model's mode
+    restored after."""
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: record(name, mod, args, out))
+        for name, m in model.named_modules()
+        if hooked(name, m)
+    ]
     was = model.training
     try:
         with torch.no_grad():
@@ -76,7 +93,6 @@ def output_positions(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
         model.train(was)
-    return dict(positions)
 
 
 def _weights_per_channel(m: nn.Module, layer: LayerChannels) -> tuple[int, int]:
