@@ -392,7 +392,7 @@ def markdown(results: dict) -> str:
 def plot_pareto(results: dict, path: Path) -> Path:
     """Accuracy against measured latency (pruned/dense p50 ratio), latency-budget runs beside
     MAC-budget runs, one panel per model: the Pareto front of each method."""
-    from pipeline.run.report import new_figure, save_figure
+    from pipeline.run.plots import new_figure, save_figure
 
     models = list(results["models"].items())
     fig = new_figure(5.0 * len(models), 3.6)

@@ -99,7 +99,7 @@ def plot_latency_pareto(cells: list[dict], path: Path) -> Path:
     """Accuracy against measured p50 latency: a panel per (model, batch); per cell an fp32
     circle (labelled with its MACs budget) joined to its INT8 triangle; the dense model's fp32
     and INT8 points in black."""
-    from pipeline.run.report import new_figure, save_figure
+    from pipeline.run.plots import new_figure, save_figure
 
     have = int8_cells(cells)
     models = sorted({c["model"] for c in have})

@@ -236,7 +236,7 @@ def sweep_table(sweep: list[dict]) -> tuple[str, list[str]]:
 
 def plot_pareto(groups: dict[tuple, list[dict]], path: Path) -> Path:
     """Accuracy after fine-tuning against MACs kept: one line per method, per model."""
-    from pipeline.run.report import new_figure, save_figure
+    from pipeline.run.plots import new_figure, save_figure
 
     models = sorted({k[0] for k in groups})
     fig = new_figure(5.2 * len(models), 4.0)
@@ -291,7 +291,7 @@ def plot_histograms(cells: list[dict], path: Path) -> Path:
     """log10 group importance at the end of training, per method, at the smallest budget."""
     import numpy as np
 
-    from pipeline.run.report import new_figure, save_figure
+    from pipeline.run.plots import new_figure, save_figure
 
     picks: dict[str, dict] = {}
     models = sorted({c["model"] for c in cells if c["method"] in CONTROLLED})

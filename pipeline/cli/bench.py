@@ -113,7 +113,7 @@ def _write_bench_outputs(
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(f"--plot {args.plot}: skipped, matplotlib is not installed (pip install matplotlib)")
     elif args.plot:
-        from pipeline.run.report import plot_latency
+        from pipeline.run.plots import plot_latency
 
         plot_latency(report["rows"], args.plot)
 

@@ -204,7 +204,8 @@ def _run_into(
     """Every stage, writing into the staging folder ``out`` that becomes ``final``."""
     from pipeline.bench.sweep import latency_table
     from pipeline.export.verify import export_and_verify
-    from pipeline.run.report import plot_run, render_markdown
+    from pipeline.run.plots import plot_run
+    from pipeline.run.report import render_markdown
 
     start = time.perf_counter()
     lm = latency[0] if latency else None

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from pipeline.bench.timing import LatencyRow
-from pipeline.run.report import (
+from pipeline.run.plots import (
     importance_figure,
     plot_importance_histogram,
     plot_kept_channels,
     plot_latency,
-    render_markdown,
 )
+from pipeline.run.report import render_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline.bench.timing import LatencyRow
-from pipeline.run.report import plot_run, render_markdown
+from pipeline.run.plots import plot_run
+from pipeline.run.report import render_markdown
 from pipeline.run.run_report import (
     DenseSummary,
     ExportSummary,
