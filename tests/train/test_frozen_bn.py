@@ -56,6 +56,17 @@ def _share_ignores(pol: Polariser, frozen: dict) -> bool:
     return before == after
 
 
+def _steps(model: torch.nn.Module, pol: Polariser, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``STEPS`` SGD steps of the polarised loop (penalty after backward, clamp/shrink after)."""
+    opt = torch.optim.SGD(pol.param_groups(0.5, 5e-4), lr=0.5, momentum=0.9)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pol.before_step()
+        opt.step()
+        pol.after_step(opt)
+
+
 def _train(method: str, when: str, picks: list[bool], target: float | None):
     torch.manual_seed(0)
     model = TinyNet()  # five BNs, one behind an SE gate; a residual add, a concat
@@ -76,13 +87,7 @@ def _train(method: str, when: str, picks: list[bool], target: float | None):
             for bn in frozen.values():
                 _freeze_receded_(bn)
         snapshot = {n: [p.detach().clone() for p in bn.parameters()] for n, bn in frozen.items()}
-        opt = torch.optim.SGD(pol.param_groups(0.5, 5e-4), lr=0.5, momentum=0.9)
-        for _ in range(STEPS):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            pol.before_step()
-            opt.step()
-            pol.after_step(opt)
+        _steps(model, pol, x, y)
         pol.finish_()
     finally:
         logging.getLogger("pipeline.train").removeHandler(warnings)
@@ -129,13 +134,7 @@ def test_the_frozen_stem_would_move_if_it_were_not_frozen():
     pol = Polariser.prepare(model, x[:2], cfg, total_steps=STEPS)
     stem = next(iter(bn_modules(model).values()))
     before = stem.weight.detach().clone()
-    opt = torch.optim.SGD(pol.param_groups(0.5, 5e-4), lr=0.5, momentum=0.9)
-    for _ in range(STEPS):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pol.before_step()
-        opt.step()
-        pol.after_step(opt)
+    _steps(model, pol, x, y)
     assert not torch.equal(stem.weight.detach(), before)
 
 
