@@ -20,9 +20,12 @@ other, so a detector answering one box for everything is ``insensitive``.
 
 **Untrained detectors.** An untrained detector scores every box below its threshold (0.05), so
 there is nothing to compare and its own check is ``insensitive``. As for the calibrated twin of
-``pipeline.export.verify``, a twin with the score thresholds at 0 (same weights, same decoding
-and NMS) is then exported to a temporary folder and verified the same way; if it is ``ok`` the
-verdict is ``twin-ok``.
+``pipeline.core.checks``, a twin (:func:`twin`: the score thresholds at 0, same graph, decoding
+and NMS; for an untrained detector every layer scaled to unit output spread and the BNs
+calibrated on the fixed images, :func:`conditioned`) is then exported to a temporary folder and
+verified the same way; if it is ``ok`` the verdict is ``twin-ok``. BN calibration alone is not
+enough for a detector: its FPN, box head and predictor have no BN, so the twin's scores
+saturated at 0 and 1 and tied (Faster R-CNN 320: 13 detections, none comparable).
 """
 
 from __future__ import annotations
@@ -194,16 +197,62 @@ def _rows(arrays: list) -> Any:
     return np.concatenate([a.reshape(len(a), int(np.prod(a.shape[1:]))) for a in arrays])
 
 
-def _twin_trunk(trunk: nn.Module, size: tuple[int, int]) -> nn.Module:
-    """``trunk``, or its BN-calibrated twin when its BNs are untrained (``pipeline.export.verify``)."""
-    import torch
-
+def twin(trunk: nn.Module, size: tuple[int, int]) -> Any:
+    """The whole detector's twin (module docstring): score thresholds at 0 and, where the
+    detector is untrained, :func:`conditioned` on the fixed images."""
     from pipeline.core.checks import untrained_bns
-    from pipeline.export.verify import calibrated_twin
 
-    if not untrained_bns(trunk):
-        return trunk
-    return calibrated_twin(trunk, torch.stack(images(size, 4)))
+    detector = prepared(trunk, size, threshold=0.0)
+    if untrained_bns(trunk):
+        conditioned(detector, images(size, 4))
+    return detector
+
+
+def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
+    """Scale, in place, every convolution and linear layer of ``detector`` so its output spreads
+    with unit standard deviation on ``batch`` (centred at 0 where it has a bias), and set every
+    BN's statistics to the batch's.
+
+    One forward pass: each layer is scaled (weight by ``1/std``, bias shifted by the output's
+    mean and scaled) the first time it runs, before the layers after it see its output, and the BNs (training mode,
+    ``momentum=None``) take their statistics from the scaled outputs. The graph is unchanged;
+    only its constants differ from the detector's, which is what a twin may differ in. Without
+    it, an untrained detector's scores either sit on one value (its BNs at mean 0, var 1) or
+    saturate at 0 and 1 (BNs calibrated, but the unnormalised FPN, box head and predictor
+    grow the logits), and scores that tie within the bound cannot be compared.
+    """
+    import torch
+    from torch import nn
+
+    seen: set[int] = set()
+
+    def unit_spread(module: nn.Module, _: Any, out: Any) -> Any:
+        if id(module) in seen or not isinstance(out, torch.Tensor) or out.numel() < 2:
+            return None
+        seen.add(id(module))
+        spread = float(out.std())
+        if not (spread > 0 and spread < float("inf")):
+            return None
+        shift = float(out.mean()) if module.bias is not None else 0.0
+        module.weight.div_(spread)
+        if module.bias is not None:
+            module.bias.sub_(shift).div_(spread)
+        return (out - shift) / spread
+
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(unit_spread) for m in detector.modules() if isinstance(m, layers)]
+    for m in detector.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    try:
+        with torch.no_grad():
+            detector(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        detector.eval()
 
 
 def export_detector(trunk: nn.Module, size: tuple[int, int], out: Path, *, opset: int) -> Check | None:
@@ -225,16 +274,17 @@ def export_detector(trunk: nn.Module, size: tuple[int, int], out: Path, *, opset
         return None
     check = _verify(path, detector, size)
     if check.verdict == "insensitive":
-        twin = prepared(_twin_trunk(trunk, size), size, threshold=0.0)
+        other = twin(trunk, size)
         with tempfile.TemporaryDirectory(prefix="recede-detector-") as tmp:
-            _export(twin, images(size, 1)[0], Path(tmp, FILE), opset)
-            twin_check = _verify(Path(tmp, FILE), twin, size)
+            _export(other, images(size, 1)[0], Path(tmp, FILE), opset)
+            twin_check = _verify(Path(tmp, FILE), other, size)
         check = with_twin(check, replace(twin_check, path=""))
         if check.verdict == "twin-ok":
             check = replace(check, cause=(
                 "no detections on the fixed images above the detector's score threshold; "
-                "verified on a twin with the score thresholds at 0 (same decoding and NMS; its "
-                "BN statistics calibrated on the fixed images where they were untrained)"
+                "verified on a twin with the score thresholds at 0 (same decoding and NMS; where "
+                "the detector is untrained, its layers scaled to unit spread and its BN "
+                "statistics calibrated on the fixed images)"
             ))  # fmt: skip
     logger.info("whole detector: %s in %.1f s: %s", path, time.perf_counter() - start, check.line())
     return check
