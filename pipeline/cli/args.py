@@ -118,8 +118,9 @@ def _add_model_source(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--num-classes",
         type=_number(int, 1),
-        default=1000,
-        help="classes of the model --model builds (ImageNet's, unless given)",
+        default=None,
+        help="classes of the model --model builds (default: torchvision's own for the family: "
+        "21 for its segmenters, 91 for its detectors, 1000 otherwise)",
     )
 
 

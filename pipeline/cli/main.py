@@ -102,10 +102,11 @@ def _build(args: argparse.Namespace, input_shape: tuple[int, ...]):
     A user factory's own exception (or sys.exit) becomes a UsageError naming the flag.
     """
     from pipeline.config import ModelConfig
-    from pipeline.models.zoo import ModelError, ModelSpec
+    from pipeline.models.zoo import ModelError, ModelSpec, default_num_classes
 
     in_channels = input_shape[0]
-    spec = ModelSpec(ModelConfig(name=args.model), args.num_classes, in_channels, input_shape)
+    classes = args.num_classes if args.num_classes is not None else default_num_classes(args.model)
+    spec = ModelSpec(ModelConfig(name=args.model), classes, in_channels, input_shape)
     try:
         model = spec.build()
     except ModelError as err:

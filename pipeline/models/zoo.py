@@ -157,6 +157,21 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+def default_num_classes(spec: str) -> int:
+    """The classes ``--model spec`` gets without ``--num-classes``: torchvision's own default
+    for the family (21, Pascal VOC's, for its segmenters; 91, COCO's, for its detectors), and
+    ImageNet's 1000 for everything else."""
+    from pipeline.models.detection import DETECTORS
+    from pipeline.models.segmentation import SEGMENTERS
+
+    name = spec.removeprefix("torchvision:") if spec.startswith("torchvision:") else None
+    if name in SEGMENTERS:
+        return 21
+    if name in DETECTORS:
+        return 91
+    return 1000
+
+
 def _dense_task(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """A torchvision segmenter, or a detector's traceable part (``pipeline.models.detection``)."""
     from pipeline.models.detection import DETECTORS, build_detector

@@ -71,3 +71,29 @@ def test_an_unknown_name_lists_segmenters_and_detectors():
         _build("fcn_resnet18", 3)
     with pytest.raises(ModelError, match="takes 3 input channels"):
         build_model(ModelConfig(name="torchvision:fcn_resnet50"), num_classes=3, in_channels=1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "classes"),
+    [
+        ("torchvision:lraspp_mobilenet_v3_large", 21),
+        ("torchvision:fcn_resnet50", 21),
+        ("torchvision:ssdlite320_mobilenet_v3_large", 91),
+        ("torchvision:retinanet_resnet50_fpn", 91),
+        ("torchvision:resnet18", 1000),
+        ("timm:resnet18", 1000),
+        ("vgg", 1000),
+    ],
+)
+def test_without_num_classes_a_model_gets_its_familys_default(spec, classes):
+    import argparse
+
+    from pipeline.cli.main import _build
+
+    if spec == "torchvision:lraspp_mobilenet_v3_large":  # and the model is built with them
+        model, _ = _build(argparse.Namespace(model=spec, num_classes=None), (3, 64, 64))
+        with torch.no_grad():
+            assert model.eval()(torch.randn(1, 3, 64, 64))["out"].shape[1] == classes
+    from pipeline.models.zoo import default_num_classes
+
+    assert default_num_classes(spec) == classes
