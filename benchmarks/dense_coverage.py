@@ -20,10 +20,13 @@ then ``torch.onnx.export`` and ONNX Runtime against PyTorch on every output.
     python benchmarks/dense_coverage.py                 # all 18 models
     python benchmarks/dense_coverage.py lraspp_mobilenet_v3_large fcos_resnet50_fpn
     python benchmarks/dense_coverage.py --budget 2700    # start no model after 45 minutes
+    python benchmarks/dense_coverage.py --render         # only rewrite the section
 
-Models run lightest first (:data:`ORDER`), and the section is rewritten after each one, so a
-run stopped by ``--budget`` (or killed) still leaves a table: the models it did not reach are
-listed as not run.
+Each model's result is written to ``benchmarks/results/dense_coverage/NAME.json`` as soon as it
+is done (atomically, so two runs on different models may go side by side), and the section is
+rendered after each one from every result on file, in :data:`ORDER`: a later run of some models
+replaces their rows and keeps the others, and a model never run is listed as not run. Each
+row says when it ran and the machine's load average then.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ SIZE = {"lraspp_mobilenet_v3_large": 256, "ssd300_vgg16": 300}  # the goal figur
 DEFAULT_SIZE = 128
 CLASSES = {"keypointrcnn_resnet50_fpn": 2}  # person + background, as torchvision trains it
 START, END = "<!-- dense-coverage:start -->", "<!-- dense-coverage:end -->"
+RESULTS = ROOT / "benchmarks" / "results" / "dense_coverage"
 
 
 ORDER = (  # lightest first, so a budget-stopped run covers the most models
@@ -204,28 +208,51 @@ def _tp_cell(t: dict) -> str:
     return f"ok: ONNX vs PyTorch {t['onnx_rel_err']:.1e}"
 
 
-def row(name: str, size: int, r: dict, t: dict) -> str:
+def row(result: dict) -> str:
+    name, size, r, t = result["model"], result["size"], result["recede"], result["torch_pruning"]
     whole = ", ".join(w.removeprefix("detector.") for w in r.get("kept_whole", [])) or "—"
     return (
         f"| {name} | {size} | {_classes(name)} | {_macs(r.get('macs'))} | {_recede_cell(r)} | "
-        f"{whole} | {r['seconds']:.0f} | {_macs(t.get('macs'))} | {_tp_cell(t)} | {t['seconds']:.0f} |"
+        f"{whole} | {r['seconds']:.0f} | {_macs(t.get('macs'))} | {_tp_cell(t)} | {t['seconds']:.0f} "
+        f"| {result['when']}, load {result['load']:.1f} |"
     )
 
 
 HEADER = [
     "| model | input | classes | recede MACs | recede: prune, export, verify | kept whole "
-    "| recede s | Torch-Pruning MACs | Torch-Pruning: prune, ONNX | TP s |",
-    "|---|---:|---:|---|---|---|---:|---|---|---:|",
+    "| recede s | Torch-Pruning MACs | Torch-Pruning: prune, ONNX | TP s | ran (UTC) |",
+    "|---|---:|---:|---|---|---|---:|---|---|---:|---|",
 ]
 
 
-def _not_run(names: list[str], why: str) -> list[str]:
-    return [f"| {n} | {SIZE.get(n, DEFAULT_SIZE)} | {_classes(n)} | — | not run: {why} | — | — | — | not run | — |" for n in names]
+def _not_run(name: str) -> str:
+    return f"| {name} | {SIZE.get(name, DEFAULT_SIZE)} | {_classes(name)} | — | not run | — | — | — | not run | — | — |"
 
 
-def _section(lines: list[str], names: list[str], seconds: float, load: tuple[float, float]) -> str:
+def save(result: dict) -> None:
+    from pipeline.core.atomic import atomic_path
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with atomic_path(RESULTS / f"{result['model']}.json") as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def on_file() -> dict[str, dict]:
+    """Every model's latest result, by name."""
+    found = {}
+    for name in ORDER:
+        path = RESULTS / f"{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _section(results: dict[str, dict]) -> str:
     import torch_pruning as tp
 
+    lines = [row(results[n]) if n in results else _not_run(n) for n in ORDER]
+    done = [r for r in results.values() if r["recede"].get("export") == 0]
+    tp_done = [r for r in results.values() if "error" not in r["torch_pruning"]]
     return "\n".join([
         START,
         "## Segmentation and detection",
@@ -241,12 +268,18 @@ def _section(lines: list[str], names: list[str], seconds: float, load: tuple[flo
         "Torch-Pruning: `count_ops_and_params`). Verdicts: `ok`, or `twin-ok` where the untrained",
         "model's own outputs barely move with its input and the check ran on its BN-calibrated",
         "twin (`docs/how-it-works.md`). Seconds are wall clock on a machine shared with other",
-        "jobs.",
+        "jobs (the last column: when each row ran and the 1-minute load average then).",
         "",
-        f"Command: `python benchmarks/dense_coverage.py{_ARGS}` ({len(names)} models, {seconds:.0f} s; "
-        f"one thread; torch {torch.__version__}, Torch-Pruning {tp.__version__}; this project's "
-        f"2-core CPU, shared, load average {load[0]:.1f} at start and {load[1]:.1f} at end; "
-        f"{time.strftime('%Y-%m-%d')}).",
+        "recede prunes the channels a BatchNorm gates: heads without BN (RetinaNet's, FCOS's",
+        "GroupNorm heads, the FPN) and layers called once per level are kept whole, so its MAC",
+        "cut on detectors is smaller than Torch-Pruning's magnitude pruning, which narrows any",
+        "convolution.",
+        "",
+        f"Command: `python benchmarks/dense_coverage.py [MODEL ...]` (one thread; torch "
+        f"{torch.__version__}, Torch-Pruning {tp.__version__}; this project's 2-core CPU; rows in "
+        f"`benchmarks/results/dense_coverage/`). recede exported and verified "
+        f"{len(done)} of {len(ORDER)}, Torch-Pruning pruned and exported {len(tp_done)} of "
+        f"{len(ORDER)}.",
         "",
         *HEADER,
         *lines,
@@ -264,38 +297,38 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
-_ARGS = ""  # the command's arguments, for the section's command line
-
-
 def main() -> int:
-    global _ARGS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: all 18, lightest first)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "torchvision_coverage.md")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per command, seconds")
     parser.add_argument("--budget", type=float, default=None, help="start no model after this many seconds")
+    parser.add_argument("--render", action="store_true", help="only rewrite the section from the results on file")
     args = parser.parse_args()
-    _ARGS = "".join(f" {a}" for a in sys.argv[1:])
     assert set(ORDER) == {*SEGMENTERS, *DETECTORS}, "ORDER must list every model"
+    unknown = sorted(set(args.models) - set(ORDER))
+    if unknown:
+        parser.error(f"unknown models {', '.join(unknown)}; choose from {', '.join(ORDER)}")
     torch.set_num_threads(1)
-    names = args.models or list(ORDER)
-    start, load = time.perf_counter(), os.getloadavg()[0]
-    lines = []
+    names = [] if args.render else [n for n in ORDER if n in args.models] or list(ORDER)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="recede-dense-") as tmp:
-        for k, name in enumerate(names):
+        for name in names:
             if args.budget is not None and time.perf_counter() - start > args.budget:
-                lines += _not_run(names[k:], f"past the run's --budget of {args.budget:.0f} s")
+                print(f"past --budget {args.budget:.0f} s: {name} and after not run", flush=True)
                 break
-            size = SIZE.get(name, DEFAULT_SIZE)
-            r = run_recede(name, size, Path(tmp), args.timeout)
-            t = run_torch_pruning(name, size, Path(tmp))
-            lines.append(row(name, size, r, t))
-            print(lines[-1], flush=True)
-            rest = _not_run(names[k + 1 :], "the run was still going")
-            section = _section(lines + rest, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
-            write_section(args.out, section)
-    section = _section(lines, names, time.perf_counter() - start, (load, os.getloadavg()[0]))
-    write_section(args.out, section)
+            size, load = SIZE.get(name, DEFAULT_SIZE), os.getloadavg()[0]
+            result = {
+                "model": name, "size": size,
+                "recede": run_recede(name, size, Path(tmp), args.timeout),
+                "torch_pruning": run_torch_pruning(name, size, Path(tmp)),
+                "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "load": max(load, os.getloadavg()[0]),
+            }  # fmt: skip
+            save(result)
+            print(row(result), flush=True)
+            write_section(args.out, _section(on_file()))
+    write_section(args.out, _section(on_file()))
     print(f"wrote {args.out}")
     return 0
 

@@ -92,6 +92,7 @@ def _trace_to_proto(
     """Run the chosen torch exporter on a CPU copy of ``model`` and return the ModelProto."""
     import torch
 
+    from pipeline.export.static_resize import constant_scales
     from pipeline.fold.batchnorm import fold_corrections_
     from pipeline.fold.ones_channel import ones_channels_
 
@@ -126,7 +127,9 @@ def _trace_to_proto(
             dynamo=dynamo,
             **kwargs,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    proto = onnx.load_from_string(buffer.getvalue())
+    constant_scales(proto)  # exact: pipeline.export.static_resize
+    return proto
 
 
 def output_names(model: nn.Module, example: torch.Tensor) -> tuple[list[str], list[str]]:

@@ -284,10 +284,18 @@ def select_groups(
     return dropped
 
 
-ROUND_MIN_BLOCKS = 4
-"""A layer is rounded only when it is at least this many multiples wide: rounding a 16-wide layer
-to 8 leaves it two widths to choose from, and its kept width would be a layer's half or all of
-it. Narrow layers are cheap to run unaligned and costly to constrain."""
+ROUND_MIN_BLOCKS = 2
+"""A layer is rounded only when it is at least this many multiples wide (16 channels at
+``round_to`` 8); a narrower one has no aligned width under its own but itself.
+
+It was 4, on the belief that narrow layers are cheap to run unaligned. They are not when they
+run at high resolution: torchvision's ``lraspp_mobilenet_v3_large`` at 256 px, pruned 30% per
+layer, kept its 16- and 24-wide stem and first blocks at 12 and 17 channels, and ONNX Runtime
+ran those 128x128 and 64x64 layers off its blocked layout with reorders: the 12-wide pointwise
+conv took 168 us against dense's 84, a reorder of 513 us appeared, and the whole model ran 1.44x
+faster at a MAC ratio of 1.89 (0.76). Rounding from 16 channels up kept those layers aligned:
+1.55x at a MAC ratio of 1.79 (0.87; one thread, CPU clock, 50 runs interleaved, 2026-12-07,
+docs/decisions.md)."""
 
 
 def _round_kept(

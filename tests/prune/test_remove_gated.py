@@ -91,7 +91,8 @@ def _worst(a: nn.Module, b: nn.Module) -> float:
         return max(rel_err(a(x), b(x)) for x in _inputs())
 
 
-CUT = PruneConfig(threshold=1e-3, min_channels=2)  # drops exactly the zero-scale channels
+CUT = PruneConfig(threshold=1e-3, min_channels=2, round_to=1)  # drops exactly the zero-scale
+# channels (unrounded: a 16-wide layer would round 13 kept back to 16)
 
 
 def test_the_model_sees_its_input_and_a_wrong_removal():
@@ -128,7 +129,7 @@ def test_the_opt_in_removes_them_and_reports_the_error_it_measured():
     model = recede_(gated_net(), [0, 3, 7], shift=0.5)
     x = _inputs()[0]
     result = prune_model(
-        model, x, PruneConfig(threshold=1e-3, min_channels=2, allow_approximate=True)
+        model, x, PruneConfig(threshold=1e-3, min_channels=2, round_to=1, allow_approximate=True)
     )
     summary = result.report()
     assert summary.dropped == 3 and summary.approximate == 3 and summary.exact == 0
@@ -168,12 +169,13 @@ def test_a_hard_swish_constant_read_by_a_plain_conv_is_absorbed_exactly():
     st.sets(st.integers(0, 15), max_size=8),
 )
 def test_a_default_prune_never_changes_a_gated_model(seed, receded, shifted):
-    """For any receded gated channels, some with a shift left: the default prune removes the
-    zero-shift ones exactly, keeps the others, and the output never moves beyond EXACT."""
+    """For any receded gated channels, some with a shift left: a prune without the opt-in to
+    approximate removal removes the zero-shift ones exactly, keeps the others, and the output never moves beyond EXACT."""
     model = recede_(gated_net(seed), sorted(receded), shift=0.0)
     with torch.no_grad():
         model.dw_bn.bias[sorted(receded & shifted)] = 0.3
-    result = prune_model(model, _inputs()[0], PruneConfig(threshold=1e-3, min_channels=1))
+    cfg = PruneConfig(threshold=1e-3, min_channels=1, round_to=1)  # rounding would restore some
+    result = prune_model(model, _inputs()[0], cfg)
     summary = result.report()
     assert summary.approximate == 0
     assert summary.held_back == len(receded & shifted)
@@ -195,7 +197,7 @@ def test_the_calibrated_twin_removes_an_approximate_plan_the_same_way(monkeypatc
 
     monkeypatch.setattr(stage, "on_twin", always_recheck)
     model = recede_(gated_net(), [0, 3, 7], shift=0.5)
-    cfg = PruneConfig(threshold=1e-3, min_channels=2, allow_approximate=True)
+    cfg = PruneConfig(threshold=1e-3, min_channels=2, round_to=1, allow_approximate=True)
     result = prune_model(model, _inputs()[0], cfg)
     assert result.report().approximate == 3
     assert len(rechecks) == 1 and rechecks[0].verdict == result.removal.check.verdict == "ok"
