@@ -110,8 +110,12 @@ def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
         row["export"], row["why"] = rc, "" if rc == 0 else _why(err)
         manifest = release / "manifest.json"
         if manifest.is_file():
-            checks = json.loads(manifest.read_text())["export"]["verification"]
-            row["verdicts"] = {c["what"]: c["verdict"] for c in checks}
+            export = json.loads(manifest.read_text())["export"]
+            row["verdicts"] = {c["what"]: c["verdict"] for c in export["verification"]}
+            row["withheld"] = [
+                f"{w['path']} withheld ({w['verdict']}: {w['cause'][:160]})"
+                for w in export.get("withheld", [])
+            ]  # fmt: skip
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -199,7 +203,8 @@ def _recede_cell(r: dict) -> str:
     verdicts = ", ".join(f"{k} {v}" for k, v in r.get("verdicts", {}).items())
     if r.get("export") != 0:
         return f"export exit {r['export']}: {r['why']}" + (f" ({verdicts})" if verdicts else "")
-    return f"ok: {verdicts}"
+    withheld = "; ".join(r.get("withheld", []))
+    return f"ok: {verdicts}" + (f"; {withheld}" if withheld else "")
 
 
 def _tp_cell(t: dict) -> str:

@@ -250,7 +250,8 @@ def export_release(
     batch = verification_input(shape, options.verify_batch)
     folded, fold = fold_bn(model, batch)
     checks: list[Check | Int8Check] = list(_export_onnx_formats(folded, model, out, batch, options))
-    checks += _whole_detector(model, shape, out, options)
+    detector, withheld = _whole_detector(model, shape, out, options)
+    checks += detector
     int8 = (
         _export_int8(out, options, int8_samples, latency_cost, classes)
         if needs_int8(options)
@@ -266,24 +267,46 @@ def export_release(
         files["onnx-int8"] = FILES["onnx-int8"]
     if "tensorrt" in files:
         files["timing_cache"] = FILES["timing_cache"]
-    return Release(
-        tuple(checks), files, _details(options, shape, files, fold, checks, int8), fold.check
-    )
+    details = _details(options, shape, files, fold, checks, int8)
+    details["withheld"] = withheld
+    return Release(tuple(checks), files, details, fold.check)
 
 
 def _whole_detector(
     model: nn.Module, shape: tuple[int, ...], out: Path, options: ReleaseOptions
-) -> list[Check]:
+) -> tuple[list[Check], list[dict[str, Any]]]:
     """A detector's whole pipeline as ``detector.onnx`` beside its trunk, where torch's exporter
-    can export it (``pipeline.export.detector``); nothing for other models."""
+    can export it (``pipeline.export.detector``); nothing for other models. Returns the
+    shipped artefact's check, and the withheld one's (with why) when its check did not pass.
+
+    ``detector.onnx`` is an extra beside the release's artefact, the trunk (``model.onnx``,
+    which holds every pruned layer and is verified like any model): it adds torchvision's
+    unpruned decoding, NMS and ROI heads as torch's exporter writes them. Where its check is not
+    ``ok`` or ``twin-ok``, it is **withheld**: deleted, named in a warning and in the manifest
+    (``export.withheld``, with its check), and the export goes on, since everything it ships is
+    verified. Measured causes (docs/torchvision_coverage.md): ONNX Runtime's RoiAlign is another
+    implementation of torchvision's (a head with BNs behind it amplified 1e-6 to 3.6e-3 of the
+    scores on the calibrated twin of Faster R-CNN v2), and on an untrained twin the pasted masks
+    and the keypoints' heatmap argmax flip between ties.
+    """
     from pipeline.models.detection import DetectorTrunk
 
     if not isinstance(model, DetectorTrunk) or "onnx" not in options.formats:
-        return []
-    from pipeline.export.detector import export_detector
+        return [], []
+    from pipeline.export.detector import FILE, export_detector
 
     check = export_detector(model, (shape[1], shape[2]), out, opset=options.opset)
-    return [] if check is None else [check]
+    if check is None:
+        return [], []
+    if check.passed:
+        return [check], []
+    (out / FILE).unlink(missing_ok=True)
+    why = (
+        f"{FILE} withheld: its check is {check.verdict}; the release ships the verified "
+        "trunk (model.onnx) without it"
+    )
+    logger.warning("%s: %s", why, check.line())
+    return [], [{**check.to_dict(), "withheld": why}]
 
 
 def _details(

@@ -120,3 +120,33 @@ def test_prune_and_export_a_detector_with_its_whole_pipeline(tmp_path, capsys):
     verdicts = {c["what"]: c["verdict"] for c in checks}
     # untrained: no detection passes its score threshold, so only the twin can be compared
     assert verdicts["onnx-detector"] == "twin-ok" and verdicts["onnx"] in ("ok", "twin-ok")
+
+
+@pytest.mark.parametrize("verdict", ["ok", "twin-ok", "failed", "insensitive"])
+def test_a_whole_detector_that_does_not_verify_is_withheld_and_named(tmp_path, monkeypatch, verdict):
+    """``detector.onnx`` ships only verified; otherwise it is deleted, warned about and listed
+    in ``export.withheld`` with its check, and the verified trunk ships (release.py)."""
+    from dataclasses import replace
+
+    from pipeline.core.checks import Check
+    from pipeline.export import detector as whole
+    from pipeline.export.release import ReleaseOptions, export_release
+    from pipeline.models.detection import build_detector
+
+    def fake_export(trunk, size, out, *, opset):
+        (out / whole.FILE).write_bytes(b"graph")
+        check = Check(what=whole.WHAT, path=whole.FILE, precision="fp32", max_abs_err=1.0,
+                      bound=1e-3, max_rel_err=0.5, verdict=verdict, input_effect=1.0)  # fmt: skip
+        return replace(check, cause="" if verdict in ("ok", "twin-ok") else "boxes differ")
+
+    monkeypatch.setattr(whole, "export_detector", fake_export)
+    trunk = build_detector("ssdlite320_mobilenet_v3_large", 3).eval()
+    release = export_release(trunk, (3, 64, 64), tmp_path, ReleaseOptions(simplify=False))
+    shipped = verdict in ("ok", "twin-ok")
+    assert (tmp_path / whole.FILE).exists() == shipped
+    assert [c.what for c in release.checks] == ["onnx", *([whole.WHAT] if shipped else [])]
+    withheld = release.details["withheld"]
+    assert [w["verdict"] for w in withheld] == ([] if shipped else [verdict])
+    if not shipped:
+        assert withheld[0]["withheld"].startswith("detector.onnx withheld: its check is")
+        assert withheld[0]["cause"] == "boxes differ"
