@@ -113,7 +113,7 @@ def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
             export = json.loads(manifest.read_text())["export"]
             row["verdicts"] = {c["what"]: c["verdict"] for c in export["verification"]}
             row["withheld"] = [
-                f"{w['path']} withheld ({w['verdict']}: {w['cause'][:160]})"
+                f"{w['path']} withheld ({w['verdict']}: {w['cause'][:160]})".replace("|", "/")
                 for w in export.get("withheld", [])
             ]  # fmt: skip
     row["seconds"] = time.perf_counter() - start
