@@ -194,9 +194,12 @@ def open_artefacts(path: str | Path) -> list[Artefact]:
             raise ArtefactError(f"MODEL {root}: a file, but not .onnx; expected {_KINDS}")
         from pipeline.export.int8 import is_qdq
 
+        from pipeline.bench.onnx_macs import onnx_macs
+
         shape, fixed = onnx_input(root)
         precision = "int8" if is_qdq(root) else "fp32"
-        return [Artefact(root.stem, str(root), shape, None, root, fixed, precision=precision)]
+        macs = onnx_macs(root)  # the graph's own count: a release holds no weights
+        return [Artefact(root.stem, str(root), shape, None, root, fixed, macs, precision)]
     if (root / "trained" / WEIGHTS).is_file() and (root / "pruned" / WEIGHTS).is_file():
         fp32 = [
             _torch_artefact(label, root / sub, root / f"{label}.onnx")

@@ -169,7 +169,7 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
         "--round-to",
         type=_number(int, 1),
         default=8,
-        help="round kept widths of layers at least 4 multiples wide up to a multiple: 8 keeps "
+        help="round kept widths of layers at least 2 multiples wide up to a multiple: 8 keeps "
         "ONNX Runtime's CPU convolutions on their fast layout (1: no rounding)",
     )
     p.add_argument(
