@@ -137,13 +137,25 @@ class ChannelGraph:
         return out
 
 
-def build_channel_graph(model: nn.Module, example: torch.Tensor) -> ChannelGraph:
+def has_bns(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer the channel graph gates channels with."""
+    return any(isinstance(m, SLOT_BN_CLASSES) for m in model.modules())
+
+
+def build_channel_graph(
+    model: nn.Module, example: torch.Tensor, *, require_bns: bool = True
+) -> ChannelGraph:
     """Trace ``model`` on ``example`` (only its first sample is used) and group its channels.
 
+    ``require_bns=False`` builds the graph of a model without BatchNorm too: its channels are
+    then all weight-gated (``ChannelGraph.weight_groups``), which only a per-layer prune ranks
+    (by filter norm, ``pipeline.prune.plan.weight_importance``).
+
     Raises:
-        GraphError: the model cannot be traced, or it has no BatchNorm to gate channels.
+        GraphError: the model cannot be traced, or (``require_bns``) it has no BatchNorm to
+            gate channels.
     """
-    if not any(isinstance(m, SLOT_BN_CLASSES) for m in model.modules()):
+    if require_bns and not has_bns(model):
         raise GraphError(
             f"{type(model).__name__} has no BatchNorm layer: recede ranks channels by BN scale, so "
             "there is nothing to prune. Add BatchNorm after convs (or use a BN variant of the model)."

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.config import PruneConfig
 from pipeline.core.checks import on_twin
-from pipeline.graph.channel_graph import ChannelGraph, build_channel_graph
+from pipeline.graph.channel_graph import ChannelGraph, build_channel_graph, has_bns
 from pipeline.prune.plan import (
     LayerPlan,
     PruneError,
@@ -168,7 +168,14 @@ def prune_model(
     ``cfg.allow_approximate``; the cut is still computed over every group, and the ones it
     selected but kept are logged and counted (``PruneSummary.held_back``).
     """
-    graph = build_channel_graph(model, example)
+    if not has_bns(model) and cfg.scope != "layer":
+        raise PruneError(
+            f"{type(model).__name__} has no BatchNorm layer: a {cfg.scope} cut ranks channels by "
+            "BN scale, so there is nothing to rank; prune it per layer by filter norm with "
+            "--scope layer --ratio R (prune.scope: layer, prune.threshold: ratio), or add "
+            "BatchNorm after its convs and train it"
+        )
+    graph = build_channel_graph(model, example, require_bns=False)  # BN-free: weight groups
     importance = group_importance(model, graph, cfg.aggregate)
     if cfg.scope == "layer":  # weight-gated groups rank only within their own layers
         importance |= weight_importance(model, graph)

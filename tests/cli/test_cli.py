@@ -43,20 +43,21 @@ def test_prune_then_export_a_torchvision_model(tmp_path, capsys):
     assert "-> ok" in capsys.readouterr().out
 
 
-def test_model_without_batchnorm_exits_2(tmp_path, capsys):
-    code = main(
-        [
-            "prune",
-            "--model",
-            "torchvision:alexnet",
-            "--input-shape",
-            "1,3,64,64",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    assert code == 2
-    assert "no BatchNorm" in capsys.readouterr().err
+def test_a_model_without_batchnorm_prunes_per_layer_and_a_global_cut_exits_2(tmp_path, capsys):
+    """No BN to rank globally: the default cut is refused naming --scope layer; per layer, its
+    channels are ranked by filter norm, removed and the export verified (SqueezeNet; SSD300's
+    VGG was refused outright before)."""
+    model = ["--model", "torchvision:squeezenet1_1", "--input-shape", "1,3,64,64"]
+    assert main(["prune", *model, "--out", str(tmp_path / "global")]) == 2
+    err = capsys.readouterr().err
+    assert "SqueezeNet has no BatchNorm layer" in err and "--scope layer --ratio" in err
+    assert not (tmp_path / "global").exists()
+    out = tmp_path / "layer"
+    assert main(["prune", *model, "--ratio", "0.3", "--scope", "layer", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs"]["after"] < 0.8 * report["macs"]["before"]
+    assert main(["export", str(out), "--out", str(tmp_path / "release")]) == 0
+    assert "model.onnx: fp32" in capsys.readouterr().out
 
 
 def test_bad_input_shape_exits_2(tmp_path, capsys):
