@@ -88,7 +88,7 @@ def test_finish_zeroes_the_receded_gated_shifts_and_the_prune_is_then_exact():
         assert torch.equal(model.get_submodule(name).bias[receded], torch.zeros(3))
     assert float(model.dw_bn.bias.detach()[13]) == 0.5  # never zeroed silently: the prune keeps it
     assert torch.equal(model.dw_bn.bias[strong], strong_before)
-    result = prune_model(model.eval(), x, PruneConfig(threshold=1e-3, min_channels=2))
+    result = prune_model(model.eval(), x, PruneConfig(threshold=1e-3, min_channels=2, round_to=1))
     summary = result.report()
     assert summary.dropped == len(receded) and summary.exact == len(receded)
     assert summary.approximate == 0 and summary.held_back == 1
