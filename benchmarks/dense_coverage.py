@@ -94,7 +94,11 @@ def _why(err: str) -> str:
 
 def run_recede(name: str, size: int, work: Path, timeout: float) -> dict:
     """recede prune and export through the command line; exit codes, MACs and verdicts."""
-    out, release, start = work / name, work / f"{name}.release", time.perf_counter()  # --out outside the model folder
+    out, release, start = (
+        work / name,
+        work / f"{name}.release",
+        time.perf_counter(),
+    )  # --out outside the model folder
     shape = f"1,3,{size},{size}"
     rc, _, err = _cli(
         ["prune", "--model", f"torchvision:{name}", "--num-classes", str(_classes(name)),
@@ -129,7 +133,9 @@ def _output_convs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.nn.Modu
         if id(output) in leaves:
             found.append(module)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -149,7 +155,11 @@ and failed in ``view``."""
 
 
 def _head_outputs(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and HEAD_OUTPUTS.search(n)]
+    return [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Conv2d) and HEAD_OUTPUTS.search(n)
+    ]
 
 
 def run_torch_pruning(name: str, size: int, work: Path) -> dict:
@@ -187,7 +197,11 @@ def run_torch_pruning(name: str, size: int, work: Path) -> dict:
         float(abs(g - w).max()) / max(float(abs(w).max()), 1e-12)
         for g, w in zip(got, want.values(), strict=True)
     )
-    return {"macs": (macs_before, macs_after), "onnx_rel_err": rel, "seconds": time.perf_counter() - start}
+    return {
+        "macs": (macs_before, macs_after),
+        "onnx_rel_err": rel,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _macs(pair: tuple[float, float] | None) -> str:
@@ -216,9 +230,10 @@ def _tp_cell(t: dict) -> str:
 def row(result: dict) -> str:
     name, size, r, t = result["model"], result["size"], result["recede"], result["torch_pruning"]
     whole = ", ".join(w.removeprefix("detector.") for w in r.get("kept_whole", [])) or "—"
+    cells = [_recede_cell(r).replace("|", "/"), _tp_cell(t).replace("|", "/")]  # Markdown-safe
     return (
-        f"| {name} | {size} | {_classes(name)} | {_macs(r.get('macs'))} | {_recede_cell(r)} | "
-        f"{whole} | {r['seconds']:.0f} | {_macs(t.get('macs'))} | {_tp_cell(t)} | {t['seconds']:.0f} "
+        f"| {name} | {size} | {_classes(name)} | {_macs(r.get('macs'))} | {cells[0]} | "
+        f"{whole} | {r['seconds']:.0f} | {_macs(t.get('macs'))} | {cells[1]} | {t['seconds']:.0f} "
         f"| {result['when']}, load {result['load']:.1f} |"
     )
 
@@ -253,52 +268,55 @@ def on_file() -> dict[str, dict]:
 
 
 def _section(results: dict[str, dict]) -> str:
-    import torch_pruning as tp
+    from importlib.metadata import version
 
     lines = [row(results[n]) if n in results else _not_run(n) for n in ORDER]
     done = [r for r in results.values() if r["recede"].get("export") == 0]
     tp_done = [r for r in results.values() if "error" not in r["torch_pruning"]]
-    return "\n".join([
-        START,
-        "## Segmentation and detection",
-        "",
-        f"Every torchvision segmenter and detector, untrained (`weights=None, "
-        f"weights_backbone=None`), pruned at {RATIO:.0%} per layer (`--scope layer`) and",
-        "exported through the command line (module docstring of `benchmarks/dense_coverage.py`);",
-        "Torch-Pruning's `MagnitudePruner` on the same module at the same ratio, its output",
-        "convolutions ignored, exported with `torch.onnx` and run by ONNX Runtime. A detector's",
-        "module is its trunk (backbone, FPN, dense heads: `pipeline.models.detection`); recede's",
-        "release also holds the whole detector (`detector.onnx`, `onnx-detector`) where torch's",
-        "exporter can export it. MACs are each tool's own count (recede: convs and linears;",
-        "Torch-Pruning: `count_ops_and_params`). Verdicts: `ok`, or `twin-ok` where the untrained",
-        "model's own outputs barely move with its input and the check ran on its twin: BN",
-        "statistics calibrated (`docs/how-it-works.md`); for the whole detector also the score",
-        "thresholds at 0 and every layer scaled to unit output spread (`pipeline/export/detector.py`).",
-        "A whole detector whose check does not pass is *withheld*: not shipped, named in the",
-        "manifest with its check, while the verified trunk ships (`docs/cli.md`); that happened",
-        "to the R-CNNs with RoiAlign-fed heads behind BN or with masks and keypoints (ONNX",
-        "Runtime's RoiAlign is another implementation than torchvision's; pasted masks and heatmap",
-        "argmaxes flip between near-ties on an untrained twin). Seconds are wall clock on a",
-        "machine shared with other jobs (the last column: when each row ran and the 1-minute load",
-        "average then).",
-        "",
-        "recede ranks BN-gated channels by their BN scale and, under `--scope layer`, channels no",
-        "BN gates by filter norm (SSD300's VGG has no BN at all). A layer called once per level",
-        "(the RPN head, RetinaNet's and FCOS's heads) is kept whole, and so are the FPN channels",
-        "it reads: one set of weights serves every level, and one constant correction cannot be",
-        "exact for each. Its MAC cut on those detectors is therefore smaller than Torch-Pruning's,",
-        "which narrows shared heads too.",
-        "",
-        f"Command: `python benchmarks/dense_coverage.py [MODEL ...]` (one thread; torch "
-        f"{torch.__version__}, Torch-Pruning {tp.__version__}; this project's 2-core CPU; rows in "
-        f"`benchmarks/results/dense_coverage/`). recede exported and verified "
-        f"{len(done)} of {len(ORDER)}, Torch-Pruning pruned and exported {len(tp_done)} of "
-        f"{len(ORDER)}.",
-        "",
-        *HEADER,
-        *lines,
-        END,
-    ])
+    return "\n".join(
+        [
+            START,
+            "## Segmentation and detection",
+            "",
+            f"Every torchvision segmenter and detector, untrained (`weights=None, "
+            f"weights_backbone=None`), pruned at {RATIO:.0%} per layer (`--scope layer`) and",
+            "exported through the command line (module docstring of `benchmarks/dense_coverage.py`);",
+            "Torch-Pruning's `MagnitudePruner` on the same module at the same ratio, its output",
+            "convolutions ignored, exported with `torch.onnx` and run by ONNX Runtime. A detector's",
+            "module is its trunk (backbone, FPN, dense heads: `pipeline.models.detection`); recede's",
+            "release also holds the whole detector (`detector.onnx`, `onnx-detector`) where torch's",
+            "exporter can export it. MACs are each tool's own count (recede: convs and linears;",
+            "Torch-Pruning: `count_ops_and_params`). Verdicts: `ok`, or `twin-ok` where the untrained",
+            "model's own outputs barely move with its input and the check ran on its twin: BN",
+            "statistics calibrated (`docs/how-it-works.md`); for the whole detector also the score",
+            "thresholds at 0 and every layer scaled to unit output spread (`pipeline/export/detector.py`).",
+            "A whole detector whose check does not pass is *withheld*: not shipped, named in the",
+            "manifest with its check, while the verified trunk ships (`docs/cli.md`); that happened",
+            "to the R-CNNs with RoiAlign-fed heads behind BN or with masks and keypoints (ONNX",
+            "Runtime's RoiAlign is another implementation than torchvision's; pasted masks and heatmap",
+            "argmaxes flip between near-ties on an untrained twin). Seconds are wall clock on a",
+            "machine shared with other jobs (the last column: when each row ran and the 1-minute load",
+            "average then).",
+            "",
+            "recede ranks BN-gated channels by their BN scale and, under `--scope layer`, channels no",
+            "BN gates by filter norm (SSD300's VGG has no BN at all). A layer called once per level",
+            "(the RPN head, RetinaNet's and FCOS's heads) is kept whole, and so are the FPN channels",
+            "it reads: one set of weights serves every level, and one constant correction cannot be",
+            "exact for each. Its MAC cut on those detectors is therefore smaller than Torch-Pruning's,",
+            "which narrows shared heads too.",
+            "",
+            f"Command: `python benchmarks/dense_coverage.py [MODEL ...]` (one thread; torch "
+            f"{torch.__version__}, Torch-Pruning {version('torch-pruning')} (its `__version__` says "
+            f"1.6.0); this project's 2-core CPU; rows in "
+            f"`benchmarks/results/dense_coverage/`). recede exported and verified "
+            f"{len(done)} of {len(ORDER)}, Torch-Pruning pruned and exported {len(tp_done)} of "
+            f"{len(ORDER)}.",
+            "",
+            *HEADER,
+            *lines,
+            END,
+        ]
+    )
 
 
 def write_section(path: Path, section: str) -> None:
@@ -316,8 +334,12 @@ def main() -> int:
     parser.add_argument("models", nargs="*", help="model names (default: all 18, lightest first)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "torchvision_coverage.md")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per command, seconds")
-    parser.add_argument("--budget", type=float, default=None, help="start no model after this many seconds")
-    parser.add_argument("--render", action="store_true", help="only rewrite the section from the results on file")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="start no model after this many seconds"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the section from the results on file"
+    )
     args = parser.parse_args()
     assert set(ORDER) == {*SEGMENTERS, *DETECTORS}, "ORDER must list every model"
     unknown = sorted(set(args.models) - set(ORDER))

@@ -192,9 +192,8 @@ def open_artefacts(path: str | Path) -> list[Artefact]:
     if root.is_file():
         if root.suffix != ".onnx":
             raise ArtefactError(f"MODEL {root}: a file, but not .onnx; expected {_KINDS}")
-        from pipeline.export.int8 import is_qdq
-
         from pipeline.bench.onnx_macs import onnx_macs
+        from pipeline.export.int8 import is_qdq
 
         shape, fixed = onnx_input(root)
         precision = "int8" if is_qdq(root) else "fp32"

@@ -37,7 +37,9 @@ def onnx_macs(path: str | Path) -> int | None:
     proto = shape_inference.infer_shapes(proto, data_prop=True)
     graph = proto.graph
     shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        ]
         for v in (*graph.input, *graph.value_info, *graph.output)
     }
     for init in graph.initializer:

@@ -240,7 +240,9 @@ def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
         return (out - shift) / spread
 
     layers = (nn.modules.conv._ConvNd, nn.Linear)
-    handles = [m.register_forward_hook(unit_spread) for m in detector.modules() if isinstance(m, layers)]
+    handles = [
+        m.register_forward_hook(unit_spread) for m in detector.modules() if isinstance(m, layers)
+    ]
     for m in detector.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -255,7 +257,9 @@ def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
         detector.eval()
 
 
-def export_detector(trunk: nn.Module, size: tuple[int, int], out: Path, *, opset: int) -> Check | None:
+def export_detector(
+    trunk: nn.Module, size: tuple[int, int], out: Path, *, opset: int
+) -> Check | None:
     """Export and verify the whole detector of ``trunk`` into ``out / FILE``; None (nothing
     written) where torch's exporter cannot export it. See the module docstring."""
     from pipeline.core.checks import with_twin

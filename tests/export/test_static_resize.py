@@ -81,7 +81,7 @@ def test_a_resize_is_rewritten_exactly_where_float32_gives_its_size_back(hs, ws,
     exact = static_resize._exact_scales(low, [out_h, out_w]) is not None
     with tempfile.TemporaryDirectory() as tmp:
         rewritten = _exported(model, (h, w), Path(tmp, "a.onnx"), rewrite=True)
-        original = _exported(model, (h, w), Path(tmp, "b.onnx"), rewrite=False)
+        _exported(model, (h, w), Path(tmp, "b.onnx"), rewrite=False)
         inputs = _resizes(rewritten)
         assert len(inputs) == 1
         assert (inputs[0][2] != "" and len(inputs[0]) == 3) == exact, inputs
