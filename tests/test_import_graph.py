@@ -166,6 +166,7 @@ def test_pipeline_shows_its_stages_as_folders():
 
 PROJECT_TESTS = {
     "test_config.py",  # pipeline/config.py, the one module beside the stage folders
+    "test_dense_coverage_bench.py",
     "test_gpu_check.py",
     "test_import_graph.py",
     "test_lean_import.py",
