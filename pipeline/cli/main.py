@@ -468,6 +468,13 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, ImportError, PermissionError, NotADirectoryError)
 
 
+def _own_import_failed(err: BaseException) -> bool:
+    """An ImportError of recede's own module (a name that moved): a bug, never exit 2. A missing
+    optional package (onnx, timm, tensorrt) or a user's factory module is the user's to fix."""
+    name = getattr(err, "name", None) or ""
+    return isinstance(err, ImportError) and (name == "pipeline" or name.startswith("pipeline."))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     """The parsed arguments, or argparse's exit code (2 for a bad flag, 0 for --help)."""
     try:
@@ -527,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recede {args.command}: verification failed: {err}", file=sys.stderr)
         return EXIT_VERIFY
     except _input_errors() as err:
+        if _own_import_failed(err):
+            raise  # a bug in recede, not the user's input: show it as one
         print(f"recede {args.command}: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

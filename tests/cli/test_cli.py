@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from pipeline.cli.main import main
@@ -120,3 +121,23 @@ def test_quiet_and_verbose_work_before_and_after_the_subcommand(tmp_path, monkey
     TINY = ["--model", "tests.conftest:tiny_net_random_bn", "--input-shape", "1,3,16,16"]
     assert main(["prune", "-q", "-v", *TINY, "--out", str(tmp_path / "p")]) == 0
     assert seen == [True, logging.DEBUG]
+
+
+@pytest.mark.parametrize(("module", "bug"), [("pipeline.export.verify", True), ("onnx", False)])
+def test_an_import_error_is_the_users_only_for_a_missing_package(module, bug, monkeypatch, capsys):
+    """A name that moved inside recede once exited 2 ("error: cannot import name ...") as if the
+    input were bad; it is a bug and raises. A missing optional package stays exit 2."""
+    import pipeline.cli.main as cli
+
+    def broken(args):
+        """Inspect, broken (the parser reads a command's help from its docstring)."""
+        raise ImportError(f"cannot import name 'x' from {module!r}", name=module)
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", broken)
+    argv = ["inspect", "--model", "vgg", "--input-shape", "1,3,32,32"]
+    if bug:
+        with pytest.raises(ImportError, match="pipeline.export.verify"):
+            main(argv)
+    else:
+        assert main(argv) == 2
+        assert "cannot import name 'x' from 'onnx'" in capsys.readouterr().err
