@@ -254,6 +254,19 @@ def untrained_bns(model: nn.Module) -> int:
     return len(bns) if bns and len(fresh) == len(bns) else 0
 
 
+def calibrating_bns_(model: nn.Module) -> nn.Module:
+    """Put every BN of ``model`` in place into calibration: statistics reset, ``momentum=None``
+    (the next forward passes' own cumulative statistics), training mode; returns ``model``."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    return model
+
+
 def calibrated_twin(model: nn.Module, batch: torch.Tensor) -> nn.Module:
     """A copy of ``model`` whose BN running statistics are exactly those of ``batch``.
 
@@ -263,16 +276,10 @@ def calibrated_twin(model: nn.Module, batch: torch.Tensor) -> nn.Module:
     import copy
 
     import torch
-    from torch import nn
 
     from pipeline.core.numerics import float_dtype
 
-    twin = copy.deepcopy(model).cpu().eval()
-    for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
+    twin = calibrating_bns_(copy.deepcopy(model).cpu().eval())
     with torch.no_grad():
         twin(batch.cpu().to(float_dtype(twin)))
     return twin.eval()

@@ -224,6 +224,8 @@ def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
     import torch
     from torch import nn
 
+    from pipeline.core.checks import calibrating_bns_
+
     seen: set[int] = set()
 
     def unit_spread(module: nn.Module, _: Any, out: Any) -> Any:
@@ -243,11 +245,7 @@ def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
     handles = [
         m.register_forward_hook(unit_spread) for m in detector.modules() if isinstance(m, layers)
     ]
-    for m in detector.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
+    calibrating_bns_(detector)
     try:
         with torch.no_grad():
             detector(batch)
