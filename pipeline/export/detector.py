@@ -214,8 +214,8 @@ def conditioned(detector: nn.Module, batch: list[torch.Tensor]) -> None:
     BN's statistics to the batch's.
 
     One forward pass: each layer is scaled (weight by ``1/std``, bias shifted by the output's
-    mean and scaled) the first time it runs, before the layers after it see its output, and the BNs (training mode,
-    ``momentum=None``) take their statistics from the scaled outputs. The graph is unchanged;
+    mean and scaled) the first time it runs, before the layers after it see its output, and the
+    BNs (training mode, ``momentum=None``) take their statistics from the scaled outputs. The graph is unchanged;
     only its constants differ from the detector's, which is what a twin may differ in. Without
     it, an untrained detector's scores either sit on one value (its BNs at mean 0, var 1) or
     saturate at 0 and 1 (BNs calibrated, but the unnormalised FPN, box head and predictor
