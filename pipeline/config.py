@@ -327,7 +327,8 @@ class Int8Config:
     ``recede run`` quantizes the dense and the pruned model when ``enabled``; ``method`` is
     ``minmax``, ``entropy`` or ``percentile``; ``max_drop`` is the accuracy drop allowed, in
     points; ``fallback_limit`` is how many tensors the sensitive-layer fallback may keep in float;
-    ``activations`` is ``int8`` or ``uint8``; ``symmetric`` puts every activation zero point at 0
+    ``activations`` is ``auto`` (``uint8`` on x86, ``int8`` elsewhere and when symmetric), ``int8``
+    or ``uint8``; ``symmetric`` puts every activation zero point at 0
     (TensorRT's form); ``reduce_range`` null decides 7-bit weights from the CPU (no VNNI: on).
     The defaults were measured (docs/decisions.md#int8).
     """
@@ -339,7 +340,7 @@ class Int8Config:
     verify_samples: int = 2000
     max_drop: float = 0.5
     fallback_limit: int = 8
-    activations: str = "int8"
+    activations: str = "auto"
     symmetric: bool = False
     reduce_range: bool | None = None
     percentile: float = 99.999
@@ -347,7 +348,7 @@ class Int8Config:
     def __post_init__(self) -> None:
         _check_types(self, "export.int8")
         _check_choice("export.int8.method", self.method, ("minmax", "entropy", "percentile"))
-        _check_choice("export.int8.activations", self.activations, ("int8", "uint8"))
+        _check_choice("export.int8.activations", self.activations, ("auto", "int8", "uint8"))
         for key in ("calibration_samples", "validation_samples", "verify_samples"):
             value = getattr(self, key)
             _check(f"export.int8.{key}", value >= 1, ">= 1 such as 512", value)

@@ -6,8 +6,8 @@ Runtime (whose CPU provider fuses ``DQ -> Conv -> Q`` into ``QLinearConv``) and 
 input for *explicit* quantization; the alternative (QOperator: ``QLinearConv`` nodes written out)
 is ONNX-Runtime-only. The steps are ONNX Runtime's: ``quant_pre_process`` (shape inference and
 the basic graph optimisations the quantizer expects), then ``quantize_static`` over
-calibration batches, with weights signed INT8 and **per channel**, activations signed INT8
-(per tensor, the only form ONNX Runtime's CPU kernels take).
+calibration batches, with weights signed INT8 and **per channel**, activations 8-bit per tensor
+(the only form ONNX Runtime's CPU kernels take), unsigned on x86 and signed elsewhere.
 
 Choices, each measured on this project's 2-core CPU (AMD EPYC, AVX-512 VNNI), ONNX Runtime 1.32,
 one thread, CPU clock (docs/results.md#int8 has the tables and commands):
@@ -17,10 +17,14 @@ one thread, CPU clock (docs/results.md#int8 has the tables and commands):
   activations (zero point 0) keep every ReLU as its own op and ran the pruned demo 10-15% slower;
   they are what TensorRT requires, so a release that builds a TensorRT engine from the file
   quantizes symmetrically (``symmetric=True``), making one file serve both.
-- **Signed activations** (``int8``): what TensorRT, ARM kernels and NPUs take. ``uint8``
-  activations ran the pruned demo about 12% faster on this x86 CPU (its border-correction
-  ``Add`` s fuse into ``QLinearAdd``, which ONNX Runtime's x86 build has for uint8 only) and are
-  available as ``activations="uint8"`` for x86-only deployments.
+- **Activations unsigned on x86, signed elsewhere** (``activations="auto"``, decided by the
+  exporting CPU as range reduction is, recorded in the manifest). ONNX Runtime's x86 build fuses
+  depthwise convolutions and ``Add`` into integer kernels only for unsigned activations; with
+  signed ones it runs them in float between ``DQ``/``Q`` pairs. The pruned
+  ``lraspp_mobilenet_v3_large`` (256 px, one thread, 2026-12-07) ran 19.4 ms in INT8 with signed
+  activations against 8.6 ms in fp32, and 8.5 ms with unsigned ones; the pruned demo about 12%
+  faster unsigned. Signed (``int8``) is what TensorRT, ARM kernels and NPUs take: it is used
+  off x86, whenever the activations are symmetric (a TensorRT engine's file), and on request.
 - **Range reduction** (7-bit weights) where the CPU lacks VNNI, as ONNX Runtime recommends
   there: without VNNI the 8-bit products are summed in 16 bits and can saturate. ``None`` picks it
   from this machine's CPU flags (:func:`cpu_int8_support`), which the manifest records, since
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
-ACTIVATIONS = ("int8", "uint8")
+ACTIVATIONS = ("auto", "int8", "uint8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 """CPU flags that give 8-bit dot products with 32-bit accumulation (x86 VNNI and AMX, ARM's dot
 product): with any of them full-range INT8 weights cannot saturate an intermediate sum."""
@@ -66,7 +70,9 @@ class Int8Options:
             ``percentile``-th percentile of absolute values).
         calibration_samples: How many samples calibrate the ranges.
         symmetric: Activations with zero point 0 (TensorRT needs it; slower on ONNX Runtime CPU).
-        activations: ``int8`` (signed) or ``uint8``.
+        activations: ``int8`` (signed), ``uint8``, or ``auto``: ``uint8`` on an x86 CPU, where
+            ONNX Runtime fuses every QDQ op into integer kernels only with unsigned activations,
+            ``int8`` elsewhere and whenever ``symmetric`` (see the module docstring).
         reduce_range: 7-bit weights; None decides from the CPU (see the module docstring).
         percentile: The percentile ``percentile`` calibration keeps.
         batch: Samples per calibration batch.
@@ -75,7 +81,7 @@ class Int8Options:
     method: str = "minmax"
     calibration_samples: int = 512
     symmetric: bool = False
-    activations: str = "int8"
+    activations: str = "auto"
     reduce_range: bool | None = None
     percentile: float = 99.999
     batch: int = 32
@@ -117,6 +123,12 @@ class CpuInt8:
         """ONNX Runtime's advice: 7-bit weights on an x86 CPU without VNNI."""
         return self.machine.lower() in _X86 and not self.dot_product
 
+    @property
+    def activations(self) -> str:
+        """``uint8`` on x86 (ONNX Runtime's x86 build fuses depthwise convs and ``Add`` into
+        integer kernels only with unsigned activations), ``int8`` elsewhere."""
+        return "uint8" if self.machine.lower() in _X86 else "int8"
+
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "flags": list(self.flags), "vnni": self.dot_product}
 
@@ -147,6 +159,7 @@ class Quantized:
     options: Int8Options
     quantized_nodes: int
     seconds: float
+    activations: str = "int8"  # as quantized: ``options.activations`` with ``auto`` resolved
 
     def settings(self) -> dict[str, Any]:
         """The quantization settings as the manifest records them."""
@@ -154,7 +167,7 @@ class Quantized:
         return {
             "format": "QDQ",
             "weights": "int8, per channel, symmetric",
-            "activations": f"{o.activations}, per tensor, {'symmetric' if o.symmetric else 'asymmetric'}",
+            "activations": f"{self.activations}, per tensor, {'symmetric' if o.symmetric else 'asymmetric'}",
             "reduce_range": self.reduce_range,
             "method": o.method,
             **({"percentile": o.percentile} if o.method == "percentile" else {}),
@@ -237,7 +250,8 @@ def quantize_int8(
         reduce_range = cpu_int8_support().reduce_range
     method, extra = _method(options)
     extra |= {"ActivationSymmetric": options.symmetric, "WeightSymmetric": True}
-    activation = QuantType.QInt8 if options.activations == "int8" else QuantType.QUInt8
+    activations = resolved_activations(options)
+    activation = QuantType.QInt8 if activations == "int8" else QuantType.QUInt8
     reader = _Batches(calibration, options.batch, _input_name(prepared))
     with atomic_path(out) as tmp, _quiet_root_logger():
         quantize_static(
@@ -252,7 +266,15 @@ def quantize_int8(
         "INT8 (%s, %d samples, %d nodes quantized, %d left in float) written to %s in %.1f s",
         options.method, len(calibration), count, len(exclude), out, seconds,
     )  # fmt: skip
-    return Quantized(Path(out), tuple(exclude), reduce_range, options, count, seconds)
+    return Quantized(Path(out), tuple(exclude), reduce_range, options, count, seconds, activations)
+
+
+def resolved_activations(options: Int8Options) -> str:
+    """``options.activations``, with ``auto`` decided: signed when symmetric (TensorRT's form),
+    else from this machine's CPU (:attr:`CpuInt8.activations`)."""
+    if options.activations != "auto":
+        return options.activations
+    return "int8" if options.symmetric else cpu_int8_support().activations
 
 
 def _input_name(path: str | Path) -> str:

@@ -213,3 +213,39 @@ def test_range_reduction_follows_the_cpu(monkeypatch, cpuinfo, machine, dot, red
     cpu = cpu_int8_support(cpuinfo)
     assert cpu.dot_product is dot and cpu.reduce_range is reduce
     assert cpu.to_dict()["vnni"] is dot
+    assert cpu.activations == ("uint8" if machine == "x86_64" else "int8")
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_auto_activations_are_unsigned_on_x86_signed_elsewhere_and_when_symmetric(
+    monkeypatch, tmp_path, machine
+) -> None:
+    """``auto`` follows the exporting CPU (ONNX Runtime's x86 build fuses depthwise convs only
+    for unsigned activations); symmetric activations (TensorRT's file) and an explicit choice
+    stay as asked; the written graph's zero points and the recorded settings say which."""
+    import onnx
+
+    from pipeline.export.int8 import preprocess, quantize_int8, resolved_activations
+
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    assert resolved_activations(Int8Options()) == ("uint8" if machine == "x86_64" else "int8")
+    assert resolved_activations(Int8Options(symmetric=True)) == "int8"
+    assert resolved_activations(Int8Options(activations="int8")) == "int8"
+    assert resolved_activations(Int8Options(activations="uint8")) == "uint8"
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU(),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    fp32 = export_onnx(model, x, tmp_path / "m.onnx", simplify=False)
+    samples = torch.randn(8, 3, 8, 8).numpy()
+    done = quantize_int8(preprocess(fp32, tmp_path / "p.onnx"), tmp_path / "q.onnx", samples,
+                         Int8Options(calibration_samples=8, reduce_range=False))  # fmt: skip
+    want = "uint8" if machine == "x86_64" else "int8"
+    assert done.settings()["activations"].startswith(f"{want}, per tensor")
+    zero_points = {
+        onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name
+        for i in onnx.load(str(done.path)).graph.initializer if i.name.endswith("_zero_point")
+        and i.dims == []
+    }  # fmt: skip
+    assert want in zero_points
