@@ -249,3 +249,41 @@ def test_auto_activations_are_unsigned_on_x86_signed_elsewhere_and_when_symmetri
         and i.dims == []
     }  # fmt: skip
     assert want in zero_points
+
+
+def test_weightless_end_nodes_stay_float_and_a_classifier_is_unchanged(tmp_path) -> None:
+    """A segmenter's last Resize (and the Add before it) writes only the output: quantizing it
+    adds a Q/DQ pair over the largest tensor and saves no arithmetic, so it stays float; a
+    classifier ends in a Gemm and keeps every node quantized (``float_tails``)."""
+    import onnx
+    import torch.nn.functional as F
+
+    from pipeline.export.int8 import float_tails, preprocess, quantize_int8
+
+    class Segmenter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.head = torch.nn.Conv2d(8, 4, 1)
+            self.skip = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return F.interpolate(self.head(y) + self.skip(y), size=x.shape[-2:], mode="bilinear")
+
+    classifier = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(8, 5),
+    )  # fmt: skip
+    x, samples = torch.randn(2, 3, 16, 16), torch.randn(8, 3, 16, 16).numpy()
+    for name, model, ends in (("seg", Segmenter(), ["Add", "Resize"]), ("cls", classifier, [])):
+        fp32 = export_onnx(model.eval(), x, tmp_path / f"{name}.onnx", simplify=False)
+        prepared = preprocess(fp32, tmp_path / f"{name}.pre.onnx")
+        nodes = {n.name: n.op_type for n in onnx.load(str(prepared)).graph.node}
+        assert sorted(nodes[t] for t in float_tails(prepared)) == ends
+        done = quantize_int8(prepared, tmp_path / f"{name}.q.onnx", samples,
+                             Int8Options(calibration_samples=8))  # fmt: skip
+        graph = onnx.load(str(done.path)).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        assert producer[graph.output[0].name] == ("Resize" if ends else "DequantizeLinear")
+        assert done.settings()["float_tail_nodes"] == list(done.float_tails)
