@@ -23,27 +23,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.export.onnx_graph import attribute, inferred_shapes
+
 
 def onnx_macs(path: str | Path) -> int | None:
     """MACs per sample of the graph at ``path`` (module docstring); None when unknown."""
     import onnx
-    from onnx import shape_inference
 
     proto = onnx.load(str(path))
     for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = 1  # one sample; clears the symbolic name
-    proto = shape_inference.infer_shapes(proto, data_prop=True)
+    shapes = inferred_shapes(proto)
     graph = proto.graph
-    shapes = {
-        v.name: [
-            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
-        ]
-        for v in (*graph.input, *graph.value_info, *graph.output)
-    }
-    for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
     constant = _constants(graph)
     total = 0
     for node in graph.node:
@@ -90,7 +83,7 @@ def _gemm(node: Any, shapes: dict, constant: set[str]) -> int | None:
     weight, data = shapes.get(node.input[1]), shapes.get(node.input[0])
     if weight is None or data is None or len(weight) != 2 or None in weight or None in data:
         return None
-    return data[1 if _attribute(node, "transA") else 0] * math.prod(weight)  # rows x K x N
+    return data[1 if attribute(node, "transA", 0) else 0] * math.prod(weight)  # rows x K x N
 
 
 def _matmul(node: Any, shapes: dict, constant: set[str]) -> int | None:
@@ -101,9 +94,3 @@ def _matmul(node: Any, shapes: dict, constant: set[str]) -> int | None:
         return None
     rows = _elements(data[:-1])  # every position of the sample is a row
     return None if rows is None else rows * math.prod(weight)
-
-
-def _attribute(node: Any, name: str) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), 0)

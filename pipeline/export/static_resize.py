@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pipeline.export.onnx_graph import attribute, inferred_shapes
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,16 +35,16 @@ def constant_scales(proto: Any) -> int:
     """Rewrite, in place, every Resize of ``proto`` whose sizes can exactly be constant scales
     (module docstring); drop the nodes and initializers left unused. Returns how many."""
     import numpy as np
-    from onnx import numpy_helper, shape_inference
+    from onnx import numpy_helper
 
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:  # the exporter writes small constants as Constant nodes
-        value = _attribute(node, "value") if node.op_type == "Constant" else None
+        value = attribute(node, "value") if node.op_type == "Constant" else None
         if value is not None:
             constants[node.output[0]] = numpy_helper.to_array(value)
-    shapes = _static_shapes(shape_inference.infer_shapes(proto, data_prop=True))
+    shapes = inferred_shapes(proto)
     rewritten = 0
     for node in graph.node:
         if node.op_type != "Resize" or len(node.input) != 4 or not node.input[3]:
@@ -68,15 +70,6 @@ def constant_scales(proto: Any) -> int:
     return rewritten
 
 
-def _static_shapes(inferred: Any) -> dict[str, list[int | None]]:
-    """Each value's shape, ``None`` for a symbolic dimension."""
-    found = {}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        found[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    return found
-
-
 def _keeps_batch_and_channels(node: Any, producer: dict, constants: dict) -> bool:
     """Whether the node's sizes are ``Concat(Shape(x)[0:2], spatial)`` of its own input ``x``:
     batch and channels keep their size, so their scale is exactly 1. The spatial sizes are
@@ -84,7 +77,7 @@ def _keeps_batch_and_channels(node: Any, producer: dict, constants: dict) -> boo
     concat = producer.get(node.input[3])
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
         return False
-    if _attribute(concat, "axis") != 0:
+    if attribute(concat, "axis") != 0:
         return False
     head = producer.get(concat.input[0])
     if head is None or head.op_type != "Slice" or len(head.input) < 3:
@@ -123,12 +116,6 @@ def _exact_scales(inputs: list[int | None], outputs: list[int | None]) -> list[f
     return scales
 
 
-def _attribute(node: Any, name: str) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
-
-
 def _drop_unused(graph: Any) -> None:
     """Remove nodes no output depends on (a subgraph's reads count), then the initializers and
     value infos of what is gone."""
@@ -150,9 +137,9 @@ def _reads(node: Any) -> set[str]:
     from onnx import AttributeProto
 
     names = {i for i in node.input if i}
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else []
-        graphs += list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == AttributeProto.GRAPH else []
+        graphs += list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
         for sub in graphs:
             for inner in sub.node:
                 names |= _reads(inner)
